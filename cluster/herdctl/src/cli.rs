@@ -1,0 +1,88 @@
+//! The command line, as clap derive types (kept apart so tests can check it with `Command::debug_assert`).
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+/// Operate a herd site: from the inventory to a running, upgraded cluster.
+#[derive(Debug, Parser)]
+#[command(name = "herdctl", version, about, long_about = None, propagate_version = true)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Top-level commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Check, show, generate and compare inventory files.
+    Inventory {
+        /// What to do with the inventory.
+        #[command(subcommand)]
+        command: InventoryCommand,
+    },
+}
+
+/// How listings are printed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    /// Aligned columns for people.
+    #[default]
+    Text,
+    /// JSON for scripts.
+    Json,
+}
+
+/// `herdctl inventory ...`
+#[derive(Debug, Subcommand)]
+pub enum InventoryCommand {
+    /// Validate inventory files; print every problem as FILE:LINE:COL: RULE: MESSAGE.
+    ///
+    /// Exits 0 when every file is valid, 1 when any has problems, 2 when a file cannot be read.
+    Check {
+        /// Inventory files to check.
+        #[arg(required = true, value_name = "FILE")]
+        files: Vec<PathBuf>,
+        /// Print problems as text or as a JSON array.
+        #[arg(long, short = 'o', value_enum, default_value_t)]
+        output: Output,
+    },
+    /// List the machines of an inventory.
+    Show {
+        /// The inventory file.
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+        /// Print a table or JSON (with each machine's effective labels and FQDN).
+        #[arg(long, short = 'o', value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Print a realistic generated inventory (racks, bonded NIC pairs, internal and external networks).
+    Gen {
+        /// Number of machines.
+        #[arg(long, short = 'n')]
+        machines: usize,
+        /// Number of racks [default: one per 40 machines].
+        #[arg(long)]
+        racks: Option<usize>,
+        /// Number of masters (etcd members): 1, 3 or 5.
+        #[arg(long, default_value_t = 3)]
+        masters: usize,
+    },
+    /// Show what changing OLD into NEW would change: machines added, removed and changed, field by field, with
+    /// what applying each machine's change takes (metadata only, reboot, reprovision).
+    Diff {
+        /// The inventory as it is applied now.
+        #[arg(value_name = "OLD")]
+        old: PathBuf,
+        /// The proposed inventory.
+        #[arg(value_name = "NEW")]
+        new: PathBuf,
+        /// Print the plan as text or JSON.
+        #[arg(long, short = 'o', value_enum, default_value_t)]
+        output: Output,
+        /// Exit with status 1 when there are differences (like `git diff --exit-code`).
+        #[arg(long)]
+        exit_code: bool,
+    },
+}

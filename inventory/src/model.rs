@@ -1,0 +1,319 @@
+//! The typed inventory model. Values that validation must point back at are [`Spanned`], so a rule broken between
+//! two machines can name both places; spans are byte ranges into the source file (empty for generated inventories).
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::Ipv4Addr;
+
+use serde::{Deserialize, Serialize};
+pub use toml::Spanned;
+
+use crate::types::{Address, Cidr, DevicePath, DomainName, Hostname, LabelKey, Mac, Name};
+
+/// The inventory format version this herd reads and writes.
+pub const FORMAT_VERSION: i64 = 1;
+
+/// Labels: free-form key/value metadata used by unit placement (`MachineMetadata=`) and upgrade batching.
+pub type Labels = BTreeMap<LabelKey, String>;
+
+/// A whole, validated inventory: the site, its networks, roles, racks and machines.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Inventory {
+    /// Format version, always [`FORMAT_VERSION`] once parsed.
+    pub version: i64,
+    /// Site-wide settings.
+    pub site: Site,
+    /// The boot/internal network and the optional external one.
+    pub network: Networks,
+    /// Roles (profiles) by name.
+    pub roles: BTreeMap<Name, Role>,
+    /// Racks by name.
+    pub racks: BTreeMap<Name, Rack>,
+    /// Machines in file order.
+    pub machines: Vec<Machine>,
+}
+
+/// `[site]`: what every machine shares.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Site {
+    /// Short site name, e.g. `fra1`.
+    pub name: Name,
+    /// DNS domain of the machines; a machine's FQDN is `NAME.DOMAIN`.
+    pub domain: DomainName,
+    /// Address of the provisioner on the internal (boot) network.
+    pub provisioner: Spanned<Address>,
+    /// DNS resolvers handed to machines.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dns: Vec<Address>,
+    /// NTP servers handed to machines.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ntp: Vec<Address>,
+    /// SSH public keys of the admins, installed on every machine.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ssh_authorized_keys: Vec<String>,
+}
+
+/// `[network]`: the internal network is the boot network (DHCP/PXE served there, machine addresses on the bond);
+/// the external network carries traffic on a separate interface of the machines that have one.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Networks {
+    /// The internal (boot) network.
+    pub internal: Network,
+    /// The optional external network.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub external: Option<Network>,
+}
+
+impl Networks {
+    /// The networks with their names, internal first.
+    pub fn iter(&self) -> impl Iterator<Item = (&'static str, &Network)> {
+        std::iter::once(("internal", &self.internal)).chain(self.external.as_ref().map(|n| ("external", n)))
+    }
+}
+
+/// One IPv4 network.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Network {
+    /// The subnet.
+    pub cidr: Spanned<Cidr>,
+    /// The default gateway, if the network has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<Spanned<Address>>,
+    /// Interface MTU (bond and members on the internal network).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtu: Option<u16>,
+    /// Dynamic DHCP pools (for machines not yet in the inventory, and discovery).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pools: Vec<Spanned<Pool>>,
+}
+
+impl Network {
+    /// The pool containing `addr`, if any.
+    pub fn pool_containing(&self, addr: Ipv4Addr) -> Option<&Spanned<Pool>> {
+        self.pools.iter().find(|p| p.get_ref().contains(addr))
+    }
+}
+
+/// An inclusive range of dynamically leased addresses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Pool {
+    /// First address handed out.
+    pub start: Address,
+    /// Last address handed out.
+    pub end: Address,
+}
+
+impl Pool {
+    /// Whether `addr` is in the pool.
+    pub fn contains(&self, addr: Ipv4Addr) -> bool {
+        self.start.0 <= addr && addr <= self.end.0
+    }
+
+    /// Whether two pools share an address.
+    pub fn overlaps(&self, other: &Pool) -> bool {
+        self.start.0 <= other.end.0 && other.start.0 <= self.end.0
+    }
+
+    /// Number of addresses in the pool.
+    pub fn size(&self) -> u64 {
+        (u64::from(u32::from(self.end.0)) + 1).saturating_sub(u64::from(u32::from(self.start.0)))
+    }
+}
+
+impl fmt::Display for Pool {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}-{}", self.start, self.end)
+    }
+}
+
+/// What a machine is to etcd.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum EtcdRole {
+    /// Runs an etcd member; the initial cluster is made of every member in the inventory.
+    Member,
+    /// Talks to the members as a client.
+    #[default]
+    Client,
+}
+
+impl fmt::Display for EtcdRole {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            EtcdRole::Member => "member",
+            EtcdRole::Client => "client",
+        })
+    }
+}
+
+/// `[roles.NAME]`: a profile shared by machines, e.g. `master` and `worker`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Role {
+    /// What the role is for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// Whether machines of this role are etcd members or clients.
+    #[serde(default)]
+    pub etcd: EtcdRole,
+    /// Extra kernel command-line arguments.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub kernel_args: Vec<String>,
+    /// Labels every machine of the role carries.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: Labels,
+}
+
+/// `[racks.NAME]`: a rack; upgrades batch by rack and the scheduler spreads across racks.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rack {
+    /// Where the rack is (hall, row, position).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub location: Option<String>,
+    /// Labels every machine in the rack carries.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: Labels,
+}
+
+/// The bonding mode of a machine's NIC pair.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BondMode {
+    /// IEEE 802.3ad dynamic link aggregation (LACP); needs switch support.
+    #[serde(rename = "802.3ad")]
+    Lacp,
+    /// One active link, the others on standby; works with any switch.
+    #[serde(rename = "active-backup")]
+    ActiveBackup,
+}
+
+impl fmt::Display for BondMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            BondMode::Lacp => "802.3ad",
+            BondMode::ActiveBackup => "active-backup",
+        })
+    }
+}
+
+/// A machine's bond: the internal address lives on it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Bond {
+    /// The bonding mode.
+    pub mode: BondMode,
+    /// The member NICs, by MAC; each must be one of the machine's `macs`.
+    pub members: Spanned<Vec<Spanned<Mac>>>,
+}
+
+/// A machine's external (traffic) interface.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct External {
+    /// The NIC, by MAC; one of the machine's `macs` and not a bond member.
+    pub mac: Spanned<Mac>,
+    /// Its address, in the external network.
+    pub address: Spanned<Address>,
+}
+
+/// `[[machines]]`: one server.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Machine {
+    /// Short host name (one DNS label), unique in the inventory.
+    pub name: Spanned<Hostname>,
+    /// The role (profile) it plays.
+    pub role: Spanned<Name>,
+    /// The rack it sits in.
+    pub rack: Spanned<Name>,
+    /// Every NIC's MAC, the boot NIC first.
+    pub macs: Spanned<Vec<Spanned<Mac>>>,
+    /// The bonded NIC pair carrying the internal address; without it the address is on the boot NIC.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bond: Option<Bond>,
+    /// The static address on the internal network.
+    pub internal: Spanned<Address>,
+    /// The external interface, if the machine has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub external: Option<External>,
+    /// The disk an install writes the A/B slots to; diskless when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk: Option<DevicePath>,
+    /// The BMC (IPMI/Redfish) address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bmc: Option<Spanned<Address>>,
+    /// Labels of this machine (override rack and role labels).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: Labels,
+}
+
+impl Machine {
+    /// The boot NIC's MAC (the first one listed). Validation guarantees there is one.
+    pub fn boot_mac(&self) -> Option<Mac> {
+        self.macs.get_ref().first().map(|m| *m.get_ref())
+    }
+
+    /// Every MAC of the machine.
+    pub fn macs(&self) -> impl Iterator<Item = Mac> + '_ {
+        self.macs.get_ref().iter().map(|m| *m.get_ref())
+    }
+
+    /// The short host name.
+    pub fn name(&self) -> &Hostname {
+        self.name.get_ref()
+    }
+}
+
+impl Inventory {
+    /// The machine with this name.
+    pub fn machine(&self, name: &str) -> Option<&Machine> {
+        self.machines.iter().find(|m| m.name.get_ref().as_str() == name)
+    }
+
+    /// The machine that owns this MAC.
+    pub fn machine_by_mac(&self, mac: Mac) -> Option<&Machine> {
+        self.machines.iter().find(|m| m.macs().any(|x| x == mac))
+    }
+
+    /// The role of a machine. Validation guarantees it exists.
+    pub fn role_of(&self, machine: &Machine) -> Option<&Role> {
+        self.roles.get(machine.role.get_ref())
+    }
+
+    /// The machines that run an etcd member, in file order.
+    pub fn etcd_members(&self) -> impl Iterator<Item = &Machine> {
+        self.machines.iter().filter(|m| self.role_of(m).is_some_and(|r| r.etcd == EtcdRole::Member))
+    }
+
+    /// A machine's effective labels: role labels, overridden by rack labels, overridden by the machine's own, plus
+    /// `herd.io/role`, `herd.io/rack` and `herd.io/hostname`, which cannot be overridden.
+    pub fn labels_of(&self, machine: &Machine) -> Labels {
+        let mut labels = Labels::new();
+        if let Some(role) = self.role_of(machine) {
+            labels.extend(role.labels.clone());
+        }
+        if let Some(rack) = self.racks.get(machine.rack.get_ref()) {
+            labels.extend(rack.labels.clone());
+        }
+        labels.extend(machine.labels.clone());
+        for (key, value) in [
+            ("herd.io/role", machine.role.get_ref().as_str()),
+            ("herd.io/rack", machine.rack.get_ref().as_str()),
+            ("herd.io/hostname", machine.name.get_ref().as_str()),
+        ] {
+            if let Ok(key) = key.parse() {
+                labels.insert(key, value.to_owned());
+            }
+        }
+        labels
+    }
+
+    /// A machine's fully qualified domain name.
+    pub fn fqdn(&self, machine: &Machine) -> String {
+        format!("{}.{}", machine.name.get_ref(), self.site.domain)
+    }
+}
