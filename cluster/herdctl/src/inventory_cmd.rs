@@ -73,13 +73,14 @@ pub(crate) fn check(files: &[PathBuf], output: Output) -> anyhow::Result<ExitCod
 }
 
 fn summary(inv: &Inventory) -> String {
-    format!(
-        "{} machines, {} racks, {} roles, {} etcd members",
-        inv.machines.len(),
-        inv.racks.len(),
-        inv.roles.len(),
-        inv.etcd_members().count()
-    )
+    let n = |count: usize, one: &str, many: &str| format!("{count} {}", if count == 1 { one } else { many });
+    [
+        n(inv.machines.len(), "machine", "machines"),
+        n(inv.racks.len(), "rack", "racks"),
+        n(inv.roles.len(), "role", "roles"),
+        n(inv.etcd_members().count(), "etcd member", "etcd members"),
+    ]
+    .join(", ")
 }
 
 /// Loads an inventory for commands other than `check`: problems become one error listing them all.
@@ -131,7 +132,7 @@ fn machine_row(m: &Machine) -> Vec<String> {
         m.rack.get_ref().to_string(),
         m.boot_mac().map_or_else(dash, |mac| mac.to_string()),
         m.internal.get_ref().to_string(),
-        m.bond.as_ref().map_or_else(dash, |b| format!("{}x{}", b.mode, b.members.get_ref().len())),
+        m.bond.as_ref().map_or_else(dash, |b| format!("{} x{}", b.mode, b.members.get_ref().len())),
         m.external.as_ref().map_or_else(dash, |e| e.address.get_ref().to_string()),
         m.disk.as_ref().map_or_else(|| "diskless".to_owned(), |d| d.to_string()),
     ]

@@ -1,0 +1,170 @@
+//! herdctl's command line, run as a user runs it.
+
+#![allow(clippy::unwrap_used)] // Tests fail loudly on purpose; the lint guards daemons.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use clap::CommandFactory;
+
+fn herdctl(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_herdctl")).args(args).output().expect("herdctl runs")
+}
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("herdctl-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join(name)
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[test]
+fn clap_definition_is_consistent() {
+    herdctl::cli::Cli::command().debug_assert();
+}
+
+#[test]
+fn help_lists_the_inventory_commands() {
+    let out = herdctl(&["inventory", "--help"]);
+    assert!(out.status.success());
+    let help = text(&out.stdout);
+    for cmd in ["check", "show", "gen", "diff"] {
+        assert!(help.contains(cmd), "missing {cmd} in:\n{help}");
+    }
+}
+
+#[test]
+fn check_accepts_the_examples() {
+    let examples = repo().join("examples");
+    let out = herdctl(&[
+        "inventory",
+        "check",
+        examples.join("site-450.toml").to_str().unwrap(),
+        examples.join("qemu-3.toml").to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains("site-450.toml: ok: 456 machines, 12 racks"), "{stdout}");
+}
+
+#[test]
+fn check_reports_every_problem_located_and_exits_1() {
+    let fixture = repo().join("inventory/tests/fixtures/invalid/combined-many-problems.toml");
+    let out = herdctl(&["inventory", "check", fixture.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = text(&out.stderr);
+    let located: Vec<&str> = stderr.lines().filter(|l| l.starts_with(fixture.to_str().unwrap())).collect();
+    assert_eq!(located.len(), 4, "{stderr}");
+    for line in located {
+        // FILE:LINE:COL: RULE: MESSAGE
+        let rest = &line[fixture.to_str().unwrap().len()..];
+        let mut parts = rest.splitn(4, ':');
+        assert_eq!(parts.next(), Some(""));
+        assert!(parts.next().unwrap().parse::<usize>().is_ok(), "{line}");
+        assert!(parts.next().unwrap().parse::<usize>().is_ok(), "{line}");
+        let rule = parts.next().unwrap().trim_start().split(':').next().unwrap();
+        assert!(herd_inventory::Rule::from_name(rule).is_some(), "{line}");
+    }
+    assert!(stderr.contains("4 problem(s) found"));
+}
+
+#[test]
+fn check_json_lists_diagnostics() {
+    let fixture = repo().join("inventory/tests/fixtures/invalid/duplicate-mac.toml");
+    let out = herdctl(&["inventory", "check", "--output", "json", fixture.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json[0]["rule"], "duplicate-mac");
+    assert_eq!(json[0]["line"], 38);
+}
+
+#[test]
+fn unreadable_file_exits_2_and_names_it() {
+    let out = herdctl(&["inventory", "check", "/nonexistent/inventory.toml"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("cannot read inventory /nonexistent/inventory.toml"));
+}
+
+#[test]
+fn generated_fleets_of_450_and_5000_pass_check() {
+    for (n, racks) in [("450", "12"), ("5000", "125")] {
+        let out = herdctl(&["inventory", "gen", "--machines", n, "--racks", racks, "--masters", "5"]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let file = tmp(&format!("gen-{n}.toml"));
+        std::fs::write(&file, &out.stdout).unwrap();
+        let check = herdctl(&["inventory", "check", file.to_str().unwrap()]);
+        assert!(check.status.success(), "{}", text(&check.stderr));
+        assert!(text(&check.stdout).contains(&format!("ok: {n} machines, {racks} racks, 2 roles, 5 etcd members")));
+    }
+}
+
+#[test]
+fn gen_refuses_an_impossible_fleet_with_advice() {
+    let out = herdctl(&["inventory", "gen", "--machines", "5000", "--racks", "2"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("--racks 21"), "{}", text(&out.stderr));
+}
+
+#[test]
+fn show_prints_a_table_and_json() {
+    let file = repo().join("examples/qemu-3.toml");
+    let out = herdctl(&["inventory", "show", file.to_str().unwrap()]);
+    assert!(out.status.success());
+    let table = text(&out.stdout);
+    assert!(table.starts_with("NAME "), "{table}");
+    assert!(table.contains("node2  master  vr1   52:54:00:99:02:01  10.99.0.12"), "{table}");
+    let out = herdctl(&["inventory", "show", "-o", "json", file.to_str().unwrap()]);
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let machines = json.as_array().unwrap();
+    assert_eq!(machines.len(), 3);
+    assert_eq!(machines[0]["fqdn"], "node1.qemu.herd.test");
+    assert_eq!(machines[0]["effective_labels"]["herd.io/role"], "master");
+    assert_eq!(machines[0]["bond"]["mode"], "active-backup");
+}
+
+#[test]
+fn show_refuses_an_invalid_inventory_and_says_what_to_run() {
+    let fixture = repo().join("inventory/tests/fixtures/invalid/unknown-rack.toml");
+    let out = herdctl(&["inventory", "show", fixture.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("unknown-rack") && stderr.contains("herdctl inventory check"), "{stderr}");
+}
+
+#[test]
+fn diff_shows_the_plan() {
+    let old = repo().join("examples/qemu-3.toml");
+    let new_text = std::fs::read_to_string(&old)
+        .unwrap()
+        .replace("internal = \"10.99.0.13\"", "internal = \"10.99.0.23\"")
+        .replace(
+            "role = \"master\"\nrack = \"vr1\"\nmacs = [\"52:54:00:99:02",
+            "role = \"worker\"\nrack = \"vr1\"\nmacs = [\"52:54:00:99:02",
+        );
+    // Demoting node2 leaves two etcd members: diff must refuse the invalid NEW before printing any plan.
+    let new = tmp("qemu-changed.toml");
+    std::fs::write(&new, &new_text).unwrap();
+    let out = herdctl(&["inventory", "diff", old.to_str().unwrap(), new.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2), "an invalid NEW must be refused before any plan");
+    assert!(text(&out.stderr).contains("etcd-quorum"));
+
+    let new_text = new_text.replace("role = \"worker\"", "role = \"master\"");
+    std::fs::write(&new, &new_text).unwrap();
+    let out = herdctl(&["inventory", "diff", "--exit-code", old.to_str().unwrap(), new.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let plan = text(&out.stdout);
+    assert!(plan.contains("~ machine node3: reboot to apply"), "{plan}");
+    assert!(plan.contains("internal: \"10.99.0.13\" -> \"10.99.0.23\""), "{plan}");
+    assert!(plan.contains("machines: 0 added, 0 removed, 1 changed"), "{plan}");
+    let out = herdctl(&["inventory", "diff", "-o", "json", old.to_str().unwrap(), new.to_str().unwrap()]);
+    assert!(out.status.success());
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["changes"][0]["effect"], "reboot");
+}

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# herd's test command (README, and CI through .ci/run): prepare the host, then format check, lints, every test,
+# and the benchmark figures.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+scripts/setup-host.sh
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+cargo test --workspace --locked
+cargo bench --locked -p herd-inventory --bench check
