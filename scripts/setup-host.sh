@@ -4,7 +4,8 @@
 set -euo pipefail
 
 # protobuf-compiler: protoc, needed at build time by etcd-client (cluster crate).
-PACKAGES=(protobuf-compiler)
+# ignition: ignition-validate, the oracle every rendered config must pass.
+PACKAGES=(protobuf-compiler ignition)
 
 missing=()
 for pkg in "${PACKAGES[@]}"; do

@@ -9,3 +9,4 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo test --workspace --locked
 cargo bench --locked -p herd-inventory --bench check
+cargo bench --locked -p herd-provisioner --bench render

@@ -69,6 +69,10 @@ pub enum Rule {
     UnknownRack,
     /// The number of etcd members cannot form a sensible quorum (must be 1, 3 or 5).
     EtcdQuorum,
+    /// A file the inventory references (a role's unit file) does not exist.
+    MissingFile,
+    /// A file mode that is not an octal permission string.
+    MalformedMode,
 }
 
 impl Rule {
@@ -105,6 +109,8 @@ impl Rule {
         Rule::UnknownRole,
         Rule::UnknownRack,
         Rule::EtcdQuorum,
+        Rule::MissingFile,
+        Rule::MalformedMode,
     ];
 
     /// The kebab-case name printed in diagnostics.
@@ -141,6 +147,8 @@ impl Rule {
             Rule::UnknownRole => "unknown-role",
             Rule::UnknownRack => "unknown-rack",
             Rule::EtcdQuorum => "etcd-quorum",
+            Rule::MissingFile => "missing-file",
+            Rule::MalformedMode => "malformed-mode",
         }
     }
 

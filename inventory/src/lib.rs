@@ -26,7 +26,7 @@ pub use diff::{InventoryDiff, diff};
 pub use generate::{FleetSpec, GenError, generate};
 pub use model::{
     Bond, BondMode, EtcdRole, External, FORMAT_VERSION, Inventory, Labels, Machine, Network, Networks, Pool, Rack,
-    Role, Site, Spanned,
+    Role, RoleFile, Site, Spanned,
 };
-pub use parse::{LoadError, load, parse};
+pub use parse::{LoadError, load, parse, parse_in};
 pub use types::{Address, Cidr, DevicePath, DomainName, Hostname, LabelKey, Mac, Name, ValueError};

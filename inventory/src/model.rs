@@ -31,6 +31,9 @@ pub struct Inventory {
     pub racks: BTreeMap<Name, Rack>,
     /// Machines in file order.
     pub machines: Vec<Machine>,
+    /// The directory of the inventory file, against which role unit paths resolve (None when parsed from text).
+    #[serde(skip)]
+    pub base_dir: Option<std::path::PathBuf>,
 }
 
 /// `[site]`: what every machine shares.
@@ -166,6 +169,41 @@ pub struct Role {
     /// Labels every machine of the role carries.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: Labels,
+    /// systemd unit files every machine of the role runs, as paths relative to the inventory file; the unit is
+    /// named after the file (`units/herd-dhcp.service` installs `herd-dhcp.service`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub units: Vec<Spanned<String>>,
+    /// Files written on every machine of the role.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub files: Vec<RoleFile>,
+}
+
+/// A file a role writes on its machines.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoleFile {
+    /// Absolute path on the machine.
+    pub path: Spanned<String>,
+    /// The file's contents.
+    pub contents: String,
+    /// Permissions as an octal string, e.g. "0644" (a string, so it cannot be mistaken for decimal).
+    #[serde(default = "default_file_mode")]
+    pub mode: Spanned<String>,
+}
+
+fn default_file_mode() -> Spanned<String> {
+    Spanned::new(0..0, "0644".to_owned())
+}
+
+impl RoleFile {
+    /// The mode as a number, if `mode` is a valid octal permission string.
+    pub fn mode_bits(&self) -> Option<u32> {
+        let digits = self.mode.get_ref().trim_start_matches("0o");
+        if digits.is_empty() || digits.len() > 5 {
+            return None;
+        }
+        u32::from_str_radix(digits, 8).ok().filter(|m| *m <= 0o7777)
+    }
 }
 
 /// `[racks.NAME]`: a rack; upgrades batch by rack and the scheduler spreads across racks.
@@ -310,6 +348,14 @@ impl Inventory {
             }
         }
         labels
+    }
+
+    /// Where a role's unit file path resolves to.
+    pub fn resolve(&self, relative: &str) -> std::path::PathBuf {
+        match &self.base_dir {
+            Some(dir) => dir.join(relative),
+            None => std::path::PathBuf::from(relative),
+        }
     }
 
     /// A machine's fully qualified domain name.

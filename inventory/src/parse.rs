@@ -36,15 +36,23 @@ pub enum LoadError {
 /// Reads and parses the inventory at `path`; diagnostics name the path as given.
 pub fn load(path: &Path) -> Result<Inventory, LoadError> {
     let src = std::fs::read_to_string(path).map_err(|source| LoadError::Read { path: path.to_owned(), source })?;
-    parse(&path.display().to_string(), &src).map_err(LoadError::Invalid)
+    let base = path.parent().map(|p| if p.as_os_str().is_empty() { Path::new(".") } else { p });
+    parse_in(&path.display().to_string(), &src, base).map_err(LoadError::Invalid)
 }
 
-/// Parses and validates an inventory. `file` is used only to label diagnostics.
+/// Parses and validates an inventory given as text. `file` is used only to label diagnostics; files the inventory
+/// references (role units) are not looked up.
 pub fn parse(file: &str, src: &str) -> Result<Inventory, Diagnostics> {
+    parse_in(file, src, None)
+}
+
+/// Parses and validates; with `base_dir`, files the inventory references are resolved against it and must exist.
+pub fn parse_in(file: &str, src: &str, base_dir: Option<&Path>) -> Result<Inventory, Diagnostics> {
     let map = SourceMap::new(file, src);
     let mut diags = Vec::new();
-    let parts = read_parts(&map, src, &mut diags);
-    if let Some(parts) = &parts {
+    let mut parts = read_parts(&map, src, &mut diags);
+    if let Some(parts) = &mut parts {
+        parts.base_dir = base_dir.map(Path::to_owned);
         validate::check(parts, &map, &mut diags);
     }
     diags.sort_by_key(|d| (d.line, d.column, d.rule));
@@ -68,6 +76,8 @@ pub(crate) struct Parts {
     pub(crate) broken_racks: BTreeSet<String>,
     /// Whether every role and machine parsed (quorum counting is only meaningful then).
     pub(crate) complete: bool,
+    /// Where referenced files resolve; None skips the existence checks.
+    pub(crate) base_dir: Option<PathBuf>,
 }
 
 impl Parts {
@@ -80,6 +90,7 @@ impl Parts {
             roles: self.roles,
             racks: self.racks,
             machines: self.machines,
+            base_dir: self.base_dir,
         }
     }
 }

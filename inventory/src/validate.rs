@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
 use std::ops::Range;
+use std::path::Path;
 
 use crate::diag::{Diagnostic, Rule, SourceMap};
 use crate::model::{EtcdRole, Machine, Network, Networks, Spanned};
@@ -14,6 +15,9 @@ use crate::types::{Address, Mac};
 /// Etcd member counts that form a useful quorum: 1 (lab), 3 or 5. Even counts add a member without adding fault
 /// tolerance; more than 5 slows every write.
 pub const ETCD_MEMBER_COUNTS: [usize; 3] = [1, 3, 5];
+
+/// File name suffixes of the systemd units a role may install.
+pub const UNIT_SUFFIXES: [&str; 7] = [".service", ".socket", ".timer", ".path", ".mount", ".target", ".slice"];
 
 pub(crate) fn check(parts: &Parts, map: &SourceMap<'_>, diags: &mut Vec<Diagnostic>) {
     let mut checker = Checker { map, diags, addresses: HashMap::new(), macs: HashMap::new() };
@@ -26,6 +30,7 @@ pub(crate) fn check(parts: &Parts, map: &SourceMap<'_>, diags: &mut Vec<Diagnost
             checker.host_address(&site.provisioner, &networks.internal, "internal", "the provisioner");
         }
     }
+    checker.roles(parts);
     checker.machines(parts);
     if parts.complete {
         checker.etcd_quorum(parts);
@@ -140,6 +145,54 @@ impl Checker<'_, '_> {
                 self.map.locate(&pool.span())
             );
             self.report(addr.span(), Rule::AddressInPool, message);
+        }
+    }
+
+    /// Role units must be unit files that exist (when the inventory was loaded from a file); role files need an
+    /// absolute path and an octal mode.
+    fn roles(&mut self, parts: &Parts) {
+        for (name, role) in &parts.roles {
+            for unit in &role.units {
+                let path = unit.get_ref();
+                let file_name = Path::new(path).file_name().and_then(|f| f.to_str()).unwrap_or_default();
+                if !UNIT_SUFFIXES.iter().any(|s| file_name.ends_with(s) && file_name.len() > s.len()) {
+                    self.report(
+                        unit.span(),
+                        Rule::MalformedPath,
+                        format!(
+                            "role {name} unit {path:?} is not a systemd unit file name (ends in one of {})",
+                            UNIT_SUFFIXES.join(" ")
+                        ),
+                    );
+                } else if let Some(base) = &parts.base_dir
+                    && !base.join(path).is_file()
+                {
+                    self.report(
+                        unit.span(),
+                        Rule::MissingFile,
+                        format!(
+                            "role {name} unit file {path:?} does not exist (looked for {}); unit paths are relative to the inventory file",
+                            base.join(path).display()
+                        ),
+                    );
+                }
+            }
+            for file in &role.files {
+                if !file.path.get_ref().starts_with('/') {
+                    self.report(
+                        file.path.span(),
+                        Rule::MalformedPath,
+                        format!("role {name} file path {:?} must be absolute", file.path.get_ref()),
+                    );
+                }
+                if file.mode_bits().is_none() {
+                    self.report(
+                        file.mode.span(),
+                        Rule::MalformedMode,
+                        format!("mode {:?} is not an octal permission string like \"0644\"", file.mode.get_ref()),
+                    );
+                }
+            }
         }
     }
 

@@ -1,6 +1,6 @@
 //! Golden tests: every malformed fixture in `fixtures/invalid/` is refused with exactly the diagnostics in its
 //! `.expected` file (file, line, column, rule, message). `UPDATE_GOLDEN=1 cargo test -p herd-inventory` rewrites
-//! them; review the diff before committing.
+//! them; review the diff before committing. Referenced files resolve against `fixtures/invalid/`.
 
 #![allow(clippy::unwrap_used)] // Tests fail loudly on purpose; the lint guards daemons.
 
@@ -32,7 +32,9 @@ fn every_invalid_fixture_matches_its_golden_diagnostics() {
     for input in &inputs {
         let name = format!("invalid/{}", input.file_name().unwrap().to_string_lossy());
         let text = std::fs::read_to_string(input).unwrap();
-        let diags = match herd_inventory::parse(&name, &text) {
+        // cargo runs tests in the package directory; a relative base keeps machine paths out of the goldens.
+        let base = Path::new("tests/fixtures/invalid");
+        let diags = match herd_inventory::parse_in(&name, &text, Some(base)) {
             Ok(_) => {
                 failures.push(format!("{name}: parsed without problems"));
                 continue;

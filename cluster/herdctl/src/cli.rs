@@ -22,6 +22,35 @@ pub enum Command {
         #[command(subcommand)]
         command: InventoryCommand,
     },
+    /// Render and lint machine configs (Ignition).
+    Config {
+        /// What to do with configs.
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+}
+
+/// `herdctl config ...`
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Print the Ignition config (spec 3.3.0) the provisioner serves to MACHINE.
+    Render {
+        /// The inventory file.
+        #[arg(long, short = 'i', value_name = "FILE")]
+        inventory: PathBuf,
+        /// The machine's name.
+        #[arg(value_name = "MACHINE")]
+        machine: String,
+    },
+    /// Check an Ignition config for foot-guns ignition-validate misses: decimal-looking modes, duplicate paths,
+    /// enabled units without [Install], remote sources without a hash, relative paths.
+    ///
+    /// Prints JSON-PATH: RULE: MESSAGE per finding; exits 0 when clean, 1 with findings, 2 when unreadable.
+    Lint {
+        /// The Ignition config (JSON).
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+    },
 }
 
 /// How listings are printed.

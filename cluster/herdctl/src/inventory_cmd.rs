@@ -84,7 +84,7 @@ fn summary(inv: &Inventory) -> String {
 }
 
 /// Loads an inventory for commands other than `check`: problems become one error listing them all.
-fn load(file: &Path) -> anyhow::Result<Inventory> {
+pub(crate) fn load(file: &Path) -> anyhow::Result<Inventory> {
     herd_inventory::load(file).map_err(|e| match e {
         LoadError::Invalid(d) => {
             anyhow::anyhow!("{d}\n{} problem(s); run `herdctl inventory check {}`", d.0.len(), file.display())

@@ -168,3 +168,37 @@ fn diff_shows_the_plan() {
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(json["changes"][0]["effect"], "reboot");
 }
+
+#[test]
+fn config_render_prints_a_config_that_lints_clean() {
+    let site = repo().join("examples/site-450.toml");
+    let out = herdctl(&["config", "render", "--inventory", site.to_str().unwrap(), "r01-m01"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["ignition"]["version"], "3.3.0");
+    let file = tmp("r01-m01.ign");
+    std::fs::write(&file, &out.stdout).unwrap();
+    let lint = herdctl(&["config", "lint", file.to_str().unwrap()]);
+    assert!(lint.status.success(), "{}", text(&lint.stdout));
+    assert!(text(&lint.stdout).ends_with(": ok\n"));
+}
+
+#[test]
+fn config_render_of_an_unknown_machine_says_where_to_look() {
+    let site = repo().join("examples/qemu-3.toml");
+    let out = herdctl(&["config", "render", "-i", site.to_str().unwrap(), "node9"]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("no machine named \"node9\"") && stderr.contains("herdctl inventory show"), "{stderr}");
+}
+
+#[test]
+fn config_lint_names_the_json_path_and_exits_1() {
+    let file = tmp("footgun.ign");
+    std::fs::write(&file, r#"{"ignition":{"version":"3.3.0"},"storage":{"files":[{"path":"/etc/motd","mode":644}]}}"#)
+        .unwrap();
+    let out = herdctl(&["config", "lint", file.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains("$.storage.files.0.mode: decimal-mode: mode 644 is decimal"), "{stdout}");
+}

@@ -1,0 +1,32 @@
+//! `herdctl config render|lint`.
+
+use std::path::Path;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use herd_provisioner::{ignition, lint};
+
+use crate::inventory_cmd;
+
+pub(crate) fn render(inventory: &Path, machine: &str) -> anyhow::Result<ExitCode> {
+    let inv = inventory_cmd::load(inventory)?;
+    let config = ignition::render_machine(&inv, machine)
+        .with_context(|| format!("cannot render the config of {machine} from {}", inventory.display()))?;
+    print!("{}", ignition::to_json(&config));
+    Ok(ExitCode::SUCCESS)
+}
+
+pub(crate) fn lint(file: &Path) -> anyhow::Result<ExitCode> {
+    let text = std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let findings = lint::lint_str(&text).with_context(|| format!("cannot lint {}", file.display()))?;
+    for finding in &findings {
+        println!("{}: {finding}", file.display());
+    }
+    if findings.is_empty() {
+        println!("{}: ok", file.display());
+        Ok(ExitCode::SUCCESS)
+    } else {
+        eprintln!("{} finding(s)", findings.len());
+        Ok(ExitCode::from(1))
+    }
+}

@@ -1,0 +1,472 @@
+//! Rendering each machine's Ignition config (spec 3.3.0, the newest Debian's `ignition-validate` accepts) from the
+//! inventory and the machine's role.
+//!
+//! What a machine gets: its hostname; systemd-networkd files for the bond (802.3ad with MII monitoring and fast
+//! LACP, or active-backup with the boot NIC primary; members matched by permanent MAC) and `max_bonds=0` so the
+//! bonding module does not create a stray `bond0`; its internal address on the bond (or on the boot NIC without a
+//! bond); its external interface with the default route; the admins' SSH keys on the `herd` user; etcd member
+//! settings (`/etc/default/etcd`, read by Debian's etcd unit) on members; node-init's config with the cluster's
+//! etcd endpoints and the machine's labels; the role's files and units.
+//!
+//! Rendering is pure apart from reading the role's unit files. Output is deterministic (sorted paths), so golden
+//! tests can pin it.
+
+use std::collections::BTreeMap;
+
+use herd_inventory::{BondMode, EtcdRole, Inventory, Mac, Machine};
+use ignition_config::v3_3 as ign;
+use serde::{Deserialize, Serialize};
+
+/// The Ignition spec version herd emits.
+pub const SPEC_VERSION: &str = "3.3.0";
+/// The admin user that carries the site's SSH keys.
+pub const ADMIN_USER: &str = "herd";
+/// Where node-init reads its config on the machine.
+pub const NODE_CONFIG_PATH: &str = "/etc/herd/node-init.json";
+/// etcd's client and peer ports.
+pub const ETCD_CLIENT_PORT: u16 = 2379;
+/// etcd's peer port.
+pub const ETCD_PEER_PORT: u16 = 2380;
+const BOND: &str = "bond0";
+
+/// Why a machine's config cannot be rendered.
+#[derive(Debug, thiserror::Error)]
+pub enum RenderError {
+    /// No machine of that name.
+    #[error("no machine named {0:?} in the inventory; `herdctl inventory show` lists them")]
+    UnknownMachine(String),
+    /// The inventory has no etcd member, so nobody can join a cluster.
+    #[error(
+        "the inventory has no etcd member (no machine has a role with etcd = \"member\"); a cluster needs 1, 3 or 5"
+    )]
+    NoEtcdMembers,
+    /// A role's unit file could not be read.
+    #[error("role {role}: cannot read unit file {path}")]
+    UnitFile {
+        /// The role.
+        role: String,
+        /// The resolved path.
+        path: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A role's unit cannot be enabled.
+    #[error(
+        "role {role}: unit {unit} has no [Install] section, so it cannot be enabled; add `[Install]` with `WantedBy=multi-user.target`"
+    )]
+    UnitWithoutInstall {
+        /// The role.
+        role: String,
+        /// The unit's name.
+        unit: String,
+    },
+}
+
+/// node-init's configuration, written to [`NODE_CONFIG_PATH`]. The contract between the provisioner (which renders
+/// it) and node-init (which reads it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// Format version.
+    pub version: u32,
+    /// The machine's short name.
+    pub machine: String,
+    /// The machine's FQDN.
+    pub fqdn: String,
+    /// The machine's role.
+    pub role: String,
+    /// The machine's rack.
+    pub rack: String,
+    /// Base URL of the provisioner (phone-home, health reports).
+    pub provisioner_url: String,
+    /// Whether this machine runs an etcd member.
+    pub etcd_member: bool,
+    /// Client URLs of every etcd member.
+    pub etcd_endpoints: Vec<String>,
+    /// The machine's effective labels.
+    pub labels: BTreeMap<String, String>,
+}
+
+/// Renders the Ignition config of the machine named `name`.
+pub fn render_machine(inv: &Inventory, name: &str) -> Result<ign::Config, RenderError> {
+    let machine = inv.machine(name).ok_or_else(|| RenderError::UnknownMachine(name.to_owned()))?;
+    render(inv, machine)
+}
+
+/// Renders one machine's Ignition config.
+pub fn render(inv: &Inventory, machine: &Machine) -> Result<ign::Config, RenderError> {
+    let members: Vec<&Machine> = inv.etcd_members().collect();
+    if members.is_empty() {
+        return Err(RenderError::NoEtcdMembers);
+    }
+    let role = inv.role_of(machine);
+    let role_name = machine.role.get_ref().to_string();
+    let mut files: Vec<ign::File> = Vec::new();
+
+    files.push(file("/etc/hostname", &format!("{}\n", machine.name()), 0o644));
+    networkd(inv, machine, &mut files);
+
+    let etcd_member = role.is_some_and(|r| r.etcd == EtcdRole::Member);
+    if etcd_member {
+        files.push(file("/etc/default/etcd", &etcd_environment(inv, machine, &members), 0o644));
+    }
+    let node = NodeConfig {
+        version: 1,
+        machine: machine.name().to_string(),
+        fqdn: inv.fqdn(machine),
+        role: role_name.clone(),
+        rack: machine.rack.get_ref().to_string(),
+        provisioner_url: format!("http://{}", inv.site.provisioner.get_ref()),
+        etcd_member,
+        etcd_endpoints: members.iter().map(|m| format!("http://{}:{ETCD_CLIENT_PORT}", m.internal.get_ref())).collect(),
+        labels: inv.labels_of(machine).into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
+    };
+    // Serializing a struct of strings, bools and maps with string keys cannot fail.
+    let node_json = serde_json::to_string(&node).unwrap_or_default() + "\n";
+    files.push(file(NODE_CONFIG_PATH, &node_json, 0o644));
+
+    let mut units = vec![enabled_unit("systemd-networkd.service"), enabled_unit("herd-node-init.service")];
+    if etcd_member {
+        units.push(enabled_unit("etcd.service"));
+    }
+    if let Some(role) = role {
+        for extra in &role.files {
+            files.push(file(extra.path.get_ref(), &extra.contents, extra.mode_bits().unwrap_or(0o644)));
+        }
+        for unit_path in &role.units {
+            let path = inv.resolve(unit_path.get_ref());
+            let contents = std::fs::read_to_string(&path).map_err(|source| RenderError::UnitFile {
+                role: role_name.clone(),
+                path: path.display().to_string(),
+                source,
+            })?;
+            let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            if !has_install_section(&contents) {
+                return Err(RenderError::UnitWithoutInstall { role: role_name.clone(), unit: name });
+            }
+            units.push(ign::Unit { contents: Some(contents), dropins: None, enabled: Some(true), mask: None, name });
+        }
+    }
+    files.sort_by(|a, b| a.path.cmp(&b.path));
+    units.sort_by(|a, b| a.name.cmp(&b.name));
+
+    let mut config = ign::Config::default();
+    config.ignition.version = Some(SPEC_VERSION.to_owned());
+    config.storage = Some(ign::Storage {
+        directories: None,
+        disks: None,
+        files: Some(files),
+        filesystems: None,
+        links: None,
+        luks: None,
+        raid: None,
+    });
+    config.systemd = Some(ign::Systemd { units: Some(units) });
+    if !inv.site.ssh_authorized_keys.is_empty() {
+        config.passwd =
+            Some(ign::Passwd { groups: None, users: Some(vec![admin_user(inv.site.ssh_authorized_keys.clone())]) });
+    }
+    Ok(config)
+}
+
+/// Serializes a config as pretty JSON with a trailing newline, leaving out unset (null) fields.
+pub fn to_json(config: &ign::Config) -> String {
+    // The Ignition models serialize to JSON without fallible parts (string keys, no floats).
+    let mut value = serde_json::to_value(config).unwrap_or_default();
+    strip_nulls(&mut value);
+    serde_json::to_string_pretty(&value).unwrap_or_default() + "\n"
+}
+
+fn strip_nulls(value: &mut serde_json::Value) {
+    match value {
+        serde_json::Value::Object(map) => {
+            map.retain(|_, v| !v.is_null());
+            map.values_mut().for_each(strip_nulls);
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(strip_nulls),
+        _ => {}
+    }
+}
+
+/// Whether a unit file has an `[Install]` section (so `enabled` means something).
+pub fn has_install_section(contents: &str) -> bool {
+    contents.lines().any(|l| l.trim() == "[Install]")
+}
+
+fn admin_user(keys: Vec<String>) -> ign::User {
+    ign::User {
+        gecos: Some("herd admin".to_owned()),
+        groups: Some(vec!["sudo".to_owned()]),
+        home_dir: None,
+        name: ADMIN_USER.to_owned(),
+        no_create_home: None,
+        no_log_init: None,
+        no_user_group: None,
+        password_hash: None,
+        primary_group: None,
+        shell: Some("/bin/bash".to_owned()),
+        should_exist: None,
+        ssh_authorized_keys: Some(keys),
+        system: None,
+        uid: None,
+    }
+}
+
+fn enabled_unit(name: &str) -> ign::Unit {
+    ign::Unit { contents: None, dropins: None, enabled: Some(true), mask: None, name: name.to_owned() }
+}
+
+fn file(path: &str, contents: &str, mode: u32) -> ign::File {
+    ign::File {
+        append: None,
+        contents: Some(ign::Resource {
+            compression: None,
+            http_headers: None,
+            source: Some(data_url(contents)),
+            verification: None,
+        }),
+        group: None,
+        mode: Some(i64::from(mode)),
+        overwrite: Some(true),
+        path: path.to_owned(),
+        user: None,
+    }
+}
+
+/// An RFC 2397 `data:` URL with percent-encoded contents (readable in the JSON for small text files).
+pub fn data_url(contents: &str) -> String {
+    let mut out = String::with_capacity(contents.len() + 6);
+    out.push_str("data:,");
+    for b in contents.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~/=:@+".contains(&b) {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+fn mac_id(mac: Mac) -> String {
+    mac.to_string().replace(':', "")
+}
+
+/// systemd-networkd files: the bond and its members (or the boot NIC), and the external interface.
+fn networkd(inv: &Inventory, machine: &Machine, files: &mut Vec<ign::File>) {
+    let internal_net = &inv.network.internal;
+    let cidr = internal_net.cidr.get_ref();
+    let address = format!("{}/{}", machine.internal.get_ref(), cidr.prefix());
+    let mtu = internal_net.mtu;
+    let has_external = machine.external.is_some() && inv.network.external.is_some();
+
+    let mut network = String::from("[Network]\n");
+    network.push_str(&format!("Address={address}\n"));
+    if !has_external && let Some(gw) = &internal_net.gateway {
+        network.push_str(&format!("Gateway={}\n", gw.get_ref()));
+    }
+    for dns in &inv.site.dns {
+        network.push_str(&format!("DNS={dns}\n"));
+    }
+    for ntp in &inv.site.ntp {
+        network.push_str(&format!("NTP={ntp}\n"));
+    }
+    network.push_str(&format!("Domains={}\n", inv.site.domain));
+    network.push_str("LinkLocalAddressing=no\nIPv6AcceptRA=no\n");
+    let link = mtu.map(|m| format!("\n[Link]\nMTUBytes={m}\n")).unwrap_or_default();
+
+    match &machine.bond {
+        Some(bond) => {
+            let mut netdev = format!("[NetDev]\nName={BOND}\nKind=bond\n");
+            if let Some(m) = mtu {
+                netdev.push_str(&format!("MTUBytes={m}\n"));
+            }
+            netdev.push_str("\n[Bond]\n");
+            match bond.mode {
+                BondMode::Lacp => netdev.push_str(
+                    "Mode=802.3ad\nMIIMonitorSec=100ms\nLACPTransmitRate=fast\nTransmitHashPolicy=layer3+4\n",
+                ),
+                BondMode::ActiveBackup => {
+                    netdev.push_str("Mode=active-backup\nMIIMonitorSec=100ms\nPrimaryReselectPolicy=always\n")
+                }
+            }
+            files.push(file(&format!("/etc/systemd/network/10-{BOND}.netdev"), &netdev, 0o644));
+            let boot = machine.boot_mac();
+            for member in bond.members.get_ref() {
+                let mac = *member.get_ref();
+                let mut unit = format!("[Match]\nPermanentMACAddress={mac}\n\n[Network]\nBond={BOND}\n");
+                if bond.mode == BondMode::ActiveBackup && Some(mac) == boot {
+                    unit.push_str("PrimarySlave=true\n");
+                }
+                unit.push_str(&link);
+                files.push(file(&format!("/etc/systemd/network/20-{BOND}-{}.network", mac_id(mac)), &unit, 0o644));
+            }
+            let unit = format!("[Match]\nName={BOND}\n\n{network}");
+            files.push(file(&format!("/etc/systemd/network/30-{BOND}.network"), &unit, 0o644));
+            files.push(file("/etc/modprobe.d/herd-bonding.conf", "options bonding max_bonds=0\n", 0o644));
+        }
+        None => {
+            if let Some(mac) = machine.boot_mac() {
+                let unit = format!("[Match]\nPermanentMACAddress={mac}\n\n{network}{link}");
+                files.push(file("/etc/systemd/network/30-internal.network", &unit, 0o644));
+            }
+        }
+    }
+
+    if let (Some(ext), Some(net)) = (&machine.external, &inv.network.external) {
+        let mut unit = format!(
+            "[Match]\nPermanentMACAddress={}\n\n[Network]\nAddress={}/{}\n",
+            ext.mac.get_ref(),
+            ext.address.get_ref(),
+            net.cidr.get_ref().prefix()
+        );
+        if let Some(gw) = &net.gateway {
+            unit.push_str(&format!("Gateway={}\n", gw.get_ref()));
+        }
+        unit.push_str("LinkLocalAddressing=no\nIPv6AcceptRA=no\n");
+        files.push(file("/etc/systemd/network/40-external.network", &unit, 0o644));
+    }
+}
+
+/// `/etc/default/etcd` for a member: the initial cluster is every member of the inventory, on internal addresses.
+fn etcd_environment(inv: &Inventory, machine: &Machine, members: &[&Machine]) -> String {
+    let ip = machine.internal.get_ref();
+    let initial: Vec<String> =
+        members.iter().map(|m| format!("{}=http://{}:{ETCD_PEER_PORT}", m.name(), m.internal.get_ref())).collect();
+    format!(
+        "# Rendered by herd from the inventory: every etcd member of site {site}.\n\
+         ETCD_NAME={name}\n\
+         ETCD_DATA_DIR=/var/lib/etcd/{site}\n\
+         ETCD_LISTEN_PEER_URLS=http://{ip}:{ETCD_PEER_PORT}\n\
+         ETCD_LISTEN_CLIENT_URLS=http://{ip}:{ETCD_CLIENT_PORT},http://127.0.0.1:{ETCD_CLIENT_PORT}\n\
+         ETCD_INITIAL_ADVERTISE_PEER_URLS=http://{ip}:{ETCD_PEER_PORT}\n\
+         ETCD_ADVERTISE_CLIENT_URLS=http://{ip}:{ETCD_CLIENT_PORT}\n\
+         ETCD_INITIAL_CLUSTER={initial}\n\
+         ETCD_INITIAL_CLUSTER_TOKEN=herd-{site}\n\
+         ETCD_INITIAL_CLUSTER_STATE=new\n",
+        site = inv.site.name,
+        name = machine.name(),
+        initial = initial.join(","),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fleet() -> Inventory {
+        let spec = herd_inventory::FleetSpec { machines: 10, racks: 5, masters: 3 };
+        herd_inventory::parse("gen.toml", &herd_inventory::generate(spec).unwrap()).unwrap()
+    }
+
+    fn file_text(config: &ign::Config, path: &str) -> String {
+        let files = config.storage.as_ref().unwrap().files.as_ref().unwrap();
+        let f = files.iter().find(|f| f.path == path).unwrap_or_else(|| panic!("no {path}"));
+        decode(f.contents.as_ref().unwrap().source.as_ref().unwrap())
+    }
+
+    fn decode(url: &str) -> String {
+        let raw = url.strip_prefix("data:,").unwrap().as_bytes();
+        let mut out = Vec::new();
+        let mut i = 0;
+        while i < raw.len() {
+            if raw[i] == b'%' {
+                out.push(u8::from_str_radix(std::str::from_utf8(&raw[i + 1..i + 3]).unwrap(), 16).unwrap());
+                i += 3;
+            } else {
+                out.push(raw[i]);
+                i += 1;
+            }
+        }
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn data_urls_round_trip() {
+        let text = "a b\n%100 [x]=y;\"q\"\tç";
+        assert_eq!(decode(&data_url(text)), text);
+    }
+
+    #[test]
+    fn master_gets_etcd_member_settings_with_every_member() {
+        let inv = fleet();
+        let master = inv.etcd_members().next().unwrap();
+        let config = render(&inv, master).unwrap();
+        let etcd = file_text(&config, "/etc/default/etcd");
+        assert!(etcd.contains("ETCD_NAME=r01-m01\n"), "{etcd}");
+        assert!(
+            etcd.contains(
+                "ETCD_INITIAL_CLUSTER=r01-m01=http://10.20.1.11:2380,r02-m01=http://10.20.2.11:2380,r03-m01=http://10.20.3.11:2380"
+            ),
+            "{etcd}"
+        );
+        let units = config.systemd.as_ref().unwrap().units.as_ref().unwrap();
+        assert!(units.iter().any(|u| u.name == "etcd.service" && u.enabled == Some(true)));
+    }
+
+    #[test]
+    fn worker_is_an_etcd_client_with_the_members_as_endpoints() {
+        let inv = fleet();
+        let worker = inv.machine("r01-m02").unwrap();
+        let config = render(&inv, worker).unwrap();
+        let node: NodeConfig = serde_json::from_str(&file_text(&config, NODE_CONFIG_PATH)).unwrap();
+        assert!(!node.etcd_member);
+        assert_eq!(node.etcd_endpoints.len(), 3);
+        assert_eq!(node.labels["herd.io/rack"], "r01");
+        let files = config.storage.as_ref().unwrap().files.as_ref().unwrap();
+        assert!(files.iter().all(|f| f.path != "/etc/default/etcd"));
+    }
+
+    #[test]
+    fn lacp_bond_members_and_address() {
+        let inv = fleet();
+        let m = inv.machine("r01-m02").unwrap();
+        let config = render(&inv, m).unwrap();
+        let netdev = file_text(&config, "/etc/systemd/network/10-bond0.netdev");
+        assert!(netdev.contains("Mode=802.3ad\nMIIMonitorSec=100ms\nLACPTransmitRate=fast"), "{netdev}");
+        assert!(netdev.contains("MTUBytes=9000"));
+        let bond = file_text(&config, "/etc/systemd/network/30-bond0.network");
+        assert!(bond.contains("Address=10.20.1.12/16\nGateway=10.20.0.1\n"), "{bond}");
+        for mac in m.macs() {
+            let member = file_text(&config, &format!("/etc/systemd/network/20-bond0-{}.network", mac_id(mac)));
+            assert!(member.contains(&format!("PermanentMACAddress={mac}")) && member.contains("Bond=bond0"));
+        }
+        assert_eq!(file_text(&config, "/etc/modprobe.d/herd-bonding.conf"), "options bonding max_bonds=0\n");
+    }
+
+    #[test]
+    fn active_backup_makes_the_boot_nic_primary() {
+        let inv = fleet();
+        // Rack r05 uses active-backup in generated fleets.
+        let m = inv.machines.iter().find(|m| m.rack.get_ref().as_str() == "r05").unwrap();
+        let config = render(&inv, m).unwrap();
+        let netdev = file_text(&config, "/etc/systemd/network/10-bond0.netdev");
+        assert!(netdev.contains("Mode=active-backup"), "{netdev}");
+        let boot = m.boot_mac().unwrap();
+        let primary = file_text(&config, &format!("/etc/systemd/network/20-bond0-{}.network", mac_id(boot)));
+        assert!(primary.contains("PrimarySlave=true"));
+    }
+
+    #[test]
+    fn external_interface_takes_the_default_route() {
+        let inv = fleet();
+        let master = inv.etcd_members().next().unwrap();
+        let config = render(&inv, master).unwrap();
+        let ext = file_text(&config, "/etc/systemd/network/40-external.network");
+        assert!(ext.contains("Address=198.51.100.11/24\nGateway=198.51.100.1\n"), "{ext}");
+        let bond = file_text(&config, "/etc/systemd/network/30-bond0.network");
+        assert!(!bond.contains("Gateway="), "one default route only: {bond}");
+    }
+
+    #[test]
+    fn unknown_machine_and_missing_members_are_clear_errors() {
+        let inv = fleet();
+        assert!(render_machine(&inv, "nope").unwrap_err().to_string().contains("herdctl inventory show"));
+        let mut no_masters = inv.clone();
+        for role in no_masters.roles.values_mut() {
+            role.etcd = EtcdRole::Client;
+        }
+        let err = render(&no_masters, &no_masters.machines[0]).unwrap_err();
+        assert!(matches!(err, RenderError::NoEtcdMembers), "{err}");
+    }
+}
