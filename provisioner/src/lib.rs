@@ -5,5 +5,6 @@
 //! [`lint`] checks configs for the foot-guns `ignition-validate` misses. The network services are not implemented
 //! yet (issue #8); the `provisioner` binary refuses to run rather than pretend to serve.
 
+pub mod cloud_config;
 pub mod ignition;
 pub mod lint;

@@ -137,3 +137,40 @@ fn a_role_unit_without_install_section_is_a_render_error() {
     let err = ignition::render_machine(&inv, "node1").unwrap_err().to_string();
     assert!(err.contains("x.service has no [Install] section"), "{err}");
 }
+
+#[test]
+fn a_legacy_cloud_config_translates_to_a_valid_config() {
+    let text = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/legacy-master.cloud-config"),
+    )
+    .unwrap();
+    let config = herd_provisioner::cloud_config::translate(&text).unwrap();
+    let json = ignition::to_json(&config);
+    assert!(lint::lint_str(&json).unwrap().is_empty());
+    let dir = scratch("cloud-config");
+    let path = dir.join("legacy.ign");
+    std::fs::write(&path, &json).unwrap();
+    let out = Command::new("ignition-validate").arg(&path).output().unwrap();
+    assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+
+    let users = config.passwd.as_ref().unwrap().users.as_ref().unwrap();
+    let ops = users.iter().find(|u| u.name == "ops").unwrap();
+    assert_eq!(ops.groups.as_deref(), Some(&["sudo".to_owned(), "docker".to_owned()][..]));
+    assert!(ops.password_hash.as_ref().unwrap().starts_with("$6$"));
+    assert!(users.iter().any(|u| u.name == "core" && u.ssh_authorized_keys.as_ref().is_some_and(|k| k.len() == 1)));
+    let files = config.storage.as_ref().unwrap().files.as_ref().unwrap();
+    let hello = files.iter().find(|f| f.path == "/opt/bin/hello").unwrap();
+    assert_eq!(hello.mode, Some(0o755));
+    assert_eq!(hello.contents.as_ref().unwrap().source.as_deref(), Some("data:;base64,IyEvYmluL3NoCmVjaG8gaGVsbG8K"));
+    let motd = files.iter().find(|f| f.path == "/etc/motd").unwrap();
+    assert_eq!(motd.user.as_ref().unwrap().name.as_deref(), Some("root"));
+    assert!(json.contains("ETCD_INITIAL_CLUSTER=core-01=http://10.0.0.11:2380"));
+    let units = config.systemd.as_ref().unwrap().units.as_ref().unwrap();
+    let by_name = |n: &str| units.iter().find(|u| u.name == n).unwrap();
+    assert_eq!(by_name("hello.service").enabled, Some(true));
+    assert_eq!(by_name("etcd.service").enabled, Some(true));
+    assert!(units.iter().all(|u| u.name != "etcd2.service"));
+    assert_eq!(units.iter().filter(|u| u.name == "etcd.service").count(), 1);
+    assert_eq!(by_name("update-engine.service").mask, Some(true));
+    assert_eq!(by_name("docker.service").dropins.as_ref().unwrap()[0].name, "50-opts.conf");
+}

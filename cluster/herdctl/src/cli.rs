@@ -42,6 +42,13 @@ pub enum ConfigCommand {
         #[arg(value_name = "MACHINE")]
         machine: String,
     },
+    /// Translate a legacy CoreOS #cloud-config (hostname, users, ssh_authorized_keys, write_files, coreos.units,
+    /// coreos.etcd2) into Ignition 3.3.0. Keys it cannot translate are refused by name.
+    Translate {
+        /// The cloud-config file.
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+    },
     /// Check an Ignition config for foot-guns ignition-validate misses: decimal-looking modes, duplicate paths,
     /// enabled units without [Install], remote sources without a hash, relative paths.
     ///

@@ -4,7 +4,7 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use anyhow::Context as _;
-use herd_provisioner::{ignition, lint};
+use herd_provisioner::{cloud_config, ignition, lint};
 
 use crate::inventory_cmd;
 
@@ -29,4 +29,11 @@ pub(crate) fn lint(file: &Path) -> anyhow::Result<ExitCode> {
         eprintln!("{} finding(s)", findings.len());
         Ok(ExitCode::from(1))
     }
+}
+
+pub(crate) fn translate(file: &Path) -> anyhow::Result<ExitCode> {
+    let text = std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let config = cloud_config::translate(&text).with_context(|| format!("cannot translate {}", file.display()))?;
+    print!("{}", ignition::to_json(&config));
+    Ok(ExitCode::SUCCESS)
 }

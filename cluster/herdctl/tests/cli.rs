@@ -202,3 +202,17 @@ fn config_lint_names_the_json_path_and_exits_1() {
     let stdout = text(&out.stdout);
     assert!(stdout.contains("$.storage.files.0.mode: decimal-mode: mode 644 is decimal"), "{stdout}");
 }
+
+#[test]
+fn config_translate_turns_cloud_config_into_ignition() {
+    let fixture = repo().join("provisioner/tests/fixtures/legacy-master.cloud-config");
+    let out = herdctl(&["config", "translate", fixture.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["ignition"]["version"], "3.3.0");
+    let bad = tmp("bad.cloud-config");
+    std::fs::write(&bad, "#cloud-config\nmanage_etc_hosts: true\n").unwrap();
+    let out = herdctl(&["config", "translate", bad.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("cannot translate manage_etc_hosts"), "{}", text(&out.stderr));
+}
