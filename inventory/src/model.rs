@@ -91,6 +91,27 @@ pub struct Network {
     /// Dynamic DHCP pools (for machines not yet in the inventory, and discovery).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub pools: Vec<Spanned<Pool>>,
+    /// How machines configure their address here: written statically into their network config (default), or
+    /// by DHCP, where the provisioner's reservation hands each machine its inventory address.
+    #[serde(default, skip_serializing_if = "Addressing::is_static")]
+    pub addressing: Addressing,
+}
+
+/// How a machine gets its address on a network.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Addressing {
+    /// The inventory address is written into the machine's network config.
+    #[default]
+    Static,
+    /// The machine asks DHCP; the reservation for its MAC returns the inventory address.
+    Dhcp,
+}
+
+impl Addressing {
+    fn is_static(&self) -> bool {
+        *self == Addressing::Static
+    }
 }
 
 impl Network {
@@ -287,6 +308,15 @@ pub struct Machine {
     /// Labels of this machine (override rack and role labels).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: Labels,
+    /// Kernel arguments added after the role's.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub kernel_args: Vec<String>,
+    /// Unit files added to the role's (a unit of the same name replaces the role's).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub units: Vec<Spanned<String>>,
+    /// Files added to the role's (a file at the same path replaces the role's).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub files: Vec<RoleFile>,
 }
 
 impl Machine {

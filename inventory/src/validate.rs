@@ -8,7 +8,7 @@ use std::ops::Range;
 use std::path::Path;
 
 use crate::diag::{Diagnostic, Rule, SourceMap};
-use crate::model::{EtcdRole, Machine, Network, Networks, Spanned};
+use crate::model::{EtcdRole, Machine, Network, Networks, RoleFile, Spanned};
 use crate::parse::Parts;
 use crate::types::{Address, Mac};
 
@@ -148,50 +148,54 @@ impl Checker<'_, '_> {
         }
     }
 
-    /// Role units must be unit files that exist (when the inventory was loaded from a file); role files need an
-    /// absolute path and an octal mode.
+    /// Role (and machine) units must be unit files that exist when the inventory was loaded from a file; their
+    /// files need an absolute path and an octal mode.
     fn roles(&mut self, parts: &Parts) {
         for (name, role) in &parts.roles {
-            for unit in &role.units {
-                let path = unit.get_ref();
-                let file_name = Path::new(path).file_name().and_then(|f| f.to_str()).unwrap_or_default();
-                if !UNIT_SUFFIXES.iter().any(|s| file_name.ends_with(s) && file_name.len() > s.len()) {
-                    self.report(
-                        unit.span(),
-                        Rule::MalformedPath,
-                        format!(
-                            "role {name} unit {path:?} is not a systemd unit file name (ends in one of {})",
-                            UNIT_SUFFIXES.join(" ")
-                        ),
-                    );
-                } else if let Some(base) = &parts.base_dir
-                    && !base.join(path).is_file()
-                {
-                    self.report(
-                        unit.span(),
-                        Rule::MissingFile,
-                        format!(
-                            "role {name} unit file {path:?} does not exist (looked for {}); unit paths are relative to the inventory file",
-                            base.join(path).display()
-                        ),
-                    );
-                }
+            self.units_and_files(parts, &format!("role {name}"), &role.units, &role.files);
+        }
+    }
+
+    fn units_and_files(&mut self, parts: &Parts, owner: &str, units: &[Spanned<String>], files: &[RoleFile]) {
+        for unit in units {
+            let path = unit.get_ref();
+            let file_name = Path::new(path).file_name().and_then(|f| f.to_str()).unwrap_or_default();
+            if !UNIT_SUFFIXES.iter().any(|s| file_name.ends_with(s) && file_name.len() > s.len()) {
+                self.report(
+                    unit.span(),
+                    Rule::MalformedPath,
+                    format!(
+                        "{owner} unit {path:?} is not a systemd unit file name (ends in one of {})",
+                        UNIT_SUFFIXES.join(" ")
+                    ),
+                );
+            } else if let Some(base) = &parts.base_dir
+                && !base.join(path).is_file()
+            {
+                self.report(
+                    unit.span(),
+                    Rule::MissingFile,
+                    format!(
+                        "{owner} unit file {path:?} does not exist (looked for {}); unit paths are relative to the inventory file",
+                        base.join(path).display()
+                    ),
+                );
             }
-            for file in &role.files {
-                if !file.path.get_ref().starts_with('/') {
-                    self.report(
-                        file.path.span(),
-                        Rule::MalformedPath,
-                        format!("role {name} file path {:?} must be absolute", file.path.get_ref()),
-                    );
-                }
-                if file.mode_bits().is_none() {
-                    self.report(
-                        file.mode.span(),
-                        Rule::MalformedMode,
-                        format!("mode {:?} is not an octal permission string like \"0644\"", file.mode.get_ref()),
-                    );
-                }
+        }
+        for file in files {
+            if !file.path.get_ref().starts_with('/') {
+                self.report(
+                    file.path.span(),
+                    Rule::MalformedPath,
+                    format!("{owner} file path {:?} must be absolute", file.path.get_ref()),
+                );
+            }
+            if file.mode_bits().is_none() {
+                self.report(
+                    file.mode.span(),
+                    Rule::MalformedMode,
+                    format!("mode {:?} is not an octal permission string like \"0644\"", file.mode.get_ref()),
+                );
             }
         }
     }
@@ -229,6 +233,7 @@ impl Checker<'_, '_> {
             }
         }
         self.bond(machine, &name);
+        self.units_and_files(parts, &format!("machine {name}"), &machine.units, &machine.files);
         self.claim_address(&machine.internal, format!("the internal address of machine {name}"));
         if let Some(networks) = &parts.network {
             self.host_address(&machine.internal, &networks.internal, "internal", &format!("machine {name}"));

@@ -13,7 +13,7 @@
 
 use std::collections::BTreeMap;
 
-use herd_inventory::{BondMode, EtcdRole, Inventory, Mac, Machine};
+use herd_inventory::{Addressing, BondMode, EtcdRole, Inventory, Mac, Machine, RoleFile};
 use ignition_config::v3_3 as ign;
 use serde::{Deserialize, Serialize};
 
@@ -40,11 +40,11 @@ pub enum RenderError {
         "the inventory has no etcd member (no machine has a role with etcd = \"member\"); a cluster needs 1, 3 or 5"
     )]
     NoEtcdMembers,
-    /// A role's unit file could not be read.
-    #[error("role {role}: cannot read unit file {path}")]
+    /// A role's or machine's unit file could not be read.
+    #[error("{owner}: cannot read unit file {path}")]
     UnitFile {
-        /// The role.
-        role: String,
+        /// The role or machine.
+        owner: String,
         /// The resolved path.
         path: String,
         /// Why.
@@ -53,11 +53,11 @@ pub enum RenderError {
     },
     /// A role's unit cannot be enabled.
     #[error(
-        "role {role}: unit {unit} has no [Install] section, so it cannot be enabled; add `[Install]` with `WantedBy=multi-user.target`"
+        "{owner}: unit {unit} has no [Install] section, so it cannot be enabled; add `[Install]` with `WantedBy=multi-user.target`"
     )]
     UnitWithoutInstall {
-        /// The role.
-        role: String,
+        /// The role or machine.
+        owner: String,
         /// The unit's name.
         unit: String,
     },
@@ -130,23 +130,39 @@ pub fn render(inv: &Inventory, machine: &Machine) -> Result<ign::Config, RenderE
     if etcd_member {
         units.push(enabled_unit("etcd.service"));
     }
-    if let Some(role) = role {
-        for extra in &role.files {
-            files.push(file(extra.path.get_ref(), &extra.contents, extra.mode_bits().unwrap_or(0o644)));
+    // The role's files and units, then the machine's: the same path or unit name replaces the role's.
+    let mut extra_files: BTreeMap<&str, &RoleFile> = BTreeMap::new();
+    let mut extra_units: BTreeMap<String, (String, std::path::PathBuf)> = BTreeMap::new();
+    let owners = role.map(|r| (format!("role {role_name}"), &r.files, &r.units)).into_iter().chain(std::iter::once((
+        format!("machine {}", machine.name()),
+        &machine.files,
+        &machine.units,
+    )));
+    for (owner, role_files, role_units) in owners {
+        for extra in role_files {
+            extra_files.insert(extra.path.get_ref(), extra);
         }
-        for unit_path in &role.units {
+        for unit_path in role_units {
             let path = inv.resolve(unit_path.get_ref());
-            let contents = std::fs::read_to_string(&path).map_err(|source| RenderError::UnitFile {
-                role: role_name.clone(),
-                path: path.display().to_string(),
-                source,
-            })?;
             let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-            if !has_install_section(&contents) {
-                return Err(RenderError::UnitWithoutInstall { role: role_name.clone(), unit: name });
-            }
-            units.push(ign::Unit { contents: Some(contents), dropins: None, enabled: Some(true), mask: None, name });
+            extra_units.insert(name, (owner.clone(), path));
         }
+    }
+    for extra in extra_files.into_values() {
+        files.retain(|f| f.path != *extra.path.get_ref());
+        files.push(file(extra.path.get_ref(), &extra.contents, extra.mode_bits().unwrap_or(0o644)));
+    }
+    for (name, (owner, path)) in extra_units {
+        let contents = std::fs::read_to_string(&path).map_err(|source| RenderError::UnitFile {
+            owner: owner.clone(),
+            path: path.display().to_string(),
+            source,
+        })?;
+        if !has_install_section(&contents) {
+            return Err(RenderError::UnitWithoutInstall { owner, unit: name });
+        }
+        units.retain(|u| u.name != name);
+        units.push(ign::Unit { contents: Some(contents), dropins: None, enabled: Some(true), mask: None, name });
     }
     files.sort_by(|a, b| a.path.cmp(&b.path));
     units.sort_by(|a, b| a.name.cmp(&b.name));
@@ -261,23 +277,38 @@ fn networkd(inv: &Inventory, machine: &Machine, files: &mut Vec<ign::File>) {
     let has_external = machine.external.is_some() && inv.network.external.is_some();
 
     let mut network = String::from("[Network]\n");
-    network.push_str(&format!("Address={address}\n"));
-    if !has_external && let Some(gw) = &internal_net.gateway {
-        network.push_str(&format!("Gateway={}\n", gw.get_ref()));
-    }
-    for dns in &inv.site.dns {
-        network.push_str(&format!("DNS={dns}\n"));
-    }
-    for ntp in &inv.site.ntp {
-        network.push_str(&format!("NTP={ntp}\n"));
+    match internal_net.addressing {
+        Addressing::Static => {
+            network.push_str(&format!("Address={address}\n"));
+            if !has_external && let Some(gw) = &internal_net.gateway {
+                network.push_str(&format!("Gateway={}\n", gw.get_ref()));
+            }
+            for dns in &inv.site.dns {
+                network.push_str(&format!("DNS={dns}\n"));
+            }
+            for ntp in &inv.site.ntp {
+                network.push_str(&format!("NTP={ntp}\n"));
+            }
+        }
+        // The provisioner's reservation for the boot MAC (which the bond carries) returns the inventory address,
+        // gateway, DNS and NTP.
+        Addressing::Dhcp => {
+            network.push_str("DHCP=ipv4\n");
+        }
     }
     network.push_str(&format!("Domains={}\n", inv.site.domain));
     network.push_str("LinkLocalAddressing=no\nIPv6AcceptRA=no\n");
     let link = mtu.map(|m| format!("\n[Link]\nMTUBytes={m}\n")).unwrap_or_default();
+    if has_external && internal_net.addressing == Addressing::Dhcp {
+        // One default route: the external interface's. Ignore the one DHCP offers on the bond.
+        network.push_str("\n[DHCPv4]\nUseRoutes=no\n");
+    }
 
     match &machine.bond {
         Some(bond) => {
-            let mut netdev = format!("[NetDev]\nName={BOND}\nKind=bond\n");
+            // The bond carries the boot NIC's MAC, so DHCP reservations and switch tables see one stable address.
+            let boot_mac = machine.boot_mac().map(|m| format!("MACAddress={m}\n")).unwrap_or_default();
+            let mut netdev = format!("[NetDev]\nName={BOND}\nKind=bond\n{boot_mac}");
             if let Some(m) = mtu {
                 netdev.push_str(&format!("MTUBytes={m}\n"));
             }
@@ -468,5 +499,45 @@ mod tests {
         }
         let err = render(&no_masters, &no_masters.machines[0]).unwrap_err();
         assert!(matches!(err, RenderError::NoEtcdMembers), "{err}");
+    }
+
+    #[test]
+    fn dhcp_addressing_asks_dhcp_on_the_bond_with_the_boot_mac() {
+        let text = herd_inventory::generate(herd_inventory::FleetSpec { machines: 10, racks: 5, masters: 3 })
+            .unwrap()
+            .replace("mtu = 9000\n", "mtu = 9000\naddressing = \"dhcp\"\n");
+        let inv = herd_inventory::parse("gen.toml", &text).unwrap();
+        let worker = inv.machine("r01-m02").unwrap();
+        let config = render(&inv, worker).unwrap();
+        let bond = file_text(&config, "/etc/systemd/network/30-bond0.network");
+        assert!(bond.contains("DHCP=ipv4\n") && !bond.contains("Address="), "{bond}");
+        let netdev = file_text(&config, "/etc/systemd/network/10-bond0.netdev");
+        assert!(netdev.contains(&format!("MACAddress={}\n", worker.boot_mac().unwrap())), "{netdev}");
+        let master = render(&inv, inv.etcd_members().next().unwrap()).unwrap();
+        let bond = file_text(&master, "/etc/systemd/network/30-bond0.network");
+        assert!(bond.contains("[DHCPv4]\nUseRoutes=no"), "the external interface keeps the default route: {bond}");
+    }
+
+    #[test]
+    fn a_machine_file_replaces_the_role_file_at_the_same_path() {
+        let text = herd_inventory::generate(herd_inventory::FleetSpec { machines: 10, racks: 5, masters: 3 })
+            .unwrap()
+            .replace(
+                "description = \"runs units\"\n",
+                "description = \"runs units\"\nfiles = [{ path = \"/etc/motd\", contents = \"role\\n\" }]\n",
+            )
+            .replace(
+                "name = \"r01-m02\"\n",
+                "name = \"r01-m02\"\nfiles = [{ path = \"/etc/motd\", contents = \"mine\\n\", mode = \"0600\" }]\n",
+            );
+        let inv = herd_inventory::parse("gen.toml", &text).unwrap_or_else(|d| panic!("{d}"));
+        let config = render(&inv, inv.machine("r01-m02").unwrap()).unwrap();
+        assert_eq!(file_text(&config, "/etc/motd"), "mine\n");
+        let files = config.storage.as_ref().unwrap().files.as_ref().unwrap();
+        let motd: Vec<_> = files.iter().filter(|f| f.path == "/etc/motd").collect();
+        assert_eq!(motd.len(), 1);
+        assert_eq!(motd[0].mode, Some(0o600));
+        let other = render(&inv, inv.machine("r02-m02").unwrap()).unwrap();
+        assert_eq!(file_text(&other, "/etc/motd"), "role\n");
     }
 }

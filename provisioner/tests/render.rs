@@ -88,7 +88,15 @@ fn golden_master_and_worker() {
             std::fs::write(&path, &json).unwrap();
         } else {
             let expected = std::fs::read_to_string(&path).unwrap();
-            assert_eq!(json, expected, "{golden} differs; UPDATE_GOLDEN=1 rewrites it (review the diff)");
+            if let Some((n, (want, got))) =
+                expected.lines().zip(json.lines()).enumerate().find(|(_, (want, got))| want != got)
+            {
+                panic!(
+                    "{golden}:{}: expected\n{want}\ngot\n{got}\n(UPDATE_GOLDEN=1 rewrites it; review the diff)",
+                    n + 1
+                );
+            }
+            assert_eq!(json.lines().count(), expected.lines().count(), "{golden}: length differs");
         }
     }
 }
