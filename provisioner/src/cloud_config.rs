@@ -12,9 +12,9 @@ use std::collections::BTreeMap;
 
 use base64::Engine as _;
 use ignition_config::v3_3 as ign;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
-use crate::ignition::{SPEC_VERSION, data_url};
+use crate::ignition::{SPEC_VERSION, data_url, percent_decode};
 
 /// Why a cloud-config cannot be translated.
 #[derive(Debug, thiserror::Error)]
@@ -33,65 +33,87 @@ pub enum TranslateError {
     Invalid(String),
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(default)]
 struct CloudConfig {
+    #[serde(skip_serializing_if = "Option::is_none")]
     hostname: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     users: Vec<CcUser>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     ssh_authorized_keys: Vec<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     write_files: Vec<CcFile>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     coreos: Option<Coreos>,
     #[serde(flatten)]
     other: BTreeMap<String, serde_yaml_ng::Value>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(default)]
 struct CcUser {
     name: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    gecos: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     passwd: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    shell: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     groups: Vec<String>,
+    // coreos-cloudinit spelled it with dashes inside `users`.
+    #[serde(alias = "ssh-authorized-keys", skip_serializing_if = "Vec::is_empty")]
     ssh_authorized_keys: Vec<String>,
     #[serde(flatten)]
     other: BTreeMap<String, serde_yaml_ng::Value>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(default)]
 struct CcFile {
     path: String,
     content: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
     permissions: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     owner: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     encoding: Option<String>,
     #[serde(flatten)]
     other: BTreeMap<String, serde_yaml_ng::Value>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(default)]
 struct Coreos {
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     units: Vec<CcUnit>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     etcd2: BTreeMap<String, serde_yaml_ng::Value>,
     #[serde(flatten)]
     other: BTreeMap<String, serde_yaml_ng::Value>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(default)]
 struct CcUnit {
     name: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
     content: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     command: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     enable: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     mask: Option<bool>,
-    #[serde(rename = "drop-ins")]
+    #[serde(rename = "drop-ins", skip_serializing_if = "Vec::is_empty")]
     drop_ins: Vec<CcDropIn>,
     #[serde(flatten)]
     other: BTreeMap<String, serde_yaml_ng::Value>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(default)]
 struct CcDropIn {
     name: String,
@@ -112,7 +134,10 @@ pub fn translate(text: &str) -> Result<ign::Config, TranslateError> {
         files.push(file("/etc/hostname", data_url(&format!("{hostname}\n")), 0o644, None));
     }
     for u in &cc.users {
-        users.push(user(&u.name, u.passwd.clone(), u.groups.clone(), u.ssh_authorized_keys.clone()));
+        let mut added = user(&u.name, u.passwd.clone(), u.groups.clone(), u.ssh_authorized_keys.clone());
+        added.gecos = u.gecos.clone();
+        added.shell = u.shell.clone();
+        users.push(added);
     }
     if !cc.ssh_authorized_keys.is_empty() {
         match users.iter_mut().find(|u| u.name == "core") {
@@ -310,6 +335,76 @@ fn etcd2_environment(etcd2: &BTreeMap<String, serde_yaml_ng::Value>) -> Result<S
     Ok(out)
 }
 
+/// Renders an Ignition config as a `#cloud-config` for machines still running CoreOS-style cloud-init (the inverse
+/// of [`translate`]). Remote file sources cannot be expressed and are refused.
+pub fn from_ignition(config: &ign::Config) -> Result<String, TranslateError> {
+    let mut cc = CloudConfig::default();
+    for u in config.passwd.as_ref().and_then(|p| p.users.as_ref()).into_iter().flatten() {
+        cc.users.push(CcUser {
+            name: u.name.clone(),
+            gecos: u.gecos.clone(),
+            passwd: u.password_hash.clone(),
+            shell: u.shell.clone(),
+            groups: u.groups.clone().unwrap_or_default(),
+            ssh_authorized_keys: u.ssh_authorized_keys.clone().unwrap_or_default(),
+            other: BTreeMap::new(),
+        });
+    }
+    for f in config.storage.as_ref().and_then(|s| s.files.as_ref()).into_iter().flatten() {
+        let source = f.contents.as_ref().and_then(|c| c.source.as_deref()).unwrap_or("data:,");
+        let (content, encoding) = if let Some(b64) = source.strip_prefix("data:;base64,") {
+            (b64.to_owned(), Some("b64".to_owned()))
+        } else if let Some(encoded) = source.strip_prefix("data:,") {
+            (percent_decode(encoded).map_err(|e| TranslateError::Invalid(format!("{}: {e}", f.path)))?, None)
+        } else {
+            return Err(TranslateError::Invalid(format!(
+                "{}: source {source} is remote; cloud-config can only carry inline contents",
+                f.path
+            )));
+        };
+        if f.path == "/etc/hostname" && encoding.is_none() {
+            cc.hostname = Some(content.trim_end().to_owned());
+            continue;
+        }
+        let owner = match (f.user.as_ref().and_then(|u| u.name.clone()), f.group.as_ref().and_then(|g| g.name.clone()))
+        {
+            (Some(u), Some(g)) => Some(format!("{u}:{g}")),
+            (Some(u), None) => Some(u),
+            _ => None,
+        };
+        cc.write_files.push(CcFile {
+            path: f.path.clone(),
+            content,
+            permissions: f.mode.map(|m| format!("{m:04o}")),
+            owner,
+            encoding,
+            other: BTreeMap::new(),
+        });
+    }
+    let mut units = Vec::new();
+    for u in config.systemd.as_ref().and_then(|s| s.units.as_ref()).into_iter().flatten() {
+        let enabled = u.enabled == Some(true);
+        units.push(CcUnit {
+            name: u.name.clone(),
+            content: u.contents.clone(),
+            command: enabled.then(|| "start".to_owned()),
+            enable: enabled.then_some(true),
+            mask: u.mask.filter(|m| *m),
+            drop_ins: u
+                .dropins
+                .iter()
+                .flatten()
+                .map(|d| CcDropIn { name: d.name.clone(), content: d.contents.clone().unwrap_or_default() })
+                .collect(),
+            other: BTreeMap::new(),
+        });
+    }
+    if !units.is_empty() {
+        cc.coreos = Some(Coreos { units, etcd2: BTreeMap::new(), other: BTreeMap::new() });
+    }
+    Ok(format!("#cloud-config\n{}", serde_yaml_ng::to_string(&cc)?))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -326,6 +421,39 @@ mod tests {
         assert!(err.to_string().contains("substitution"), "{err}");
         let err = translate("#cloud-config\nwrite_files:\n  - path: /a\n    permissions: \"0999\"\n").unwrap_err();
         assert!(err.to_string().contains("not an octal mode"), "{err}");
+    }
+
+    #[test]
+    fn herd_configs_survive_a_round_trip_through_cloud_config() {
+        let spec = herd_inventory::FleetSpec { machines: 6, racks: 2, masters: 3 };
+        let inv = herd_inventory::parse("gen.toml", &herd_inventory::generate(spec).unwrap()).unwrap();
+        for machine in &inv.machines {
+            let mut original = crate::ignition::render(&inv, machine).unwrap();
+            let yaml = from_ignition(&original).unwrap();
+            assert!(yaml.starts_with("#cloud-config\nhostname: "), "{yaml}");
+            let mut back = translate(&yaml).unwrap_or_else(|e| panic!("{e}\n{yaml}"));
+            for c in [&mut original, &mut back] {
+                c.storage.as_mut().unwrap().files.as_mut().unwrap().sort_by(|a, b| a.path.cmp(&b.path));
+            }
+            assert_eq!(back, original, "{}", machine.name());
+        }
+    }
+
+    #[test]
+    fn remote_sources_cannot_become_cloud_config() {
+        let mut config = ign::Config::default();
+        let mut f = crate::ignition::tests_support::file("/etc/x", "x");
+        f.contents.as_mut().unwrap().source = Some("https://example.invalid/x".into());
+        config.storage = Some(ign::Storage {
+            directories: None,
+            disks: None,
+            files: Some(vec![f]),
+            filesystems: None,
+            links: None,
+            luks: None,
+            raid: None,
+        });
+        assert!(from_ignition(&config).unwrap_err().to_string().contains("remote"));
     }
 
     #[test]

@@ -264,6 +264,33 @@ pub fn data_url(contents: &str) -> String {
     out
 }
 
+/// The text of a `data:,` URL's percent-encoded contents (the inverse of [`data_url`]'s encoding).
+pub fn percent_decode(text: &str) -> Result<String, String> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = bytes.get(i + 1..i + 3).and_then(|h| std::str::from_utf8(h).ok());
+            let byte = hex.and_then(|h| u8::from_str_radix(h, 16).ok()).ok_or("bad percent escape in data URL")?;
+            out.push(byte);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).map_err(|_| "data URL is not UTF-8 text".to_owned())
+}
+
+#[cfg(test)]
+pub(crate) mod tests_support {
+    /// A file with inline contents, for tests elsewhere in the crate.
+    pub(crate) fn file(path: &str, contents: &str) -> super::ign::File {
+        super::file(path, contents, 0o644)
+    }
+}
+
 fn mac_id(mac: Mac) -> String {
     mac.to_string().replace(':', "")
 }
@@ -397,19 +424,7 @@ mod tests {
     }
 
     fn decode(url: &str) -> String {
-        let raw = url.strip_prefix("data:,").unwrap().as_bytes();
-        let mut out = Vec::new();
-        let mut i = 0;
-        while i < raw.len() {
-            if raw[i] == b'%' {
-                out.push(u8::from_str_radix(std::str::from_utf8(&raw[i + 1..i + 3]).unwrap(), 16).unwrap());
-                i += 3;
-            } else {
-                out.push(raw[i]);
-                i += 1;
-            }
-        }
-        String::from_utf8(out).unwrap()
+        percent_decode(url.strip_prefix("data:,").unwrap()).unwrap()
     }
 
     #[test]

@@ -30,10 +30,20 @@ pub enum Command {
     },
 }
 
+/// The format `config render` prints.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum)]
+pub enum ConfigFormat {
+    /// Ignition 3.3.0 JSON (what the provisioner serves).
+    #[default]
+    Ignition,
+    /// The same config as a CoreOS #cloud-config.
+    CloudConfig,
+}
+
 /// `herdctl config ...`
 #[derive(Debug, Subcommand)]
 pub enum ConfigCommand {
-    /// Print the Ignition config (spec 3.3.0) the provisioner serves to MACHINE.
+    /// Print the config (Ignition 3.3.0) the provisioner serves to MACHINE.
     Render {
         /// The inventory file.
         #[arg(long, short = 'i', value_name = "FILE")]
@@ -41,6 +51,9 @@ pub enum ConfigCommand {
         /// The machine's name.
         #[arg(value_name = "MACHINE")]
         machine: String,
+        /// Ignition JSON, or the same config as a #cloud-config for machines still on CoreOS-style cloud-init.
+        #[arg(long, short = 'f', value_enum, default_value_t)]
+        format: ConfigFormat,
     },
     /// Translate a legacy CoreOS #cloud-config (hostname, users, ssh_authorized_keys, write_files, coreos.units,
     /// coreos.etcd2) into Ignition 3.3.0. Keys it cannot translate are refused by name.

@@ -6,13 +6,17 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use herd_provisioner::{cloud_config, ignition, lint};
 
+use crate::cli::ConfigFormat;
 use crate::inventory_cmd;
 
-pub(crate) fn render(inventory: &Path, machine: &str) -> anyhow::Result<ExitCode> {
+pub(crate) fn render(inventory: &Path, machine: &str, format: ConfigFormat) -> anyhow::Result<ExitCode> {
     let inv = inventory_cmd::load(inventory)?;
     let config = ignition::render_machine(&inv, machine)
         .with_context(|| format!("cannot render the config of {machine} from {}", inventory.display()))?;
-    print!("{}", ignition::to_json(&config));
+    match format {
+        ConfigFormat::Ignition => print!("{}", ignition::to_json(&config)),
+        ConfigFormat::CloudConfig => print!("{}", cloud_config::from_ignition(&config)?),
+    }
     Ok(ExitCode::SUCCESS)
 }
 

@@ -24,7 +24,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         },
         Command::Config { command } => match command {
-            ConfigCommand::Render { inventory, machine } => config_cmd::render(&inventory, &machine),
+            ConfigCommand::Render { inventory, machine, format } => config_cmd::render(&inventory, &machine, format),
             ConfigCommand::Lint { file } => config_cmd::lint(&file),
             ConfigCommand::Translate { file } => config_cmd::translate(&file),
         },

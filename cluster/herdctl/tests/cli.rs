@@ -216,3 +216,16 @@ fn config_translate_turns_cloud_config_into_ignition() {
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out.stderr).contains("cannot translate manage_etc_hosts"), "{}", text(&out.stderr));
 }
+
+#[test]
+fn config_render_as_cloud_config_translates_back() {
+    let site = repo().join("examples/qemu-3.toml");
+    let out = herdctl(&["config", "render", "-i", site.to_str().unwrap(), "--format", "cloud-config", "node2"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let yaml = text(&out.stdout);
+    assert!(yaml.starts_with("#cloud-config\nhostname: node2\n"), "{yaml}");
+    let file = tmp("node2.cloud-config");
+    std::fs::write(&file, &yaml).unwrap();
+    let back = herdctl(&["config", "translate", file.to_str().unwrap()]);
+    assert!(back.status.success(), "{}", text(&back.stderr));
+}
