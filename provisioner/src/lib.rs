@@ -5,6 +5,8 @@
 //! [`lint`] checks configs for the foot-guns `ignition-validate` misses. The network services are not implemented
 //! yet (issue #8); the `provisioner` binary refuses to run rather than pretend to serve.
 
+pub mod boot;
 pub mod cloud_config;
+pub mod dhcp;
 pub mod ignition;
 pub mod lint;

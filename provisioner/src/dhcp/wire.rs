@@ -1,0 +1,287 @@
+//! The edge: DHCP packets (via `dhcproto`) to typed [`Request`]s, and [`Answer`]s to packets. Anything malformed
+//! becomes a [`Drop`] reason, counted by the caller; nothing here panics on input.
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+use dhcproto::v4::{self, DhcpOption, Message, MessageType, Opcode, OptionCode, UnknownOption};
+use dhcproto::{Decodable, Decoder, Encodable};
+use herd_inventory::Mac;
+
+use super::server::{Answer, AnswerKind, Kind, Port, RelayEcho, Request};
+use crate::boot::{self, Arch, ClientInfo};
+
+/// Why a packet was dropped before reaching the server logic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Drop {
+    /// Not a decodable DHCP message.
+    Malformed,
+    /// A BOOTREPLY (from another server or ourselves).
+    NotARequest,
+    /// Not Ethernet, or a hardware address that is not 6 bytes.
+    NotEthernet,
+    /// No message type, or one a client does not send.
+    BadMessageType,
+    /// chaddr is not a unicast NIC address.
+    BadMac,
+}
+
+impl Drop {
+    /// Label for metrics.
+    pub fn label(self) -> &'static str {
+        match self {
+            Drop::Malformed => "malformed",
+            Drop::NotARequest => "not-a-request",
+            Drop::NotEthernet => "not-ethernet",
+            Drop::BadMessageType => "bad-message-type",
+            Drop::BadMac => "bad-mac",
+        }
+    }
+}
+
+/// Decodes a datagram received on `port` from `source`.
+pub fn decode(buf: &[u8], port: Port, source: SocketAddrV4) -> Result<Request, Drop> {
+    let msg = Message::decode(&mut Decoder::new(buf)).map_err(|_| Drop::Malformed)?;
+    if msg.opcode() != Opcode::BootRequest {
+        return Err(Drop::NotARequest);
+    }
+    if msg.htype() != v4::HType::Eth || msg.hlen() != 6 || msg.chaddr().len() < 6 {
+        return Err(Drop::NotEthernet);
+    }
+    let mut octets = [0u8; 6];
+    octets.copy_from_slice(&msg.chaddr()[..6]);
+    let mac: Mac = Mac::from_octets(octets);
+    if octets == [0; 6] || octets[0] & 1 == 1 {
+        return Err(Drop::BadMac);
+    }
+    let opts = msg.opts();
+    let kind = match opts.msg_type() {
+        Some(MessageType::Discover) => Kind::Discover,
+        Some(MessageType::Request) => Kind::Request,
+        Some(MessageType::Decline) => Kind::Decline,
+        Some(MessageType::Release) => Kind::Release,
+        Some(MessageType::Inform) => Kind::Inform,
+        _ => return Err(Drop::BadMessageType),
+    };
+    let mut client = ClientInfo::default();
+    if let Some(DhcpOption::ClientSystemArchitecture(a)) = opts.get(OptionCode::ClientSystemArchitecture) {
+        client.arch = Some(Arch::from_code(u16::from(*a)));
+    }
+    if let Some(DhcpOption::ClassIdentifier(class)) = opts.get(OptionCode::ClassIdentifier) {
+        client.pxe_client = class.starts_with(b"PXEClient");
+        client.http_client = class.starts_with(b"HTTPClient");
+    }
+    let user_class_ipxe =
+        matches!(opts.get(OptionCode::UserClass), Some(DhcpOption::UserClass(uc)) if boot::user_class_is_ipxe(uc));
+    client.ipxe = user_class_ipxe || opts.contains(OptionCode::from(175u8));
+    if let Some(DhcpOption::ClientMachineIdentifier(id)) = opts.get(OptionCode::ClientMachineIdentifier) {
+        client.uuid = Some(id.clone());
+    }
+    let relay = opts.get(OptionCode::RelayAgentInformation).and_then(|o| {
+        // Keep the option's body verbatim, to echo it.
+        o.to_vec().ok().and_then(|bytes| bytes.get(2..).map(|b| RelayEcho(b.to_vec())))
+    });
+    let requested = match opts.get(OptionCode::RequestedIpAddress) {
+        Some(DhcpOption::RequestedIpAddress(ip)) => Some(*ip),
+        _ => None,
+    };
+    let server_id = match opts.get(OptionCode::ServerIdentifier) {
+        Some(DhcpOption::ServerIdentifier(ip)) => Some(*ip),
+        _ => None,
+    };
+    Ok(Request {
+        kind,
+        xid: msg.xid(),
+        broadcast: msg.flags().broadcast(),
+        mac,
+        ciaddr: msg.ciaddr(),
+        giaddr: msg.giaddr(),
+        requested,
+        server_id,
+        client,
+        relay,
+        port,
+        source,
+    })
+}
+
+/// Encodes an answer as a BOOTREPLY.
+pub fn encode(a: &Answer) -> Vec<u8> {
+    let siaddr = a.boot.as_ref().and_then(|b| b.next_server).unwrap_or(Ipv4Addr::UNSPECIFIED);
+    let mut msg = Message::new_with_id(a.xid, a.ciaddr, a.yiaddr, siaddr, a.giaddr, &a.mac.octets());
+    msg.set_opcode(Opcode::BootReply);
+    if a.broadcast {
+        msg.set_flags(v4::Flags::default().set_broadcast());
+    }
+    let opts = msg.opts_mut();
+    opts.insert(DhcpOption::MessageType(match a.kind {
+        AnswerKind::Offer => MessageType::Offer,
+        AnswerKind::Ack => MessageType::Ack,
+        AnswerKind::Nak => MessageType::Nak,
+    }));
+    opts.insert(DhcpOption::ServerIdentifier(a.server_id));
+    if let Some(lease) = a.lease_secs {
+        opts.insert(DhcpOption::AddressLeaseTime(lease));
+        opts.insert(DhcpOption::Renewal(lease / 2));
+        opts.insert(DhcpOption::Rebinding(lease / 8 * 7));
+    }
+    if let Some(net) = &a.net {
+        opts.insert(DhcpOption::SubnetMask(net.mask));
+        opts.insert(DhcpOption::BroadcastAddr(net.broadcast));
+        if let Some(router) = net.router {
+            opts.insert(DhcpOption::Router(vec![router]));
+        }
+        if !net.dns.is_empty() {
+            opts.insert(DhcpOption::DomainNameServer(net.dns.clone()));
+        }
+        if !net.ntp.is_empty() {
+            opts.insert(DhcpOption::NtpServers(net.ntp.clone()));
+        }
+        if let Some(domain) = &net.domain {
+            opts.insert(DhcpOption::DomainName(domain.clone()));
+        }
+        if let Some(mtu) = net.mtu {
+            opts.insert(DhcpOption::InterfaceMtu(mtu));
+        }
+    }
+    if let Some(hostname) = &a.hostname {
+        opts.insert(DhcpOption::Hostname(hostname.clone()));
+    }
+    if let Some(message) = &a.message {
+        opts.insert(DhcpOption::Message(message.clone()));
+    }
+    if let Some(boot) = &a.boot {
+        opts.insert(DhcpOption::ClassIdentifier(boot.vendor_class.as_bytes().to_vec()));
+        opts.insert(DhcpOption::BootfileName(boot.file.as_str().as_bytes().to_vec()));
+        if let Some(next) = boot.next_server {
+            opts.insert(DhcpOption::TFTPServerName(next.to_string().into_bytes()));
+        }
+        if boot.pxe_discovery_control {
+            // PXE vendor options: sub-option 6 (discovery control) = 8: boot from the file in this reply.
+            opts.insert(DhcpOption::VendorExtensions(vec![6, 1, 8, 255]));
+        }
+        if boot.ipxe_no_pxedhcp {
+            // iPXE encapsulated options: 176 (no-pxedhcp) = 1.
+            opts.insert(DhcpOption::Unknown(UnknownOption::new(OptionCode::from(175u8), vec![176, 1, 1])));
+        }
+    }
+    if let Some(uuid) = &a.uuid {
+        opts.insert(DhcpOption::ClientMachineIdentifier(uuid.clone()));
+    }
+    if let Some(RelayEcho(body)) = &a.relay {
+        opts.insert(DhcpOption::Unknown(UnknownOption::new(OptionCode::RelayAgentInformation, body.clone())));
+    }
+    // Encoding a message we built from valid parts only fails on oversized options, which we never build.
+    msg.to_vec().unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dhcp::server::{BootAnswer, Destination, NetParams};
+
+    fn discover(opts: Vec<DhcpOption>) -> Vec<u8> {
+        let mut msg = Message::new_with_id(
+            0x1234,
+            Ipv4Addr::UNSPECIFIED,
+            Ipv4Addr::UNSPECIFIED,
+            Ipv4Addr::UNSPECIFIED,
+            Ipv4Addr::UNSPECIFIED,
+            &[0x52, 0x54, 0, 0, 0, 1],
+        );
+        msg.opts_mut().insert(DhcpOption::MessageType(MessageType::Discover));
+        for o in opts {
+            msg.opts_mut().insert(o);
+        }
+        msg.to_vec().unwrap()
+    }
+
+    fn src() -> SocketAddrV4 {
+        "0.0.0.0:68".parse().unwrap()
+    }
+
+    #[test]
+    fn decodes_an_ipxe_bios_discover() {
+        let buf = discover(vec![
+            DhcpOption::ClientSystemArchitecture(v4::Architecture::from(0u16)),
+            DhcpOption::ClassIdentifier(b"PXEClient:Arch:00000:UNDI:002001".to_vec()),
+            DhcpOption::UserClass(b"iPXE".to_vec()),
+            DhcpOption::ClientMachineIdentifier(vec![0; 17]),
+        ]);
+        let req = decode(&buf, Port::Dhcp, src()).unwrap();
+        assert_eq!(req.kind, Kind::Discover);
+        assert_eq!(req.xid, 0x1234);
+        assert_eq!(req.client.arch, Some(Arch::Bios));
+        assert!(req.client.pxe_client && req.client.ipxe);
+        assert_eq!(req.client.uuid, Some(vec![0; 17]));
+    }
+
+    #[test]
+    fn option_175_alone_marks_ipxe() {
+        let buf = discover(vec![DhcpOption::Unknown(UnknownOption::new(OptionCode::from(175u8), vec![19, 1, 1]))]);
+        assert!(decode(&buf, Port::Dhcp, src()).unwrap().client.ipxe);
+    }
+
+    #[test]
+    fn garbage_and_replies_are_dropped_not_panicked_on() {
+        assert_eq!(decode(&[], Port::Dhcp, src()), Err(Drop::Malformed));
+        assert_eq!(decode(&[1; 100], Port::Dhcp, src()), Err(Drop::Malformed));
+        let mut reply = Message::decode(&mut Decoder::new(&discover(vec![]))).unwrap();
+        reply.set_opcode(Opcode::BootReply);
+        assert_eq!(decode(&reply.to_vec().unwrap(), Port::Dhcp, src()), Err(Drop::NotARequest));
+    }
+
+    #[test]
+    fn an_answer_round_trips_with_boot_options() {
+        let answer = Answer {
+            kind: AnswerKind::Offer,
+            xid: 9,
+            mac: Mac::from_octets([0x52, 0x54, 0, 0, 0, 1]),
+            broadcast: true,
+            ciaddr: Ipv4Addr::UNSPECIFIED,
+            yiaddr: Ipv4Addr::new(10, 0, 0, 11),
+            giaddr: Ipv4Addr::new(10, 0, 0, 1),
+            server_id: Ipv4Addr::new(10, 0, 0, 2),
+            lease_secs: Some(3600),
+            net: Some(NetParams {
+                mask: Ipv4Addr::new(255, 255, 255, 0),
+                broadcast: Ipv4Addr::new(10, 0, 0, 255),
+                router: Some(Ipv4Addr::new(10, 0, 0, 1)),
+                dns: vec![Ipv4Addr::new(10, 0, 0, 3)],
+                ntp: vec![],
+                domain: Some("lab".into()),
+                mtu: Some(9000),
+            }),
+            hostname: Some("m1".into()),
+            boot: Some(BootAnswer {
+                file: crate::boot::BootFile::Http("http://10.0.0.2/boot/x.ipxe".into()),
+                next_server: None,
+                vendor_class: "PXEClient",
+                ipxe_no_pxedhcp: true,
+                pxe_discovery_control: false,
+            }),
+            uuid: Some(vec![0; 17]),
+            relay: Some(RelayEcho(vec![1, 3, b'a', b'b', b'c'])),
+            message: None,
+            destination: Destination::Relay(Ipv4Addr::new(10, 0, 0, 1)),
+        };
+        let bytes = encode(&answer);
+        let msg = Message::decode(&mut Decoder::new(&bytes)).unwrap();
+        assert_eq!(msg.opcode(), Opcode::BootReply);
+        assert_eq!(msg.yiaddr(), Ipv4Addr::new(10, 0, 0, 11));
+        assert_eq!(msg.giaddr(), Ipv4Addr::new(10, 0, 0, 1));
+        assert!(msg.flags().broadcast());
+        let o = msg.opts();
+        assert_eq!(o.msg_type(), Some(MessageType::Offer));
+        assert_eq!(o.get(OptionCode::Renewal), Some(&DhcpOption::Renewal(1800)));
+        assert_eq!(o.get(OptionCode::Rebinding), Some(&DhcpOption::Rebinding(3150)));
+        assert_eq!(
+            o.get(OptionCode::BootfileName),
+            Some(&DhcpOption::BootfileName(b"http://10.0.0.2/boot/x.ipxe".to_vec()))
+        );
+        let ipxe = o.get(OptionCode::from(175u8)).unwrap().to_vec().unwrap();
+        assert_eq!(ipxe, [175, 3, 176, 1, 1]);
+        let relay = o.get(OptionCode::RelayAgentInformation).unwrap().to_vec().unwrap();
+        assert_eq!(relay, [82, 5, 1, 3, b'a', b'b', b'c']);
+        assert_eq!(o.get(OptionCode::ClientMachineIdentifier), Some(&DhcpOption::ClientMachineIdentifier(vec![0; 17])));
+    }
+}
