@@ -2,11 +2,15 @@
 //! machine of the inventory, renders each machine's Ignition config, and records its boot timeline.
 //!
 //! Done so far: [`ignition`] renders every machine's Ignition 3.3.0 config from the inventory and its role, and
-//! [`lint`] checks configs for the foot-guns `ignition-validate` misses. The network services are not implemented
-//! yet (issue #8); the `provisioner` binary refuses to run rather than pretend to serve.
+//! [`lint`] checks configs for the foot-guns `ignition-validate` misses; [`dhcp`] serves DHCP (full and proxy,
+//! port 4011) with [`boot`] deciding what each firmware loads and [`store`] keeping leases crash-safe. TFTP, HTTP
+//! and the machine state machine are being added (issue #8).
 
 pub mod boot;
 pub mod cloud_config;
+pub mod daemon;
 pub mod dhcp;
 pub mod ignition;
 pub mod lint;
+pub mod metrics;
+pub mod store;

@@ -3,4 +3,5 @@
 
 pub mod leases;
 pub mod server;
+pub mod service;
 pub mod wire;

@@ -1,0 +1,128 @@
+//! The `provisioner` daemon: loads the inventory, opens the state store, binds the boot interface and runs the
+//! services until cancelled. Today: DHCP (67, 4011). TFTP and HTTP follow (issue #8).
+
+use std::collections::BTreeSet;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context as _, bail};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::boot::BootConfig;
+use crate::dhcp::leases::LeaseTable;
+use crate::dhcp::server::{BOOT_SERVER_PORT, DhcpConfig, DhcpServer, Mode, SERVER_PORT, UnknownMacs};
+use crate::dhcp::service::{DhcpService, bind_udp};
+use crate::metrics::Metrics;
+use crate::store::Store;
+
+/// Where Debian's `ipxe` package puts its binaries.
+pub const DEBIAN_IPXE_DIR: &str = "/usr/lib/ipxe";
+
+/// What the daemon needs to start.
+#[derive(Debug, Clone)]
+pub struct DaemonConfig {
+    /// The inventory file.
+    pub inventory: PathBuf,
+    /// The boot interface.
+    pub interface: String,
+    /// Where state lives.
+    pub state_dir: PathBuf,
+    /// Where the iPXE binaries are.
+    pub ipxe_dir: PathBuf,
+    /// Full DHCP or proxyDHCP.
+    pub mode: Mode,
+    /// What to do with MACs not in the inventory.
+    pub unknown: UnknownMacs,
+    /// HTTP port (the boot URLs point there).
+    pub http_port: u16,
+    /// Lease time, seconds.
+    pub lease_secs: u32,
+}
+
+/// The IPv4 addresses of an interface.
+pub fn interface_addresses(interface: &str) -> anyhow::Result<Vec<Ipv4Addr>> {
+    let addrs = nix::ifaddrs::getifaddrs().context("cannot list network interfaces")?;
+    let mut found = false;
+    let mut out = Vec::new();
+    for ifa in addrs.filter(|a| a.interface_name == interface) {
+        found = true;
+        if let Some(sin) = ifa.address.as_ref().and_then(|a| a.as_sockaddr_in()) {
+            out.push(sin.ip());
+        }
+    }
+    if !found {
+        bail!("no network interface named {interface:?}; `ip -br link` lists them");
+    }
+    Ok(out)
+}
+
+/// The iPXE binaries present in `dir`.
+pub fn ipxe_binaries(dir: &Path) -> BTreeSet<String> {
+    ["undionly.kpxe", "ipxe.efi", "snponly.efi", "ipxe-ia32.efi", "ipxe-arm64.efi"]
+        .into_iter()
+        .filter(|f| dir.join(f).is_file())
+        .map(String::from)
+        .collect()
+}
+
+/// Runs the daemon until `cancel` fires.
+pub async fn run(config: DaemonConfig, cancel: CancellationToken) -> anyhow::Result<()> {
+    let inv = herd_inventory::load(&config.inventory)
+        .with_context(|| format!("cannot use inventory {}", config.inventory.display()))?;
+    let server_ip = inv.site.provisioner.get_ref().0;
+    let addrs = interface_addresses(&config.interface)?;
+    if !addrs.contains(&server_ip) {
+        bail!(
+            "interface {} has {:?}, not the inventory's provisioner address {server_ip}; add it (ip addr add \
+             {server_ip}/{} dev {}) or fix [site] provisioner",
+            config.interface,
+            addrs,
+            inv.network.internal.cidr.get_ref().prefix(),
+            config.interface
+        );
+    }
+    let binaries = ipxe_binaries(&config.ipxe_dir);
+    if binaries.is_empty() {
+        tracing::warn!(dir = %config.ipxe_dir.display(), "no iPXE binaries found: PXE ROMs will get no answer (apt install ipxe)");
+    }
+    let http_base = if config.http_port == 80 {
+        format!("http://{server_ip}")
+    } else {
+        format!("http://{server_ip}:{}", config.http_port)
+    };
+    let boot = BootConfig { http_base, binaries, prefer_snponly: false };
+    let mut dhcp_config = DhcpConfig::from_inventory(&inv, config.mode, config.unknown, boot);
+    dhcp_config.lease_secs = config.lease_secs;
+
+    let store = Arc::new(Store::open(&config.state_dir)?);
+    let leases = LeaseTable::from_leases(store.leases()?);
+    let metrics = Arc::new(Metrics::default());
+    let dhcp_socket = bind_udp(SERVER_PORT, Some(&config.interface)).with_context(|| {
+        format!("cannot bind UDP {SERVER_PORT} on {} (root, and no other DHCP server?)", config.interface)
+    })?;
+    let boot_socket = bind_udp(BOOT_SERVER_PORT, Some(&config.interface))
+        .with_context(|| format!("cannot bind UDP {BOOT_SERVER_PORT} on {}", config.interface))?;
+    tracing::info!(
+        interface = %config.interface,
+        %server_ip,
+        machines = inv.machines.len(),
+        leases = leases.iter().count(),
+        mode = ?config.mode,
+        "provisioner serving DHCP"
+    );
+    let dhcp = DhcpService::new(
+        DhcpServer::new(dhcp_config, leases),
+        Arc::clone(&store),
+        Arc::clone(&metrics),
+        dhcp_socket,
+        Some(boot_socket),
+        None,
+    );
+    let tracker = TaskTracker::new();
+    tracker.spawn(dhcp.run(cancel.clone()));
+    tracker.close();
+    tracker.wait().await;
+    Ok(())
+}
