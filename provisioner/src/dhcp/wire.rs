@@ -112,6 +112,15 @@ pub fn encode(a: &Answer) -> Vec<u8> {
     if a.broadcast {
         msg.set_flags(v4::Flags::default().set_broadcast());
     }
+    if let Some(boot) = &a.boot {
+        // PXE ROMs read the BOOTP header fields; option 66/67 carry the same for clients that prefer options.
+        if boot.file.as_str().len() < 128 {
+            msg.set_fname_str(boot.file.as_str());
+        }
+        if let Some(next) = boot.next_server {
+            msg.set_sname_str(next.to_string());
+        }
+    }
     let opts = msg.opts_mut();
     opts.insert(DhcpOption::MessageType(match a.kind {
         AnswerKind::Offer => MessageType::Offer,
