@@ -112,3 +112,97 @@ fn the_firmware_matrix_gets_the_right_boot_file() {
         }
     }
 }
+
+mod raw_client {
+    use std::net::{Ipv4Addr, SocketAddr};
+
+    use dhcproto::Encodable;
+    use dhcproto::v4::{DhcpOption, MessageType, OptionCode, UnknownOption};
+
+    use super::common::{self, Lab, in_netns, raw};
+
+    const NODE2_MAC: [u8; 6] = [0x52, 0x54, 0, 0x99, 2, 1];
+
+    #[test]
+    fn inform_is_answered_with_options_to_ciaddr() {
+        let mut lab = Lab::qemu3(&[]);
+        lab.start();
+        common::sh("ip", &["-n", &lab.client_ns, "addr", "add", "10.99.0.50/24", "dev", &lab.client_if]);
+        let dev = lab.client_if.clone();
+        let reply = in_netns(&lab.client_ns, move || {
+            let sock = raw::socket("10.99.0.50:68".parse().unwrap(), &dev);
+            let mut inform = raw::message(MessageType::Inform, NODE2_MAC, 77);
+            inform.set_ciaddr(Ipv4Addr::new(10, 99, 0, 50));
+            raw::exchange(&sock, &inform, "10.99.0.2:67".parse().unwrap())
+        })
+        .expect("an ACK to the INFORM");
+        assert_eq!(raw::msg_type(&reply), Some(MessageType::Ack));
+        assert_eq!(reply.yiaddr(), Ipv4Addr::UNSPECIFIED);
+        assert!(reply.opts().get(OptionCode::AddressLeaseTime).is_none(), "INFORM gets no lease");
+        assert_eq!(
+            reply.opts().get(OptionCode::SubnetMask),
+            Some(&DhcpOption::SubnetMask(Ipv4Addr::new(255, 255, 255, 0)))
+        );
+    }
+
+    #[test]
+    fn relayed_requests_are_answered_to_the_relay_with_option_82_echoed() {
+        let mut lab = Lab::qemu3(&[]);
+        lab.start();
+        common::sh("ip", &["-n", &lab.client_ns, "addr", "add", "10.99.0.60/24", "dev", &lab.client_if]);
+        let dev = lab.client_if.clone();
+        let (offer, relay_bytes) = in_netns(&lab.client_ns, move || {
+            // We are the relay: listen on the server port of our giaddr.
+            let sock = raw::socket("10.99.0.60:67".parse().unwrap(), &dev);
+            let mut discover = raw::message(MessageType::Discover, NODE2_MAC, 4242);
+            discover.set_giaddr(Ipv4Addr::new(10, 99, 0, 60));
+            discover.set_hops(1);
+            // Circuit id "eth7", remote id "sw1".
+            let agent = vec![1, 4, b'e', b't', b'h', b'7', 2, 3, b's', b'w', b'1'];
+            discover
+                .opts_mut()
+                .insert(DhcpOption::Unknown(UnknownOption::new(OptionCode::RelayAgentInformation, agent.clone())));
+            (raw::exchange(&sock, &discover, "10.99.0.2:67".parse().unwrap()), agent)
+        });
+        let offer = offer.expect("an OFFER sent to the relay");
+        assert_eq!(offer.yiaddr(), Ipv4Addr::new(10, 99, 0, 12));
+        assert_eq!(offer.giaddr(), Ipv4Addr::new(10, 99, 0, 60));
+        let echoed = offer.opts().get(OptionCode::RelayAgentInformation).unwrap().to_vec().unwrap();
+        assert_eq!(&echoed[2..], relay_bytes.as_slice());
+    }
+
+    #[test]
+    fn garbage_is_dropped_and_the_server_keeps_answering() {
+        let mut lab = Lab::qemu3(&[]);
+        lab.start();
+        let dev = lab.client_if.clone();
+        let leased = in_netns(&lab.client_ns, move || {
+            let sock = raw::socket("0.0.0.0:68".parse().unwrap(), &dev);
+            let bcast: SocketAddr = "255.255.255.255:67".parse().unwrap();
+            let valid = raw::message(MessageType::Discover, NODE2_MAC, 1).to_vec().unwrap();
+            let mut seed = 0x9e37_79b9_u32;
+            for i in 0..2000usize {
+                seed ^= seed << 13;
+                seed ^= seed >> 17;
+                seed ^= seed << 5;
+                let packet: Vec<u8> = match i % 3 {
+                    // Truncations of a valid packet.
+                    0 => valid[..(seed as usize % valid.len())].to_vec(),
+                    // A valid packet with one byte flipped.
+                    1 => {
+                        let mut p = valid.clone();
+                        let at = seed as usize % p.len();
+                        p[at] ^= (seed >> 8) as u8 | 1;
+                        p
+                    }
+                    // Random bytes.
+                    _ => (0..(seed % 600)).map(|j| (seed.wrapping_mul(j + 1) >> 7) as u8).collect(),
+                };
+                let _ = sock.send_to(&packet, bcast);
+            }
+            raw::lease(&sock, NODE2_MAC, 99)
+        });
+        assert_eq!(leased, Some(Ipv4Addr::new(10, 99, 0, 12)), "still serving after 2000 bad packets");
+        assert!(!lab.log().contains("panicked"));
+    }
+}

@@ -38,9 +38,71 @@ impl Drop {
     }
 }
 
+/// Offset of the magic cookie, and of the first option after it.
+const COOKIE_AT: usize = 236;
+const OPTIONS_AT: usize = 240;
+const COOKIE: [u8; 4] = [99, 130, 83, 99];
+
+/// Options a client's request may carry that herd reads, with their required length (None: any length ≥ 1).
+fn accepted_option(code: u8) -> Option<Option<usize>> {
+    match code {
+        53 => Some(Some(1)),      // message type
+        50 | 54 => Some(Some(4)), // requested address, server id
+        57 => Some(Some(2)),      // max message size
+        93 => Some(None),         // client architectures (a list of u16; checked below)
+        94 => Some(Some(3)),      // client network interface id
+        12 | 55 | 60 | 61 | 77 | 82 | 97 | 175 => Some(None),
+        _ => None,
+    }
+}
+
+/// Rebuilds the packet with only the options herd reads, after checking the option framing and the lengths of
+/// fixed-size options. The codec then never sees an option it could misparse, and a malformed frame is a drop.
+fn sanitize(buf: &[u8]) -> Result<Vec<u8>, Drop> {
+    if buf.len() < OPTIONS_AT || buf[COOKIE_AT..OPTIONS_AT] != COOKIE {
+        return Err(Drop::Malformed);
+    }
+    let mut out = Vec::with_capacity(buf.len());
+    out.extend_from_slice(&buf[..OPTIONS_AT]);
+    let mut i = OPTIONS_AT;
+    while let Some(&code) = buf.get(i) {
+        match code {
+            0 => {
+                i += 1;
+                continue;
+            }
+            255 => break,
+            _ => {}
+        }
+        let len = usize::from(*buf.get(i + 1).ok_or(Drop::Malformed)?);
+        let body = buf.get(i + 2..i + 2 + len).ok_or(Drop::Malformed)?;
+        match accepted_option(code) {
+            Some(Some(required)) if len != required => return Err(Drop::Malformed),
+            Some(None) if len == 0 || (code == 93 && len % 2 != 0) => return Err(Drop::Malformed),
+            Some(_) if code == 82 && !tlv_ok(body) => return Err(Drop::Malformed),
+            Some(_) => out.extend_from_slice(&buf[i..i + 2 + len]),
+            None => {}
+        }
+        i += 2 + len;
+    }
+    out.push(255);
+    Ok(out)
+}
+
+/// Whether `body` is a well-formed sequence of (code, len, data) sub-options.
+fn tlv_ok(mut body: &[u8]) -> bool {
+    while !body.is_empty() {
+        let Some(&len) = body.get(1) else { return false };
+        let Some(rest) = body.get(2 + usize::from(len)..) else { return false };
+        body = rest;
+    }
+    true
+}
+
 /// Decodes a datagram received on `port` from `source`.
 pub fn decode(buf: &[u8], port: Port, source: SocketAddrV4) -> Result<Request, Drop> {
-    let msg = Message::decode(&mut Decoder::new(buf)).map_err(|_| Drop::Malformed)?;
+    let clean = sanitize(buf)?;
+    let msg = Message::decode(&mut Decoder::new(&clean)).map_err(|_| Drop::Malformed)?;
     if msg.opcode() != Opcode::BootRequest {
         return Err(Drop::NotARequest);
     }
@@ -240,6 +302,25 @@ mod tests {
     }
 
     #[test]
+    fn bad_option_framing_is_a_drop_and_unknown_options_are_skipped() {
+        let good = discover(vec![DhcpOption::ClientSystemArchitecture(v4::Architecture::from(7u16))]);
+        // An unread option with a length the codec would trip on (BULK_LEASE_QUERY base time, 3 bytes).
+        let mut with_odd = good[..good.len() - 1].to_vec();
+        with_odd.extend_from_slice(&[154, 3, 1, 2, 3, 255]);
+        assert_eq!(decode(&with_odd, Port::Dhcp, src()).unwrap().client.arch, Some(Arch::EfiX64));
+        // A requested address of 3 bytes, an option running past the end, no cookie: drops.
+        let mut short_50 = good[..good.len() - 1].to_vec();
+        short_50.extend_from_slice(&[50, 3, 10, 0, 0, 255]);
+        assert_eq!(decode(&short_50, Port::Dhcp, src()), Err(Drop::Malformed));
+        let mut overrun = good[..good.len() - 1].to_vec();
+        overrun.extend_from_slice(&[60, 40, b'P']);
+        assert_eq!(decode(&overrun, Port::Dhcp, src()), Err(Drop::Malformed));
+        let mut no_cookie = good.clone();
+        no_cookie[236] = 0;
+        assert_eq!(decode(&no_cookie, Port::Dhcp, src()), Err(Drop::Malformed));
+    }
+
+    #[test]
     fn an_answer_round_trips_with_boot_options() {
         let answer = Answer {
             kind: AnswerKind::Offer,
@@ -292,5 +373,32 @@ mod tests {
         let relay = o.get(OptionCode::RelayAgentInformation).unwrap().to_vec().unwrap();
         assert_eq!(relay, [82, 5, 1, 3, b'a', b'b', b'c']);
         assert_eq!(o.get(OptionCode::ClientMachineIdentifier), Some(&DhcpOption::ClientMachineIdentifier(vec![0; 17])));
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 2000, ..Default::default() })]
+
+        #[test]
+        fn decode_never_panics_on_random_bytes(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..700)) {
+            let _ = decode(&bytes, Port::Dhcp, src());
+        }
+
+        #[test]
+        fn decode_never_panics_on_mutated_requests(
+            edits in proptest::collection::vec((0usize..400, proptest::prelude::any::<u8>()), 1..12),
+            cut in 0usize..400,
+        ) {
+            let mut p = discover(vec![
+                DhcpOption::ClientSystemArchitecture(v4::Architecture::from(0u16)),
+                DhcpOption::ClassIdentifier(b"PXEClient:Arch:00000:UNDI:002001".to_vec()),
+                DhcpOption::UserClass(b"iPXE".to_vec()),
+            ]);
+            for (at, b) in edits {
+                let n = p.len();
+                p[at % n] = b;
+            }
+            p.truncate(cut.max(1).min(p.len()));
+            let _ = decode(&p, Port::Dhcp, src());
+        }
     }
 }

@@ -204,3 +204,81 @@ pub fn wait_line(child: &mut Child, needle: &str) -> String {
     }
     panic!("no line containing {needle:?}");
 }
+
+/// Runs `f` on a thread that has entered network namespace `ns`.
+pub fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let path = format!("/run/netns/{ns}");
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&path).unwrap();
+        nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        f()
+    })
+    .join()
+    .unwrap()
+}
+
+/// A hand-driven DHCP client on raw UDP, for what real clients cannot be made to send (INFORM, relayed
+/// requests, DECLINE at will, garbage).
+pub mod raw {
+    use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+    use std::time::Duration;
+
+    use dhcproto::v4::{DhcpOption, Message, MessageType, Opcode, OptionCode};
+    use dhcproto::{Decodable, Decoder, Encodable};
+
+    pub fn socket(bind: SocketAddr, device: &str) -> UdpSocket {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None).unwrap();
+        s.set_reuse_address(true).unwrap();
+        s.set_broadcast(true).unwrap();
+        s.bind_device(Some(device.as_bytes())).unwrap();
+        s.bind(&bind.into()).unwrap();
+        let s: UdpSocket = s.into();
+        s.set_read_timeout(Some(Duration::from_millis(1500))).unwrap();
+        s
+    }
+
+    pub fn message(kind: MessageType, mac: [u8; 6], xid: u32) -> Message {
+        let z = Ipv4Addr::UNSPECIFIED;
+        let mut m = Message::new_with_id(xid, z, z, z, z, &mac);
+        m.opts_mut().insert(DhcpOption::MessageType(kind));
+        m
+    }
+
+    /// Sends `msg` to `to` and waits for a reply with the same xid.
+    pub fn exchange(sock: &UdpSocket, msg: &Message, to: SocketAddr) -> Option<Message> {
+        sock.send_to(&msg.to_vec().unwrap(), to).unwrap();
+        let mut buf = [0u8; 1500];
+        loop {
+            let (n, _) = sock.recv_from(&mut buf).ok()?;
+            let Ok(reply) = Message::decode(&mut Decoder::new(&buf[..n])) else { continue };
+            if reply.opcode() == Opcode::BootReply && reply.xid() == msg.xid() {
+                return Some(reply);
+            }
+        }
+    }
+
+    pub fn msg_type(m: &Message) -> Option<MessageType> {
+        m.opts().msg_type()
+    }
+
+    pub fn server_id(m: &Message) -> Option<Ipv4Addr> {
+        match m.opts().get(OptionCode::ServerIdentifier) {
+            Some(DhcpOption::ServerIdentifier(ip)) => Some(*ip),
+            _ => None,
+        }
+    }
+
+    /// DISCOVER + REQUEST from `mac` by broadcast; the acknowledged address.
+    pub fn lease(sock: &UdpSocket, mac: [u8; 6], xid: u32) -> Option<Ipv4Addr> {
+        let bcast: SocketAddr = "255.255.255.255:67".parse().unwrap();
+        let mut discover = message(MessageType::Discover, mac, xid);
+        discover.set_flags(dhcproto::v4::Flags::default().set_broadcast());
+        let offer = exchange(sock, &discover, bcast)?;
+        let mut request = message(MessageType::Request, mac, xid.wrapping_add(1));
+        request.set_flags(dhcproto::v4::Flags::default().set_broadcast());
+        request.opts_mut().insert(DhcpOption::RequestedIpAddress(offer.yiaddr()));
+        request.opts_mut().insert(DhcpOption::ServerIdentifier(server_id(&offer)?));
+        let ack = exchange(sock, &request, bcast)?;
+        (msg_type(&ack) == Some(MessageType::Ack)).then_some(ack.yiaddr())
+    }
+}
