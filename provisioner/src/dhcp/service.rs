@@ -192,6 +192,14 @@ impl DhcpService {
                 // Rate-limited by nature: one debug line per ignored packet is cheap only at debug level.
                 tracing::debug!(mac = %req.mac, ?why, "dhcp request ignored");
             }
+            match outcome.event {
+                Event::Declined(ip) => {
+                    // Someone else answers on this address: a misconfigured host, or a duplicate in the inventory.
+                    tracing::warn!(mac = %req.mac, %ip, machine = ?outcome.machine, "address declined by the client; quarantined");
+                }
+                Event::Released(ip) => tracing::info!(mac = %req.mac, %ip, "lease released"),
+                _ => {}
+            }
             if let (Some(machine), Some(events)) = (&outcome.machine, &self.events) {
                 let _ = events.try_send(DhcpEvent { machine: machine.clone(), event: outcome.event.clone() });
             }

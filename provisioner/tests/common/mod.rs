@@ -207,14 +207,20 @@ pub fn wait_line(child: &mut Child, needle: &str) -> String {
 
 /// Runs `f` on a thread that has entered network namespace `ns`.
 pub fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    spawn_in_netns(ns, f).join().unwrap()
+}
+
+/// Starts `f` on a thread that has entered network namespace `ns`.
+pub fn spawn_in_netns<T: Send + 'static>(
+    ns: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> std::thread::JoinHandle<T> {
     let path = format!("/run/netns/{ns}");
     std::thread::spawn(move || {
         let file = std::fs::File::open(&path).unwrap();
         nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
         f()
     })
-    .join()
-    .unwrap()
 }
 
 /// A hand-driven DHCP client on raw UDP, for what real clients cannot be made to send (INFORM, relayed
