@@ -5,7 +5,12 @@ set -euo pipefail
 
 # protobuf-compiler: protoc, needed at build time by etcd-client (cluster crate).
 # ignition: ignition-validate, the oracle every rendered config must pass.
-PACKAGES=(protobuf-compiler ignition)
+# ipxe: the iPXE binaries the provisioner serves (undionly.kpxe, ipxe.efi, snponly.efi).
+# iproute2: network namespaces and veth pairs for the protocol tests.
+# busybox-static (udhcpc), isc-dhcp-client (dhclient), kea-admin (perfdhcp): real DHCP clients and load.
+# kea-dhcp4-server, dnsmasq-base: the DHCP peers the benchmark measures herd against.
+PACKAGES=(protobuf-compiler ignition ipxe iproute2 busybox-static isc-dhcp-client kea-admin kea-dhcp4-server
+  dnsmasq-base)
 
 missing=()
 for pkg in "${PACKAGES[@]}"; do

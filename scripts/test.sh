@@ -10,3 +10,4 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo test --workspace --locked
 cargo bench --locked -p herd-inventory --bench check
 cargo bench --locked -p herd-provisioner --bench render
+cargo bench --locked -p herd-provisioner --bench dhcp

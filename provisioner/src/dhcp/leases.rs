@@ -49,6 +49,9 @@ pub struct LeaseTable {
     by_mac: HashMap<Mac, Ipv4Addr>,
     /// Outstanding offers: address → (MAC, until). Offers are not durable: losing one costs a retry.
     offers: HashMap<Ipv4Addr, (Mac, u64)>,
+    /// The outstanding offer of each MAC, so a client repeating DISCOVER gets the same address back instead of
+    /// holding a second one.
+    offer_of: HashMap<Mac, Ipv4Addr>,
 }
 
 impl LeaseTable {
@@ -79,7 +82,9 @@ impl LeaseTable {
         } else if self.by_mac.get(&lease.mac) == Some(&lease.ip) {
             self.by_mac.remove(&lease.mac);
         }
-        self.offers.remove(&lease.ip);
+        if self.offers.remove(&lease.ip).is_some() {
+            self.offer_of.remove(&lease.mac);
+        }
         self.by_ip.insert(lease.ip, lease);
     }
 
@@ -108,14 +113,30 @@ impl LeaseTable {
         lease_ok && offer_ok
     }
 
-    /// Remembers an offer of `ip` to `mac` until `until`.
+    /// Remembers an offer of `ip` to `mac` until `until` (replacing the MAC's previous offer).
     pub fn offer(&mut self, ip: Ipv4Addr, mac: Mac, until: u64) {
+        if let Some(previous) = self.offer_of.insert(mac, ip)
+            && previous != ip
+            && self.offers.get(&previous).is_some_and(|(m, _)| *m == mac)
+        {
+            self.offers.remove(&previous);
+        }
         self.offers.insert(ip, (mac, until));
     }
 
-    /// Forgets an offer (the client chose another server).
+    /// The address currently offered to `mac`, if the offer still stands at `now`.
+    pub fn offered_to(&self, mac: Mac, now: u64) -> Option<Ipv4Addr> {
+        let ip = *self.offer_of.get(&mac)?;
+        matches!(self.offers.get(&ip), Some((m, until)) if *m == mac && *until > now).then_some(ip)
+    }
+
+    /// Forgets a MAC's offer (the client chose another server).
     pub fn withdraw_offer(&mut self, mac: Mac) {
-        self.offers.retain(|_, (m, _)| *m != mac);
+        if let Some(ip) = self.offer_of.remove(&mac)
+            && self.offers.get(&ip).is_some_and(|(m, _)| *m == mac)
+        {
+            self.offers.remove(&ip);
+        }
     }
 
     /// Number of addresses bound at `now`.
@@ -178,5 +199,15 @@ mod tests {
         assert!(t.available_for(ip(7), mac(2), 30));
         t.withdraw_offer(mac(1));
         assert!(t.available_for(ip(7), mac(2), 10));
+    }
+
+    #[test]
+    fn a_mac_holds_one_offer_at_a_time() {
+        let mut t = LeaseTable::default();
+        t.offer(ip(7), mac(1), 30);
+        t.offer(ip(8), mac(1), 30);
+        assert!(t.available_for(ip(7), mac(2), 10), "the first offer was replaced");
+        assert_eq!(t.offered_to(mac(1), 10), Some(ip(8)));
+        assert_eq!(t.offered_to(mac(1), 30), None, "lapsed");
     }
 }

@@ -23,6 +23,9 @@ use herd_inventory::{Cidr, Inventory, Mac};
 use super::leases::{Lease, LeaseState, LeaseTable};
 use crate::boot::{self, BootConfig, BootFile, ClientInfo, NoBoot};
 
+/// Most pool addresses probed for one request.
+pub const MAX_SCAN: usize = 256;
+
 /// The DHCP client port.
 pub const CLIENT_PORT: u16 = 68;
 /// The DHCP server (and relay) port.
@@ -317,7 +320,7 @@ impl DhcpConfig {
             pools: net.pools.iter().map(|p| (p.get_ref().start.0, p.get_ref().end.0)).collect(),
             reservations,
             lease_secs: 3600,
-            offer_secs: 30,
+            offer_secs: 10,
             decline_secs: 600,
             unknown,
             boot,
@@ -407,6 +410,9 @@ impl DhcpServer {
         if self.config.unknown == UnknownMacs::Ignore {
             return Err(Ignored::UnknownMac);
         }
+        if let Some(ip) = self.leases.offered_to(req.mac, now) {
+            return Ok(ip);
+        }
         if let Some(lease) = self.leases.of_mac(req.mac)
             && self.in_pool(lease.ip)
             && self.free_for(lease.ip, req.mac, now)
@@ -437,10 +443,12 @@ impl DhcpServer {
         None
     }
 
-    /// Scans the pools from a rotating cursor, so allocation is amortized O(1) while the pool has room.
+    /// Scans the pools from a rotating cursor, so allocation is amortized O(1) while the pool has room. The scan is
+    /// bounded: a nearly full pool costs at most [`MAX_SCAN`] probes per request (the cursor keeps moving, so free
+    /// addresses are still found by later requests), never a walk of the whole pool per packet.
     fn next_free(&mut self, mac: Mac, now: u64) -> Option<Ipv4Addr> {
         let size = self.pool_size();
-        for step in 0..size {
+        for step in 0..size.min(MAX_SCAN) {
             let index = (self.cursor + step) % size;
             let ip = self.pool_address(index)?;
             if self.free_for(ip, mac, now) && !self.is_reserved(ip) {
@@ -448,6 +456,7 @@ impl DhcpServer {
                 return Some(ip);
             }
         }
+        self.cursor = (self.cursor + size.min(MAX_SCAN)) % size.max(1);
         None
     }
 
@@ -905,5 +914,26 @@ mod tests {
         assert_eq!((a.kind, a.yiaddr, a.lease_secs), (AnswerKind::Ack, Ipv4Addr::UNSPECIFIED, None));
         assert!(a.net.is_some());
         assert_eq!(a.destination, Destination::Unicast("10.0.0.50:68".parse().unwrap()));
+    }
+
+    #[test]
+    fn a_repeated_discover_gets_the_same_offer_and_a_full_pool_costs_bounded_probes() {
+        let mut c = config(UnknownMacs::Serve, Mode::Full);
+        c.subnet = "10.0.0.0/16".parse().unwrap();
+        c.pools = vec![(Ipv4Addr::new(10, 0, 1, 0), Ipv4Addr::new(10, 0, 4, 255))];
+        let mut s = DhcpServer::new(c, LeaseTable::default());
+        let first = s.handle(&req(Kind::Discover, mac(50)), 0).answer.unwrap().yiaddr;
+        assert_eq!(s.handle(&req(Kind::Discover, mac(50)), 1).answer.unwrap().yiaddr, first);
+        // Fill all but the last address with leases.
+        for n in 0..1023u32 {
+            let m = Mac::from_octets([2, 0, 0, 1, (n >> 8) as u8, n as u8]);
+            let ip = s.handle(&req(Kind::Discover, m), 2).answer.unwrap().yiaddr;
+            s.handle(&select(m, ip), 2);
+        }
+        s.leases.withdraw_offer(mac(50));
+        // Probes are bounded per request; the cursor moves on, so within pool/MAX_SCAN requests the free
+        // address is found.
+        let found = (0..(1024 / MAX_SCAN + 1)).find_map(|_| s.handle(&req(Kind::Discover, mac(51)), 3).answer);
+        assert!(found.is_some());
     }
 }
