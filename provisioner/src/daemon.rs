@@ -1,5 +1,5 @@
 //! The `provisioner` daemon: loads the inventory, opens the state store, binds the boot interface and runs the
-//! services until cancelled. Today: DHCP (67, 4011). TFTP and HTTP follow (issue #8).
+//! services until cancelled. Today: DHCP (67, 4011) and TFTP (69). HTTP follows (issue #8).
 
 use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
@@ -39,6 +39,8 @@ pub struct DaemonConfig {
     pub http_port: u16,
     /// Lease time, seconds.
     pub lease_secs: u32,
+    /// Directory served over TFTP (the iPXE binaries by default).
+    pub tftp_root: PathBuf,
 }
 
 /// The IPv4 addresses of an interface.
@@ -110,7 +112,7 @@ pub async fn run(config: DaemonConfig, cancel: CancellationToken) -> anyhow::Res
         machines = inv.machines.len(),
         leases = leases.iter().count(),
         mode = ?config.mode,
-        "provisioner serving DHCP"
+        "provisioner serving DHCP and TFTP"
     );
     let dhcp = DhcpService::new(
         DhcpServer::new(dhcp_config, leases),
@@ -120,8 +122,18 @@ pub async fn run(config: DaemonConfig, cancel: CancellationToken) -> anyhow::Res
         Some(boot_socket),
         None,
     );
+    let tftp_socket = bind_udp(crate::tftp::PORT, Some(&config.interface))
+        .with_context(|| format!("cannot bind UDP {} on {}", crate::tftp::PORT, config.interface))?;
+    let tftp_config = crate::tftp::TftpConfig::new(
+        config.tftp_root.clone(),
+        server_ip,
+        crate::tftp::interface_mtu(&config.interface),
+    );
+    let tftp = crate::tftp::TftpServer::new(tftp_config, tftp_socket, Arc::clone(&metrics))
+        .with_context(|| format!("cannot serve TFTP from {}", config.tftp_root.display()))?;
     let tracker = TaskTracker::new();
     tracker.spawn(dhcp.run(cancel.clone()));
+    tracker.spawn(tftp.run(cancel.clone()));
     tracker.close();
     tracker.wait().await;
     Ok(())

@@ -14,3 +14,4 @@ pub mod ignition;
 pub mod lint;
 pub mod metrics;
 pub mod store;
+pub mod tftp;

@@ -8,8 +8,8 @@ use herd_provisioner::daemon::{self, DEBIAN_IPXE_DIR, DaemonConfig};
 use herd_provisioner::dhcp::server::{Mode, UnknownMacs};
 use tokio_util::sync::CancellationToken;
 
-/// herd's boot server: DHCP (full or proxy, and the PXE boot-server port 4011) for the machines of an inventory.
-/// TFTP and HTTP are being added (issue #8).
+/// herd's boot server: DHCP (full or proxy, and the PXE boot-server port 4011) and TFTP for the machines of an
+/// inventory. HTTP is being added (issue #8).
 #[derive(Debug, Parser)]
 #[command(name = "provisioner", version, about)]
 struct Args {
@@ -37,6 +37,9 @@ struct Args {
     /// Lease time in seconds.
     #[arg(long, default_value_t = 3600)]
     lease_secs: u32,
+    /// Directory served over TFTP [default: the iPXE directory].
+    #[arg(long, value_name = "DIR")]
+    tftp_root: Option<PathBuf>,
     /// More logging (-v debug, -vv trace); RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count)]
     verbose: u8,
@@ -68,6 +71,7 @@ fn main() -> ExitCode {
         inventory: args.inventory,
         interface: args.interface,
         state_dir: args.state_dir,
+        tftp_root: args.tftp_root.unwrap_or_else(|| args.ipxe_dir.clone()),
         ipxe_dir: args.ipxe_dir,
         mode: match args.mode {
             ModeArg::Full => Mode::Full,

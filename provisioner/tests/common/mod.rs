@@ -150,6 +150,11 @@ impl Lab {
         sh("ip", &["-n", &self.client_ns, "link", "set", &self.client_if, "up"]);
     }
 
+    /// Gives the client interface an address (for unicast protocols: TFTP, HTTP, INFORM).
+    pub fn client_address(&self, cidr: &str) {
+        sh("ip", &["-n", &self.client_ns, "addr", "add", cidr, "dev", &self.client_if]);
+    }
+
     /// Runs a command in the client namespace.
     pub fn in_client(&self, cmd: &str, args: &[&str]) -> Output {
         Command::new("ip").args(["netns", "exec", &self.client_ns, cmd]).args(args).output().unwrap()
