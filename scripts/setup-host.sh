@@ -9,8 +9,9 @@ set -euo pipefail
 # iproute2: network namespaces and veth pairs for the protocol tests.
 # busybox-static (udhcpc), isc-dhcp-client (dhclient), kea-admin (perfdhcp): real DHCP clients and load.
 # kea-dhcp4-server, dnsmasq-base: the DHCP peers the benchmark measures herd against.
+# atftp, curl: TFTP clients for the tests; tftpd-hpa: the TFTP peer of the benchmark.
 PACKAGES=(protobuf-compiler ignition ipxe iproute2 busybox-static isc-dhcp-client kea-admin kea-dhcp4-server
-  dnsmasq-base)
+  dnsmasq-base atftp tftpd-hpa curl)
 
 missing=()
 for pkg in "${PACKAGES[@]}"; do

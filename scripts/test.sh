@@ -11,3 +11,4 @@ cargo test --workspace --locked
 cargo bench --locked -p herd-inventory --bench check
 cargo bench --locked -p herd-provisioner --bench render
 cargo bench --locked -p herd-provisioner --bench dhcp
+cargo bench --locked -p herd-provisioner --bench tftp
