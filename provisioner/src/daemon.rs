@@ -1,5 +1,6 @@
 //! The `provisioner` daemon: loads the inventory, opens the state store, binds the boot interface and runs the
-//! services until cancelled. Today: DHCP (67, 4011) and TFTP (69). HTTP follows (issue #8).
+//! services until cancelled: DHCP (67, 4011), TFTP (69), HTTP (scripts, assets, configs, phone-home, metrics,
+//! API), and the machines task that keeps state and boot timelines.
 
 use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
@@ -13,7 +14,9 @@ use tokio_util::task::TaskTracker;
 use crate::boot::BootConfig;
 use crate::dhcp::leases::LeaseTable;
 use crate::dhcp::server::{BOOT_SERVER_PORT, DhcpConfig, DhcpServer, Mode, SERVER_PORT, UnknownMacs};
-use crate::dhcp::service::{DhcpService, bind_udp};
+use crate::dhcp::service::{DhcpService, Observers, bind_udp};
+use crate::http::{HttpState, LeaseView};
+use crate::machines::Machines;
 use crate::metrics::Metrics;
 use crate::store::Store;
 
@@ -41,6 +44,8 @@ pub struct DaemonConfig {
     pub lease_secs: u32,
     /// Directory served over TFTP (the iPXE binaries by default).
     pub tftp_root: PathBuf,
+    /// Directory served under /assets over HTTP (vmlinuz, initramfs, images).
+    pub assets: PathBuf,
 }
 
 /// The IPv4 addresses of an interface.
@@ -89,12 +94,12 @@ pub async fn run(config: DaemonConfig, cancel: CancellationToken) -> anyhow::Res
     if binaries.is_empty() {
         tracing::warn!(dir = %config.ipxe_dir.display(), "no iPXE binaries found: PXE ROMs will get no answer (apt install ipxe)");
     }
-    let http_base = if config.http_port == 80 {
+    let boot_base = if config.http_port == 80 {
         format!("http://{server_ip}")
     } else {
         format!("http://{server_ip}:{}", config.http_port)
     };
-    let boot = BootConfig { http_base, binaries, prefer_snponly: false };
+    let boot = BootConfig { http_base: boot_base.clone(), binaries, prefer_snponly: false };
     let mut dhcp_config = DhcpConfig::from_inventory(&inv, config.mode, config.unknown, boot);
     dhcp_config.lease_secs = config.lease_secs;
 
@@ -112,16 +117,34 @@ pub async fn run(config: DaemonConfig, cancel: CancellationToken) -> anyhow::Res
         machines = inv.machines.len(),
         leases = leases.iter().count(),
         mode = ?config.mode,
-        "provisioner serving DHCP and TFTP"
+        http_port = config.http_port,
+        "provisioner serving DHCP, TFTP and HTTP"
     );
+    let inv = Arc::new(inv);
+    let machines = Machines::start(&inv, Arc::clone(&store), Arc::clone(&metrics))?;
+    let lease_view = Arc::new(LeaseView::default());
+    let observers = Observers { machines: machines.clone(), leases: Arc::clone(&lease_view) };
     let dhcp = DhcpService::new(
         DhcpServer::new(dhcp_config, leases),
         Arc::clone(&store),
         Arc::clone(&metrics),
         dhcp_socket,
         Some(boot_socket),
-        None,
+        Some(observers),
     );
+    let http_listener = tokio::net::TcpListener::bind((server_ip, config.http_port))
+        .await
+        .with_context(|| format!("cannot listen on {server_ip}:{} for HTTP", config.http_port))?;
+    let http_state = HttpState::new(
+        Arc::clone(&inv),
+        machines.clone(),
+        Arc::clone(&lease_view),
+        config.assets.clone(),
+        boot_base.clone(),
+        Arc::clone(&metrics),
+    );
+    let app = crate::http::router(http_state).into_make_service_with_connect_info::<std::net::SocketAddr>();
+    let http_cancel = cancel.clone();
     let tftp_socket = bind_udp(crate::tftp::PORT, Some(&config.interface))
         .with_context(|| format!("cannot bind UDP {} on {}", crate::tftp::PORT, config.interface))?;
     let tftp_config = crate::tftp::TftpConfig::new(
@@ -129,11 +152,25 @@ pub async fn run(config: DaemonConfig, cancel: CancellationToken) -> anyhow::Res
         server_ip,
         crate::tftp::interface_mtu(&config.interface),
     );
+    let macs = crate::machines::mac_index(&inv);
+    let (tftp_machines, tftp_leases) = (machines.clone(), Arc::clone(&lease_view));
     let tftp = crate::tftp::TftpServer::new(tftp_config, tftp_socket, Arc::clone(&metrics))
-        .with_context(|| format!("cannot serve TFTP from {}", config.tftp_root.display()))?;
+        .with_context(|| format!("cannot serve TFTP from {}", config.tftp_root.display()))?
+        .on_transfer(Arc::new(move |peer, file, ending| {
+            let std::net::SocketAddr::V4(peer) = peer else { return };
+            if let Some(name) = tftp_leases.holder(*peer.ip()).and_then(|mac| macs.get(&mac)) {
+                tftp_machines.event(name, "tftp", format!("{file}: {ending:?}"));
+            }
+        }));
     let tracker = TaskTracker::new();
     tracker.spawn(dhcp.run(cancel.clone()));
     tracker.spawn(tftp.run(cancel.clone()));
+    tracker.spawn(async move {
+        let shutdown = http_cancel.cancelled_owned();
+        if let Err(e) = axum::serve(http_listener, app).with_graceful_shutdown(shutdown).await {
+            tracing::error!(error = %e, "http server failed");
+        }
+    });
     tracker.close();
     tracker.wait().await;
     Ok(())

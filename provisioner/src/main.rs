@@ -8,8 +8,8 @@ use herd_provisioner::daemon::{self, DEBIAN_IPXE_DIR, DaemonConfig};
 use herd_provisioner::dhcp::server::{Mode, UnknownMacs};
 use tokio_util::sync::CancellationToken;
 
-/// herd's boot server: DHCP (full or proxy, and the PXE boot-server port 4011) and TFTP for the machines of an
-/// inventory. HTTP is being added (issue #8).
+/// herd's boot server for the machines of an inventory: DHCP (full or proxy, and the PXE boot-server port 4011),
+/// TFTP, and HTTP (iPXE scripts, boot assets, per-machine Ignition configs, phone-home, /metrics, JSON API).
 #[derive(Debug, Parser)]
 #[command(name = "provisioner", version, about)]
 struct Args {
@@ -40,6 +40,9 @@ struct Args {
     /// Directory served over TFTP [default: the iPXE directory].
     #[arg(long, value_name = "DIR")]
     tftp_root: Option<PathBuf>,
+    /// Directory served over HTTP under /assets: vmlinuz, initramfs and OS images.
+    #[arg(long, value_name = "DIR", default_value = "/var/lib/herd/assets")]
+    assets: PathBuf,
     /// More logging (-v debug, -vv trace); RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count)]
     verbose: u8,
@@ -72,6 +75,7 @@ fn main() -> ExitCode {
         interface: args.interface,
         state_dir: args.state_dir,
         tftp_root: args.tftp_root.unwrap_or_else(|| args.ipxe_dir.clone()),
+        assets: args.assets,
         ipxe_dir: args.ipxe_dir,
         mode: match args.mode {
             ModeArg::Full => Mode::Full,

@@ -1,10 +1,11 @@
-//! The provisioner's crash-safe state, in one redb file under `--state-dir`: leases (and, as the boot chain
-//! grows, machine states and timelines).
+//! The provisioner's crash-safe state, in one redb file under `--state-dir`: leases, and machine states with their
+//! per-boot tokens and boot timelines.
 //!
 //! Every write is a transaction committed with immediate durability (fsync) before the caller answers the
 //! client, so a `kill -9` loses no acknowledged lease. Callers batch: one commit covers every lease decided in one
 //! pass over the socket queue (group commit), which is what keeps durable leases fast.
 
+use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
@@ -12,9 +13,11 @@ use herd_inventory::Mac;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
 use crate::dhcp::leases::{Lease, LeaseState};
+use crate::machines::MachineRecord;
 
 const LEASES: TableDefinition<'_, u32, &[u8]> = TableDefinition::new("leases");
 const LEASE_RECORD: usize = 6 + 8 + 1;
+const MACHINES: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("machines");
 
 /// Why the store failed.
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +49,12 @@ pub enum StoreError {
         #[source]
         source: redb::Error,
     },
+    /// A machine record that does not decode.
+    #[error("machine record for {name} is damaged")]
+    CorruptMachine {
+        /// The machine.
+        name: String,
+    },
     /// A record that does not decode (a newer or damaged database).
     #[error("lease record for {ip} is damaged ({len} bytes)")]
     Corrupt {
@@ -74,6 +83,7 @@ impl Store {
         let db = Database::create(&path).map_err(|source| StoreError::Open { path: path.clone(), source })?;
         let txn = db.begin_write().map_err(io("begin"))?;
         txn.open_table(LEASES).map_err(io("open leases"))?;
+        txn.open_table(MACHINES).map_err(io("open machines"))?;
         txn.commit().map_err(io("commit"))?;
         Ok(Store { db })
     }
@@ -103,6 +113,36 @@ impl Store {
             }
         }
         txn.commit().map_err(io("commit leases"))
+    }
+}
+
+impl Store {
+    /// Every persisted machine record (state, token, timeline), by machine name.
+    pub fn machines(&self) -> Result<BTreeMap<String, MachineRecord>, StoreError> {
+        let txn = self.db.begin_read().map_err(io("begin read"))?;
+        let table = txn.open_table(MACHINES).map_err(io("open machines"))?;
+        let mut out = BTreeMap::new();
+        for row in table.iter().map_err(io("scan machines"))? {
+            let (k, v) = row.map_err(io("read machine"))?;
+            let record = serde_json::from_slice(v.value())
+                .map_err(|_| StoreError::CorruptMachine { name: k.value().to_owned() })?;
+            out.insert(k.value().to_owned(), record);
+        }
+        Ok(out)
+    }
+
+    /// Writes machine records in one durable transaction.
+    pub fn write_machines(&self, rows: &[(String, MachineRecord)]) -> Result<(), StoreError> {
+        let txn = self.db.begin_write().map_err(io("begin"))?;
+        {
+            let mut table = txn.open_table(MACHINES).map_err(io("open machines"))?;
+            for (name, record) in rows {
+                // A record is strings, numbers and enums: serializing it cannot fail.
+                let bytes = serde_json::to_vec(record).unwrap_or_default();
+                table.insert(name.as_str(), bytes.as_slice()).map_err(io("write machine"))?;
+            }
+        }
+        txn.commit().map_err(io("commit machines"))
     }
 }
 

@@ -13,11 +13,13 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::UdpSocket;
 use tokio_util::sync::CancellationToken;
 
-use super::leases::Lease;
+use super::leases::{Lease, LeaseState};
 use super::server::{
     Answer, AnswerKind, BOOT_SERVER_PORT, CLIENT_PORT, Destination, DhcpServer, Event, Ignored, Kind, Port, SERVER_PORT,
 };
 use super::wire;
+use crate::http::LeaseView;
+use crate::machines::Machines;
 use crate::metrics::Metrics;
 use crate::store::Store;
 
@@ -25,15 +27,6 @@ use crate::store::Store;
 const BATCH: usize = 1024;
 /// Receive buffer asked of the kernel, so a boot storm queues instead of dropping.
 const RECV_BUFFER: usize = 8 << 20;
-
-/// A machine-level happening the rest of the provisioner cares about (boot timeline).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DhcpEvent {
-    /// The inventory machine.
-    pub machine: String,
-    /// What happened.
-    pub event: Event,
-}
 
 /// Binds a UDP socket on `0.0.0.0:port` (broadcasts arrive there), limited to `interface` when given.
 pub fn bind_udp(port: u16, interface: Option<&str>) -> io::Result<UdpSocket> {
@@ -58,7 +51,16 @@ pub struct DhcpService {
     metrics: Arc<Metrics>,
     dhcp: UdpSocket,
     boot: Option<UdpSocket>,
-    events: Option<tokio::sync::mpsc::Sender<DhcpEvent>>,
+    observers: Option<Observers>,
+}
+
+/// Who hears about DHCP decisions: the machines task (boot timelines) and the lease view (config binding).
+#[derive(Debug, Clone)]
+pub struct Observers {
+    /// Machine timelines.
+    pub machines: Machines,
+    /// Bound leases, for the HTTP config check.
+    pub leases: Arc<LeaseView>,
 }
 
 fn kind_label(kind: Kind) -> &'static str {
@@ -104,10 +106,15 @@ impl DhcpService {
         metrics: Arc<Metrics>,
         dhcp: UdpSocket,
         boot: Option<UdpSocket>,
-        events: Option<tokio::sync::mpsc::Sender<DhcpEvent>>,
+        observers: Option<Observers>,
     ) -> Self {
         describe_metrics(&metrics);
-        DhcpService { server, store, metrics, dhcp, boot, events }
+        if let Some(o) = &observers {
+            for lease in server.leases().iter().filter(|l| l.holds(unix_now()) && l.state == LeaseState::Bound) {
+                o.leases.set(lease.mac, Some(lease.ip));
+            }
+        }
+        DhcpService { server, store, metrics, dhcp, boot, observers }
     }
 
     /// Serves until `cancel` fires.
@@ -127,11 +134,16 @@ impl DhcpService {
             if !writes.is_empty() {
                 let store = Arc::clone(&self.store);
                 let count = writes.len() as u64;
-                let committed = tokio::task::spawn_blocking(move || store.write_leases(&writes)).await;
+                let committed = tokio::task::spawn_blocking(move || store.write_leases(&writes).map(|()| writes)).await;
                 match committed {
-                    Ok(Ok(())) => {
+                    Ok(Ok(written)) => {
                         self.metrics.add("herd_dhcp_lease_writes_total", "", count);
                         self.metrics.inc("herd_dhcp_commits_total", "");
+                        if let Some(o) = &self.observers {
+                            for lease in written {
+                                o.leases.set(lease.mac, (lease.state == LeaseState::Bound).then_some(lease.ip));
+                            }
+                        }
                     }
                     Ok(Err(e)) => {
                         // Nothing is acknowledged that is not durable: drop this batch's answers; clients retry.
@@ -200,8 +212,18 @@ impl DhcpService {
                 Event::Released(ip) => tracing::info!(mac = %req.mac, %ip, "lease released"),
                 _ => {}
             }
-            if let (Some(machine), Some(events)) = (&outcome.machine, &self.events) {
-                let _ = events.try_send(DhcpEvent { machine: machine.clone(), event: outcome.event.clone() });
+            if let (Some(machine), Some(o)) = (&outcome.machine, &self.observers) {
+                let (event, detail) = match &outcome.event {
+                    Event::Offered(ip) => ("dhcp-offer", ip.to_string()),
+                    Event::Acked(ip) => ("dhcp-ack", ip.to_string()),
+                    Event::Naked(why) => ("dhcp-nak", (*why).to_owned()),
+                    Event::Declined(ip) => ("dhcp-decline", ip.to_string()),
+                    Event::Released(ip) => ("dhcp-release", ip.to_string()),
+                    Event::Ignored(why) => ("dhcp-ignored", format!("{why:?}")),
+                };
+                let firmware =
+                    req.client.arch.map(|a| format!(" ({a}{})", if req.client.ipxe { ", iPXE" } else { "" }));
+                o.machines.event(machine, event, format!("{detail}{}", firmware.unwrap_or_default()));
             }
             writes.extend(outcome.write);
             if let Some(answer) = outcome.answer {

@@ -215,14 +215,23 @@ pub enum Ending {
     Failed,
 }
 
+/// Called when a transfer ends: peer address, file, how it ended.
+pub type OnTransfer = Arc<dyn Fn(SocketAddr, &str, Ending) + Send + Sync>;
+
 /// The TFTP server.
-#[derive(Debug)]
 pub struct TftpServer {
     config: Arc<TftpConfig>,
     socket: UdpSocket,
     cache: Arc<FileCache>,
     metrics: Arc<Metrics>,
     permits: Arc<Semaphore>,
+    on_transfer: Option<OnTransfer>,
+}
+
+impl std::fmt::Debug for TftpServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TftpServer").field("config", &self.config).finish_non_exhaustive()
+    }
 }
 
 /// Describes the TFTP metrics.
@@ -240,7 +249,13 @@ impl TftpServer {
         config.root = config.root.canonicalize()?;
         describe_metrics(&metrics);
         let permits = Arc::new(Semaphore::new(config.max_transfers));
-        Ok(TftpServer { config: Arc::new(config), socket, cache: Arc::default(), metrics, permits })
+        Ok(TftpServer { config: Arc::new(config), socket, cache: Arc::default(), metrics, permits, on_transfer: None })
+    }
+
+    /// Calls `hook` when each transfer ends (the daemon records it in the machine's timeline).
+    pub fn on_transfer(mut self, hook: OnTransfer) -> Self {
+        self.on_transfer = Some(hook);
+        self
     }
 
     /// Serves until `cancel` fires; running transfers finish or time out.
@@ -268,8 +283,12 @@ impl TftpServer {
                     };
                     let (config, cache, metrics) =
                         (Arc::clone(&self.config), Arc::clone(&self.cache), Arc::clone(&self.metrics));
+                    let hook = self.on_transfer.clone();
                     tracker.spawn(async move {
-                        serve(config, cache, metrics, from, file, mode, options).await;
+                        let ending = serve(config, cache, metrics, from, &file, mode, options).await;
+                        if let (Some(hook), Some(ending)) = (hook, ending) {
+                            hook(from, &file, ending);
+                        }
                         drop(permit);
                     });
                 }
@@ -292,39 +311,38 @@ impl TftpServer {
     }
 }
 
+/// Serves one read request; returns how the transfer ended (None if it never started).
 async fn serve(
     config: Arc<TftpConfig>,
     cache: Arc<FileCache>,
     metrics: Arc<Metrics>,
     peer: SocketAddr,
-    file: String,
+    file: &str,
     mode: Mode,
     options: BTreeMap<String, String>,
-) {
+) -> Option<Ending> {
     let socket = match UdpSocket::bind((config.bind_ip, 0)).await {
         Ok(s) => s,
         Err(e) => {
             tracing::warn!(error = %e, "cannot bind a tftp transfer socket");
-            return;
+            return None;
         }
     };
-    if socket.connect(peer).await.is_err() {
-        return;
-    }
-    let content = match resolve(&config.root, &file) {
+    socket.connect(peer).await.ok()?;
+    let content = match resolve(&config.root, file) {
         Ok(path) => match cache.get(&path).await {
             Ok(data) => data,
             Err(e) => {
                 metrics.inc("herd_tftp_refused_total", "reason=\"unreadable\"");
                 let _ = socket.send(&packet::error(code::UNDEFINED, &e.to_string())).await;
-                return;
+                return None;
             }
         },
         Err(refusal) => {
             metrics.inc("herd_tftp_refused_total", &format!("reason=\"{}\"", refusal.label));
             tracing::debug!(%peer, %file, reason = refusal.label, "tftp read refused");
             let _ = socket.send(&packet::error(refusal.code, &refusal.message)).await;
-            return;
+            return None;
         }
     };
     let content: Arc<[u8]> = match mode {
@@ -344,6 +362,7 @@ async fn serve(
     };
     metrics.inc("herd_tftp_transfers_total", label);
     tracing::debug!(%peer, %file, ?ending, bytes = content.len(), "tftp transfer ended");
+    Some(ending)
 }
 
 /// What the client said while we waited.

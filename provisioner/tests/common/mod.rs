@@ -97,6 +97,13 @@ impl Lab {
         self.dir.join("state")
     }
 
+    /// Served under /assets; created on first use.
+    pub fn assets_dir(&self) -> PathBuf {
+        let dir = self.dir.join("assets");
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
     pub fn log_path(&self) -> PathBuf {
         self.dir.join("provisioner.log")
     }
@@ -111,6 +118,8 @@ impl Lab {
             .args(["--interface", &self.server_if])
             .arg("--state-dir")
             .arg(self.state_dir())
+            .arg("--assets")
+            .arg(self.assets_dir())
             .args(&self.args)
             .env("RUST_LOG", "debug")
             .env("NO_COLOR", "1")
@@ -165,7 +174,13 @@ impl Lab {
     pub fn udhcpc(&self, extra: &[&str]) -> Option<std::collections::BTreeMap<String, String>> {
         let env_file = self.dir.join(format!("udhcpc-{}.env", NEXT.fetch_add(1, Ordering::SeqCst)));
         let script = self.dir.join("udhcpc.sh");
-        std::fs::write(&script, format!("#!/bin/sh\n[ \"$1\" = bound ] && env > {}\nexit 0\n", env_file.display()))
+        std::fs::write(
+            &script,
+            format!(
+                "#!/bin/sh\nif [ \"$1\" = bound ]; then env > {}; ip addr replace \"$ip/$mask\" dev \"$interface\"; fi\nexit 0\n",
+                env_file.display()
+            ),
+        )
             .unwrap();
         sh("chmod", &["+x", script.to_str().unwrap()]);
         let mut args = vec!["udhcpc", "-i", &self.client_if, "-n", "-q", "-f", "-t", "3", "-T", "1", "-s"];

@@ -1,0 +1,362 @@
+//! The provisioner's HTTP server: per-machine iPXE scripts, boot assets, per-machine Ignition configs (only to the
+//! machine itself), phone-home, `/metrics` and the JSON API herdctl uses. Routes are documented in
+//! `docs/provisioner-api.md`.
+
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::extract::{ConnectInfo, Path, Query, Request, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use herd_inventory::{Inventory, Mac};
+use serde::{Deserialize, Serialize};
+use tower::ServiceExt as _;
+use tower_http::services::ServeDir;
+
+use crate::ignition;
+use crate::machines::{BootMode, MachineState, Machines, TimelineEntry};
+use crate::metrics::Metrics;
+
+/// Bound leases as the DHCP service last committed them: MAC → address. The config endpoint checks a request's
+/// source address against it.
+#[derive(Debug, Default)]
+pub struct LeaseView {
+    by_mac: Mutex<HashMap<Mac, Ipv4Addr>>,
+}
+
+impl LeaseView {
+    /// Records that `mac` holds `ip` (or nothing).
+    pub fn set(&self, mac: Mac, ip: Option<Ipv4Addr>) {
+        if let Ok(mut m) = self.by_mac.lock() {
+            match ip {
+                Some(ip) => m.insert(mac, ip),
+                None => m.remove(&mac),
+            };
+        }
+    }
+
+    /// The address leased to `mac`.
+    pub fn of(&self, mac: Mac) -> Option<Ipv4Addr> {
+        self.by_mac.lock().ok().and_then(|m| m.get(&mac).copied())
+    }
+
+    /// The MAC holding `ip`.
+    pub fn holder(&self, ip: Ipv4Addr) -> Option<Mac> {
+        self.by_mac.lock().ok().and_then(|m| m.iter().find(|(_, v)| **v == ip).map(|(k, _)| *k))
+    }
+}
+
+/// Allows one log line per interval; the rest are only counted.
+#[derive(Debug)]
+struct LogLimiter {
+    last: Mutex<Option<Instant>>,
+    every: Duration,
+}
+
+impl LogLimiter {
+    fn allow(&self) -> bool {
+        let Ok(mut last) = self.last.lock() else { return false };
+        let now = Instant::now();
+        if last.is_some_and(|t| now.duration_since(t) < self.every) {
+            return false;
+        }
+        *last = Some(now);
+        true
+    }
+}
+
+/// What the handlers share.
+#[derive(Debug, Clone)]
+pub struct HttpState {
+    inv: Arc<Inventory>,
+    macs: Arc<HashMap<Mac, String>>,
+    machines: Machines,
+    leases: Arc<LeaseView>,
+    assets: PathBuf,
+    base: String,
+    metrics: Arc<Metrics>,
+    refusals: Arc<LogLimiter>,
+}
+
+impl HttpState {
+    /// Shared state for the routes.
+    pub fn new(
+        inv: Arc<Inventory>,
+        machines: Machines,
+        leases: Arc<LeaseView>,
+        assets: PathBuf,
+        base: String,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        metrics.describe("herd_http_requests_total", "HTTP requests, by route.");
+        metrics.describe("herd_http_config_refused_total", "Config fetches refused, by reason.");
+        let macs = Arc::new(crate::machines::mac_index(&inv));
+        let refusals = Arc::new(LogLimiter { last: Mutex::new(None), every: Duration::from_secs(1) });
+        HttpState { inv, macs, machines, leases, assets, base, metrics, refusals }
+    }
+}
+
+/// The router.
+pub fn router(state: HttpState) -> Router {
+    Router::new()
+        .route("/boot/{file}", get(script))
+        .route("/assets/{*path}", get(assets).head(assets))
+        .route("/config/{mac}", get(config))
+        .route("/phone-home/{mac}", post(phone_home))
+        .route("/metrics", get(metrics))
+        .route("/api/v1/machines", get(list_machines))
+        .route("/api/v1/machines/{name}", get(show_machine))
+        .route("/api/v1/machines/{name}/timeline", get(timeline))
+        .route("/api/v1/machines/{name}/reprovision", post(reprovision))
+        .with_state(state)
+}
+
+fn parse_mac(s: &str) -> Option<Mac> {
+    s.replace('-', ":").parse().ok()
+}
+
+fn text(status: StatusCode, body: impl Into<String>) -> Response {
+    (status, [(header::CONTENT_TYPE, "text/plain; charset=utf-8")], body.into()).into_response()
+}
+
+fn source_v4(addr: SocketAddr) -> Option<Ipv4Addr> {
+    match addr {
+        SocketAddr::V4(a) => Some(*a.ip()),
+        SocketAddr::V6(a) => a.ip().to_ipv4_mapped(),
+    }
+}
+
+async fn script(State(s): State<HttpState>, Path(file): Path<String>) -> Response {
+    s.metrics.inc("herd_http_requests_total", "route=\"script\"");
+    let Some(mac) = file.strip_suffix(".ipxe").and_then(parse_mac) else {
+        return text(StatusCode::NOT_FOUND, "expected /boot/MAC.ipxe\n");
+    };
+    let Some(name) = s.macs.get(&mac).cloned() else {
+        return text(StatusCode::NOT_FOUND, format!("#!ipxe\necho herd: {mac} is not in the inventory\nshell\n"));
+    };
+    let Some(machine) = s.inv.machine(&name) else { return text(StatusCode::NOT_FOUND, "unknown machine\n") };
+    let (token, mode) = match s.machines.script(&name).await {
+        Ok(v) => v,
+        Err(e) => return text(StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")),
+    };
+    let mut args: Vec<String> = vec![
+        "initrd=initramfs".into(),
+        format!("herd.provisioner={}", s.base),
+        format!("herd.machine={name}"),
+        format!("herd.mac={mac}"),
+        format!("herd.token={token}"),
+        format!(
+            "herd.mode={}",
+            match mode {
+                BootMode::Install => "install",
+                BootMode::Local => "local",
+            }
+        ),
+    ];
+    if let Some(role) = s.inv.role_of(machine) {
+        args.extend(role.kernel_args.iter().cloned());
+    }
+    args.extend(machine.kernel_args.iter().cloned());
+    let dashed = mac.to_string().replace(':', "-");
+    let body = format!(
+        "#!ipxe\n# herd: {name} ({mode:?})\nkernel {base}/assets/vmlinuz {args}\ninitrd {base}/assets/initramfs\nboot || goto failed\n\
+         :failed\necho herd: boot failed; retrying in 10 s\nsleep 10\nchain {base}/boot/{dashed}.ipxe\n",
+        base = s.base,
+        args = args.join(" "),
+    );
+    text(StatusCode::OK, body)
+}
+
+async fn assets(State(s): State<HttpState>, ConnectInfo(peer): ConnectInfo<SocketAddr>, req: Request) -> Response {
+    s.metrics.inc("herd_http_requests_total", "route=\"assets\"");
+    let path = req.uri().path().trim_start_matches("/assets/").to_owned();
+    let kind = match path.as_str() {
+        "vmlinuz" => Some("kernel"),
+        "initramfs" => Some("initramfs"),
+        _ => None,
+    };
+    if let (Some(kind), Some(ip)) = (kind, source_v4(peer))
+        && req.method() == axum::http::Method::GET
+        && let Some(mac) = s.leases.holder(ip)
+        && let Some(name) = s.macs.get(&mac)
+    {
+        s.machines.event(name, kind, format!("GET /assets/{path}"));
+    }
+    // ServeDir answers HEAD, Range and conditional requests, and never leaves its directory.
+    let mut req = req;
+    let stripped = format!("/{path}");
+    if let Ok(uri) = stripped.parse() {
+        *req.uri_mut() = uri;
+    }
+    match ServeDir::new(&s.assets).oneshot(req).await {
+        Ok(resp) => resp.into_response(),
+        Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
+    }
+}
+
+/// Query string carrying a per-boot token.
+#[derive(Debug, Deserialize)]
+struct TokenQuery {
+    token: Option<String>,
+}
+
+impl HttpState {
+    fn refuse(&self, reason: &'static str, mac: &str, peer: SocketAddr) -> Response {
+        self.metrics.inc("herd_http_config_refused_total", &format!("reason=\"{reason}\""));
+        if self.refusals.allow() {
+            tracing::warn!(%peer, %mac, reason, "config fetch refused (further refusals within 1 s are only counted)");
+        }
+        text(StatusCode::FORBIDDEN, "forbidden\n")
+    }
+}
+
+async fn config(
+    State(s): State<HttpState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Path(mac_text): Path<String>,
+    Query(q): Query<TokenQuery>,
+) -> Response {
+    s.metrics.inc("herd_http_requests_total", "route=\"config\"");
+    let Some(mac) = parse_mac(&mac_text) else { return s.refuse("bad-mac", &mac_text, peer) };
+    let Some(name) = s.macs.get(&mac).cloned() else { return s.refuse("unknown-mac", &mac_text, peer) };
+    // Bound to the machine three ways: its MAC, the address leased to that MAC, and this boot's token.
+    if s.leases.of(mac).is_none() || s.leases.of(mac) != source_v4(peer) {
+        s.machines.event(&name, "config-refused", format!("from {peer}: not the address leased to {mac}"));
+        return s.refuse("wrong-source", &mac_text, peer);
+    }
+    let token_ok = match &q.token {
+        Some(t) => s.machines.check_token(&name, t).await,
+        None => false,
+    };
+    if !token_ok {
+        s.machines.event(&name, "config-refused", format!("from {peer}: wrong token"));
+        return s.refuse("wrong-token", &mac_text, peer);
+    }
+    match ignition::render_machine(&s.inv, &name) {
+        Ok(cfg) => {
+            s.machines.event(&name, "config", format!("served to {peer}"));
+            (StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], ignition::to_json(&cfg)).into_response()
+        }
+        Err(e) => {
+            tracing::error!(machine = %name, error = %format!("{e:#}"), "cannot render config");
+            text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n"))
+        }
+    }
+}
+
+/// Body of a phone-home.
+#[derive(Debug, Deserialize)]
+struct PhoneHome {
+    stage: String,
+    #[serde(default)]
+    detail: String,
+}
+
+async fn phone_home(
+    State(s): State<HttpState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Path(mac_text): Path<String>,
+    Query(q): Query<TokenQuery>,
+    axum::Json(body): axum::Json<PhoneHome>,
+) -> Response {
+    s.metrics.inc("herd_http_requests_total", "route=\"phone-home\"");
+    let Some(name) = parse_mac(&mac_text).and_then(|m| s.macs.get(&m).cloned()) else {
+        return s.refuse("unknown-mac", &mac_text, peer);
+    };
+    let token_ok = match &q.token {
+        Some(t) => s.machines.check_token(&name, t).await,
+        None => false,
+    };
+    if !token_ok {
+        return s.refuse("wrong-token", &mac_text, peer);
+    }
+    let stage: String = body.stage.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-').take(32).collect();
+    let detail: String = body.detail.chars().take(512).collect();
+    match s.machines.phone_home(&name, &stage, &detail).await {
+        Ok(state) => axum::Json(serde_json::json!({ "machine": name, "state": state })).into_response(),
+        Err(e) => text(StatusCode::NOT_FOUND, format!("{e}\n")),
+    }
+}
+
+async fn metrics(State(s): State<HttpState>) -> Response {
+    (StatusCode::OK, [(header::CONTENT_TYPE, "text/plain; version=0.0.4")], s.metrics.render()).into_response()
+}
+
+/// A machine as the API lists it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MachineSummary {
+    /// Name.
+    pub name: String,
+    /// State.
+    pub state: MachineState,
+    /// Role.
+    pub role: String,
+    /// Rack.
+    pub rack: String,
+    /// Boot MAC.
+    pub boot_mac: String,
+    /// Internal address.
+    pub address: String,
+    /// The latest timeline entry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last: Option<TimelineEntry>,
+}
+
+async fn list_machines(State(s): State<HttpState>) -> Response {
+    let records = s.machines.list().await;
+    let list: Vec<MachineSummary> = s
+        .inv
+        .machines
+        .iter()
+        .map(|m| {
+            let name = m.name().to_string();
+            let record = records.get(&name);
+            MachineSummary {
+                state: record.map(|r| r.state).unwrap_or_default(),
+                last: record.and_then(|r| r.timeline.last().cloned()),
+                role: m.role.get_ref().to_string(),
+                rack: m.rack.get_ref().to_string(),
+                boot_mac: m.boot_mac().map(|x| x.to_string()).unwrap_or_default(),
+                address: m.internal.get_ref().to_string(),
+                name,
+            }
+        })
+        .collect();
+    axum::Json(list).into_response()
+}
+
+async fn show_machine(State(s): State<HttpState>, Path(name): Path<String>) -> Response {
+    let Some(m) = s.inv.machine(&name) else { return text(StatusCode::NOT_FOUND, format!("no machine {name:?}\n")) };
+    let record = s.machines.get(&name).await.unwrap_or_default();
+    axum::Json(serde_json::json!({
+        "name": name,
+        "state": record.state,
+        "fqdn": s.inv.fqdn(m),
+        "role": m.role.get_ref().to_string(),
+        "rack": m.rack.get_ref().to_string(),
+        "macs": m.macs().map(|x| x.to_string()).collect::<Vec<_>>(),
+        "address": m.internal.get_ref().to_string(),
+        "leased": m.macs().find_map(|x| s.leases.of(x)).map(|ip| ip.to_string()),
+        "timeline_entries": record.timeline.len(),
+    }))
+    .into_response()
+}
+
+async fn timeline(State(s): State<HttpState>, Path(name): Path<String>) -> Response {
+    match s.machines.get(&name).await {
+        Some(record) => axum::Json(record.timeline).into_response(),
+        None => text(StatusCode::NOT_FOUND, format!("no machine {name:?}\n")),
+    }
+}
+
+async fn reprovision(State(s): State<HttpState>, Path(name): Path<String>) -> Response {
+    match s.machines.reprovision(&name).await {
+        Ok(state) => axum::Json(serde_json::json!({ "machine": name, "state": state })).into_response(),
+        Err(e) => text(StatusCode::NOT_FOUND, format!("{e}\n")),
+    }
+}

@@ -1,0 +1,193 @@
+//! The HTTP side of the boot chain with real clients (curl, udhcpc) in network namespaces: per-machine iPXE
+//! scripts, assets with Range/HEAD/keep-alive, the config endpoint bound to MAC + leased address + token,
+//! phone-home driving the state machine (no install loops), the timeline and the JSON API. Needs root.
+
+#![allow(clippy::unwrap_used)] // Tests fail loudly on purpose; the lint guards daemons.
+
+mod common;
+
+use std::process::Output;
+
+use common::Lab;
+
+const NODE1: &str = "52:54:00:99:01:01";
+const NODE1_DASHED: &str = "52-54-00-99-01-01";
+const NODE2_DASHED: &str = "52-54-00-99-02-01";
+
+fn body(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// curl in the client namespace; prints the body then the status code on the last line.
+fn curl(lab: &Lab, args: &[&str]) -> (u16, String) {
+    let mut all = vec!["-s", "-w", "\n%{http_code}"];
+    all.extend_from_slice(args);
+    let out = lab.in_client("curl", &all);
+    let text = body(&out);
+    let (content, code) = text.rsplit_once('\n').unwrap();
+    (code.trim().parse().unwrap_or(0), content.to_owned())
+}
+
+/// A lab where the client is node1 with its lease (address configured by udhcpc).
+fn booted_lab() -> Lab {
+    let mut lab = Lab::qemu3(&[]);
+    std::fs::write(lab.assets_dir().join("vmlinuz"), vec![0x5a; 1 << 20]).unwrap();
+    std::fs::write(lab.assets_dir().join("initramfs"), b"initramfs bytes").unwrap();
+    lab.start();
+    lab.set_client_mac(NODE1);
+    assert_eq!(lab.udhcpc(&[]).unwrap()["ip"], "10.99.0.11");
+    lab
+}
+
+fn token_of(script: &str) -> String {
+    script.split_whitespace().find_map(|w| w.strip_prefix("herd.token=")).unwrap().to_owned()
+}
+
+#[test]
+fn scripts_are_per_machine_and_unknown_macs_get_none() {
+    let lab = booted_lab();
+    let (code, script) = curl(&lab, &[&format!("http://10.99.0.2/boot/{NODE1_DASHED}.ipxe")]);
+    assert_eq!(code, 200);
+    assert!(script.starts_with("#!ipxe\n"), "{script}");
+    for needle in [
+        "kernel http://10.99.0.2/assets/vmlinuz ",
+        "herd.machine=node1",
+        "herd.mac=52:54:00:99:01:01",
+        "herd.mode=install",
+        "herd.provisioner=http://10.99.0.2",
+        "console=ttyS0",
+        "initrd http://10.99.0.2/assets/initramfs",
+    ] {
+        assert!(script.contains(needle), "missing {needle:?} in\n{script}");
+    }
+    assert_eq!(token_of(&script).len(), 32);
+    let (again, second) = curl(&lab, &[&format!("http://10.99.0.2/boot/{NODE1_DASHED}.ipxe")]);
+    assert_eq!(again, 200);
+    assert_ne!(token_of(&script), token_of(&second), "a fresh token per boot");
+    let (code, _) = curl(&lab, &["http://10.99.0.2/boot/52-54-00-aa-aa-aa.ipxe"]);
+    assert_eq!(code, 404);
+}
+
+#[test]
+fn assets_support_range_head_and_keep_alive() {
+    let lab = booted_lab();
+    let (code, part) = curl(&lab, &["-r", "100-199", "http://10.99.0.2/assets/vmlinuz"]);
+    assert_eq!((code, part.len()), (206, 100));
+    let head = lab.in_client("curl", &["-sI", "http://10.99.0.2/assets/vmlinuz"]);
+    let head = body(&head).to_ascii_lowercase();
+    assert!(head.contains("content-length: 1048576"), "{head}");
+    assert!(head.contains("accept-ranges: bytes"), "{head}");
+    let verbose = lab.in_client(
+        "curl",
+        &[
+            "-sv",
+            "-o",
+            "/dev/null",
+            "-o",
+            "/dev/null",
+            "http://10.99.0.2/assets/initramfs",
+            "http://10.99.0.2/assets/vmlinuz",
+        ],
+    );
+    let log = String::from_utf8_lossy(&verbose.stderr);
+    assert!(log.contains("Re-using existing connection"), "{log}");
+    let (code, _) = curl(&lab, &["--path-as-is", "http://10.99.0.2/assets/../state/provisioner.redb"]);
+    assert_ne!(code, 200);
+}
+
+#[test]
+fn the_config_goes_only_to_its_machine() {
+    let lab = booted_lab();
+    let (_, script) = curl(&lab, &[&format!("http://10.99.0.2/boot/{NODE1_DASHED}.ipxe")]);
+    let token = token_of(&script);
+    let url = |mac: &str, token: &str| format!("http://10.99.0.2/config/{mac}?token={token}");
+
+    let (code, json) = curl(&lab, &[&url(NODE1_DASHED, &token)]);
+    assert_eq!(code, 200, "{json}");
+    let config: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(config["ignition"]["version"], "3.3.0");
+    assert!(json.contains("data:,node1%0A"), "its own hostname");
+
+    // Wrong token, another machine's MAC, no token, and the right MAC and token from another address.
+    assert_eq!(curl(&lab, &[&url(NODE1_DASHED, "00112233445566778899aabbccddeeff")]).0, 403);
+    assert_eq!(curl(&lab, &[&url(NODE2_DASHED, &token)]).0, 403);
+    assert_eq!(curl(&lab, &[&format!("http://10.99.0.2/config/{NODE1_DASHED}")]).0, 403);
+    lab.client_address("10.99.0.99/24");
+    assert_eq!(curl(&lab, &["--interface", "10.99.0.99", &url(NODE1_DASHED, &token)]).0, 403);
+
+    let (_, metrics) = curl(&lab, &["http://10.99.0.2/metrics"]);
+    let refused: u64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("herd_http_config_refused_total"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum();
+    assert_eq!(refused, 4, "{metrics}");
+    assert!(lab.log().contains("config fetch refused"));
+}
+
+#[test]
+fn an_installed_machine_boots_locally_until_reprovisioned_and_its_timeline_shows_it_all() {
+    let lab = booted_lab();
+    let script_url = format!("http://10.99.0.2/boot/{NODE1_DASHED}.ipxe");
+    let (_, script) = curl(&lab, &[&script_url]);
+    let token = token_of(&script);
+    assert_eq!(curl(&lab, &["-o", "/dev/null", "http://10.99.0.2/assets/vmlinuz"]).0, 200);
+    assert_eq!(curl(&lab, &[&format!("http://10.99.0.2/config/{NODE1_DASHED}?token={token}")]).0, 200);
+    let phone = |stage: &str, token: &str| {
+        curl(
+            &lab,
+            &[
+                "-X",
+                "POST",
+                "-H",
+                "content-type: application/json",
+                "-d",
+                &format!("{{\"stage\":\"{stage}\",\"detail\":\"test\"}}"),
+                &format!("http://10.99.0.2/phone-home/{NODE1_DASHED}?token={token}"),
+            ],
+        )
+    };
+    assert_eq!(phone("installed", "wrong").0, 403);
+    let (code, reply) = phone("installed", &token);
+    assert_eq!(code, 200, "{reply}");
+    assert!(reply.contains("\"installed\""), "{reply}");
+
+    let (_, script) = curl(&lab, &[&script_url]);
+    assert!(script.contains("herd.mode=local"), "an installed machine is not installed again:\n{script}");
+    let (code, _) = curl(&lab, &["-X", "POST", "http://10.99.0.2/api/v1/machines/node1/reprovision"]);
+    assert_eq!(code, 200);
+    let (_, script) = curl(&lab, &[&script_url]);
+    assert!(script.contains("herd.mode=install"), "{script}");
+
+    let (_, timeline) = curl(&lab, &["http://10.99.0.2/api/v1/machines/node1/timeline"]);
+    let events: Vec<String> = serde_json::from_str::<Vec<serde_json::Value>>(&timeline)
+        .unwrap()
+        .iter()
+        .map(|e| e["event"].as_str().unwrap().to_owned())
+        .collect();
+    for expected in
+        ["dhcp-offer", "dhcp-ack", "script", "kernel", "config", "phone-home:installed", "reprovision", "state"]
+    {
+        assert!(events.iter().any(|e| e == expected), "missing {expected} in {events:?}");
+    }
+    let (_, list) = curl(&lab, &["http://10.99.0.2/api/v1/machines"]);
+    let list: Vec<serde_json::Value> = serde_json::from_str(&list).unwrap();
+    assert_eq!(list.len(), 3);
+    assert_eq!(list[0]["name"], "node1");
+    assert_eq!(list[0]["state"], "provisioning");
+    assert_eq!(list[1]["state"], "unknown");
+}
+
+#[test]
+fn state_and_timeline_survive_a_kill_9() {
+    let mut lab = booted_lab();
+    let (_, script) = curl(&lab, &[&format!("http://10.99.0.2/boot/{NODE1_DASHED}.ipxe")]);
+    let token = token_of(&script);
+    lab.kill9();
+    lab.start();
+    // The token issued before the crash is still the machine's token.
+    assert_eq!(curl(&lab, &[&format!("http://10.99.0.2/config/{NODE1_DASHED}?token={token}")]).0, 200);
+    let (_, timeline) = curl(&lab, &["http://10.99.0.2/api/v1/machines/node1/timeline"]);
+    assert!(timeline.contains("\"script\""), "{timeline}");
+    let _ = NODE1;
+}
