@@ -22,11 +22,52 @@ pub enum Command {
         #[command(subcommand)]
         command: InventoryCommand,
     },
+    /// Machines as the provisioner sees them: state, boot timeline, reprovisioning.
+    Machine {
+        /// Base URL of the provisioner's HTTP API.
+        #[arg(long, global = true, env = "HERD_PROVISIONER", default_value = "http://127.0.0.1")]
+        provisioner: String,
+        /// What to do.
+        #[command(subcommand)]
+        command: MachineCommand,
+    },
     /// Render and lint machine configs (Ignition).
     Config {
         /// What to do with configs.
         #[command(subcommand)]
         command: ConfigCommand,
+    },
+}
+
+/// `herdctl machine ...`
+#[derive(Debug, Subcommand)]
+pub enum MachineCommand {
+    /// List machines with their state and latest boot event.
+    List {
+        /// Print a table or JSON.
+        #[arg(long, short = 'o', value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Show one machine: addresses, MACs, state.
+    Show {
+        /// The machine's name.
+        name: String,
+        /// Print text or JSON.
+        #[arg(long, short = 'o', value_enum, default_value_t)]
+        output: Output,
+    },
+    /// The machine's boot timeline: every DHCP, TFTP, HTTP and phone-home step, timestamped.
+    Timeline {
+        /// The machine's name.
+        name: String,
+        /// Print a table or JSON.
+        #[arg(long, short = 'o', value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Make the machine install again on its next boot.
+    Reprovision {
+        /// The machine's name.
+        name: String,
     },
 }
 
