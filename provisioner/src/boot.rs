@@ -184,7 +184,7 @@ pub fn boot_file(client: &ClientInfo, mac: Mac, cfg: &BootConfig) -> Result<Boot
     if !cfg.has(file) {
         return Err(NoBoot::UnsupportedArch(arch));
     }
-    Ok(if http { BootFile::Http(format!("{}/assets/{file}", cfg.http_base)) } else { BootFile::Tftp(file.to_owned()) })
+    Ok(if http { BootFile::Http(format!("{}/ipxe/{file}", cfg.http_base)) } else { BootFile::Tftp(file.to_owned()) })
 }
 
 /// The TFTP server address the reply names (siaddr and option 66).
@@ -220,7 +220,7 @@ mod tests {
         assert_eq!(boot_file(&pxe(9), mac(), &c), Ok(BootFile::Tftp("ipxe.efi".into())));
         assert_eq!(
             boot_file(&ClientInfo { arch: Some(Arch::HttpX64), http_client: true, ..ClientInfo::default() }, mac(), &c),
-            Ok(BootFile::Http("http://10.0.0.2/assets/ipxe.efi".into()))
+            Ok(BootFile::Http("http://10.0.0.2/ipxe/ipxe.efi".into()))
         );
         // No binary for these: no answer rather than a wrong one.
         assert_eq!(boot_file(&pxe(11), mac(), &c), Err(NoBoot::UnsupportedArch(Arch::EfiArm64)));

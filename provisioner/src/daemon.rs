@@ -42,8 +42,8 @@ pub struct DaemonConfig {
     pub http_port: u16,
     /// Lease time, seconds.
     pub lease_secs: u32,
-    /// Directory served over TFTP (the iPXE binaries by default).
-    pub tftp_root: PathBuf,
+    /// Directory served over TFTP [default: the iPXE binaries, copied into `STATE_DIR/boot`].
+    pub tftp_root: Option<PathBuf>,
     /// Directory served under /assets over HTTP (vmlinuz, initramfs, images).
     pub assets: PathBuf,
 }
@@ -65,13 +65,26 @@ pub fn interface_addresses(interface: &str) -> anyhow::Result<Vec<Ipv4Addr>> {
     Ok(out)
 }
 
+/// The iPXE binaries herd knows how to hand out.
+const IPXE_BINARIES: [&str; 5] = ["undionly.kpxe", "ipxe.efi", "snponly.efi", "ipxe-ia32.efi", "ipxe-arm64.efi"];
+
 /// The iPXE binaries present in `dir`.
 pub fn ipxe_binaries(dir: &Path) -> BTreeSet<String> {
-    ["undionly.kpxe", "ipxe.efi", "snponly.efi", "ipxe-ia32.efi", "ipxe-arm64.efi"]
-        .into_iter()
-        .filter(|f| dir.join(f).is_file())
-        .map(String::from)
-        .collect()
+    IPXE_BINARIES.into_iter().filter(|f| dir.join(f).is_file()).map(String::from).collect()
+}
+
+/// Copies the iPXE binaries found in `from` into `to` (resolving symlinks: Debian links `ipxe.efi` to
+/// `/boot/ipxe.efi`, which the TFTP server would rightly refuse as an escape from its root).
+pub fn prepare_boot_dir(from: &Path, to: &Path) -> anyhow::Result<BTreeSet<String>> {
+    std::fs::create_dir_all(to).with_context(|| format!("cannot create {}", to.display()))?;
+    for file in ipxe_binaries(from) {
+        let (src, dst) = (from.join(&file), to.join(&file));
+        let same = matches!((std::fs::metadata(&src), std::fs::metadata(&dst)), (Ok(a), Ok(b)) if a.len() == b.len());
+        if !same {
+            std::fs::copy(&src, &dst).with_context(|| format!("cannot copy {} to {}", src.display(), dst.display()))?;
+        }
+    }
+    Ok(ipxe_binaries(to))
 }
 
 /// Runs the daemon until `cancel` fires.
@@ -90,7 +103,8 @@ pub async fn run(config: DaemonConfig, cancel: CancellationToken) -> anyhow::Res
             config.interface
         );
     }
-    let binaries = ipxe_binaries(&config.ipxe_dir);
+    let boot_dir = config.state_dir.join("boot");
+    let binaries = prepare_boot_dir(&config.ipxe_dir, &boot_dir)?;
     if binaries.is_empty() {
         tracing::warn!(dir = %config.ipxe_dir.display(), "no iPXE binaries found: PXE ROMs will get no answer (apt install ipxe)");
     }
@@ -140,6 +154,7 @@ pub async fn run(config: DaemonConfig, cancel: CancellationToken) -> anyhow::Res
         machines.clone(),
         Arc::clone(&lease_view),
         config.assets.clone(),
+        boot_dir.clone(),
         boot_base.clone(),
         Arc::clone(&metrics),
     );
@@ -147,15 +162,13 @@ pub async fn run(config: DaemonConfig, cancel: CancellationToken) -> anyhow::Res
     let http_cancel = cancel.clone();
     let tftp_socket = bind_udp(crate::tftp::PORT, Some(&config.interface))
         .with_context(|| format!("cannot bind UDP {} on {}", crate::tftp::PORT, config.interface))?;
-    let tftp_config = crate::tftp::TftpConfig::new(
-        config.tftp_root.clone(),
-        server_ip,
-        crate::tftp::interface_mtu(&config.interface),
-    );
+    let tftp_root = config.tftp_root.clone().unwrap_or_else(|| boot_dir.clone());
+    let tftp_config =
+        crate::tftp::TftpConfig::new(tftp_root.clone(), server_ip, crate::tftp::interface_mtu(&config.interface));
     let macs = crate::machines::mac_index(&inv);
     let (tftp_machines, tftp_leases) = (machines.clone(), Arc::clone(&lease_view));
     let tftp = crate::tftp::TftpServer::new(tftp_config, tftp_socket, Arc::clone(&metrics))
-        .with_context(|| format!("cannot serve TFTP from {}", config.tftp_root.display()))?
+        .with_context(|| format!("cannot serve TFTP from {}", tftp_root.display()))?
         .on_transfer(Arc::new(move |peer, file, ending| {
             let std::net::SocketAddr::V4(peer) = peer else { return };
             if let Some(name) = tftp_leases.holder(*peer.ip()).and_then(|mac| macs.get(&mac)) {

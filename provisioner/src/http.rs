@@ -78,6 +78,7 @@ pub struct HttpState {
     machines: Machines,
     leases: Arc<LeaseView>,
     assets: PathBuf,
+    ipxe: PathBuf,
     base: String,
     metrics: Arc<Metrics>,
     refusals: Arc<LogLimiter>,
@@ -90,6 +91,7 @@ impl HttpState {
         machines: Machines,
         leases: Arc<LeaseView>,
         assets: PathBuf,
+        ipxe: PathBuf,
         base: String,
         metrics: Arc<Metrics>,
     ) -> Self {
@@ -97,7 +99,7 @@ impl HttpState {
         metrics.describe("herd_http_config_refused_total", "Config fetches refused, by reason.");
         let macs = Arc::new(crate::machines::mac_index(&inv));
         let refusals = Arc::new(LogLimiter { last: Mutex::new(None), every: Duration::from_secs(1) });
-        HttpState { inv, macs, machines, leases, assets, base, metrics, refusals }
+        HttpState { inv, macs, machines, leases, assets, ipxe, base, metrics, refusals }
     }
 }
 
@@ -106,6 +108,7 @@ pub fn router(state: HttpState) -> Router {
     Router::new()
         .route("/boot/{file}", get(script))
         .route("/assets/{*path}", get(assets).head(assets))
+        .route("/ipxe/{*path}", get(ipxe_binary).head(ipxe_binary))
         .route("/config/{mac}", get(config))
         .route("/phone-home/{mac}", post(phone_home))
         .route("/metrics", get(metrics))
@@ -194,6 +197,19 @@ async fn assets(State(s): State<HttpState>, ConnectInfo(peer): ConnectInfo<Socke
         *req.uri_mut() = uri;
     }
     match ServeDir::new(&s.assets).oneshot(req).await {
+        Ok(resp) => resp.into_response(),
+        Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
+    }
+}
+
+/// iPXE binaries for HTTP-boot firmware (the same files TFTP serves).
+async fn ipxe_binary(State(s): State<HttpState>, mut req: Request) -> Response {
+    s.metrics.inc("herd_http_requests_total", "route=\"ipxe\"");
+    let path = req.uri().path().trim_start_matches("/ipxe").to_owned();
+    if let Ok(uri) = path.parse() {
+        *req.uri_mut() = uri;
+    }
+    match ServeDir::new(&s.ipxe).oneshot(req).await {
         Ok(resp) => resp.into_response(),
         Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
     }

@@ -37,7 +37,7 @@ struct Args {
     /// Lease time in seconds.
     #[arg(long, default_value_t = 3600)]
     lease_secs: u32,
-    /// Directory served over TFTP [default: the iPXE directory].
+    /// Directory served over TFTP [default: the iPXE binaries, copied into STATE_DIR/boot].
     #[arg(long, value_name = "DIR")]
     tftp_root: Option<PathBuf>,
     /// Directory served over HTTP under /assets: vmlinuz, initramfs and OS images.
@@ -74,7 +74,7 @@ fn main() -> ExitCode {
         inventory: args.inventory,
         interface: args.interface,
         state_dir: args.state_dir,
-        tftp_root: args.tftp_root.unwrap_or_else(|| args.ipxe_dir.clone()),
+        tftp_root: args.tftp_root,
         assets: args.assets,
         ipxe_dir: args.ipxe_dir,
         mode: match args.mode {

@@ -70,7 +70,7 @@ fn the_firmware_matrix_gets_the_right_boot_file() {
         ("PXEClient:Arch:00000:UNDI:002001", "0000", &[uuid], Some("undionly.kpxe")),
         ("PXEClient:Arch:00007:UNDI:003016", "0007", &[uuid], Some("ipxe.efi")),
         ("PXEClient:Arch:00009:UNDI:003016", "0009", &[], Some("ipxe.efi")),
-        ("HTTPClient:Arch:00016:UNDI:003001", "0010", &[], Some("http://10.99.0.2/assets/ipxe.efi")),
+        ("HTTPClient:Arch:00016:UNDI:003001", "0010", &[], Some("http://10.99.0.2/ipxe/ipxe.efi")),
         // iPXE, raw user class (as iPXE sends it) and RFC 3004 form: its script, whatever the arch.
         (
             "PXEClient:Arch:00000:UNDI:002001",

@@ -48,7 +48,7 @@ fn list_show_timeline_and_reprovision() {
         unknown: UnknownMacs::Ignore,
         http_port: 8080,
         lease_secs: 3600,
-        tftp_root: "/usr/lib/ipxe".into(),
+        tftp_root: None,
         assets: dir.join("assets"),
     };
     let cancel = CancellationToken::new();

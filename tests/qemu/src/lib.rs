@@ -1,4 +1,360 @@
-//! The QEMU cluster harness: network namespace and bridge, the provisioner in it, VMs that PXE-boot from it
-//! (SeaBIOS + iPXE or OVMF), serial logs kept on failure, teardown on drop.
+//! The QEMU cluster harness: a network namespace with a bridge, the provisioner serving on it, and VMs (TCG) that
+//! PXE-boot from it with SeaBIOS + iPXE or OVMF. Serial logs are captured per VM; everything is torn down on drop,
+//! and the working directory (logs, state) is kept when the test failed.
 //!
-//! Not implemented yet (issue #8 starts it); the crate exists so the workspace has its final shape.
+//! ```no_run
+//! use herd_qemu::{Firmware, Lab, VmSpec};
+//! let mut lab = Lab::new("examples/qemu-3.toml".as_ref()).unwrap();
+//! lab.boot_assets_test_initramfs().unwrap();
+//! lab.start_provisioner().unwrap();
+//! let vm = lab.start_vm(VmSpec::new("node1", Firmware::SeabiosIpxe, &["52:54:00:99:01:01"])).unwrap();
+//! vm.wait_for("HERD-TEST-INIT", std::time::Duration::from_secs(60)).unwrap();
+//! ```
+//!
+//! Needs root (namespaces, taps), QEMU with iPXE ROMs and OVMF, and a kernel at [`KERNEL`]
+//! (`scripts/setup-host.sh` installs them all).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use herd_provisioner::daemon::{DEBIAN_IPXE_DIR, DaemonConfig};
+use herd_provisioner::dhcp::server::{Mode, UnknownMacs};
+use tokio_util::sync::CancellationToken;
+
+/// The kernel the tests boot (fetched by `scripts/fetch-kernel.sh`).
+pub const KERNEL: &str = "/var/cache/herd/kernel/vmlinuz";
+/// OVMF code and variable store templates (Debian `ovmf`).
+pub const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
+/// OVMF variables template.
+pub const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
+/// What the test initramfs prints once it runs, followed by its kernel command line.
+pub const TEST_MARKER: &str = "HERD-TEST-INIT";
+/// The provisioner's address on the lab bridge (as in examples/qemu-3.toml).
+pub const PROVISIONER_IP: &str = "10.99.0.2";
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+fn ip(args: &[&str]) -> anyhow::Result<()> {
+    let out = Command::new("ip").args(args).output().context("cannot run ip (apt install iproute2)")?;
+    if !out.status.success() {
+        bail!("ip {args:?}: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
+}
+
+/// How a VM boots from the network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Firmware {
+    /// SeaBIOS with the iPXE ROM of the NIC (DHCP says iPXE: straight to its script).
+    SeabiosIpxe,
+    /// OVMF with the NIC's iPXE EFI ROM.
+    OvmfIpxeRom,
+    /// OVMF's own PXE (no option ROM): it loads ipxe.efi over TFTP, which then fetches the script.
+    OvmfNativePxe,
+}
+
+/// A VM to start.
+#[derive(Debug, Clone)]
+pub struct VmSpec {
+    /// Name (for logs).
+    pub name: String,
+    /// Firmware path.
+    pub firmware: Firmware,
+    /// NIC MACs, in PCI order.
+    pub macs: Vec<String>,
+    /// Which NIC boots.
+    pub boot_nic: usize,
+    /// RAM in MiB.
+    pub memory_mb: u32,
+}
+
+impl VmSpec {
+    /// A VM booting from its first NIC with 256 MiB.
+    pub fn new(name: &str, firmware: Firmware, macs: &[&str]) -> Self {
+        VmSpec {
+            name: name.to_owned(),
+            firmware,
+            macs: macs.iter().map(|m| (*m).to_owned()).collect(),
+            boot_nic: 0,
+            memory_mb: 256,
+        }
+    }
+
+    /// Boots from NIC `index` instead.
+    pub fn boot_from(mut self, index: usize) -> Self {
+        self.boot_nic = index;
+        self
+    }
+}
+
+/// A running VM.
+#[derive(Debug)]
+pub struct Vm {
+    /// Its spec.
+    pub spec: VmSpec,
+    /// Serial console log.
+    pub serial: PathBuf,
+    child: Child,
+    started: Instant,
+}
+
+impl Vm {
+    /// The serial output so far.
+    pub fn console(&self) -> String {
+        String::from_utf8_lossy(&std::fs::read(&self.serial).unwrap_or_default()).into_owned()
+    }
+
+    /// Waits until the serial console shows `marker`; returns the time since the VM started and the line.
+    pub fn wait_for(&self, marker: &str, limit: Duration) -> anyhow::Result<(Duration, String)> {
+        loop {
+            let console = self.console();
+            if let Some(line) = console.lines().find(|l| l.contains(marker)) {
+                return Ok((self.started.elapsed(), line.to_owned()));
+            }
+            if self.started.elapsed() > limit {
+                let tail: Vec<&str> = console.lines().rev().take(15).collect();
+                bail!(
+                    "{}: no {marker:?} on the console after {limit:?}; last lines:\n{}",
+                    self.spec.name,
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A lab: namespace, bridge, provisioner, VMs.
+#[derive(Debug)]
+pub struct Lab {
+    /// Working directory (kept on failure).
+    pub dir: PathBuf,
+    /// The network namespace.
+    pub ns: String,
+    /// The inventory served.
+    pub inventory: PathBuf,
+    bridge: String,
+    taps: u32,
+    provisioner: Option<(CancellationToken, std::thread::JoinHandle<anyhow::Result<()>>)>,
+    vms: Vec<Vm>,
+}
+
+impl Lab {
+    /// A namespace with bridge `br0` at 10.99.0.2/24 (and 10.99.0.1 as the "gateway").
+    pub fn new(inventory: &Path) -> anyhow::Result<Lab> {
+        let n = NEXT.fetch_add(1, Ordering::SeqCst);
+        let id = format!("{}{n}", std::process::id() % 10_000);
+        let dir = std::env::temp_dir().join(format!("herd-qemu-{id}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("assets"))?;
+        let lab = Lab {
+            dir,
+            ns: format!("hq{id}"),
+            inventory: inventory.canonicalize().with_context(|| format!("no inventory {}", inventory.display()))?,
+            bridge: "br0".into(),
+            taps: 0,
+            provisioner: None,
+            vms: Vec::new(),
+        };
+        ip(&["netns", "add", &lab.ns])?;
+        ip(&["-n", &lab.ns, "link", "set", "lo", "up"])?;
+        ip(&["-n", &lab.ns, "link", "add", &lab.bridge, "type", "bridge", "forward_delay", "0"])?;
+        ip(&["-n", &lab.ns, "addr", "add", &format!("{PROVISIONER_IP}/24"), "dev", &lab.bridge])?;
+        ip(&["-n", &lab.ns, "addr", "add", "10.99.0.1/24", "dev", &lab.bridge])?;
+        ip(&["-n", &lab.ns, "link", "set", &lab.bridge, "up"])?;
+        Ok(lab)
+    }
+
+    /// Writes the test kernel and a tiny busybox initramfs (prints [`TEST_MARKER`] and its command line, then
+    /// powers off) as the provisioner's boot assets.
+    pub fn boot_assets_test_initramfs(&self) -> anyhow::Result<()> {
+        let assets = self.dir.join("assets");
+        std::fs::copy(KERNEL, assets.join("vmlinuz"))
+            .with_context(|| format!("no test kernel at {KERNEL}; run scripts/setup-host.sh"))?;
+        build_test_initramfs(&self.dir.join("initramfs-root"), &assets.join("initramfs"))
+    }
+
+    /// Starts the provisioner (in-process, inside the namespace) on the bridge.
+    pub fn start_provisioner(&mut self) -> anyhow::Result<()> {
+        let config = DaemonConfig {
+            inventory: self.inventory.clone(),
+            interface: self.bridge.clone(),
+            state_dir: self.dir.join("state"),
+            ipxe_dir: DEBIAN_IPXE_DIR.into(),
+            mode: Mode::Full,
+            unknown: UnknownMacs::Ignore,
+            http_port: 80,
+            lease_secs: 3600,
+            tftp_root: None,
+            assets: self.dir.join("assets"),
+        };
+        let cancel = CancellationToken::new();
+        let run_cancel = cancel.clone();
+        let ns = format!("/run/netns/{}", self.ns);
+        let handle = std::thread::spawn(move || -> anyhow::Result<()> {
+            let file = std::fs::File::open(&ns)?;
+            nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET)?;
+            let rt = tokio::runtime::Runtime::new()?;
+            rt.block_on(herd_provisioner::daemon::run(config, run_cancel))
+        });
+        self.provisioner = Some((cancel, handle));
+        // Ready when the HTTP port answers.
+        let start = Instant::now();
+        loop {
+            let probe = Command::new("ip")
+                .args(["netns", "exec", &self.ns, "curl", "-s", "-o", "/dev/null", "http://10.99.0.2/metrics"])
+                .status()?;
+            if probe.success() {
+                return Ok(());
+            }
+            if self.provisioner.as_ref().is_some_and(|(_, h)| h.is_finished()) {
+                let (_, handle) = self.provisioner.take().expect("just checked");
+                return match handle.join() {
+                    Ok(Err(e)) => Err(e.context("provisioner stopped")),
+                    _ => bail!("provisioner stopped"),
+                };
+            }
+            if start.elapsed() > Duration::from_secs(15) {
+                bail!("provisioner did not answer HTTP within 15 s");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn tap(&mut self) -> anyhow::Result<String> {
+        self.taps += 1;
+        let tap = format!("tap{}", self.taps);
+        ip(&["-n", &self.ns, "tuntap", "add", &tap, "mode", "tap"])?;
+        ip(&["-n", &self.ns, "link", "set", &tap, "master", &self.bridge])?;
+        ip(&["-n", &self.ns, "link", "set", &tap, "up"])?;
+        Ok(tap)
+    }
+
+    /// Starts a VM on the bridge.
+    pub fn start_vm(&mut self, spec: VmSpec) -> anyhow::Result<&Vm> {
+        let serial = self.dir.join(format!("{}.serial.log", spec.name));
+        let mut args: Vec<String> = vec![
+            "netns".into(),
+            "exec".into(),
+            self.ns.clone(),
+            "qemu-system-x86_64".into(),
+            "-accel".into(),
+            "tcg".into(),
+            "-smp".into(),
+            "1".into(),
+            "-m".into(),
+            spec.memory_mb.to_string(),
+            "-display".into(),
+            "none".into(),
+            "-monitor".into(),
+            "none".into(),
+            "-serial".into(),
+            format!("file:{}", serial.display()),
+            "-no-reboot".into(),
+        ];
+        match spec.firmware {
+            Firmware::SeabiosIpxe => args.extend(["-machine".into(), "pc,graphics=off".into()]),
+            Firmware::OvmfIpxeRom | Firmware::OvmfNativePxe => {
+                let vars = self.dir.join(format!("{}.vars.fd", spec.name));
+                std::fs::copy(OVMF_VARS, &vars).with_context(|| format!("no {OVMF_VARS} (apt install ovmf)"))?;
+                args.extend([
+                    "-machine".into(),
+                    "q35".into(),
+                    "-nodefaults".into(),
+                    "-drive".into(),
+                    format!("if=pflash,format=raw,readonly=on,file={OVMF_CODE}"),
+                    "-drive".into(),
+                    format!("if=pflash,format=raw,file={}", vars.display()),
+                ]);
+            }
+        }
+        for (i, mac) in spec.macs.iter().enumerate() {
+            let tap = self.tap()?;
+            args.extend(["-netdev".into(), format!("tap,id=n{i},ifname={tap},script=no,downscript=no")]);
+            let mut device = format!("virtio-net-pci,netdev=n{i},mac={mac}");
+            if i == spec.boot_nic {
+                device.push_str(",bootindex=1");
+            }
+            if spec.firmware == Firmware::OvmfNativePxe {
+                device.push_str(",romfile=");
+            }
+            args.extend(["-device".into(), device]);
+        }
+        let log = std::fs::File::create(self.dir.join(format!("{}.qemu.log", spec.name)))?;
+        let child = Command::new("ip")
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("cannot start qemu-system-x86_64 (apt install -t bookworm-backports qemu-system-x86)")?;
+        self.vms.push(Vm { spec, serial, child, started: Instant::now() });
+        Ok(self.vms.last().expect("just pushed"))
+    }
+
+    /// The VMs started so far.
+    pub fn vms(&self) -> &[Vm] {
+        &self.vms
+    }
+
+    /// The provisioner's JSON API at `path`.
+    pub fn api(&self, path: &str) -> anyhow::Result<serde_json::Value> {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.ns, "curl", "-sf", &format!("http://{PROVISIONER_IP}{path}")])
+            .output()?;
+        if !out.status.success() {
+            bail!("GET {path} failed");
+        }
+        Ok(serde_json::from_slice(&out.stdout)?)
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        self.vms.clear();
+        if let Some((cancel, handle)) = self.provisioner.take() {
+            cancel.cancel();
+            let _ = handle.join();
+        }
+        let _ = Command::new("ip").args(["netns", "del", &self.ns]).status();
+        if std::thread::panicking() {
+            eprintln!("QEMU lab kept for inspection: {} (serial logs, provisioner state)", self.dir.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// Builds a gzip cpio initramfs with static busybox whose /init prints [`TEST_MARKER`] and the kernel command
+/// line, then powers off.
+pub fn build_test_initramfs(root: &Path, out: &Path) -> anyhow::Result<()> {
+    let _ = std::fs::remove_dir_all(root);
+    for d in ["bin", "proc", "sys", "dev"] {
+        std::fs::create_dir_all(root.join(d))?;
+    }
+    std::fs::copy("/bin/busybox", root.join("bin/busybox")).context("no /bin/busybox (apt install busybox-static)")?;
+    let init = format!(
+        "#!/bin/busybox sh\n/bin/busybox mount -t proc proc /proc\necho \"{TEST_MARKER} $(/bin/busybox cat /proc/cmdline)\"\n\
+         /bin/busybox poweroff -f\n"
+    );
+    std::fs::write(root.join("init"), init)?;
+    let status = Command::new("sh")
+        .arg("-c")
+        .arg(format!("chmod +x init bin/busybox && find . | cpio -o -H newc --quiet | gzip -1 > {}", out.display()))
+        .current_dir(root)
+        .status()?;
+    if !status.success() {
+        bail!("building the test initramfs failed (apt install cpio)");
+    }
+    Ok(())
+}

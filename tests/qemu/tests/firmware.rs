@@ -1,0 +1,53 @@
+//! The firmware matrix, booted for real: each VM PXE-boots from the provisioner into a test initramfs that prints a
+//! marker with its kernel command line. Needs root, QEMU, OVMF, iPXE and the test kernel (scripts/setup-host.sh).
+
+#![allow(clippy::unwrap_used)] // Tests fail loudly on purpose; the lint guards daemons.
+
+use std::path::Path;
+use std::time::Duration;
+
+use herd_qemu::{Firmware, Lab, TEST_MARKER, VmSpec};
+
+#[test]
+fn every_firmware_boots_its_machine_from_the_provisioner() {
+    let inventory = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/qemu-3.toml");
+    let mut lab = Lab::new(&inventory).unwrap();
+    lab.boot_assets_test_initramfs().unwrap();
+    lab.start_provisioner().unwrap();
+    // Four VMs at once: SeaBIOS + iPXE ROM; OVMF + iPXE EFI ROM; OVMF's own PXE chainloading ipxe.efi; and a
+    // two-NIC machine booting from its second NIC.
+    let cases = [
+        (VmSpec::new("bios-ipxe", Firmware::SeabiosIpxe, &["52:54:00:99:01:01"]), "node1"),
+        (VmSpec::new("ovmf-ipxe-rom", Firmware::OvmfIpxeRom, &["52:54:00:99:02:01"]), "node2"),
+        (VmSpec::new("ovmf-native-pxe", Firmware::OvmfNativePxe, &["52:54:00:99:03:01"]), "node3"),
+    ];
+    for (spec, _) in &cases {
+        lab.start_vm(spec.clone()).unwrap();
+    }
+    let mut report = Vec::new();
+    for (vm, (_, machine)) in lab.vms().iter().zip(cases.iter()) {
+        let (took, line) = vm.wait_for(TEST_MARKER, Duration::from_secs(150)).unwrap();
+        assert!(line.contains(&format!("herd.machine={machine}")), "{}: {line}", vm.spec.name);
+        assert!(line.contains("herd.token="), "{}: {line}", vm.spec.name);
+        report.push(format!("{:<16} {:>5.1} s", vm.spec.name, took.as_secs_f64()));
+    }
+    // The native-PXE machine went through TFTP (ipxe.efi) before its script: its timeline says so.
+    let timeline = lab.api("/api/v1/machines/node3/timeline").unwrap();
+    let events: Vec<&str> = timeline.as_array().unwrap().iter().filter_map(|e| e["event"].as_str()).collect();
+    for expected in ["dhcp-offer", "dhcp-ack", "tftp", "script", "kernel", "initramfs"] {
+        assert!(events.contains(&expected), "node3 timeline lacks {expected}: {events:?}");
+    }
+    println!("power-on → test init, in parallel under TCG:\n  {}", report.join("\n  "));
+}
+
+#[test]
+fn a_two_nic_machine_boots_from_its_second_nic() {
+    let inventory = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/qemu-3.toml");
+    let mut lab = Lab::new(&inventory).unwrap();
+    lab.boot_assets_test_initramfs().unwrap();
+    lab.start_provisioner().unwrap();
+    let spec = VmSpec::new("two-nics", Firmware::SeabiosIpxe, &["52:54:00:99:01:01", "52:54:00:99:01:02"]).boot_from(1);
+    let vm = lab.start_vm(spec).unwrap();
+    let (_, line) = vm.wait_for(TEST_MARKER, Duration::from_secs(150)).unwrap();
+    assert!(line.contains("herd.machine=node1") && line.contains("herd.mac=52:54:00:99:01:02"), "{line}");
+}
