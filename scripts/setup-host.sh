@@ -10,8 +10,10 @@ set -euo pipefail
 # busybox-static (udhcpc), isc-dhcp-client (dhclient), kea-admin (perfdhcp): real DHCP clients and load.
 # kea-dhcp4-server, dnsmasq-base: the DHCP peers the benchmark measures herd against.
 # atftp, curl: TFTP clients for the tests; tftpd-hpa: the TFTP peer of the benchmark.
+# ipxe-qemu, ovmf, cpio: QEMU's iPXE option ROMs, UEFI firmware, and the test initramfs (QEMU itself comes from
+# bookworm-backports below).
 PACKAGES=(protobuf-compiler ignition ipxe iproute2 busybox-static isc-dhcp-client kea-admin kea-dhcp4-server
-  dnsmasq-base atftp tftpd-hpa curl)
+  dnsmasq-base atftp tftpd-hpa curl ipxe-qemu ovmf cpio zstd)
 
 missing=()
 for pkg in "${PACKAGES[@]}"; do
@@ -25,6 +27,22 @@ if ((${#missing[@]})); then
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
+
+# QEMU from bookworm-backports (bookworm's qemu-system-x86 conflicts with the preinstalled backports qemu-utils).
+if ! command -v qemu-system-x86_64 >/dev/null 2>&1; then
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo=sudo
+  if ! grep -rqs "bookworm-backports" /etc/apt/sources.list /etc/apt/sources.list.d/; then
+    echo "setup-host: adding the bookworm-backports suite"
+    printf 'Types: deb\nURIs: http://deb.debian.org/debian\nSuites: bookworm-backports\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' \
+      | $sudo tee /etc/apt/sources.list.d/herd-backports.sources >/dev/null
+    $sudo apt-get update -qq
+  fi
+  echo "setup-host: installing qemu-system-x86 from bookworm-backports"
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends -t bookworm-backports \
+    qemu-system-x86 >/dev/null
+fi
+"$(dirname "$0")/fetch-kernel.sh"
 
 for component in rustfmt clippy; do
   if ! rustup component list --installed 2>/dev/null | grep -q "^$component"; then

@@ -178,6 +178,12 @@ pub async fn run(config: DaemonConfig, cancel: CancellationToken) -> anyhow::Res
     let tracker = TaskTracker::new();
     tracker.spawn(dhcp.run(cancel.clone()));
     tracker.spawn(tftp.run(cancel.clone()));
+    let (ra_interface, ra_metrics, ra_cancel) = (config.interface.clone(), Arc::clone(&metrics), cancel.clone());
+    tracker.spawn(async move {
+        if let Err(e) = crate::ra::run(ra_interface, ra_metrics, ra_cancel).await {
+            tracing::warn!(error = %e, "IPv6 router advertisements disabled: iPXE will wait ~16 s for IPv6 on each boot");
+        }
+    });
     tracker.spawn(async move {
         let shutdown = http_cancel.cancelled_owned();
         if let Err(e) = axum::serve(http_listener, app).with_graceful_shutdown(shutdown).await {

@@ -15,5 +15,6 @@ pub mod ignition;
 pub mod lint;
 pub mod machines;
 pub mod metrics;
+pub mod ra;
 pub mod store;
 pub mod tftp;

@@ -7,8 +7,8 @@
 //! let mut lab = Lab::new("examples/qemu-3.toml".as_ref()).unwrap();
 //! lab.boot_assets_test_initramfs().unwrap();
 //! lab.start_provisioner().unwrap();
-//! let vm = lab.start_vm(VmSpec::new("node1", Firmware::SeabiosIpxe, &["52:54:00:99:01:01"])).unwrap();
-//! vm.wait_for("HERD-TEST-INIT", std::time::Duration::from_secs(60)).unwrap();
+//! let i = lab.start_vm(VmSpec::new("node1", Firmware::SeabiosIpxe, &["52:54:00:99:01:01"])).unwrap();
+//! lab.vms()[i].wait_for("HERD-TEST-INIT", std::time::Duration::from_secs(60)).unwrap();
 //! ```
 //!
 //! Needs root (namespaces, taps), QEMU with iPXE ROMs and OVMF, and a kernel at [`KERNEL`]
@@ -30,8 +30,10 @@ pub const KERNEL: &str = "/var/cache/herd/kernel/vmlinuz";
 pub const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
 /// OVMF variables template.
 pub const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
-/// What the test initramfs prints once it runs, followed by its kernel command line.
+/// What the test initramfs prints once it has printed its kernel arguments.
 pub const TEST_MARKER: &str = "HERD-TEST-INIT";
+/// Prefix of each kernel argument the test initramfs prints, one per line.
+pub const TEST_ARG: &str = "HERD-TEST-ARG";
 /// The provisioner's address on the lab bridge (as in examples/qemu-3.toml).
 pub const PROVISIONER_IP: &str = "10.99.0.2";
 
@@ -105,6 +107,12 @@ impl Vm {
     /// The serial output so far.
     pub fn console(&self) -> String {
         String::from_utf8_lossy(&std::fs::read(&self.serial).unwrap_or_default()).into_owned()
+    }
+
+    /// The kernel arguments the test initramfs printed.
+    pub fn test_args(&self) -> Vec<String> {
+        let prefix = format!("{TEST_ARG} ");
+        self.console().lines().filter_map(|l| l.trim_end().strip_prefix(&prefix).map(str::to_owned)).collect()
     }
 
     /// Waits until the serial console shows `marker`; returns the time since the VM started and the line.
@@ -240,8 +248,8 @@ impl Lab {
         Ok(tap)
     }
 
-    /// Starts a VM on the bridge.
-    pub fn start_vm(&mut self, spec: VmSpec) -> anyhow::Result<&Vm> {
+    /// Starts a VM on the bridge; returns its index in [`Lab::vms`].
+    pub fn start_vm(&mut self, spec: VmSpec) -> anyhow::Result<usize> {
         let serial = self.dir.join(format!("{}.serial.log", spec.name));
         let mut args: Vec<String> = vec![
             "netns".into(),
@@ -299,12 +307,20 @@ impl Lab {
             .spawn()
             .context("cannot start qemu-system-x86_64 (apt install -t bookworm-backports qemu-system-x86)")?;
         self.vms.push(Vm { spec, serial, child, started: Instant::now() });
-        Ok(self.vms.last().expect("just pushed"))
+        Ok(self.vms.len() - 1)
     }
 
     /// The VMs started so far.
     pub fn vms(&self) -> &[Vm] {
         &self.vms
+    }
+
+    /// The provisioner's /metrics text.
+    pub fn metrics(&self) -> anyhow::Result<String> {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.ns, "curl", "-sf", &format!("http://{PROVISIONER_IP}/metrics")])
+            .output()?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
     /// The provisioner's JSON API at `path`.
@@ -335,17 +351,19 @@ impl Drop for Lab {
     }
 }
 
-/// Builds a gzip cpio initramfs with static busybox whose /init prints [`TEST_MARKER`] and the kernel command
-/// line, then powers off.
+/// Builds a gzip cpio initramfs with static busybox whose /init prints its kernel arguments ([`TEST_ARG`] lines)
+/// and then [`TEST_MARKER`], and powers off.
 pub fn build_test_initramfs(root: &Path, out: &Path) -> anyhow::Result<()> {
     let _ = std::fs::remove_dir_all(root);
     for d in ["bin", "proc", "sys", "dev"] {
         std::fs::create_dir_all(root.join(d))?;
     }
     std::fs::copy("/bin/busybox", root.join("bin/busybox")).context("no /bin/busybox (apt install busybox-static)")?;
+    // One argument per line, then the marker: kernel messages may interleave with long lines on the console.
     let init = format!(
-        "#!/bin/busybox sh\n/bin/busybox mount -t proc proc /proc\necho \"{TEST_MARKER} $(/bin/busybox cat /proc/cmdline)\"\n\
-         /bin/busybox poweroff -f\n"
+        "#!/bin/busybox sh\n/bin/busybox mount -t proc proc /proc\n\
+         for arg in $(/bin/busybox cat /proc/cmdline); do echo \"{TEST_ARG} $arg\"; done\n\
+         echo {TEST_MARKER}\n/bin/busybox poweroff -f\n"
     );
     std::fs::write(root.join("init"), init)?;
     let status = Command::new("sh")
