@@ -13,7 +13,7 @@ set -euo pipefail
 # ipxe-qemu, ovmf, cpio: QEMU's iPXE option ROMs, UEFI firmware, and the test initramfs (QEMU itself comes from
 # bookworm-backports below).
 PACKAGES=(protobuf-compiler ignition ipxe iproute2 busybox-static isc-dhcp-client kea-admin kea-dhcp4-server
-  dnsmasq-base atftp tftpd-hpa curl ipxe-qemu ovmf cpio zstd)
+  dnsmasq-base atftp tftpd-hpa curl ipxe-qemu ovmf cpio zstd ethtool)
 
 missing=()
 for pkg in "${PACKAGES[@]}"; do

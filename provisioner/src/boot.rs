@@ -187,8 +187,8 @@ pub fn boot_file(client: &ClientInfo, mac: Mac, cfg: &BootConfig) -> Result<Boot
     Ok(if http { BootFile::Http(format!("{}/ipxe/{file}", cfg.http_base)) } else { BootFile::Tftp(file.to_owned()) })
 }
 
-/// The TFTP server address the reply names (siaddr and option 66).
-pub fn next_server(file: &BootFile, server: Ipv4Addr) -> Option<Ipv4Addr> {
+/// The TFTP server name (option 66, sname) for a boot file: us for TFTP files, none for URLs.
+pub fn tftp_server(file: &BootFile, server: Ipv4Addr) -> Option<Ipv4Addr> {
     matches!(file, BootFile::Tftp(_)).then_some(server)
 }
 

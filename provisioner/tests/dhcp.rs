@@ -102,11 +102,9 @@ fn the_firmware_matrix_gets_the_right_boot_file() {
             Some(file) => {
                 let env = env.unwrap_or_else(|| panic!("no answer for {vendor} arch {arch} {extra:?}"));
                 assert_eq!(env.get("boot_file").map(String::as_str), Some(*file), "{vendor} {arch} {extra:?}");
-                if file.starts_with("http") {
-                    assert!(env.get("siaddr").is_none_or(|s| s == "0.0.0.0"), "{env:?}");
-                } else {
-                    assert_eq!(env["siaddr"], SERVER_IP, "TFTP boot names our server in siaddr");
-                }
+                // siaddr names us either way (iPXE needs it for URLs too); sname only for TFTP.
+                assert_eq!(env["siaddr"], SERVER_IP, "{vendor} {arch}");
+                assert_eq!(env.contains_key("sname"), !file.starts_with("http"), "{env:?}");
             }
             None => assert!(env.is_none(), "{vendor} arch {arch} must get no answer, got {env:?}"),
         }

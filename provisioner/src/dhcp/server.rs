@@ -156,8 +156,11 @@ pub struct NetParams {
 pub struct BootAnswer {
     /// File (TFTP) or URL (HTTP).
     pub file: BootFile,
-    /// siaddr / option 66: the TFTP server.
-    pub next_server: Option<Ipv4Addr>,
+    /// siaddr: the next server. Always us: iPXE ignores a ProxyDHCPACK whose siaddr is zero even when the boot
+    /// file is a URL.
+    pub next_server: Ipv4Addr,
+    /// Option 66 and sname: the TFTP server, for TFTP boot files only.
+    pub tftp_server: Option<Ipv4Addr>,
     /// Option 60 to send: `PXEClient` or `HTTPClient`.
     pub vendor_class: &'static str,
     /// Send option 175 sub-option 176 = 1, so iPXE does not wait for ProxyDHCP offers.
@@ -254,6 +257,9 @@ pub struct Outcome {
     pub event: Event,
     /// The inventory machine this MAC belongs to.
     pub machine: Option<String>,
+    /// In proxy mode, the address the client is taking from the other server (its REQUEST's option 50): the
+    /// config endpoint binds to it in place of a lease of ours.
+    pub observed: Option<Ipv4Addr>,
 }
 
 /// A reserved address from the inventory.
@@ -370,6 +376,10 @@ impl DhcpServer {
             (_, Port::BootServer, Kind::Request | Kind::Discover) => self.boot_server(req),
             (_, Port::BootServer, _) => ignored(Ignored::NotForUs),
             (Mode::Proxy, Port::Dhcp, Kind::Discover) => self.proxy_offer(req),
+            (Mode::Proxy, Port::Dhcp, Kind::Request) => {
+                let observed = req.requested.or((!req.ciaddr.is_unspecified()).then_some(req.ciaddr));
+                Outcome { observed, ..ignored(Ignored::NotForUs) }
+            }
             (Mode::Proxy, Port::Dhcp, _) => ignored(Ignored::NotForUs),
             (Mode::Full, Port::Dhcp, Kind::Discover) => self.discover(req, now),
             (Mode::Full, Port::Dhcp, Kind::Request) => self.request(req, now),
@@ -479,10 +489,13 @@ impl DhcpServer {
         let file = boot::boot_file(&req.client, req.mac, &self.config.boot)?;
         let http = req.client.http_client || req.client.arch.is_some_and(|a| a.is_http_boot());
         Ok(Some(BootAnswer {
-            next_server: boot::next_server(&file, self.config.server_ip),
+            next_server: self.config.server_ip,
+            tftp_server: boot::tftp_server(&file, self.config.server_ip),
             vendor_class: if http { "HTTPClient" } else { "PXEClient" },
             ipxe_no_pxedhcp: req.client.ipxe && self.config.mode == Mode::Full,
-            pxe_discovery_control: req.client.pxe_client && !req.client.ipxe,
+            // PXE vendor options on every PXEClient answer: ROMs skip boot-server discovery, and iPXE ignores a
+            // ProxyDHCPACK without them.
+            pxe_discovery_control: !http,
             file,
         }))
     }
@@ -528,13 +541,13 @@ impl DhcpServer {
         };
         self.leases.offer(ip, req.mac, now + self.config.offer_secs);
         let answer = self.lease_answer(req, AnswerKind::Offer, ip, boot);
-        Outcome { answer: Some(answer), write: None, event: Event::Offered(ip), machine: None }
+        Outcome { answer: Some(answer), write: None, event: Event::Offered(ip), machine: None, observed: None }
     }
 
     fn nak(&self, req: &Request, why: &'static str) -> Outcome {
         let mut a = self.answer(req, AnswerKind::Nak, Ipv4Addr::UNSPECIFIED);
         a.message = Some(why.to_owned());
-        Outcome { answer: Some(a), write: None, event: Event::Naked(why), machine: None }
+        Outcome { answer: Some(a), write: None, event: Event::Naked(why), machine: None, observed: None }
     }
 
     fn ack(&mut self, req: &Request, ip: Ipv4Addr, now: u64) -> Outcome {
@@ -544,7 +557,7 @@ impl DhcpServer {
             Lease { ip, mac: req.mac, expires: now + u64::from(self.config.lease_secs), state: LeaseState::Bound };
         self.leases.put(lease);
         let answer = self.lease_answer(req, AnswerKind::Ack, ip, boot);
-        Outcome { answer: Some(answer), write: Some(lease), event: Event::Acked(ip), machine: None }
+        Outcome { answer: Some(answer), write: Some(lease), event: Event::Acked(ip), machine: None, observed: None }
     }
 
     fn request(&mut self, req: &Request, now: u64) -> Outcome {
@@ -595,7 +608,7 @@ impl DhcpServer {
         }
         let lease = Lease { ip, mac: req.mac, expires: now + self.config.decline_secs, state: LeaseState::Declined };
         self.leases.put(lease);
-        Outcome { answer: None, write: Some(lease), event: Event::Declined(ip), machine: None }
+        Outcome { answer: None, write: Some(lease), event: Event::Declined(ip), machine: None, observed: None }
     }
 
     fn release(&mut self, req: &Request, now: u64) -> Outcome {
@@ -604,7 +617,7 @@ impl DhcpServer {
             Some(l) if l.mac == req.mac && l.state == LeaseState::Bound => {
                 let lease = Lease { expires: now, state: LeaseState::Released, ..*l };
                 self.leases.put(lease);
-                Outcome { answer: None, write: Some(lease), event: Event::Released(ip), machine: None }
+                Outcome { answer: None, write: Some(lease), event: Event::Released(ip), machine: None, observed: None }
             }
             _ => ignored(Ignored::Incomplete),
         }
@@ -617,7 +630,7 @@ impl DhcpServer {
         let mut a = self.answer(req, AnswerKind::Ack, Ipv4Addr::UNSPECIFIED);
         a.net = Some(self.config.net.clone());
         a.boot = self.boot_for(req).ok().flatten();
-        Outcome { answer: Some(a), write: None, event: Event::Acked(req.ciaddr), machine: None }
+        Outcome { answer: Some(a), write: None, event: Event::Acked(req.ciaddr), machine: None, observed: None }
     }
 
     /// proxyDHCP: boot information only, yiaddr 0, to boot clients.
@@ -632,7 +645,13 @@ impl DhcpServer {
             Ok(Some(boot)) => {
                 let mut a = self.answer(req, AnswerKind::Offer, Ipv4Addr::UNSPECIFIED);
                 a.boot = Some(boot);
-                Outcome { answer: Some(a), write: None, event: Event::Offered(Ipv4Addr::UNSPECIFIED), machine: None }
+                Outcome {
+                    answer: Some(a),
+                    write: None,
+                    event: Event::Offered(Ipv4Addr::UNSPECIFIED),
+                    machine: None,
+                    observed: None,
+                }
             }
             Ok(None) => ignored(Ignored::NotForUs),
             Err(_) => ignored(Ignored::UnsupportedArch),
@@ -649,7 +668,13 @@ impl DhcpServer {
                 let mut a = self.answer(req, AnswerKind::Ack, Ipv4Addr::UNSPECIFIED);
                 a.boot = Some(boot);
                 a.destination = Destination::Unicast(req.source);
-                Outcome { answer: Some(a), write: None, event: Event::Acked(*req.source.ip()), machine: None }
+                Outcome {
+                    answer: Some(a),
+                    write: None,
+                    event: Event::Acked(*req.source.ip()),
+                    machine: None,
+                    observed: None,
+                }
             }
             Ok(None) => ignored(Ignored::NotForUs),
             Err(_) => ignored(Ignored::UnsupportedArch),
@@ -658,7 +683,7 @@ impl DhcpServer {
 }
 
 fn ignored(why: Ignored) -> Outcome {
-    Outcome { answer: None, write: None, event: Event::Ignored(why), machine: None }
+    Outcome { answer: None, write: None, event: Event::Ignored(why), machine: None, observed: None }
 }
 
 /// RFC 2131 §4.1 reply addressing.
@@ -863,7 +888,7 @@ mod tests {
         };
         let boot = s.handle(&bios, 0).answer.unwrap().boot.unwrap();
         assert_eq!(boot.file, BootFile::Tftp("undionly.kpxe".into()));
-        assert_eq!(boot.next_server, Some(SERVER));
+        assert_eq!((boot.next_server, boot.tftp_server), (SERVER, Some(SERVER)));
         assert!(boot.pxe_discovery_control && !boot.ipxe_no_pxedhcp);
         let ipxe = Request { client: ClientInfo { ipxe: true, ..bios.client.clone() }, ..bios.clone() };
         let boot = s.handle(&ipxe, 0).answer.unwrap().boot.unwrap();
@@ -895,7 +920,9 @@ mod tests {
         assert!(a.lease_secs.is_none() && a.net.is_none());
         assert_eq!(a.boot.unwrap().file, BootFile::Tftp("ipxe.efi".into()));
         assert_eq!(a.uuid, Some(vec![0; 17]));
-        assert_eq!(s.handle(&select(mac(3), Ipv4Addr::new(10, 0, 0, 12)), 0).event, Event::Ignored(Ignored::NotForUs));
+        let theirs = s.handle(&select(mac(3), Ipv4Addr::new(10, 0, 0, 99)), 0);
+        assert_eq!(theirs.event, Event::Ignored(Ignored::NotForUs));
+        assert_eq!(theirs.observed, Some(Ipv4Addr::new(10, 0, 0, 99)), "the address the other server leases");
         let on_4011 = Request {
             port: Port::BootServer,
             source: "10.0.0.77:4011".parse().unwrap(),

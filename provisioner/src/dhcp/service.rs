@@ -225,6 +225,9 @@ impl DhcpService {
                     req.client.arch.map(|a| format!(" ({a}{})", if req.client.ipxe { ", iPXE" } else { "" }));
                 o.machines.event(machine, event, format!("{detail}{}", firmware.unwrap_or_default()));
             }
+            if let (Some(ip), Some(o)) = (outcome.observed, &self.observers) {
+                o.leases.set(req.mac, Some(ip));
+            }
             writes.extend(outcome.write);
             if let Some(answer) = outcome.answer {
                 answers.push((answer, port));

@@ -168,7 +168,7 @@ pub fn decode(buf: &[u8], port: Port, source: SocketAddrV4) -> Result<Request, D
 
 /// Encodes an answer as a BOOTREPLY.
 pub fn encode(a: &Answer) -> Vec<u8> {
-    let siaddr = a.boot.as_ref().and_then(|b| b.next_server).unwrap_or(Ipv4Addr::UNSPECIFIED);
+    let siaddr = a.boot.as_ref().map_or(Ipv4Addr::UNSPECIFIED, |b| b.next_server);
     let mut msg = Message::new_with_id(a.xid, a.ciaddr, a.yiaddr, siaddr, a.giaddr, &a.mac.octets());
     msg.set_opcode(Opcode::BootReply);
     if a.broadcast {
@@ -179,8 +179,8 @@ pub fn encode(a: &Answer) -> Vec<u8> {
         if boot.file.as_str().len() < 128 {
             msg.set_fname_str(boot.file.as_str());
         }
-        if let Some(next) = boot.next_server {
-            msg.set_sname_str(next.to_string());
+        if let Some(tftp) = boot.tftp_server {
+            msg.set_sname_str(tftp.to_string());
         }
     }
     let opts = msg.opts_mut();
@@ -223,8 +223,8 @@ pub fn encode(a: &Answer) -> Vec<u8> {
     if let Some(boot) = &a.boot {
         opts.insert(DhcpOption::ClassIdentifier(boot.vendor_class.as_bytes().to_vec()));
         opts.insert(DhcpOption::BootfileName(boot.file.as_str().as_bytes().to_vec()));
-        if let Some(next) = boot.next_server {
-            opts.insert(DhcpOption::TFTPServerName(next.to_string().into_bytes()));
+        if let Some(tftp) = boot.tftp_server {
+            opts.insert(DhcpOption::TFTPServerName(tftp.to_string().into_bytes()));
         }
         if boot.pxe_discovery_control {
             // PXE vendor options: sub-option 6 (discovery control) = 8: boot from the file in this reply.
@@ -344,7 +344,8 @@ mod tests {
             hostname: Some("m1".into()),
             boot: Some(BootAnswer {
                 file: crate::boot::BootFile::Http("http://10.0.0.2/boot/x.ipxe".into()),
-                next_server: None,
+                next_server: Ipv4Addr::new(10, 0, 0, 2),
+                tftp_server: None,
                 vendor_class: "PXEClient",
                 ipxe_no_pxedhcp: true,
                 pxe_discovery_control: false,

@@ -21,7 +21,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use herd_provisioner::daemon::{DEBIAN_IPXE_DIR, DaemonConfig};
-use herd_provisioner::dhcp::server::{Mode, UnknownMacs};
+pub use herd_provisioner::dhcp::server::Mode;
+use herd_provisioner::dhcp::server::UnknownMacs;
 use tokio_util::sync::CancellationToken;
 
 /// The kernel the tests boot (fetched by `scripts/fetch-kernel.sh`).
@@ -115,14 +116,15 @@ impl Vm {
         self.console().lines().filter_map(|l| l.trim_end().strip_prefix(&prefix).map(str::to_owned)).collect()
     }
 
-    /// Waits until the serial console shows `marker`; returns the time since the VM started and the line.
+    /// Waits until the serial console shows `marker`; returns the time since the VM started and the line. Gives
+    /// up early when the console shows a line that cannot lead there (iPXE "Nothing to boot").
     pub fn wait_for(&self, marker: &str, limit: Duration) -> anyhow::Result<(Duration, String)> {
         loop {
             let console = self.console();
             if let Some(line) = console.lines().find(|l| l.contains(marker)) {
                 return Ok((self.started.elapsed(), line.to_owned()));
             }
-            if self.started.elapsed() > limit {
+            if self.started.elapsed() > limit || console.contains("Nothing to boot") {
                 let tail: Vec<&str> = console.lines().rev().take(15).collect();
                 bail!(
                     "{}: no {marker:?} on the console after {limit:?}; last lines:\n{}",
@@ -155,6 +157,9 @@ pub struct Lab {
     taps: u32,
     provisioner: Option<(CancellationToken, std::thread::JoinHandle<anyhow::Result<()>>)>,
     vms: Vec<Vm>,
+    /// Full DHCP (default) or proxyDHCP.
+    pub mode: Mode,
+    hosts: Vec<(String, Option<Child>)>,
 }
 
 impl Lab {
@@ -173,6 +178,8 @@ impl Lab {
             taps: 0,
             provisioner: None,
             vms: Vec::new(),
+            mode: Mode::Full,
+            hosts: Vec::new(),
         };
         ip(&["netns", "add", &lab.ns])?;
         ip(&["-n", &lab.ns, "link", "set", "lo", "up"])?;
@@ -180,6 +187,16 @@ impl Lab {
         ip(&["-n", &lab.ns, "addr", "add", &format!("{PROVISIONER_IP}/24"), "dev", &lab.bridge])?;
         ip(&["-n", &lab.ns, "addr", "add", "10.99.0.1/24", "dev", &lab.bridge])?;
         ip(&["-n", &lab.ns, "link", "set", &lab.bridge, "up"])?;
+        // Packets the namespace's own stack sends through the bridge to a tap otherwise leave with a partial UDP
+        // checksum (offload); QEMU fixes that up only for packets from port 67, so iPXE would drop the
+        // ProxyDHCPACK from port 4011 as corrupt. A physical NIC computes the checksum; here the kernel must.
+        let ethtool = Command::new("ip")
+            .args(["netns", "exec", &lab.ns, "ethtool", "-K", &lab.bridge, "tx", "off"])
+            .output()
+            .context("cannot run ethtool (apt install ethtool)")?;
+        if !ethtool.status.success() {
+            bail!("ethtool -K {} tx off: {}", lab.bridge, String::from_utf8_lossy(&ethtool.stderr).trim());
+        }
         Ok(lab)
     }
 
@@ -199,7 +216,7 @@ impl Lab {
             interface: self.bridge.clone(),
             state_dir: self.dir.join("state"),
             ipxe_dir: DEBIAN_IPXE_DIR.into(),
-            mode: Mode::Full,
+            mode: self.mode,
             unknown: UnknownMacs::Ignore,
             http_port: 80,
             lease_secs: 3600,
@@ -310,6 +327,34 @@ impl Lab {
         Ok(self.vms.len() - 1)
     }
 
+    /// Adds another host on the bridge (its own namespace, address `cidr`) and runs `command` there, e.g. a DHCP
+    /// server herd does not own. Returns the namespace's name.
+    pub fn add_host(&mut self, cidr: &str, command: &[&str]) -> anyhow::Result<String> {
+        let n = self.hosts.len();
+        let ns = format!("{}h{n}", self.ns);
+        let (outside, inside) = (format!("hv{n}"), "eth0".to_owned());
+        ip(&["netns", "add", &ns])?;
+        self.hosts.push((ns.clone(), None));
+        ip(&["-n", &self.ns, "link", "add", &outside, "type", "veth", "peer", "name", &inside, "netns", &ns])?;
+        ip(&["-n", &self.ns, "link", "set", &outside, "master", &self.bridge])?;
+        ip(&["-n", &self.ns, "link", "set", &outside, "up"])?;
+        ip(&["-n", &ns, "addr", "add", cidr, "dev", &inside])?;
+        ip(&["-n", &ns, "link", "set", &inside, "up"])?;
+        ip(&["-n", &ns, "link", "set", "lo", "up"])?;
+        let log = std::fs::File::create(self.dir.join(format!("host{n}.log")))?;
+        let child = Command::new("ip")
+            .args(["netns", "exec", &ns])
+            .args(command)
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("cannot start {command:?}"))?;
+        if let Some(last) = self.hosts.last_mut() {
+            last.1 = Some(child);
+        }
+        Ok(ns)
+    }
+
     /// The VMs started so far.
     pub fn vms(&self) -> &[Vm] {
         &self.vms
@@ -338,6 +383,13 @@ impl Lab {
 impl Drop for Lab {
     fn drop(&mut self) {
         self.vms.clear();
+        for (ns, child) in self.hosts.drain(..) {
+            if let Some(mut child) = child {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+            let _ = Command::new("ip").args(["netns", "del", &ns]).status();
+        }
         if let Some((cancel, handle)) = self.provisioner.take() {
             cancel.cancel();
             let _ = handle.join();

@@ -59,3 +59,43 @@ fn a_two_nic_machine_boots_from_its_second_nic() {
     assert!(args.contains(&"herd.machine=node1".to_owned()), "{args:?}");
     assert!(args.contains(&"herd.mac=52:54:00:99:01:02".to_owned()), "{args:?}");
 }
+
+#[test]
+fn proxy_dhcp_boots_beside_a_dhcp_server_we_do_not_own() {
+    let inventory = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/qemu-3.toml");
+    let mut lab = Lab::new(&inventory).unwrap();
+    lab.mode = herd_qemu::Mode::Proxy;
+    lab.boot_assets_test_initramfs().unwrap();
+    // The site's own DHCP server: dnsmasq on another host of the segment, handing out 10.99.0.100-150.
+    let leases = lab.dir.join("dnsmasq.leases");
+    lab.add_host(
+        "10.99.0.3/24",
+        &[
+            "dnsmasq",
+            "-d",
+            "-k",
+            "--port=0",
+            "--interface=eth0",
+            "--bind-interfaces",
+            "--dhcp-range=10.99.0.100,10.99.0.150,1h",
+            "--no-ping",
+            &format!("--dhcp-leasefile={}", leases.display()),
+        ],
+    )
+    .unwrap();
+    lab.start_provisioner().unwrap();
+    let i = lab.start_vm(VmSpec::new("proxy-bios", Firmware::SeabiosIpxe, &["52:54:00:99:01:01"])).unwrap();
+    let vm = &lab.vms()[i];
+    let waited = vm.wait_for(TEST_MARKER, Duration::from_secs(150));
+    let (took, _) =
+        waited.unwrap_or_else(|e| panic!("{e:#}\nprovisioner metrics:\n{}", lab.metrics().unwrap_or_default()));
+    let args = vm.test_args();
+    assert!(args.contains(&"herd.machine=node1".to_owned()), "{args:?}");
+    // The address came from dnsmasq, the boot information from herd, which leased nothing.
+    let dnsmasq_leases = std::fs::read_to_string(&leases).unwrap();
+    assert!(dnsmasq_leases.contains("52:54:00:99:01:01"), "{dnsmasq_leases}");
+    let metrics = lab.metrics().unwrap();
+    assert!(!metrics.contains("herd_dhcp_answers_total{type=\"ack\"}"), "{metrics}");
+    assert!(metrics.contains("herd_dhcp_answers_total{type=\"offer\"}"), "{metrics}");
+    println!("proxyDHCP beside dnsmasq, power-on → test init: {:.1} s", took.as_secs_f64());
+}
