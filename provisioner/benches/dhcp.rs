@@ -8,43 +8,18 @@
 //!
 //! Environment: HERD_BENCH_DHCP_SECS (default 8), HERD_BENCH_DHCP_RATE (offered rate, default 20000).
 
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+
+use common::{Pair, stop};
 
 const NS_SERVER: &str = "hbds";
 const NS_CLIENT: &str = "hbdc";
 const IF_SERVER: &str = "hbdvs";
 const IF_CLIENT: &str = "hbdvc";
 const SERVER_IP: &str = "10.96.0.2";
-
-fn run(cmd: &str, args: &[&str]) -> bool {
-    Command::new(cmd).args(args).stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
-}
-
-fn setup() {
-    teardown();
-    for args in [
-        vec!["netns", "add", NS_SERVER],
-        vec!["netns", "add", NS_CLIENT],
-        vec!["link", "add", IF_SERVER, "type", "veth", "peer", "name", IF_CLIENT],
-        vec!["link", "set", IF_SERVER, "netns", NS_SERVER],
-        vec!["link", "set", IF_CLIENT, "netns", NS_CLIENT],
-        vec!["-n", NS_SERVER, "addr", "add", "10.96.0.2/12", "dev", IF_SERVER],
-        vec!["-n", NS_CLIENT, "addr", "add", "10.96.0.60/12", "dev", IF_CLIENT],
-        vec!["-n", NS_SERVER, "link", "set", IF_SERVER, "up"],
-        vec!["-n", NS_CLIENT, "link", "set", IF_CLIENT, "up"],
-        vec!["-n", NS_SERVER, "link", "set", "lo", "up"],
-        vec!["-n", NS_CLIENT, "link", "set", "lo", "up"],
-    ] {
-        assert!(run("ip", &args), "ip {args:?} failed (the DHCP bench needs root)");
-    }
-}
-
-fn teardown() {
-    run("ip", &["netns", "del", NS_SERVER]);
-    run("ip", &["netns", "del", NS_CLIENT]);
-}
 
 fn cpu_ticks(pid: u32) -> u64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
@@ -107,35 +82,6 @@ fn perfdhcp(pid: u32, secs: u64, rate: u64) -> Figures {
     }
 }
 
-/// Starts `cmd` in the server namespace and waits until UDP 67 is bound there.
-fn start(cmd: &[&str]) -> Child {
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", NS_SERVER])
-        .args(cmd)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("server starts");
-    let start = Instant::now();
-    loop {
-        let ss = Command::new("ip").args(["netns", "exec", NS_SERVER, "ss", "-uln"]).output().expect("ss runs");
-        if String::from_utf8_lossy(&ss.stdout).contains(":67 ") {
-            break;
-        }
-        if let Ok(Some(status)) = child.try_wait() {
-            panic!("{cmd:?} exited with {status}");
-        }
-        assert!(start.elapsed() < Duration::from_secs(15), "{cmd:?} did not bind UDP 67");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    child
-}
-
-fn stop(mut child: Child) {
-    let _ = child.kill();
-    let _ = child.wait();
-}
-
 fn scratch() -> PathBuf {
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("bench-dhcp");
     let _ = std::fs::remove_dir_all(&dir);
@@ -185,48 +131,54 @@ fn print(name: &str, f: &Figures, durable: &str) {
 fn main() {
     let secs: u64 = std::env::var("HERD_BENCH_DHCP_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(8);
     let rate: u64 = std::env::var("HERD_BENCH_DHCP_RATE").ok().and_then(|s| s.parse().ok()).unwrap_or(20_000);
-    setup();
+    let pair = Pair::create([NS_SERVER, NS_CLIENT, IF_SERVER, IF_CLIENT], "10.96.0.2/12", Some("10.96.0.60/12"));
     let dir = scratch();
     println!("DHCP 4-way exchanges through a relay (perfdhcp -r {rate}, {secs} s each, same veth, same run):");
 
     let inventory = herd_inventory(&dir);
     let state = dir.join("herd-state");
-    let herd = start(&[
-        env!("CARGO_BIN_EXE_provisioner"),
-        "--inventory",
-        inventory.to_str().expect("utf-8 path"),
-        "--interface",
-        IF_SERVER,
-        "--state-dir",
-        state.to_str().expect("utf-8 path"),
-        "--unknown-macs",
-        "serve",
-    ]);
+    let herd = pair.start(
+        &[
+            env!("CARGO_BIN_EXE_provisioner"),
+            "--inventory",
+            inventory.to_str().expect("utf-8 path"),
+            "--interface",
+            IF_SERVER,
+            "--state-dir",
+            state.to_str().expect("utf-8 path"),
+            "--unknown-macs",
+            "serve",
+        ],
+        ":67 ",
+    );
     let herd_figures = perfdhcp(herd.id(), secs, rate);
     stop(herd);
     print("herd provisioner", &herd_figures, "leases fsynced before every ACK");
 
     let kea_cfg = kea_config(&dir);
-    let kea = start(&["kea-dhcp4", "-c", kea_cfg.to_str().expect("utf-8 path")]);
+    let kea = pair.start(&["kea-dhcp4", "-c", kea_cfg.to_str().expect("utf-8 path")], ":67 ");
     let kea_figures = perfdhcp(kea.id(), secs, rate);
     stop(kea);
     print("Kea 2.2 (memfile)", &kea_figures, "leases written, not fsynced");
 
     let leases = dir.join("dnsmasq.leases");
-    let dnsmasq = start(&[
-        "dnsmasq",
-        "-d",
-        "-k",
-        "--port=0",
-        &format!("--interface={IF_SERVER}"),
-        "--bind-interfaces",
-        "--dhcp-range=10.100.0.0,10.111.255.254,255.240.0.0,1h",
-        &format!("--dhcp-leasefile={}", leases.display()),
-        "--no-ping",
-        "--dhcp-authoritative",
-        "--dhcp-lease-max=10000000",
-        "--log-facility=/dev/null",
-    ]);
+    let dnsmasq = pair.start(
+        &[
+            "dnsmasq",
+            "-d",
+            "-k",
+            "--port=0",
+            &format!("--interface={IF_SERVER}"),
+            "--bind-interfaces",
+            "--dhcp-range=10.100.0.0,10.111.255.254,255.240.0.0,1h",
+            &format!("--dhcp-leasefile={}", leases.display()),
+            "--no-ping",
+            "--dhcp-authoritative",
+            "--dhcp-lease-max=10000000",
+            "--log-facility=/dev/null",
+        ],
+        ":67 ",
+    );
     let dnsmasq_figures = perfdhcp(dnsmasq.id(), secs, rate);
     stop(dnsmasq);
     print("dnsmasq (--no-ping)", &dnsmasq_figures, "lease file written, not fsynced");
@@ -237,5 +189,5 @@ fn main() {
         herd_figures.rate / kea_figures.rate,
         herd_figures.cpu_us_per_exchange / kea_figures.cpu_us_per_exchange
     );
-    teardown();
+    drop(pair);
 }

@@ -10,9 +10,12 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+use common::{Pair, run, stop};
 
 use tokio::net::UdpSocket;
 
@@ -21,34 +24,6 @@ const NS_CLIENT: &str = "hbtc";
 const IF_SERVER: &str = "hbtvs";
 const IF_CLIENT: &str = "hbtvc";
 const SERVER: &str = "10.99.0.2:69";
-
-fn run(cmd: &str, args: &[&str]) -> bool {
-    Command::new(cmd).args(args).stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
-}
-
-fn setup() {
-    teardown();
-    for args in [
-        vec!["netns", "add", NS_SERVER],
-        vec!["netns", "add", NS_CLIENT],
-        vec!["link", "add", IF_SERVER, "type", "veth", "peer", "name", IF_CLIENT],
-        vec!["link", "set", IF_SERVER, "netns", NS_SERVER],
-        vec!["link", "set", IF_CLIENT, "netns", NS_CLIENT],
-        vec!["-n", NS_SERVER, "addr", "add", "10.99.0.2/24", "dev", IF_SERVER],
-        vec!["-n", NS_CLIENT, "addr", "add", "10.99.0.60/24", "dev", IF_CLIENT],
-        vec!["-n", NS_SERVER, "link", "set", IF_SERVER, "up"],
-        vec!["-n", NS_CLIENT, "link", "set", IF_CLIENT, "up"],
-        vec!["-n", NS_SERVER, "link", "set", "lo", "up"],
-        vec!["-n", NS_CLIENT, "link", "set", "lo", "up"],
-    ] {
-        assert!(run("ip", &args), "ip {args:?} failed (the TFTP bench needs root)");
-    }
-}
-
-fn teardown() {
-    run("ip", &["netns", "del", NS_SERVER]);
-    run("ip", &["netns", "del", NS_CLIENT]);
-}
 
 /// A TFTP read from the client namespace: returns the bytes received.
 async fn fetch(file: &str, window: u16, ack_delay: Duration) -> std::io::Result<usize> {
@@ -134,15 +109,9 @@ async fn fetch(file: &str, window: u16, ack_delay: Duration) -> std::io::Result<
     }
 }
 
-/// Runs `f` on a fresh single-threaded runtime on a thread inside the client namespace.
+/// Runs `f` on a thread inside the client namespace.
 fn in_client<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
-    std::thread::spawn(move || {
-        let ns = std::fs::File::open(format!("/run/netns/{NS_CLIENT}")).expect("client namespace");
-        nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
-        f()
-    })
-    .join()
-    .expect("client thread")
+    Pair::in_ns(NS_CLIENT, f)
 }
 
 fn single(file: &'static str, ack_delay: Duration) -> Duration {
@@ -179,33 +148,6 @@ fn storm(clients: usize) -> (Duration, usize) {
             (start.elapsed(), failures)
         })
     })
-}
-
-fn start(cmd: &[&str]) -> Child {
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", NS_SERVER])
-        .args(cmd)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("server starts");
-    let begun = Instant::now();
-    loop {
-        let ss = Command::new("ip").args(["netns", "exec", NS_SERVER, "ss", "-uln"]).output().expect("ss runs");
-        if String::from_utf8_lossy(&ss.stdout).contains(":69 ") {
-            return child;
-        }
-        if let Ok(Some(status)) = child.try_wait() {
-            panic!("{cmd:?} exited with {status}");
-        }
-        assert!(begun.elapsed() < Duration::from_secs(15), "{cmd:?} did not bind UDP 69");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn stop(mut child: Child) {
-    let _ = child.kill();
-    let _ = child.wait();
 }
 
 fn scratch() -> PathBuf {
@@ -251,29 +193,33 @@ fn print(name: &str, f: &Figures) {
 }
 
 fn main() {
-    setup();
+    let pair = Pair::create([NS_SERVER, NS_CLIENT, IF_SERVER, IF_CLIENT], "10.99.0.2/24", Some("10.99.0.60/24"));
     let dir = scratch();
     let root = dir.join("root");
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     println!("TFTP, blksize 1468, client asks windowsize 64 (same veth, same run):");
 
     let state = dir.join("state");
-    let herd = start(&[
-        env!("CARGO_BIN_EXE_provisioner"),
-        "--inventory",
-        repo.join("examples/qemu-3.toml").to_str().expect("utf-8"),
-        "--interface",
-        IF_SERVER,
-        "--state-dir",
-        state.to_str().expect("utf-8"),
-        "--tftp-root",
-        root.to_str().expect("utf-8"),
-    ]);
+    let herd = pair.start(
+        &[
+            env!("CARGO_BIN_EXE_provisioner"),
+            "--inventory",
+            repo.join("examples/qemu-3.toml").to_str().expect("utf-8"),
+            "--interface",
+            IF_SERVER,
+            "--state-dir",
+            state.to_str().expect("utf-8"),
+            "--tftp-root",
+            root.to_str().expect("utf-8"),
+        ],
+        ":69 ",
+    );
     let herd_figures = measure();
     stop(herd);
     print("herd provisioner", &herd_figures);
 
-    let hpa = start(&["in.tftpd", "-L", "-s", root.to_str().expect("utf-8"), "-a", "10.99.0.2:69", "-B", "1468"]);
+    let hpa = pair
+        .start(&["in.tftpd", "-L", "-s", root.to_str().expect("utf-8"), "-a", "10.99.0.2:69", "-B", "1468"], ":69 ");
     let hpa_figures = measure();
     stop(hpa);
     print("tftpd-hpa", &hpa_figures);
@@ -284,5 +230,5 @@ fn main() {
         hpa_figures.one_ms.as_secs_f64() / herd_figures.one_ms.as_secs_f64(),
         herd_figures.storm.as_secs_f64()
     );
-    teardown();
+    drop(pair);
 }

@@ -14,7 +14,7 @@ use base64::Engine as _;
 use ignition_config::v3_3 as ign;
 use serde::{Deserialize, Serialize};
 
-use crate::ignition::{SPEC_VERSION, data_url, percent_decode};
+use crate::ignition::{data_url, percent_decode};
 
 /// Why a cloud-config cannot be translated.
 #[derive(Debug, thiserror::Error)]
@@ -167,26 +167,7 @@ pub fn translate(text: &str) -> Result<ign::Config, TranslateError> {
         }
     }
 
-    let mut config = ign::Config::default();
-    config.ignition.version = Some(SPEC_VERSION.to_owned());
-    if !files.is_empty() {
-        config.storage = Some(ign::Storage {
-            directories: None,
-            disks: None,
-            files: Some(files),
-            filesystems: None,
-            links: None,
-            luks: None,
-            raid: None,
-        });
-    }
-    if !units.is_empty() {
-        config.systemd = Some(ign::Systemd { units: Some(units) });
-    }
-    if !users.is_empty() {
-        config.passwd = Some(ign::Passwd { groups: None, users: Some(users) });
-    }
-    Ok(config)
+    Ok(crate::ignition::assemble(files, units, users))
 }
 
 fn refuse_unknown(cc: &CloudConfig) -> Result<(), TranslateError> {

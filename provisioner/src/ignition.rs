@@ -167,23 +167,37 @@ pub fn render(inv: &Inventory, machine: &Machine) -> Result<ign::Config, RenderE
     files.sort_by(|a, b| a.path.cmp(&b.path));
     units.sort_by(|a, b| a.name.cmp(&b.name));
 
+    let users = if inv.site.ssh_authorized_keys.is_empty() {
+        Vec::new()
+    } else {
+        vec![admin_user(inv.site.ssh_authorized_keys.clone())]
+    };
+    let config = assemble(files, units, users);
+    Ok(config)
+}
+
+/// A spec 3.3.0 config with these files, units and users; empty lists are left out.
+pub(crate) fn assemble(files: Vec<ign::File>, units: Vec<ign::Unit>, users: Vec<ign::User>) -> ign::Config {
     let mut config = ign::Config::default();
     config.ignition.version = Some(SPEC_VERSION.to_owned());
-    config.storage = Some(ign::Storage {
-        directories: None,
-        disks: None,
-        files: Some(files),
-        filesystems: None,
-        links: None,
-        luks: None,
-        raid: None,
-    });
-    config.systemd = Some(ign::Systemd { units: Some(units) });
-    if !inv.site.ssh_authorized_keys.is_empty() {
-        config.passwd =
-            Some(ign::Passwd { groups: None, users: Some(vec![admin_user(inv.site.ssh_authorized_keys.clone())]) });
+    if !files.is_empty() {
+        config.storage = Some(ign::Storage {
+            directories: None,
+            disks: None,
+            files: Some(files),
+            filesystems: None,
+            links: None,
+            luks: None,
+            raid: None,
+        });
     }
-    Ok(config)
+    if !units.is_empty() {
+        config.systemd = Some(ign::Systemd { units: Some(units) });
+    }
+    if !users.is_empty() {
+        config.passwd = Some(ign::Passwd { groups: None, users: Some(users) });
+    }
+    config
 }
 
 /// Serializes a config as pretty JSON with a trailing newline, leaving out unset (null) fields.

@@ -1,0 +1,103 @@
+//! What the provisioner benchmarks share: a server and a client network namespace joined by a veth pair, and
+//! starting and stopping servers inside the server namespace. Needs root.
+
+#![allow(dead_code, unreachable_pub)] // Each bench uses part of it.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Runs a command quietly; whether it succeeded.
+pub fn run(cmd: &str, args: &[&str]) -> bool {
+    Command::new(cmd).args(args).stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
+}
+
+/// Two namespaces and a veth pair between them.
+pub struct Pair {
+    pub server_ns: &'static str,
+    pub client_ns: &'static str,
+    pub server_if: &'static str,
+    pub client_if: &'static str,
+}
+
+impl Pair {
+    /// Creates the pair with the server side at `server_cidr` and, if given, the client side at `client_cidr`.
+    pub fn create(names: [&'static str; 4], server_cidr: &str, client_cidr: Option<&str>) -> Pair {
+        let [server_ns, client_ns, server_if, client_if] = names;
+        let pair = Pair { server_ns, client_ns, server_if, client_if };
+        pair.destroy();
+        let mut steps = vec![
+            vec!["netns", "add", server_ns],
+            vec!["netns", "add", client_ns],
+            vec!["link", "add", server_if, "type", "veth", "peer", "name", client_if],
+            vec!["link", "set", server_if, "netns", server_ns],
+            vec!["link", "set", client_if, "netns", client_ns],
+            vec!["-n", server_ns, "addr", "add", server_cidr, "dev", server_if],
+        ];
+        if let Some(cidr) = client_cidr {
+            steps.push(vec!["-n", client_ns, "addr", "add", cidr, "dev", client_if]);
+        }
+        steps.extend([
+            vec!["-n", server_ns, "link", "set", server_if, "up"],
+            vec!["-n", client_ns, "link", "set", client_if, "up"],
+            vec!["-n", server_ns, "link", "set", "lo", "up"],
+            vec!["-n", client_ns, "link", "set", "lo", "up"],
+        ]);
+        for args in steps {
+            assert!(run("ip", &args), "ip {args:?} failed (the benchmarks need root)");
+        }
+        pair
+    }
+
+    /// Deletes both namespaces (and so the veth pair).
+    pub fn destroy(&self) {
+        run("ip", &["netns", "del", self.server_ns]);
+        run("ip", &["netns", "del", self.client_ns]);
+    }
+
+    /// Starts `cmd` in the server namespace and waits until `ss -ulnt` there shows `marker` (e.g. ":67 ").
+    pub fn start(&self, cmd: &[&str], marker: &str) -> Child {
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", self.server_ns])
+            .args(cmd)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("server starts");
+        let begun = Instant::now();
+        loop {
+            let ss = Command::new("ip").args(["netns", "exec", self.server_ns, "ss", "-ulnt"]).output().expect("ss");
+            if String::from_utf8_lossy(&ss.stdout).contains(marker) {
+                return child;
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("{cmd:?} exited with {status}");
+            }
+            assert!(begun.elapsed() < Duration::from_secs(15), "{cmd:?} did not start listening ({marker})");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Runs `f` on a thread inside `ns`.
+    pub fn in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let path = format!("/run/netns/{ns}");
+        std::thread::spawn(move || {
+            let file = std::fs::File::open(path).expect("namespace");
+            nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+            f()
+        })
+        .join()
+        .expect("namespace thread")
+    }
+}
+
+impl Drop for Pair {
+    fn drop(&mut self) {
+        self.destroy();
+    }
+}
+
+/// Kills a server and reaps it.
+pub fn stop(mut child: Child) {
+    let _ = child.kill();
+    let _ = child.wait();
+}
