@@ -9,11 +9,12 @@ set -euo pipefail
 # iproute2: network namespaces and veth pairs for the protocol tests.
 # busybox-static (udhcpc), isc-dhcp-client (dhclient), kea-admin (perfdhcp): real DHCP clients and load.
 # kea-dhcp4-server, dnsmasq-base: the DHCP peers the benchmark measures herd against.
-# atftp, curl: TFTP clients for the tests; tftpd-hpa: the TFTP peer of the benchmark.
+# atftp, curl: TFTP clients for the tests; tftpd-hpa: the TFTP peer of the benchmark; nginx-light: the HTTP
+# peer of the boot-storm benchmark.
 # ipxe-qemu, ovmf, cpio: QEMU's iPXE option ROMs, UEFI firmware, and the test initramfs (QEMU itself comes from
 # bookworm-backports below).
 PACKAGES=(protobuf-compiler ignition ipxe iproute2 busybox-static isc-dhcp-client kea-admin kea-dhcp4-server
-  dnsmasq-base atftp tftpd-hpa curl ipxe-qemu ovmf cpio zstd ethtool)
+  dnsmasq-base atftp tftpd-hpa curl ipxe-qemu ovmf cpio zstd ethtool nginx-light)
 
 missing=()
 for pkg in "${PACKAGES[@]}"; do

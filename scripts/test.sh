@@ -12,3 +12,4 @@ cargo bench --locked -p herd-inventory --bench check
 cargo bench --locked -p herd-provisioner --bench render
 cargo bench --locked -p herd-provisioner --bench dhcp
 cargo bench --locked -p herd-provisioner --bench tftp
+cargo bench --locked -p herd-provisioner --bench storm

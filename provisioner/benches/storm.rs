@@ -125,7 +125,9 @@ async fn boot(
     if ack.yiaddr() != m.ip {
         return Err(format!("got {} instead of {}", ack.yiaddr(), m.ip));
     }
-    let file = ack.fname_str().and_then(Result::ok).unwrap_or("undionly.kpxe").to_owned();
+    // The BOOTP file field is NUL-padded to 128 bytes.
+    let file =
+        ack.fname_str().and_then(Result::ok).unwrap_or("undionly.kpxe").trim_end_matches(char::from(0)).to_owned();
     let got = tftp(m.ip, &file).await?;
     if got != NBP {
         return Err(format!("NBP {got} bytes"));

@@ -88,7 +88,9 @@ fn main() -> ExitCode {
         http_port: args.http_port,
         lease_secs: args.lease_secs,
     };
-    let runtime = match tokio::runtime::Runtime::new() {
+    // Few blocking threads: file reads for HTTP assets queue on them instead of each boot-storm connection
+    // growing the pool (every extra thread costs stack memory).
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().max_blocking_threads(16).build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("provisioner: error: cannot start the async runtime: {e}");
