@@ -21,24 +21,24 @@ for pkg in "${PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
 done
 
+sudo=""
+[ "$(id -u)" -eq 0 ] || sudo=sudo
+
 if ((${#missing[@]})); then
-  sudo=""
-  [ "$(id -u)" -eq 0 ] || sudo=sudo
   echo "setup-host: installing ${missing[*]}"
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-# QEMU from bookworm-backports (bookworm's qemu-system-x86 conflicts with the preinstalled backports qemu-utils).
+# bookworm-backports: QEMU (bookworm's qemu-system-x86 conflicts with the preinstalled backports qemu-utils) and
+# the 6.12 test kernel come from there.
+if ! grep -rqs "bookworm-backports" /etc/apt/sources.list /etc/apt/sources.list.d/; then
+  echo "setup-host: adding the bookworm-backports suite"
+  printf 'Types: deb\nURIs: http://deb.debian.org/debian\nSuites: bookworm-backports\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' \
+    | $sudo tee /etc/apt/sources.list.d/herd-backports.sources >/dev/null
+  $sudo apt-get update -qq
+fi
 if ! command -v qemu-system-x86_64 >/dev/null 2>&1; then
-  sudo=""
-  [ "$(id -u)" -eq 0 ] || sudo=sudo
-  if ! grep -rqs "bookworm-backports" /etc/apt/sources.list /etc/apt/sources.list.d/; then
-    echo "setup-host: adding the bookworm-backports suite"
-    printf 'Types: deb\nURIs: http://deb.debian.org/debian\nSuites: bookworm-backports\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' \
-      | $sudo tee /etc/apt/sources.list.d/herd-backports.sources >/dev/null
-    $sudo apt-get update -qq
-  fi
   echo "setup-host: installing qemu-system-x86 from bookworm-backports"
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends -t bookworm-backports \
     qemu-system-x86 >/dev/null
