@@ -135,6 +135,7 @@ pub async fn run(config: DaemonConfig, cancel: CancellationToken) -> anyhow::Res
         "provisioner serving DHCP, TFTP and HTTP"
     );
     let inv = Arc::new(inv);
+    let files = Arc::new(crate::files::FileCache::default());
     let machines = Machines::start(&inv, Arc::clone(&store), Arc::clone(&metrics))?;
     let lease_view = Arc::new(LeaseView::default());
     let observers = Observers { machines: machines.clone(), leases: Arc::clone(&lease_view) };
@@ -157,6 +158,7 @@ pub async fn run(config: DaemonConfig, cancel: CancellationToken) -> anyhow::Res
         boot_dir.clone(),
         boot_base.clone(),
         Arc::clone(&metrics),
+        Arc::clone(&files),
     );
     let app = crate::http::router(http_state).into_make_service_with_connect_info::<std::net::SocketAddr>();
     let http_cancel = cancel.clone();
@@ -167,7 +169,7 @@ pub async fn run(config: DaemonConfig, cancel: CancellationToken) -> anyhow::Res
         crate::tftp::TftpConfig::new(tftp_root.clone(), server_ip, crate::tftp::interface_mtu(&config.interface));
     let macs = crate::machines::mac_index(&inv);
     let (tftp_machines, tftp_leases) = (machines.clone(), Arc::clone(&lease_view));
-    let tftp = crate::tftp::TftpServer::new(tftp_config, tftp_socket, Arc::clone(&metrics))
+    let tftp = crate::tftp::TftpServer::new(tftp_config, tftp_socket, Arc::clone(&files), Arc::clone(&metrics))
         .with_context(|| format!("cannot serve TFTP from {}", tftp_root.display()))?
         .on_transfer(Arc::new(move |peer, file, ending| {
             let std::net::SocketAddr::V4(peer) = peer else { return };

@@ -82,6 +82,7 @@ pub struct HttpState {
     base: String,
     metrics: Arc<Metrics>,
     refusals: Arc<LogLimiter>,
+    files: Arc<crate::files::FileCache>,
 }
 
 impl HttpState {
@@ -94,12 +95,13 @@ impl HttpState {
         ipxe: PathBuf,
         base: String,
         metrics: Arc<Metrics>,
+        files: Arc<crate::files::FileCache>,
     ) -> Self {
         metrics.describe("herd_http_requests_total", "HTTP requests, by route.");
         metrics.describe("herd_http_config_refused_total", "Config fetches refused, by reason.");
         let macs = Arc::new(crate::machines::mac_index(&inv));
         let refusals = Arc::new(LogLimiter { last: Mutex::new(None), every: Duration::from_secs(1) });
-        HttpState { inv, macs, machines, leases, assets, ipxe, base, metrics, refusals }
+        HttpState { inv, macs, machines, leases, assets, ipxe, base, metrics, refusals, files }
     }
 }
 
@@ -190,29 +192,84 @@ async fn assets(State(s): State<HttpState>, ConnectInfo(peer): ConnectInfo<Socke
     {
         s.machines.event(name, kind, format!("GET /assets/{path}"));
     }
-    // ServeDir answers HEAD, Range and conditional requests, and never leaves its directory.
-    let mut req = req;
-    let stripped = format!("/{path}");
-    if let Ok(uri) = stripped.parse() {
-        *req.uri_mut() = uri;
-    }
-    match ServeDir::new(&s.assets).oneshot(req).await {
-        Ok(resp) => resp.into_response(),
-        Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
-    }
+    serve_file(&s, &s.assets, &path, req).await
 }
 
 /// iPXE binaries for HTTP-boot firmware (the same files TFTP serves).
-async fn ipxe_binary(State(s): State<HttpState>, mut req: Request) -> Response {
+async fn ipxe_binary(State(s): State<HttpState>, req: Request) -> Response {
     s.metrics.inc("herd_http_requests_total", "route=\"ipxe\"");
-    let path = req.uri().path().trim_start_matches("/ipxe").to_owned();
-    if let Ok(uri) = path.parse() {
-        *req.uri_mut() = uri;
+    let path = req.uri().path().trim_start_matches("/ipxe/").to_owned();
+    serve_file(&s, &s.ipxe, &path, req).await
+}
+
+/// Files up to this size are served from the shared cache; larger ones (OS images) stream from disk.
+const CACHED_FILE_MAX: usize = 64 << 20;
+
+/// Serves a file below `root` with HEAD and single-range support; never leaves `root` (the same confinement as
+/// TFTP). Cached files go out as slices of one shared buffer: no disk read per request.
+async fn serve_file(s: &HttpState, root: &std::path::Path, rel: &str, req: Request) -> Response {
+    let Ok(root) = root.canonicalize() else { return text(StatusCode::NOT_FOUND, "no such directory\n") };
+    let path = match crate::tftp::resolve(&root, rel) {
+        Ok(p) => p,
+        Err(refusal) if refusal.code == crate::tftp::packet::code::ACCESS => {
+            return text(StatusCode::FORBIDDEN, "forbidden\n");
+        }
+        Err(_) => return text(StatusCode::NOT_FOUND, "not found\n"),
+    };
+    let data = match s.files.get(&path, CACHED_FILE_MAX).await {
+        Ok(Some(data)) => data,
+        Ok(None) => {
+            // Too large to cache: stream it (ServeDir handles HEAD and Range too).
+            let mut req = req;
+            if let Ok(uri) = format!("/{}", path.strip_prefix(&root).unwrap_or(&path).display()).parse() {
+                *req.uri_mut() = uri;
+            }
+            return match ServeDir::new(&root).oneshot(req).await {
+                Ok(resp) => resp.into_response(),
+                Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
+            };
+        }
+        Err(e) => return text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
+    };
+    let len = data.len();
+    let head = req.method() == axum::http::Method::HEAD;
+    let range = req.headers().get(header::RANGE).and_then(|v| v.to_str().ok()).map(|r| byte_range(r, len));
+    let (status, start, end) = match range {
+        None => (StatusCode::OK, 0, len),
+        Some(Some((a, b))) => (StatusCode::PARTIAL_CONTENT, a, b),
+        Some(None) => {
+            return (StatusCode::RANGE_NOT_SATISFIABLE, [(header::CONTENT_RANGE, format!("bytes */{len}"))])
+                .into_response();
+        }
+    };
+    let mut builder = axum::http::Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "application/octet-stream")
+        .header(header::ACCEPT_RANGES, "bytes")
+        .header(header::CONTENT_LENGTH, end - start);
+    if status == StatusCode::PARTIAL_CONTENT {
+        builder = builder.header(header::CONTENT_RANGE, format!("bytes {start}-{}/{len}", end.saturating_sub(1)));
     }
-    match ServeDir::new(&s.ipxe).oneshot(req).await {
-        Ok(resp) => resp.into_response(),
-        Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
+    let body = if head { axum::body::Body::empty() } else { axum::body::Body::from(data.slice(start..end)) };
+    builder.body(body).unwrap_or_else(|e| text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")))
+}
+
+/// A single `bytes=` range as a half-open interval, or None if unsatisfiable or not understood.
+fn byte_range(header: &str, len: usize) -> Option<(usize, usize)> {
+    let spec = header.strip_prefix("bytes=")?;
+    if spec.contains(',') {
+        return None;
     }
+    let (a, b) = spec.split_once('-')?;
+    let (start, end) = match (a.trim(), b.trim()) {
+        ("", suffix) => {
+            let n: usize = suffix.parse().ok()?;
+            (len.saturating_sub(n), len)
+        }
+        (a, "") => (a.parse().ok()?, len),
+        (a, b) => (a.parse().ok()?, b.parse::<usize>().ok()?.saturating_add(1).min(len)),
+    };
+    (start < end && start < len).then_some((start, end))
 }
 
 /// Query string carrying a per-boot token.
@@ -374,5 +431,22 @@ async fn reprovision(State(s): State<HttpState>, Path(name): Path<String>) -> Re
     match s.machines.reprovision(&name).await {
         Ok(state) => axum::Json(serde_json::json!({ "machine": name, "state": state })).into_response(),
         Err(e) => text(StatusCode::NOT_FOUND, format!("{e}\n")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::byte_range;
+
+    #[test]
+    fn byte_ranges() {
+        assert_eq!(byte_range("bytes=0-99", 1000), Some((0, 100)));
+        assert_eq!(byte_range("bytes=900-", 1000), Some((900, 1000)));
+        assert_eq!(byte_range("bytes=-100", 1000), Some((900, 1000)));
+        assert_eq!(byte_range("bytes=990-2000", 1000), Some((990, 1000)));
+        assert_eq!(byte_range("bytes=1000-", 1000), None);
+        assert_eq!(byte_range("bytes=5-1", 1000), None);
+        assert_eq!(byte_range("bytes=0-1,5-6", 1000), None);
+        assert_eq!(byte_range("items=0-1", 1000), None);
     }
 }

@@ -10,6 +10,7 @@ pub mod boot;
 pub mod cloud_config;
 pub mod daemon;
 pub mod dhcp;
+pub mod files;
 pub mod http;
 pub mod ignition;
 pub mod lint;

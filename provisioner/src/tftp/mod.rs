@@ -9,18 +9,19 @@
 
 pub mod packet;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Component, Path, PathBuf};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::net::UdpSocket;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::files::FileCache;
 use crate::metrics::Metrics;
 use packet::{ClientPacket, Mode, code};
 
@@ -28,8 +29,6 @@ use packet::{ClientPacket, Mode, code};
 pub const PORT: u16 = 69;
 /// Largest file served over TFTP (kernels and images go over HTTP).
 pub const MAX_FILE: usize = 64 << 20;
-/// Total bytes the file cache holds before it is emptied.
-const CACHE_BYTES: usize = 128 << 20;
 
 /// Server settings.
 #[derive(Debug, Clone)]
@@ -108,41 +107,6 @@ pub fn resolve(root: &Path, requested: &str) -> Result<PathBuf, Refusal> {
         return Err(refuse(code::NOT_FOUND, "not-found", "file not found"));
     }
     Ok(canonical)
-}
-
-/// A cached file: its size and mtime when read, and its bytes.
-type Cached = (u64, SystemTime, Arc<[u8]>);
-
-/// A shared cache of served files, keyed by path and checked against size and mtime.
-#[derive(Debug, Default)]
-struct FileCache {
-    files: Mutex<HashMap<PathBuf, Cached>>,
-}
-
-impl FileCache {
-    async fn get(&self, path: &Path) -> io::Result<Arc<[u8]>> {
-        let meta = tokio::fs::metadata(path).await?;
-        let mtime = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
-        if meta.len() > MAX_FILE as u64 {
-            return Err(io::Error::other("file too large for TFTP; boot it over HTTP"));
-        }
-        if let Ok(files) = self.files.lock()
-            && let Some((len, t, data)) = files.get(path)
-            && *len == meta.len()
-            && *t == mtime
-        {
-            return Ok(Arc::clone(data));
-        }
-        let data: Arc<[u8]> = tokio::fs::read(path).await?.into();
-        if let Ok(mut files) = self.files.lock() {
-            let total: usize = files.values().map(|(_, _, d)| d.len()).sum();
-            if total + data.len() > CACHE_BYTES {
-                files.clear();
-            }
-            files.insert(path.to_owned(), (meta.len(), mtime, Arc::clone(&data)));
-        }
-        Ok(data)
-    }
 }
 
 /// Converts text to netascii: LF → CR LF, CR → CR NUL.
@@ -245,11 +209,16 @@ pub fn describe_metrics(m: &Metrics) {
 
 impl TftpServer {
     /// A server on an already bound port-69 socket. `config.root` is canonicalized.
-    pub fn new(mut config: TftpConfig, socket: UdpSocket, metrics: Arc<Metrics>) -> io::Result<Self> {
+    pub fn new(
+        mut config: TftpConfig,
+        socket: UdpSocket,
+        cache: Arc<FileCache>,
+        metrics: Arc<Metrics>,
+    ) -> io::Result<Self> {
         config.root = config.root.canonicalize()?;
         describe_metrics(&metrics);
         let permits = Arc::new(Semaphore::new(config.max_transfers));
-        Ok(TftpServer { config: Arc::new(config), socket, cache: Arc::default(), metrics, permits, on_transfer: None })
+        Ok(TftpServer { config: Arc::new(config), socket, cache, metrics, permits, on_transfer: None })
     }
 
     /// Calls `hook` when each transfer ends (the daemon records it in the machine's timeline).
@@ -330,8 +299,14 @@ async fn serve(
     };
     socket.connect(peer).await.ok()?;
     let content = match resolve(&config.root, file) {
-        Ok(path) => match cache.get(&path).await {
-            Ok(data) => data,
+        Ok(path) => match cache.get(&path, MAX_FILE).await {
+            Ok(Some(data)) => data,
+            Ok(None) => {
+                metrics.inc("herd_tftp_refused_total", "reason=\"too-large\"");
+                let _ =
+                    socket.send(&packet::error(code::UNDEFINED, "file too large for TFTP; boot it over HTTP")).await;
+                return None;
+            }
             Err(e) => {
                 metrics.inc("herd_tftp_refused_total", "reason=\"unreadable\"");
                 let _ = socket.send(&packet::error(code::UNDEFINED, &e.to_string())).await;
@@ -345,7 +320,7 @@ async fn serve(
             return None;
         }
     };
-    let content: Arc<[u8]> = match mode {
+    let content: bytes::Bytes = match mode {
         Mode::Octet => content,
         Mode::Netascii => to_netascii(&content).into(),
     };
