@@ -154,11 +154,13 @@ pub async fn run(config: DaemonConfig, cancel: CancellationToken) -> anyhow::Res
         Arc::clone(&inv),
         machines.clone(),
         Arc::clone(&lease_view),
-        config.assets.clone(),
-        boot_dir.clone(),
-        boot_base.clone(),
+        crate::http::Served {
+            assets: config.assets.clone(),
+            ipxe: boot_dir.clone(),
+            base: boot_base.clone(),
+            files: Arc::clone(&files),
+        },
         Arc::clone(&metrics),
-        Arc::clone(&files),
     );
     let app = crate::http::router(http_state).into_make_service_with_connect_info::<std::net::SocketAddr>();
     let http_cancel = cancel.clone();

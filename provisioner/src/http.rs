@@ -85,18 +85,29 @@ pub struct HttpState {
     files: Arc<crate::files::FileCache>,
 }
 
+/// What the HTTP server serves from where.
+#[derive(Debug, Clone)]
+pub struct Served {
+    /// Directory behind /assets.
+    pub assets: PathBuf,
+    /// Directory behind /ipxe.
+    pub ipxe: PathBuf,
+    /// Base URL machines use to reach us, e.g. `http://10.20.0.2`.
+    pub base: String,
+    /// The file cache shared with TFTP.
+    pub files: Arc<crate::files::FileCache>,
+}
+
 impl HttpState {
     /// Shared state for the routes.
     pub fn new(
         inv: Arc<Inventory>,
         machines: Machines,
         leases: Arc<LeaseView>,
-        assets: PathBuf,
-        ipxe: PathBuf,
-        base: String,
+        served: Served,
         metrics: Arc<Metrics>,
-        files: Arc<crate::files::FileCache>,
     ) -> Self {
+        let Served { assets, ipxe, base, files } = served;
         metrics.describe("herd_http_requests_total", "HTTP requests, by route.");
         metrics.describe("herd_http_config_refused_total", "Config fetches refused, by reason.");
         let macs = Arc::new(crate::machines::mac_index(&inv));
