@@ -170,37 +170,56 @@ mod raw_client {
     }
 
     #[test]
-    fn garbage_is_dropped_and_the_server_keeps_answering() {
+    fn garbage_is_dropped_counted_and_the_server_keeps_answering() {
         let mut lab = Lab::qemu3(&[]);
         lab.start();
+        lab.client_address("10.99.0.60/24");
         let dev = lab.client_if.clone();
         let leased = in_netns(&lab.client_ns, move || {
             let sock = raw::socket("0.0.0.0:68".parse().unwrap(), &dev);
+            let tftp = std::net::UdpSocket::bind("10.99.0.60:0").unwrap();
             let bcast: SocketAddr = "255.255.255.255:67".parse().unwrap();
+            let tftp_to: SocketAddr = "10.99.0.2:69".parse().unwrap();
             let valid = raw::message(MessageType::Discover, NODE2_MAC, 1).to_vec().unwrap();
+            let valid_rrq = b"\x00\x01undionly.kpxe\x00octet\x00blksize\x001468\x00".to_vec();
             let mut seed = 0x9e37_79b9_u32;
             for i in 0..2000usize {
                 seed ^= seed << 13;
                 seed ^= seed >> 17;
                 seed ^= seed << 5;
-                let packet: Vec<u8> = match i % 3 {
-                    // Truncations of a valid packet.
-                    0 => valid[..(seed as usize % valid.len())].to_vec(),
-                    // A valid packet with one byte flipped.
-                    1 => {
-                        let mut p = valid.clone();
-                        let at = seed as usize % p.len();
-                        p[at] ^= (seed >> 8) as u8 | 1;
-                        p
+                let mutate = |valid: &[u8]| -> Vec<u8> {
+                    match i % 3 {
+                        // Truncations of a valid packet.
+                        0 => valid[..(seed as usize % valid.len())].to_vec(),
+                        // A valid packet with one byte flipped.
+                        1 => {
+                            let mut p = valid.to_vec();
+                            let at = seed as usize % p.len();
+                            p[at] ^= (seed >> 8) as u8 | 1;
+                            p
+                        }
+                        // Random bytes.
+                        _ => (0..(seed % 600)).map(|j| (seed.wrapping_mul(j + 1) >> 7) as u8).collect(),
                     }
-                    // Random bytes.
-                    _ => (0..(seed % 600)).map(|j| (seed.wrapping_mul(j + 1) >> 7) as u8).collect(),
                 };
-                let _ = sock.send_to(&packet, bcast);
+                let _ = sock.send_to(&mutate(&valid), bcast);
+                let _ = tftp.send_to(&mutate(&valid_rrq), tftp_to);
             }
             raw::lease(&sock, NODE2_MAC, 99)
         });
         assert_eq!(leased, Some(Ipv4Addr::new(10, 99, 0, 12)), "still serving after 2000 bad packets");
         assert!(!lab.log().contains("panicked"));
+        // The drops are counted, by reason.
+        let metrics = lab.in_client("curl", &["-sf", "http://10.99.0.2/metrics"]);
+        let metrics = String::from_utf8_lossy(&metrics.stdout);
+        let sum = |prefix: &str| -> u64 {
+            metrics
+                .lines()
+                .filter(|l| l.starts_with(prefix))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+                .sum()
+        };
+        assert!(sum("herd_dhcp_dropped_total") > 100, "{metrics}");
+        assert!(sum("herd_tftp_dropped_total") > 100, "{metrics}");
     }
 }
