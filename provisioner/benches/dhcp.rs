@@ -137,20 +137,7 @@ fn main() {
 
     let inventory = herd_inventory(&dir);
     let state = dir.join("herd-state");
-    let herd = pair.start(
-        &[
-            env!("CARGO_BIN_EXE_provisioner"),
-            "--inventory",
-            inventory.to_str().expect("utf-8 path"),
-            "--interface",
-            IF_SERVER,
-            "--state-dir",
-            state.to_str().expect("utf-8 path"),
-            "--unknown-macs",
-            "serve",
-        ],
-        ":67 ",
-    );
+    let herd = pair.start_provisioner(&inventory, &state, &["--unknown-macs", "serve"], ":67 ");
     let herd_figures = perfdhcp(herd.id(), secs, rate);
     stop(herd);
     print("herd provisioner", &herd_figures, "leases fsynced before every ACK");

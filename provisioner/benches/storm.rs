@@ -437,22 +437,9 @@ fn main() {
     );
 
     let state = dir.join("state");
-    let herd = pair.start(
-        &[
-            env!("CARGO_BIN_EXE_provisioner"),
-            "--inventory",
-            dir.join("inventory.toml").to_str().expect("utf-8"),
-            "--interface",
-            IF_SERVER,
-            "--state-dir",
-            state.to_str().expect("utf-8"),
-            "--ipxe-dir",
-            dir.join("ipxe").to_str().expect("utf-8"),
-            "--assets",
-            dir.join("assets").to_str().expect("utf-8"),
-        ],
-        "10.20.0.2:80",
-    );
+    let (ipxe_dir, assets_dir) = (dir.join("ipxe"), dir.join("assets"));
+    let extra = ["--ipxe-dir", ipxe_dir.to_str().expect("utf-8"), "--assets", assets_dir.to_str().expect("utf-8")];
+    let herd = pair.start_provisioner(&dir.join("inventory.toml"), &state, &extra, "10.20.0.2:80");
     let herd_pid = herd.id();
     let herd_outcome = storm(Arc::clone(&machines));
     let rss = peak_rss_mib(herd_pid);

@@ -200,20 +200,8 @@ fn main() {
     println!("TFTP, blksize 1468, client asks windowsize 64 (same veth, same run):");
 
     let state = dir.join("state");
-    let herd = pair.start(
-        &[
-            env!("CARGO_BIN_EXE_provisioner"),
-            "--inventory",
-            repo.join("examples/qemu-3.toml").to_str().expect("utf-8"),
-            "--interface",
-            IF_SERVER,
-            "--state-dir",
-            state.to_str().expect("utf-8"),
-            "--tftp-root",
-            root.to_str().expect("utf-8"),
-        ],
-        ":69 ",
-    );
+    let root_arg = root.to_str().expect("utf-8");
+    let herd = pair.start_provisioner(&repo.join("examples/qemu-3.toml"), &state, &["--tftp-root", root_arg], ":69 ");
     let herd_figures = measure();
     stop(herd);
     print("herd provisioner", &herd_figures);

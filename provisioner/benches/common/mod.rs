@@ -77,6 +77,29 @@ impl Pair {
         }
     }
 
+    /// Starts herd's provisioner (this package's binary) on the server side with `inventory` and `state`, plus
+    /// `extra` arguments; waits until `marker` is listening.
+    pub fn start_provisioner(
+        &self,
+        inventory: &std::path::Path,
+        state: &std::path::Path,
+        extra: &[&str],
+        marker: &str,
+    ) -> Child {
+        let (inventory, state) = (inventory.to_str().expect("utf-8 path"), state.to_str().expect("utf-8 path"));
+        let mut cmd = vec![
+            env!("CARGO_BIN_EXE_provisioner"),
+            "--inventory",
+            inventory,
+            "--interface",
+            self.server_if,
+            "--state-dir",
+            state,
+        ];
+        cmd.extend_from_slice(extra);
+        self.start(&cmd, marker)
+    }
+
     /// Runs `f` on a thread inside `ns`.
     pub fn in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
         let path = format!("/run/netns/{ns}");
