@@ -189,29 +189,64 @@ async fn tftp(local: Ipv4Addr, file: &str) -> Result<usize, String> {
     }
 }
 
-/// GETs over one keep-alive connection, like iPXE: script, kernel, initramfs, config.
-async fn http(m: &Machine) -> Result<(), String> {
+/// Opens a keep-alive connection from the machine's own address.
+async fn connect(m: &Machine, to: SocketAddr) -> Result<BufReader<tokio::net::TcpStream>, String> {
     let socket = TcpSocket::new_v4().map_err(|e| e.to_string())?;
     socket.bind(SocketAddr::from((m.ip, 0))).map_err(|e| e.to_string())?;
-    let stream = socket.connect(SocketAddr::from((SERVER, 80))).await.map_err(|e| e.to_string())?;
-    let mut stream = BufReader::new(stream);
+    Ok(BufReader::new(socket.connect(to).await.map_err(|e| e.to_string())?))
+}
+
+/// Where a script's `kernel`/`initrd` URL points: (server address, path).
+fn url_target(url: &str) -> Option<(SocketAddr, String)> {
+    let rest = url.strip_prefix("http://")?;
+    let (authority, path) = rest.split_once('/')?;
+    let addr = if authority.contains(':') {
+        authority.parse().ok()?
+    } else {
+        SocketAddr::from((authority.parse::<Ipv4Addr>().ok()?, 80))
+    };
+    Some((addr, format!("/{path}")))
+}
+
+/// Like iPXE: the script, then the kernel and initramfs wherever the script points, then the config.
+async fn http(m: &Machine) -> Result<(), String> {
+    let mut main = connect(m, SocketAddr::from((SERVER, 80))).await?;
     let dashed = m.mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join("-");
-    let script = get(&mut stream, &format!("/boot/{dashed}.ipxe")).await?;
-    let script = String::from_utf8_lossy(&script).to_string();
+    let script = get(&mut main, &format!("/boot/{dashed}.ipxe")).await?;
+    let script = String::from_utf8_lossy(&script.head).to_string();
     let token = script.split_whitespace().find_map(|w| w.strip_prefix("herd.token=")).unwrap_or("none").to_owned();
-    let kernel = get(&mut stream, "/assets/vmlinuz").await?;
-    let initramfs = get(&mut stream, "/assets/initramfs").await?;
-    if kernel.len() != KERNEL || initramfs.len() != INITRAMFS {
-        return Err(format!("kernel {} initramfs {} bytes", kernel.len(), initramfs.len()));
+    let url_of = |verb: &str| {
+        script
+            .lines()
+            .find_map(|l| l.strip_prefix(verb))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(url_target)
+    };
+    let ((kernel_at, kernel_path), (initrd_at, initrd_path)) =
+        (url_of("kernel ").ok_or("no kernel in script")?, url_of("initrd ").ok_or("no initrd in script")?);
+    let mut assets = connect(m, kernel_at).await?;
+    let kernel = get(&mut assets, &kernel_path).await?;
+    if initrd_at != kernel_at {
+        assets = connect(m, initrd_at).await?;
     }
-    let config = get(&mut stream, &format!("/config/{dashed}?token={token}")).await?;
-    if config.is_empty() {
+    let initramfs = get(&mut assets, &initrd_path).await?;
+    if kernel.len != KERNEL || initramfs.len != INITRAMFS {
+        return Err(format!("kernel {} initramfs {} bytes", kernel.len, initramfs.len));
+    }
+    let config = get(&mut main, &format!("/config/{dashed}?token={token}")).await?;
+    if config.len == 0 {
         return Err("empty config".into());
     }
     Ok(())
 }
 
-async fn get(stream: &mut BufReader<tokio::net::TcpStream>, path: &str) -> Result<Vec<u8>, String> {
+/// A response: its length, and its first bytes (scripts and configs are small; kernels are only counted).
+struct Got {
+    len: usize,
+    head: Vec<u8>,
+}
+
+async fn get(stream: &mut BufReader<tokio::net::TcpStream>, path: &str) -> Result<Got, String> {
     let req = format!("GET {path} HTTP/1.1\r\nHost: 10.20.0.2\r\nUser-Agent: iPXE/1.21\r\n\r\n");
     stream.get_mut().write_all(req.as_bytes()).await.map_err(|e| e.to_string())?;
     let mut status = String::new();
@@ -227,12 +262,23 @@ async fn get(stream: &mut BufReader<tokio::net::TcpStream>, path: &str) -> Resul
             length = v.trim().parse().unwrap_or(0);
         }
     }
-    let mut body = vec![0u8; length];
-    stream.read_exact(&mut body).await.map_err(|e| e.to_string())?;
+    // Keep the first 64 KiB, count the rest through a small buffer, as the copy-bound receiver does.
+    let mut head = vec![0u8; length.min(64 << 10)];
+    stream.read_exact(&mut head).await.map_err(|e| e.to_string())?;
+    let mut left = length - head.len();
+    let mut sink = vec![0u8; 256 << 10];
+    while left > 0 {
+        let want = left.min(sink.len());
+        let n = stream.read(&mut sink[..want]).await.map_err(|e| e.to_string())?;
+        if n == 0 {
+            return Err(format!("GET {path}: connection closed with {left} bytes to go"));
+        }
+        left -= n;
+    }
     if !status.contains(" 200 ") {
         return Err(format!("GET {path}: {}", status.trim()));
     }
-    Ok(body)
+    Ok(Got { len: length, head })
 }
 
 fn storm(machines: Arc<Vec<Machine>>) -> Outcome {

@@ -40,6 +40,8 @@ pub struct DaemonConfig {
     pub unknown: UnknownMacs,
     /// HTTP port (the boot URLs point there).
     pub http_port: u16,
+    /// Port of the sendfile asset server (kernels, initramfs, images).
+    pub assets_port: u16,
     /// Lease time, seconds.
     pub lease_secs: u32,
     /// Directory served over TFTP [default: the iPXE binaries, copied into `STATE_DIR/boot`].
@@ -158,12 +160,35 @@ pub async fn run(config: DaemonConfig, cancel: CancellationToken) -> anyhow::Res
             assets: config.assets.clone(),
             ipxe: boot_dir.clone(),
             base: boot_base.clone(),
+            assets_base: format!("http://{server_ip}:{}", config.assets_port),
             files: Arc::clone(&files),
         },
         Arc::clone(&metrics),
     );
     let app = crate::http::router(http_state).into_make_service_with_connect_info::<std::net::SocketAddr>();
     let http_cancel = cancel.clone();
+    let assets_listener = tokio::net::TcpListener::bind((server_ip, config.assets_port))
+        .await
+        .with_context(|| format!("cannot listen on {server_ip}:{} for boot assets", config.assets_port))?;
+    std::fs::create_dir_all(&config.assets)
+        .with_context(|| format!("cannot create the assets directory {}", config.assets.display()))?;
+    let assets_root = config
+        .assets
+        .canonicalize()
+        .with_context(|| format!("cannot use the assets directory {}", config.assets.display()))?;
+    let (asset_machines, asset_leases, asset_macs) =
+        (machines.clone(), Arc::clone(&lease_view), crate::machines::mac_index(&inv));
+    let on_asset: crate::assets::OnServe = Arc::new(move |peer, path| {
+        let kind = match path {
+            "vmlinuz" => "kernel",
+            "initramfs" => "initramfs",
+            _ => return,
+        };
+        let std::net::SocketAddr::V4(peer) = peer else { return };
+        if let Some(name) = asset_leases.holder(*peer.ip()).and_then(|mac| asset_macs.get(&mac)) {
+            asset_machines.event(name, kind, format!("GET /assets/{path}"));
+        }
+    });
     let tftp_socket = bind_udp(crate::tftp::PORT, Some(&config.interface))
         .with_context(|| format!("cannot bind UDP {} on {}", crate::tftp::PORT, config.interface))?;
     let tftp_root = config.tftp_root.clone().unwrap_or_else(|| boot_dir.clone());
@@ -182,6 +207,13 @@ pub async fn run(config: DaemonConfig, cancel: CancellationToken) -> anyhow::Res
     let tracker = TaskTracker::new();
     tracker.spawn(dhcp.run(cancel.clone()));
     tracker.spawn(tftp.run(cancel.clone()));
+    tracker.spawn(crate::assets::run(
+        assets_listener,
+        assets_root,
+        Arc::clone(&metrics),
+        Some(on_asset),
+        cancel.clone(),
+    ));
     let (ra_interface, ra_metrics, ra_cancel) = (config.interface.clone(), Arc::clone(&metrics), cancel.clone());
     tracker.spawn(async move {
         if let Err(e) = crate::ra::run(ra_interface, ra_metrics, ra_cancel).await {

@@ -80,6 +80,7 @@ pub struct HttpState {
     assets: PathBuf,
     ipxe: PathBuf,
     base: String,
+    assets_base: String,
     metrics: Arc<Metrics>,
     refusals: Arc<LogLimiter>,
     files: Arc<crate::files::FileCache>,
@@ -94,6 +95,8 @@ pub struct Served {
     pub ipxe: PathBuf,
     /// Base URL machines use to reach us, e.g. `http://10.20.0.2`.
     pub base: String,
+    /// Base URL of the sendfile asset server, e.g. `http://10.20.0.2:8080` (kernels and initramfs come from there).
+    pub assets_base: String,
     /// The file cache shared with TFTP.
     pub files: Arc<crate::files::FileCache>,
 }
@@ -107,12 +110,12 @@ impl HttpState {
         served: Served,
         metrics: Arc<Metrics>,
     ) -> Self {
-        let Served { assets, ipxe, base, files } = served;
+        let Served { assets, ipxe, base, assets_base, files } = served;
         metrics.describe("herd_http_requests_total", "HTTP requests, by route.");
         metrics.describe("herd_http_config_refused_total", "Config fetches refused, by reason.");
         let macs = Arc::new(crate::machines::mac_index(&inv));
         let refusals = Arc::new(LogLimiter { last: Mutex::new(None), every: Duration::from_secs(1) });
-        HttpState { inv, macs, machines, leases, assets, ipxe, base, metrics, refusals, files }
+        HttpState { inv, macs, machines, leases, assets, ipxe, base, assets_base, metrics, refusals, files }
     }
 }
 
@@ -180,8 +183,9 @@ async fn script(State(s): State<HttpState>, Path(file): Path<String>) -> Respons
     args.extend(machine.kernel_args.iter().cloned());
     let dashed = mac.to_string().replace(':', "-");
     let body = format!(
-        "#!ipxe\n# herd: {name} ({mode:?})\nkernel {base}/assets/vmlinuz {args}\ninitrd {base}/assets/initramfs\nboot || goto failed\n\
-         :failed\necho herd: boot failed; retrying in 10 s\nsleep 10\nchain {base}/boot/{dashed}.ipxe\n",
+        "#!ipxe\n# herd: {name} ({mode:?})\nkernel {assets}/assets/vmlinuz {args}\ninitrd {assets}/assets/initramfs\n\
+         boot || goto failed\n:failed\necho herd: boot failed; retrying in 10 s\nsleep 10\nchain {base}/boot/{dashed}.ipxe\n",
+        assets = s.assets_base,
         base = s.base,
         args = args.join(" "),
     );
@@ -266,7 +270,7 @@ async fn serve_file(s: &HttpState, root: &std::path::Path, rel: &str, req: Reque
 }
 
 /// A single `bytes=` range as a half-open interval, or None if unsatisfiable or not understood.
-fn byte_range(header: &str, len: usize) -> Option<(usize, usize)> {
+pub(crate) fn byte_range(header: &str, len: usize) -> Option<(usize, usize)> {
     let spec = header.strip_prefix("bytes=")?;
     if spec.contains(',') {
         return None;

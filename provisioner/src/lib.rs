@@ -6,6 +6,7 @@
 //! port 4011) with [`boot`] deciding what each firmware loads and [`store`] keeping leases crash-safe. TFTP, HTTP
 //! and the machine state machine are being added (issue #8).
 
+pub mod assets;
 pub mod boot;
 pub mod cloud_config;
 pub mod daemon;

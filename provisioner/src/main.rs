@@ -34,6 +34,9 @@ struct Args {
     /// HTTP port the boot URLs point at.
     #[arg(long, default_value_t = 80)]
     http_port: u16,
+    /// Port of the boot-asset server (kernels, initramfs, images, sent with sendfile).
+    #[arg(long, default_value_t = 8080)]
+    assets_port: u16,
     /// Lease time in seconds.
     #[arg(long, default_value_t = 3600)]
     lease_secs: u32,
@@ -86,6 +89,7 @@ fn main() -> ExitCode {
             UnknownArg::Serve => UnknownMacs::Serve,
         },
         http_port: args.http_port,
+        assets_port: args.assets_port,
         lease_secs: args.lease_secs,
     };
     // Few blocking threads: file reads for HTTP assets queue on them instead of each boot-storm connection

@@ -50,13 +50,13 @@ fn scripts_are_per_machine_and_unknown_macs_get_none() {
     assert_eq!(code, 200);
     assert!(script.starts_with("#!ipxe\n"), "{script}");
     for needle in [
-        "kernel http://10.99.0.2/assets/vmlinuz ",
+        "kernel http://10.99.0.2:8080/assets/vmlinuz ",
         "herd.machine=node1",
         "herd.mac=52:54:00:99:01:01",
         "herd.mode=install",
         "herd.provisioner=http://10.99.0.2",
         "console=ttyS0",
-        "initrd http://10.99.0.2/assets/initramfs",
+        "initrd http://10.99.0.2:8080/assets/initramfs",
     ] {
         assert!(script.contains(needle), "missing {needle:?} in\n{script}");
     }
@@ -69,30 +69,39 @@ fn scripts_are_per_machine_and_unknown_macs_get_none() {
 }
 
 #[test]
-fn assets_support_range_head_and_keep_alive() {
+fn assets_support_range_head_and_keep_alive_on_both_servers() {
     let lab = booted_lab();
-    let (code, part) = curl(&lab, &["-r", "100-199", "http://10.99.0.2/assets/vmlinuz"]);
-    assert_eq!((code, part.len()), (206, 100));
-    let head = lab.in_client("curl", &["-sI", "http://10.99.0.2/assets/vmlinuz"]);
-    let head = body(&head).to_ascii_lowercase();
-    assert!(head.contains("content-length: 1048576"), "{head}");
-    assert!(head.contains("accept-ranges: bytes"), "{head}");
-    let verbose = lab.in_client(
-        "curl",
-        &[
-            "-sv",
-            "-o",
-            "/dev/null",
-            "-o",
-            "/dev/null",
-            "http://10.99.0.2/assets/initramfs",
-            "http://10.99.0.2/assets/vmlinuz",
-        ],
-    );
-    let log = String::from_utf8_lossy(&verbose.stderr);
-    assert!(log.contains("Re-using existing connection"), "{log}");
-    let (code, _) = curl(&lab, &["--path-as-is", "http://10.99.0.2/assets/../state/provisioner.redb"]);
-    assert_ne!(code, 200);
+    // The sendfile asset server the scripts point at, and /assets on the main HTTP port.
+    for base in ["http://10.99.0.2:8080", "http://10.99.0.2"] {
+        let (code, part) = curl(&lab, &["-r", "100-199", &format!("{base}/assets/vmlinuz")]);
+        assert_eq!((code, part.len()), (206, 100), "{base}");
+        let (code, tail) = curl(&lab, &["-r", "-10", &format!("{base}/assets/initramfs")]);
+        assert_eq!((code, tail.as_str()), (206, "amfs bytes"), "{base}");
+        let (code, _) = curl(&lab, &["-r", "5000000-", &format!("{base}/assets/vmlinuz")]);
+        assert_eq!(code, 416, "{base}");
+        let head = lab.in_client("curl", &["-sI", &format!("{base}/assets/vmlinuz")]);
+        let head = body(&head).to_ascii_lowercase();
+        assert!(head.contains("content-length: 1048576"), "{base}: {head}");
+        assert!(head.contains("accept-ranges: bytes"), "{base}: {head}");
+        let verbose = lab.in_client(
+            "curl",
+            &[
+                "-sv",
+                "-o",
+                "/dev/null",
+                "-o",
+                "/dev/null",
+                &format!("{base}/assets/initramfs"),
+                &format!("{base}/assets/vmlinuz"),
+            ],
+        );
+        let log = String::from_utf8_lossy(&verbose.stderr);
+        assert!(log.contains("Re-using existing connection"), "{base}: {log}");
+        let (code, _) = curl(&lab, &["--path-as-is", &format!("{base}/assets/../state/provisioner.redb")]);
+        assert!(code == 403 || code == 404, "{base}: {code}");
+    }
+    let (code, full) = curl(&lab, &["http://10.99.0.2:8080/assets/vmlinuz"]);
+    assert_eq!((code, full.len()), (200, 1 << 20));
 }
 
 #[test]
@@ -131,7 +140,7 @@ fn an_installed_machine_boots_locally_until_reprovisioned_and_its_timeline_shows
     let script_url = format!("http://10.99.0.2/boot/{NODE1_DASHED}.ipxe");
     let (_, script) = curl(&lab, &[&script_url]);
     let token = token_of(&script);
-    assert_eq!(curl(&lab, &["-o", "/dev/null", "http://10.99.0.2/assets/vmlinuz"]).0, 200);
+    assert_eq!(curl(&lab, &["-o", "/dev/null", "http://10.99.0.2:8080/assets/vmlinuz"]).0, 200);
     assert_eq!(curl(&lab, &[&format!("http://10.99.0.2/config/{NODE1_DASHED}?token={token}")]).0, 200);
     let phone = |stage: &str, token: &str| {
         curl(

@@ -47,6 +47,7 @@ fn list_show_timeline_and_reprovision() {
         mode: Mode::Full,
         unknown: UnknownMacs::Ignore,
         http_port: 8080,
+        assets_port: 8081,
         lease_secs: 3600,
         tftp_root: None,
         assets: dir.join("assets"),

@@ -219,6 +219,7 @@ impl Lab {
             mode: self.mode,
             unknown: UnknownMacs::Ignore,
             http_port: 80,
+            assets_port: 8080,
             lease_secs: 3600,
             tftp_root: None,
             assets: self.dir.join("assets"),
