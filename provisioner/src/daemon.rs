@@ -50,6 +50,72 @@ pub struct DaemonConfig {
     pub assets: PathBuf,
 }
 
+/// The optional provisioner config file (`provisioner --config FILE`): the same settings as the flags, which
+/// override it. Versioned TOML; unknown keys are refused.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// Format version, 1.
+    pub version: u32,
+    /// The inventory file (relative paths are relative to the config file).
+    pub inventory: Option<PathBuf>,
+    /// The boot interface.
+    pub interface: Option<String>,
+    /// Where state lives.
+    pub state_dir: Option<PathBuf>,
+    /// Where the iPXE binaries are.
+    pub ipxe_dir: Option<PathBuf>,
+    /// Directory served over TFTP.
+    pub tftp_root: Option<PathBuf>,
+    /// Directory served under /assets.
+    pub assets: Option<PathBuf>,
+    /// `full` or `proxy`.
+    pub mode: Option<String>,
+    /// `ignore` or `serve`.
+    pub unknown_macs: Option<String>,
+    /// HTTP port.
+    pub http_port: Option<u16>,
+    /// Asset server port.
+    pub assets_port: Option<u16>,
+    /// Lease time, seconds.
+    pub lease_secs: Option<u32>,
+}
+
+impl FileConfig {
+    /// Reads and checks a config file; relative paths in it become relative to its directory.
+    pub fn load(path: &Path) -> anyhow::Result<FileConfig> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let mut config: FileConfig =
+            toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.to_string().trim_end()))?;
+        if config.version != 1 {
+            bail!("{}: version {} is not supported; this provisioner reads version 1", path.display(), config.version);
+        }
+        for value in [&config.mode, &config.unknown_macs] {
+            if let Some(v) = value
+                && !["full", "proxy", "ignore", "serve"].contains(&v.as_str())
+            {
+                bail!("{}: unknown value {v:?} (mode: full|proxy, unknown_macs: ignore|serve)", path.display());
+            }
+        }
+        let base = path.parent().unwrap_or(Path::new("."));
+        for p in [
+            &mut config.inventory,
+            &mut config.state_dir,
+            &mut config.ipxe_dir,
+            &mut config.tftp_root,
+            &mut config.assets,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+        Ok(config)
+    }
+}
+
 /// The IPv4 addresses of an interface.
 pub fn interface_addresses(interface: &str) -> anyhow::Result<Vec<Ipv4Addr>> {
     let addrs = nix::ifaddrs::getifaddrs().context("cannot list network interfaces")?;

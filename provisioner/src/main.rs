@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, ValueEnum};
-use herd_provisioner::daemon::{self, DEBIAN_IPXE_DIR, DaemonConfig};
+use herd_provisioner::daemon::{self, DEBIAN_IPXE_DIR, DaemonConfig, FileConfig};
 use herd_provisioner::dhcp::server::{Mode, UnknownMacs};
 use tokio_util::sync::CancellationToken;
 
@@ -13,39 +13,44 @@ use tokio_util::sync::CancellationToken;
 #[derive(Debug, Parser)]
 #[command(name = "provisioner", version, about)]
 struct Args {
-    /// The inventory file.
+    /// A TOML file with any of the settings below (`version = 1`, keys as the flags with `_`); flags override it.
     #[arg(long, value_name = "FILE")]
-    inventory: PathBuf,
-    /// The boot interface; it must carry the inventory's [site] provisioner address.
+    config: Option<PathBuf>,
+    /// The inventory file (required, here or in the config file).
+    #[arg(long, value_name = "FILE")]
+    inventory: Option<PathBuf>,
+    /// The boot interface; it must carry the inventory's [site] provisioner address (required).
     #[arg(long, value_name = "IFACE")]
-    interface: String,
-    /// Where leases and boot state are kept (crash-safe).
+    interface: Option<String>,
+    /// Where leases and boot state are kept, crash-safe (required).
     #[arg(long, value_name = "DIR")]
-    state_dir: PathBuf,
-    /// Where the iPXE binaries are (undionly.kpxe, ipxe.efi, snponly.efi).
-    #[arg(long, value_name = "DIR", default_value = DEBIAN_IPXE_DIR)]
-    ipxe_dir: PathBuf,
-    /// full: hand out addresses and boot information; proxy: boot information only, beside another DHCP server.
-    #[arg(long, value_enum, default_value_t = ModeArg::Full)]
-    mode: ModeArg,
-    /// MACs not in the inventory: ignore them (production), or lease from the pool and boot them (discovery).
-    #[arg(long, value_enum, default_value_t = UnknownArg::Ignore)]
-    unknown_macs: UnknownArg,
-    /// HTTP port the boot URLs point at.
-    #[arg(long, default_value_t = 80)]
-    http_port: u16,
-    /// Port of the boot-asset server (kernels, initramfs, images, sent with sendfile).
-    #[arg(long, default_value_t = 8080)]
-    assets_port: u16,
-    /// Lease time in seconds.
-    #[arg(long, default_value_t = 3600)]
-    lease_secs: u32,
+    state_dir: Option<PathBuf>,
+    /// Where the iPXE binaries are (undionly.kpxe, ipxe.efi, snponly.efi) [default: /usr/lib/ipxe].
+    #[arg(long, value_name = "DIR")]
+    ipxe_dir: Option<PathBuf>,
+    /// full: hand out addresses and boot information; proxy: boot information only, beside another DHCP server
+    /// [default: full].
+    #[arg(long, value_enum)]
+    mode: Option<ModeArg>,
+    /// MACs not in the inventory: ignore them (production), or lease from the pool and boot them (discovery)
+    /// [default: ignore].
+    #[arg(long, value_enum)]
+    unknown_macs: Option<UnknownArg>,
+    /// HTTP port the boot URLs point at [default: 80].
+    #[arg(long)]
+    http_port: Option<u16>,
+    /// Port of the boot-asset server (kernels, initramfs, images, sent with sendfile) [default: 8080].
+    #[arg(long)]
+    assets_port: Option<u16>,
+    /// Lease time in seconds [default: 3600].
+    #[arg(long)]
+    lease_secs: Option<u32>,
     /// Directory served over TFTP [default: the iPXE binaries, copied into STATE_DIR/boot].
     #[arg(long, value_name = "DIR")]
     tftp_root: Option<PathBuf>,
-    /// Directory served over HTTP under /assets: vmlinuz, initramfs and OS images.
-    #[arg(long, value_name = "DIR", default_value = "/var/lib/herd/assets")]
-    assets: PathBuf,
+    /// Directory served under /assets: vmlinuz, initramfs and OS images [default: /var/lib/herd/assets].
+    #[arg(long, value_name = "DIR")]
+    assets: Option<PathBuf>,
     /// More logging (-v debug, -vv trace); RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count)]
     verbose: u8,
@@ -63,6 +68,36 @@ enum UnknownArg {
     Serve,
 }
 
+/// The flags over the config file over the defaults.
+fn settings(args: Args) -> anyhow::Result<DaemonConfig> {
+    let file = match &args.config {
+        Some(path) => FileConfig::load(path)?,
+        None => FileConfig::default(),
+    };
+    let missing = |what: &str| anyhow::anyhow!("--{what} is required (on the command line or in --config)");
+    let mode = match (args.mode, file.mode.as_deref()) {
+        (Some(ModeArg::Proxy), _) | (None, Some("proxy")) => Mode::Proxy,
+        _ => Mode::Full,
+    };
+    let unknown = match (args.unknown_macs, file.unknown_macs.as_deref()) {
+        (Some(UnknownArg::Serve), _) | (None, Some("serve")) => UnknownMacs::Serve,
+        _ => UnknownMacs::Ignore,
+    };
+    Ok(DaemonConfig {
+        inventory: args.inventory.or(file.inventory).ok_or_else(|| missing("inventory"))?,
+        interface: args.interface.or(file.interface).ok_or_else(|| missing("interface"))?,
+        state_dir: args.state_dir.or(file.state_dir).ok_or_else(|| missing("state-dir"))?,
+        ipxe_dir: args.ipxe_dir.or(file.ipxe_dir).unwrap_or_else(|| DEBIAN_IPXE_DIR.into()),
+        mode,
+        unknown,
+        http_port: args.http_port.or(file.http_port).unwrap_or(80),
+        assets_port: args.assets_port.or(file.assets_port).unwrap_or(8080),
+        lease_secs: args.lease_secs.or(file.lease_secs).unwrap_or(3600),
+        tftp_root: args.tftp_root.or(file.tftp_root),
+        assets: args.assets.or(file.assets).unwrap_or_else(|| "/var/lib/herd/assets".into()),
+    })
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
     let level = match args.verbose {
@@ -73,24 +108,12 @@ fn main() -> ExitCode {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
-    let config = DaemonConfig {
-        inventory: args.inventory,
-        interface: args.interface,
-        state_dir: args.state_dir,
-        tftp_root: args.tftp_root,
-        assets: args.assets,
-        ipxe_dir: args.ipxe_dir,
-        mode: match args.mode {
-            ModeArg::Full => Mode::Full,
-            ModeArg::Proxy => Mode::Proxy,
-        },
-        unknown: match args.unknown_macs {
-            UnknownArg::Ignore => UnknownMacs::Ignore,
-            UnknownArg::Serve => UnknownMacs::Serve,
-        },
-        http_port: args.http_port,
-        assets_port: args.assets_port,
-        lease_secs: args.lease_secs,
+    let config = match settings(args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("provisioner: error: {e:#}");
+            return ExitCode::from(2);
+        }
     };
     // Few blocking threads: file reads for HTTP assets queue on them instead of each boot-storm connection
     // growing the pool (every extra thread costs stack memory).

@@ -108,6 +108,8 @@ pub struct Request {
     pub port: Port,
     /// Where it came from (for 4011 replies).
     pub source: SocketAddrV4,
+    /// Option 57: the largest DHCP message the client accepts (576 when absent, the RFC 2131 minimum).
+    pub max_size: u16,
 }
 
 /// The message type of an answer.
@@ -204,6 +206,8 @@ pub struct Answer {
     pub message: Option<String>,
     /// Where to send it.
     pub destination: Destination,
+    /// The largest message the client accepts (option 57).
+    pub max_size: u16,
 }
 
 /// Why a request gets no answer (counted, never fatal).
@@ -518,6 +522,7 @@ impl DhcpServer {
             relay: req.relay.clone(),
             message: None,
             destination: destination(req, kind),
+            max_size: req.max_size,
         }
     }
 
@@ -762,6 +767,7 @@ mod tests {
             relay: None,
             port: Port::Dhcp,
             source: SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, CLIENT_PORT),
+            max_size: 576,
         }
     }
 

@@ -241,7 +241,11 @@ impl DhcpService {
             Destination::Unicast(addr) => addr,
             Destination::Broadcast => SocketAddrV4::new(Ipv4Addr::BROADCAST, CLIENT_PORT),
         };
-        let bytes = wire::encode(answer);
+        let Some(bytes) = wire::encode(answer) else {
+            self.metrics.inc("herd_dhcp_errors_total", "kind=\"too-large\"");
+            tracing::warn!(mac = %answer.mac, max = answer.max_size, "answer does not fit the client's maximum size");
+            return;
+        };
         let Some(socket) = self.socket(port) else { return };
         match socket.send_to(&bytes, to).await {
             Ok(_) => {

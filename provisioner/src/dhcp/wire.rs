@@ -38,6 +38,11 @@ impl Drop {
     }
 }
 
+/// The message size every DHCP client accepts (RFC 2131 §2).
+const MIN_MESSAGE: u16 = 576;
+/// IP and UDP headers, which option 57 counts.
+const IP_UDP_HEADERS: usize = 28;
+
 /// Offset of the magic cookie, and of the first option after it.
 const COOKIE_AT: usize = 236;
 const OPTIONS_AT: usize = 240;
@@ -146,6 +151,11 @@ pub fn decode(buf: &[u8], port: Port, source: SocketAddrV4) -> Result<Request, D
         Some(DhcpOption::RequestedIpAddress(ip)) => Some(*ip),
         _ => None,
     };
+    // RFC 2131: a client accepts at least 576 bytes; option 57 may raise that, never lower it.
+    let max_size = match opts.get(OptionCode::MaxMessageSize) {
+        Some(DhcpOption::MaxMessageSize(n)) => (*n).max(MIN_MESSAGE),
+        _ => MIN_MESSAGE,
+    };
     let server_id = match opts.get(OptionCode::ServerIdentifier) {
         Some(DhcpOption::ServerIdentifier(ip)) => Some(*ip),
         _ => None,
@@ -163,11 +173,24 @@ pub fn decode(buf: &[u8], port: Port, source: SocketAddrV4) -> Result<Request, D
         relay,
         port,
         source,
+        max_size,
     })
 }
 
-/// Encodes an answer as a BOOTREPLY.
-pub fn encode(a: &Answer) -> Vec<u8> {
+/// Encodes an answer as a BOOTREPLY that fits the client's maximum message size (option 57): if the full answer
+/// is too large, the informational options (NTP, DNS, domain, host name) are left out; None if even that is too
+/// large.
+pub fn encode(a: &Answer) -> Option<Vec<u8>> {
+    let limit = usize::from(a.max_size).saturating_sub(IP_UDP_HEADERS);
+    let full = encode_with(a, true);
+    if full.len() <= limit {
+        return Some(full);
+    }
+    let lean = encode_with(a, false);
+    (lean.len() <= limit).then_some(lean)
+}
+
+fn encode_with(a: &Answer, informational: bool) -> Vec<u8> {
     let siaddr = a.boot.as_ref().map_or(Ipv4Addr::UNSPECIFIED, |b| b.next_server);
     let mut msg = Message::new_with_id(a.xid, a.ciaddr, a.yiaddr, siaddr, a.giaddr, &a.mac.octets());
     msg.set_opcode(Opcode::BootReply);
@@ -201,6 +224,11 @@ pub fn encode(a: &Answer) -> Vec<u8> {
         if let Some(router) = net.router {
             opts.insert(DhcpOption::Router(vec![router]));
         }
+        if let Some(mtu) = net.mtu {
+            opts.insert(DhcpOption::InterfaceMtu(mtu));
+        }
+    }
+    if let (Some(net), true) = (&a.net, informational) {
         if !net.dns.is_empty() {
             opts.insert(DhcpOption::DomainNameServer(net.dns.clone()));
         }
@@ -210,11 +238,8 @@ pub fn encode(a: &Answer) -> Vec<u8> {
         if let Some(domain) = &net.domain {
             opts.insert(DhcpOption::DomainName(domain.clone()));
         }
-        if let Some(mtu) = net.mtu {
-            opts.insert(DhcpOption::InterfaceMtu(mtu));
-        }
     }
-    if let Some(hostname) = &a.hostname {
+    if let (Some(hostname), true) = (&a.hostname, informational) {
         opts.insert(DhcpOption::Hostname(hostname.clone()));
     }
     if let Some(message) = &a.message {
@@ -320,9 +345,8 @@ mod tests {
         assert_eq!(decode(&no_cookie, Port::Dhcp, src()), Err(Drop::Malformed));
     }
 
-    #[test]
-    fn an_answer_round_trips_with_boot_options() {
-        let answer = Answer {
+    fn sample_answer() -> Answer {
+        Answer {
             kind: AnswerKind::Offer,
             xid: 9,
             mac: Mac::from_octets([0x52, 0x54, 0, 0, 0, 1]),
@@ -354,8 +378,14 @@ mod tests {
             relay: Some(RelayEcho(vec![1, 3, b'a', b'b', b'c'])),
             message: None,
             destination: Destination::Relay(Ipv4Addr::new(10, 0, 0, 1)),
-        };
-        let bytes = encode(&answer);
+            max_size: 1500,
+        }
+    }
+
+    #[test]
+    fn an_answer_round_trips_with_boot_options() {
+        let answer = sample_answer();
+        let bytes = encode(&answer).unwrap();
         let msg = Message::decode(&mut Decoder::new(&bytes)).unwrap();
         assert_eq!(msg.opcode(), Opcode::BootReply);
         assert_eq!(msg.yiaddr(), Ipv4Addr::new(10, 0, 0, 11));
@@ -374,6 +404,25 @@ mod tests {
         let relay = o.get(OptionCode::RelayAgentInformation).unwrap().to_vec().unwrap();
         assert_eq!(relay, [82, 5, 1, 3, b'a', b'b', b'c']);
         assert_eq!(o.get(OptionCode::ClientMachineIdentifier), Some(&DhcpOption::ClientMachineIdentifier(vec![0; 17])));
+    }
+
+    #[test]
+    fn answers_fit_the_clients_maximum_message_size() {
+        let req = decode(&discover(vec![DhcpOption::MaxMessageSize(300)]), Port::Dhcp, src()).unwrap();
+        assert_eq!(req.max_size, 576, "option 57 cannot go below 576");
+        let req = decode(&discover(vec![DhcpOption::MaxMessageSize(1500)]), Port::Dhcp, src()).unwrap();
+        assert_eq!(req.max_size, 1500);
+        let mut a = sample_answer();
+        a.net.as_mut().unwrap().dns = (0..60).map(|i| Ipv4Addr::new(10, 0, 1, i)).collect();
+        a.max_size = 576;
+        let lean = encode(&a).expect("fits without the informational options");
+        assert!(lean.len() <= 576 - 28);
+        let msg = Message::decode(&mut Decoder::new(&lean)).unwrap();
+        assert!(msg.opts().get(OptionCode::DomainNameServer).is_none());
+        assert!(msg.opts().get(OptionCode::SubnetMask).is_some());
+        a.max_size = 1500;
+        let full = Message::decode(&mut Decoder::new(&encode(&a).unwrap())).unwrap();
+        assert!(full.opts().get(OptionCode::DomainNameServer).is_some());
     }
 
     proptest::proptest! {
