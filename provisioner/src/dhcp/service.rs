@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::leases::{Lease, LeaseState};
 use super::server::{
-    Answer, AnswerKind, BOOT_SERVER_PORT, CLIENT_PORT, Destination, DhcpServer, Event, Ignored, Kind, Port, SERVER_PORT,
+    Answer, AnswerKind, CLIENT_PORT, Destination, DhcpServer, Event, Ignored, Kind, Port, SERVER_PORT,
 };
 use super::wire;
 use crate::http::LeaseView;
@@ -277,6 +277,3 @@ async fn readable(socket: Option<&UdpSocket>) -> io::Result<()> {
 pub fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
-
-/// The well-known ports, re-exported for the daemon.
-pub const PORTS: (u16, u16) = (SERVER_PORT, BOOT_SERVER_PORT);

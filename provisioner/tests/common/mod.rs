@@ -4,7 +4,6 @@
 
 #![allow(dead_code, unreachable_pub, clippy::unwrap_used)] // Shared by several test binaries; each uses part of it.
 
-use std::io::{BufRead as _, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -211,18 +210,6 @@ impl Drop for Lab {
 
 fn nix_is_root() -> bool {
     Command::new("id").arg("-u").output().map(|o| o.stdout.starts_with(b"0")).unwrap_or(false)
-}
-
-/// Reads lines of a child's stdout until one matches.
-pub fn wait_line(child: &mut Child, needle: &str) -> String {
-    let out = child.stdout.take().unwrap();
-    for line in BufReader::new(out).lines() {
-        let line = line.unwrap();
-        if line.contains(needle) {
-            return line;
-        }
-    }
-    panic!("no line containing {needle:?}");
 }
 
 /// Runs `f` on a thread that has entered network namespace `ns`.
