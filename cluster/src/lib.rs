@@ -1,4 +1,8 @@
 //! The herd cluster: fleet-style units (systemd units with `[X-Fleet]`, plus `[Container]` units), the etcd schema,
 //! the engine that places units, the agent that runs them, and the rolling-upgrade orchestrator.
 //!
-//! Not implemented yet (issue #6); `herdctl` (in `cluster/herdctl`) is the admin CLI over this crate.
+//! Done so far: [`unit`], the unit format (names, parsing, placement options, container sections, template
+//! specifiers, metadata and conflict semantics). The etcd schema, engine, agent and herdctl's unit commands are
+//! issue #6's remaining work.
+
+pub mod unit;
