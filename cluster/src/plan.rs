@@ -1,0 +1,395 @@
+//! The engine's planner: a pure function from a snapshot (machines, desired units, where units run now) to a plan
+//! (where every unit should run). No I/O: the executor writes the plan to the per-machine schedule keys.
+//!
+//! Order of decisions, fleet's semantics plus herd's resources:
+//! 1. A unit keeps its machine while that machine still fits it (a machine joining causes no churn; one leaving
+//!    moves exactly its units).
+//! 2. Hard constraints: `MachineID`, `MachineMetadata` (OR within a key, AND across keys), `MachineOf` (with the
+//!    units it names), `Conflicts` (both ways), CPU and memory capacity.
+//! 3. `Replaces`: a unit may take the machine of a unit it replaces, which then moves.
+//! 4. Spread: the machine with the fewest units, then the rack with the fewest units of the same prefix, then the
+//!    machine id (deterministic).
+//!
+//! `Global` units go to every schedulable machine that satisfies their constraints.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::unit::{Unit, UnitName};
+
+/// A machine as the planner sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MachineView {
+    /// Machine id.
+    pub id: String,
+    /// Labels (for `MachineMetadata`).
+    pub labels: BTreeMap<String, String>,
+    /// CPU capacity, millicores.
+    pub cpu_millis: u64,
+    /// Memory capacity, bytes.
+    pub memory: u64,
+    /// Rack, for spreading.
+    pub rack: Option<String>,
+    /// False while cordoned or suspect: nothing new lands here (what runs stays).
+    pub schedulable: bool,
+}
+
+/// What the planner starts from.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    /// Live machines.
+    pub machines: Vec<MachineView>,
+    /// Units that should run.
+    pub units: Vec<Unit>,
+    /// Where units run now (non-global units: one machine each).
+    pub current: BTreeMap<UnitName, String>,
+}
+
+/// The planner's answer.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Plan {
+    /// Unit → machines it runs on (one for ordinary units, several for global ones).
+    pub placements: BTreeMap<UnitName, Vec<String>>,
+    /// Units that fit nowhere, with the reason.
+    pub unplaced: BTreeMap<UnitName, String>,
+}
+
+impl Plan {
+    /// The machine an ordinary unit runs on.
+    pub fn machine_of(&self, unit: &str) -> Option<&str> {
+        self.placements.iter().find(|(n, _)| n.as_str() == unit).and_then(|(_, m)| m.first()).map(String::as_str)
+    }
+}
+
+/// Running totals while planning.
+struct Load<'a> {
+    units: BTreeMap<&'a str, Vec<&'a Unit>>,
+    cpu: BTreeMap<&'a str, u64>,
+    memory: BTreeMap<&'a str, u64>,
+}
+
+impl<'a> Load<'a> {
+    fn add(&mut self, machine: &'a str, unit: &'a Unit) {
+        self.units.entry(machine).or_default().push(unit);
+        *self.cpu.entry(machine).or_default() += unit.placement.cpu_millis;
+        *self.memory.entry(machine).or_default() += unit.placement.memory;
+    }
+
+    fn remove(&mut self, machine: &str, unit: &Unit) {
+        if let Some(list) = self.units.get_mut(machine) {
+            list.retain(|u| u.name != unit.name);
+        }
+        if let Some(c) = self.cpu.get_mut(machine) {
+            *c = c.saturating_sub(unit.placement.cpu_millis);
+        }
+        if let Some(m) = self.memory.get_mut(machine) {
+            *m = m.saturating_sub(unit.placement.memory);
+        }
+    }
+
+    fn count(&self, machine: &str) -> usize {
+        self.units.get(machine).map_or(0, Vec::len)
+    }
+}
+
+/// Why `unit` cannot go to `m` (None: it can).
+fn refusal(unit: &Unit, m: &MachineView, load: &Load<'_>, placed: &BTreeMap<&str, &str>) -> Option<String> {
+    let p = &unit.placement;
+    if p.machine_id.as_deref().is_some_and(|id| id != m.id) {
+        return Some("MachineID".into());
+    }
+    if !p.metadata_matches(&m.labels) {
+        return Some("MachineMetadata".into());
+    }
+    for peer in &p.machine_of {
+        if placed.get(peer.as_str()) != Some(&m.id.as_str()) {
+            return Some(format!("MachineOf {peer}"));
+        }
+    }
+    if let Some(units) = load.units.get(m.id.as_str())
+        && let Some(other) = units.iter().find(|o| o.name != unit.name && unit.conflicts_with(o))
+    {
+        return Some(format!("conflicts with {}", other.name));
+    }
+    let cpu = load.cpu.get(m.id.as_str()).copied().unwrap_or(0) + p.cpu_millis;
+    let memory = load.memory.get(m.id.as_str()).copied().unwrap_or(0) + p.memory;
+    if p.cpu_millis > 0 && cpu > m.cpu_millis {
+        return Some("not enough CPU".into());
+    }
+    if p.memory > 0 && memory > m.memory {
+        return Some("not enough memory".into());
+    }
+    None
+}
+
+/// Units in an order where every `MachineOf` target comes before the units that follow it.
+fn ordered(units: &[Unit]) -> Vec<&Unit> {
+    let names: BTreeSet<&str> = units.iter().map(|u| u.name.as_str()).collect();
+    let mut done: BTreeSet<&str> = BTreeSet::new();
+    let mut out = Vec::with_capacity(units.len());
+    let mut rest: Vec<&Unit> = units.iter().collect();
+    // Pinned units first, then the rest as their MachineOf targets are placed; cycles fall out at the end.
+    rest.sort_by_key(|u| (u.placement.machine_id.is_none(), u.name.as_str()));
+    while !rest.is_empty() {
+        let before = rest.len();
+        rest.retain(|u| {
+            let ready = u.placement.machine_of.iter().all(|t| done.contains(t.as_str()) || !names.contains(t.as_str()));
+            if ready {
+                done.insert(u.name.as_str());
+                out.push(*u);
+            }
+            !ready
+        });
+        if rest.len() == before {
+            out.append(&mut rest);
+        }
+    }
+    out
+}
+
+/// Computes where every unit should run.
+pub fn plan(snapshot: &Snapshot) -> Plan {
+    let machines: BTreeMap<&str, &MachineView> = snapshot.machines.iter().map(|m| (m.id.as_str(), m)).collect();
+    let mut load = Load { units: BTreeMap::new(), cpu: BTreeMap::new(), memory: BTreeMap::new() };
+    let mut placed: BTreeMap<&str, &str> = BTreeMap::new();
+    let mut out = Plan::default();
+    let units = ordered(&snapshot.units);
+
+    // Global units: every machine that fits.
+    for unit in units.iter().filter(|u| u.placement.global) {
+        let targets: Vec<String> = snapshot
+            .machines
+            .iter()
+            .filter(|m| m.schedulable && refusal(unit, m, &load, &placed).is_none())
+            .map(|m| m.id.clone())
+            .collect();
+        for t in &targets {
+            load.add(machines[t.as_str()].id.as_str(), unit);
+        }
+        out.placements.insert(unit.name.clone(), targets);
+    }
+
+    // Stay where they are while that still fits.
+    let mut pending = Vec::new();
+    for unit in units.iter().filter(|u| !u.placement.global) {
+        let keep = snapshot
+            .current
+            .get(&unit.name)
+            .and_then(|id| machines.get(id.as_str()))
+            .filter(|m| refusal(unit, m, &load, &placed).is_none());
+        match keep {
+            Some(m) => {
+                load.add(m.id.as_str(), unit);
+                placed.insert(unit.name.as_str(), m.id.as_str());
+            }
+            None => pending.push(*unit),
+        }
+    }
+
+    // Place the others: replacements first, then by spread.
+    let mut queue: std::collections::VecDeque<&Unit> = pending.into();
+    let mut evictions = 0usize;
+    while let Some(unit) = queue.pop_front() {
+        let candidates: Vec<&MachineView> =
+            snapshot.machines.iter().filter(|m| m.schedulable && refusal(unit, m, &load, &placed).is_none()).collect();
+        if candidates.is_empty() {
+            // Replaces: evict a replaced unit from a machine where this one would then fit.
+            let victim = unit.placement.replaces.iter().find_map(|r| {
+                let on = *placed.get(r.as_str())?;
+                let victim = units.iter().find(|u| u.name.as_str() == r)?;
+                Some((on, *victim))
+            });
+            if let Some((on, victim)) = victim
+                && evictions < snapshot.units.len()
+            {
+                evictions += 1;
+                load.remove(on, victim);
+                placed.remove(victim.name.as_str());
+                if machines[on].schedulable && refusal(unit, machines[on], &load, &placed).is_none() {
+                    load.add(on, unit);
+                    placed.insert(unit.name.as_str(), on);
+                    queue.push_back(victim);
+                    continue;
+                }
+                load.add(on, victim);
+                placed.insert(victim.name.as_str(), on);
+            }
+            let why = snapshot
+                .machines
+                .iter()
+                .filter_map(|m| {
+                    if !m.schedulable {
+                        return Some(format!("{}: not schedulable", m.id));
+                    }
+                    refusal(unit, m, &load, &placed).map(|r| format!("{}: {r}", m.id))
+                })
+                .take(3)
+                .collect::<Vec<_>>()
+                .join("; ");
+            out.unplaced.insert(unit.name.clone(), if why.is_empty() { "no machines".into() } else { why });
+            continue;
+        }
+        let prefix = unit.name.prefix();
+        let same_prefix_in_rack = |m: &MachineView| {
+            m.rack.as_ref().map_or(0, |rack| {
+                snapshot
+                    .machines
+                    .iter()
+                    .filter(|o| o.rack.as_ref() == Some(rack))
+                    .flat_map(|o| load.units.get(o.id.as_str()).into_iter().flatten())
+                    .filter(|u| u.name.prefix() == prefix)
+                    .count()
+            })
+        };
+        let best = candidates
+            .iter()
+            .min_by_key(|m| (load.count(m.id.as_str()), same_prefix_in_rack(m), m.id.as_str()))
+            .map(|m| m.id.as_str());
+        if let Some(id) = best {
+            load.add(id, unit);
+            placed.insert(unit.name.as_str(), id);
+        }
+    }
+    for (unit, machine) in placed {
+        if let Some(u) = snapshot.units.iter().find(|u| u.name.as_str() == unit) {
+            out.placements.insert(u.name.clone(), vec![machine.to_owned()]);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn machine(id: &str, rack: &str, labels: &[(&str, &str)]) -> MachineView {
+        MachineView {
+            id: id.into(),
+            labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            cpu_millis: 4000,
+            memory: 8 << 30,
+            rack: Some(rack.into()),
+            schedulable: true,
+        }
+    }
+
+    fn unit(name: &str, xfleet: &str) -> Unit {
+        Unit::parse(name, &format!("[Service]\nExecStart=/bin/true\n[X-Fleet]\n{xfleet}")).unwrap()
+    }
+
+    fn three() -> Vec<MachineView> {
+        vec![
+            machine("m1", "r1", &[("hostname", "m1"), ("disk", "ssd")]),
+            machine("m2", "r1", &[("hostname", "m2")]),
+            machine("m3", "r2", &[("hostname", "m3"), ("disk", "ssd")]),
+        ]
+    }
+
+    #[test]
+    fn five_mutually_conflicting_units_on_three_machines_place_three_on_distinct_machines() {
+        let units: Vec<Unit> = (1..=5).map(|i| unit(&format!("db@{i}.service"), "Conflicts=db@*.service\n")).collect();
+        let p = plan(&Snapshot { machines: three(), units, current: BTreeMap::new() });
+        let used: BTreeSet<&String> = p.placements.values().flatten().collect();
+        assert_eq!(p.placements.len(), 3);
+        assert_eq!(used.len(), 3);
+        assert_eq!(p.unplaced.len(), 2);
+        assert!(p.unplaced.values().all(|why| why.contains("conflicts with")), "{:?}", p.unplaced);
+    }
+
+    #[test]
+    fn a_one_way_conflict_keeps_both_apart() {
+        let machines = vec![machine("m1", "r1", &[]), machine("m2", "r1", &[])];
+        let units = vec![unit("a.service", "Conflicts=b.service\n"), unit("b.service", "")];
+        let p = plan(&Snapshot { machines, units, current: BTreeMap::new() });
+        assert_ne!(p.machine_of("a.service"), p.machine_of("b.service"));
+    }
+
+    #[test]
+    fn machine_of_co_locates_and_machine_id_pins() {
+        let units =
+            vec![unit("follower.service", "MachineOf=leader.service\n"), unit("leader.service", "MachineID=m3\n")];
+        let p = plan(&Snapshot { machines: three(), units, current: BTreeMap::new() });
+        assert_eq!(p.machine_of("leader.service"), Some("m3"));
+        assert_eq!(p.machine_of("follower.service"), Some("m3"));
+    }
+
+    #[test]
+    fn global_units_run_on_every_matching_machine() {
+        let units = vec![unit("agent.service", "Global=true\nMachineMetadata=disk=ssd\n")];
+        let p = plan(&Snapshot { machines: three(), units, current: BTreeMap::new() });
+        assert_eq!(p.placements.values().next().unwrap(), &["m1", "m3"]);
+    }
+
+    #[test]
+    fn template_instances_route_by_hostname_metadata() {
+        let template = "MachineMetadata=hostname=%i\n";
+        let units: Vec<Unit> = ["m2", "m3"]
+            .iter()
+            .map(|h| {
+                Unit::parse(
+                    &format!("web@{h}.service"),
+                    &format!("[Service]\nExecStart=/bin/true\n[X-Fleet]\n{template}"),
+                )
+                .unwrap()
+            })
+            .collect();
+        let p = plan(&Snapshot { machines: three(), units, current: BTreeMap::new() });
+        assert_eq!(p.machine_of("web@m2.service"), Some("m2"));
+        assert_eq!(p.machine_of("web@m3.service"), Some("m3"));
+    }
+
+    #[test]
+    fn a_joining_machine_causes_no_churn_and_a_leaving_one_moves_exactly_its_units() {
+        let units: Vec<Unit> = (1..=6).map(|i| unit(&format!("w{i}.service"), "")).collect();
+        let first = plan(&Snapshot { machines: three(), units: units.clone(), current: BTreeMap::new() });
+        let current: BTreeMap<UnitName, String> =
+            first.placements.iter().map(|(u, m)| (u.clone(), m[0].clone())).collect();
+        let mut more = three();
+        more.push(machine("m4", "r2", &[]));
+        let joined = plan(&Snapshot { machines: more, units: units.clone(), current: current.clone() });
+        assert_eq!(joined.placements, first.placements, "a new machine moves nothing");
+        let fewer: Vec<MachineView> = three().into_iter().filter(|m| m.id != "m2").collect();
+        let left = plan(&Snapshot { machines: fewer, units, current: current.clone() });
+        for (unit, machines) in &left.placements {
+            let before = &current[unit];
+            if before == "m2" {
+                assert_ne!(machines[0], "m2");
+            } else {
+                assert_eq!(&machines[0], before, "{unit} must not move");
+            }
+        }
+        assert!(left.unplaced.is_empty());
+    }
+
+    #[test]
+    fn resources_are_respected_and_spread_prefers_the_least_loaded() {
+        let units: Vec<Unit> = (1..=4).map(|i| unit(&format!("big{i}.service"), "CPU=3\n")).collect();
+        let p = plan(&Snapshot { machines: three(), units, current: BTreeMap::new() });
+        assert_eq!(p.placements.len(), 3, "each machine holds one 3-core unit");
+        assert!(p.unplaced.values().next().unwrap().contains("not enough CPU"));
+    }
+
+    #[test]
+    fn replaces_takes_the_machine_and_moves_the_replaced_unit() {
+        let machines = vec![machine("m1", "r1", &[]), machine("m2", "r1", &[])];
+        let old = unit("old.service", "MachineID=m1\n");
+        let new = unit("new.service", "MachineID=m1\nReplaces=old.service\nConflicts=old.service\n");
+        let mut current = BTreeMap::new();
+        current.insert(old.name.clone(), "m1".to_owned());
+        let p = plan(&Snapshot { machines, units: vec![old, new], current });
+        assert_eq!(p.machine_of("new.service"), Some("m1"));
+        // old.service is pinned to m1 too, so it has nowhere to go: it is reported, not run twice.
+        assert!(p.unplaced.contains_key(&"old.service".parse::<UnitName>().unwrap()));
+    }
+
+    #[test]
+    fn unschedulable_machines_keep_what_they_run_but_get_nothing_new() {
+        let mut machines = three();
+        machines[0].schedulable = false;
+        let units = vec![unit("a.service", "MachineID=m1\n"), unit("b.service", "")];
+        let mut current = BTreeMap::new();
+        current.insert("a.service".parse().unwrap(), "m1".to_owned());
+        let p = plan(&Snapshot { machines, units, current });
+        assert_eq!(p.machine_of("a.service"), Some("m1"));
+        assert_ne!(p.machine_of("b.service"), Some("m1"));
+    }
+}
