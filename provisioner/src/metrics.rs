@@ -8,7 +8,9 @@ use std::sync::Mutex;
 /// A set of counters, keyed by metric name and label set.
 #[derive(Debug, Default)]
 pub struct Metrics {
-    counters: Mutex<BTreeMap<(&'static str, String), u64>>,
+    /// name → label set → value. Two levels so an increment looks the labels up by `&str` and allocates only the
+    /// first time a label set is seen.
+    counters: Mutex<BTreeMap<&'static str, BTreeMap<String, u64>>>,
     help: Mutex<BTreeMap<&'static str, &'static str>>,
 }
 
@@ -24,7 +26,13 @@ impl Metrics {
     pub fn add(&self, name: &'static str, labels: &str, by: u64) {
         // A poisoned lock means a panic elsewhere already; counting is best effort.
         if let Ok(mut c) = self.counters.lock() {
-            *c.entry((name, labels.to_owned())).or_default() += by;
+            let series = c.entry(name).or_default();
+            match series.get_mut(labels) {
+                Some(v) => *v += by,
+                None => {
+                    series.insert(labels.to_owned(), by);
+                }
+            }
         }
     }
 
@@ -35,7 +43,7 @@ impl Metrics {
 
     /// The current value.
     pub fn get(&self, name: &'static str, labels: &str) -> u64 {
-        self.counters.lock().ok().and_then(|c| c.get(&(name, labels.to_owned())).copied()).unwrap_or(0)
+        self.counters.lock().ok().and_then(|c| c.get(name).and_then(|s| s.get(labels)).copied()).unwrap_or(0)
     }
 
     /// The Prometheus text exposition.
@@ -43,19 +51,17 @@ impl Metrics {
         let counters = self.counters.lock().map(|c| c.clone()).unwrap_or_default();
         let help = self.help.lock().map(|h| h.clone()).unwrap_or_default();
         let mut out = String::new();
-        let mut last = "";
-        for ((name, labels), value) in &counters {
-            if *name != last {
-                if let Some(h) = help.get(name) {
-                    let _ = writeln!(out, "# HELP {name} {h}");
-                }
-                let _ = writeln!(out, "# TYPE {name} counter");
-                last = name;
+        for (name, series) in &counters {
+            if let Some(h) = help.get(name) {
+                let _ = writeln!(out, "# HELP {name} {h}");
             }
-            if labels.is_empty() {
-                let _ = writeln!(out, "{name} {value}");
-            } else {
-                let _ = writeln!(out, "{name}{{{labels}}} {value}");
+            let _ = writeln!(out, "# TYPE {name} counter");
+            for (labels, value) in series {
+                if labels.is_empty() {
+                    let _ = writeln!(out, "{name} {value}");
+                } else {
+                    let _ = writeln!(out, "{name}{{{labels}}} {value}");
+                }
             }
         }
         out
