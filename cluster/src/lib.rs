@@ -2,8 +2,10 @@
 //! the engine that places units, the agent that runs them, and the rolling-upgrade orchestrator.
 //!
 //! Done so far: [`unit`], the unit format (names, parsing, placement options, container sections, template
-//! specifiers, metadata and conflict semantics), and [`plan`], the engine's pure planner (snapshot in, placements
-//! out). The etcd schema, the executor, the agent and herdctl's unit commands are issue #6's remaining work.
+//! specifiers, metadata and conflict semantics), [`plan`], the engine's pure planner (snapshot in, placements
+//! out), and [`schema`], the etcd key layout. The executor, the agent and herdctl's unit commands are issue #6's
+//! remaining work.
 
 pub mod plan;
+pub mod schema;
 pub mod unit;

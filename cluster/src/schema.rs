@@ -1,0 +1,153 @@
+//! The etcd key layout: the one place keys are built and parsed (documented in `docs/etcd-schema.md`).
+//!
+//! Everything lives under `/herd/v1/`. Each agent watches only `schedule/MACHINE/` — its own prefix — so a change
+//! to one machine's schedule wakes one agent, not the fleet (fleet's fatal flaw at a few hundred machines).
+
+use std::fmt;
+
+use crate::unit::UnitName;
+
+/// The root of every key.
+pub const ROOT: &str = "/herd/v1/";
+
+/// A machine id as used in keys: 1-64 of `a-z 0-9 - _ .`, no `/`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct MachineKey(String);
+
+impl MachineKey {
+    /// Validates a machine id for use in keys.
+    pub fn new(id: &str) -> Option<MachineKey> {
+        let ok = !id.is_empty()
+            && id.len() <= 64
+            && id.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.".contains(&b));
+        ok.then(|| MachineKey(id.to_owned()))
+    }
+
+    /// The id.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for MachineKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A key herd knows, parsed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Key {
+    /// `units/UNIT`: the unit file and its desired state.
+    Unit(UnitName),
+    /// `state/UNIT/MACHINE`: the state an agent reports for a unit it runs.
+    UnitState(UnitName, MachineKey),
+    /// `machines/MACHINE`: a registration, attached to the machine's lease.
+    Machine(MachineKey),
+    /// `schedule/MACHINE/UNIT`: the engine's assignment, with its fencing epoch.
+    Schedule(MachineKey, UnitName),
+    /// `engine/leader`: the elected engine, attached to its lease.
+    EngineLeader,
+    /// `engine/epoch`: the fencing epoch, bumped on every leader change.
+    EngineEpoch,
+    /// `prewarm/IMAGE-ID`: an image every machine pulls before it becomes schedulable.
+    Prewarm(String),
+}
+
+impl Key {
+    /// The full key.
+    pub fn path(&self) -> String {
+        match self {
+            Key::Unit(u) => format!("{ROOT}units/{u}"),
+            Key::UnitState(u, m) => format!("{ROOT}state/{u}/{m}"),
+            Key::Machine(m) => format!("{ROOT}machines/{m}"),
+            Key::Schedule(m, u) => format!("{ROOT}schedule/{m}/{u}"),
+            Key::EngineLeader => format!("{ROOT}engine/leader"),
+            Key::EngineEpoch => format!("{ROOT}engine/epoch"),
+            Key::Prewarm(image) => format!("{ROOT}prewarm/{image}"),
+        }
+    }
+
+    /// Parses a full key; None for anything that is not one of herd's.
+    pub fn parse(path: &str) -> Option<Key> {
+        let rest = path.strip_prefix(ROOT)?;
+        let parts: Vec<&str> = rest.split('/').collect();
+        let unit = |s: &str| s.parse::<UnitName>().ok();
+        Some(match parts.as_slice() {
+            ["units", u] => Key::Unit(unit(u)?),
+            ["state", u, m] => Key::UnitState(unit(u)?, MachineKey::new(m)?),
+            ["machines", m] => Key::Machine(MachineKey::new(m)?),
+            ["schedule", m, u] => Key::Schedule(MachineKey::new(m)?, unit(u)?),
+            ["engine", "leader"] => Key::EngineLeader,
+            ["engine", "epoch"] => Key::EngineEpoch,
+            ["prewarm", image] if !image.is_empty() => Key::Prewarm((*image).to_owned()),
+            _ => return None,
+        })
+    }
+}
+
+/// The prefix an agent watches: its own schedule (trailing `/`, so `m1` does not see `m10`).
+pub fn schedule_prefix(machine: &MachineKey) -> String {
+    format!("{ROOT}schedule/{machine}/")
+}
+
+/// The prefix of every unit.
+pub fn units_prefix() -> String {
+    format!("{ROOT}units/")
+}
+
+/// The prefix of every registration.
+pub fn machines_prefix() -> String {
+    format!("{ROOT}machines/")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn m(id: &str) -> MachineKey {
+        MachineKey::new(id).unwrap()
+    }
+
+    fn u(name: &str) -> UnitName {
+        name.parse().unwrap()
+    }
+
+    #[test]
+    fn every_key_round_trips() {
+        for key in [
+            Key::Unit(u("web@3.service")),
+            Key::UnitState(u("web@3.service"), m("r01-m02")),
+            Key::Machine(m("r01-m02")),
+            Key::Schedule(m("r01-m02"), u("db.service")),
+            Key::EngineLeader,
+            Key::EngineEpoch,
+            Key::Prewarm("sha256-abc".into()),
+        ] {
+            assert_eq!(Key::parse(&key.path()), Some(key.clone()), "{}", key.path());
+        }
+    }
+
+    #[test]
+    fn foreign_and_malformed_keys_are_not_ours() {
+        for path in [
+            "/fleet/units/web.service",
+            "/herd/v1/units/web",
+            "/herd/v1/schedule/M1/web.service",
+            "/herd/v1/schedule/m1/x/web.service",
+            "/herd/v1/engine/other",
+            "/herd/v1/prewarm/",
+        ] {
+            assert_eq!(Key::parse(path), None, "{path}");
+        }
+        assert!(MachineKey::new("a/b").is_none());
+        assert!(MachineKey::new(&"x".repeat(65)).is_none());
+    }
+
+    #[test]
+    fn a_machines_schedule_prefix_does_not_cover_another_machine() {
+        let p1 = schedule_prefix(&m("m1"));
+        assert!(Key::Schedule(m("m1"), u("a.service")).path().starts_with(&p1));
+        assert!(!Key::Schedule(m("m10"), u("a.service")).path().starts_with(&p1));
+    }
+}
