@@ -1,7 +1,7 @@
 //! The herd cluster: fleet-style units (systemd units with `[X-Fleet]`, plus `[Container]` units), the etcd schema,
 //! the engine that places units, the agent that runs them, and the rolling-upgrade orchestrator.
 //!
-//! Done so far: [`unit`], the unit format (names, parsing, placement options, container sections, template
+//! Done so far: [`unit`](mod@unit), the unit format (names, parsing, placement options, container sections, template
 //! specifiers, metadata and conflict semantics), [`plan`], the engine's pure planner (snapshot in, placements
 //! out), and [`schema`], the etcd key layout. The executor, the agent and herdctl's unit commands are issue #6's
 //! remaining work.
