@@ -13,10 +13,11 @@ use tokio_util::task::TaskTracker;
 
 use crate::boot::BootConfig;
 use crate::dhcp::leases::LeaseTable;
+use crate::dhcp::leases::LeaseView;
 use crate::dhcp::server::{BOOT_SERVER_PORT, DhcpConfig, DhcpServer, Mode, SERVER_PORT, UnknownMacs};
 use crate::dhcp::service::{DhcpService, Observers, bind_udp};
-use crate::http::{HttpState, LeaseView};
-use crate::machines::Machines;
+use crate::http::HttpState;
+use crate::machines::{ByAddress, Machines};
 use crate::metrics::Metrics;
 use crate::store::Store;
 
@@ -215,15 +216,22 @@ pub async fn run(config: DaemonConfig, cancel: CancellationToken) -> anyhow::Res
         Some(boot_socket),
         Some(observers),
     );
+    // TFTP and HTTP see addresses, not MACs: one recorder maps them to machines for the timelines.
+    let by_address = ByAddress::new(&inv, machines.clone(), Arc::clone(&lease_view));
+    std::fs::create_dir_all(&config.assets)
+        .with_context(|| format!("cannot create the assets directory {}", config.assets.display()))?;
+    let assets_root = config
+        .assets
+        .canonicalize()
+        .with_context(|| format!("cannot use the assets directory {}", config.assets.display()))?;
     let http_listener = tokio::net::TcpListener::bind((server_ip, config.http_port))
         .await
         .with_context(|| format!("cannot listen on {server_ip}:{} for HTTP", config.http_port))?;
     let http_state = HttpState::new(
         Arc::clone(&inv),
-        machines.clone(),
-        Arc::clone(&lease_view),
+        by_address.clone(),
         crate::http::Served {
-            assets: config.assets.clone(),
+            assets: assets_root.clone(),
             ipxe: boot_dir.clone(),
             base: boot_base.clone(),
             assets_base: format!("http://{server_ip}:{}", config.assets_port),
@@ -236,23 +244,10 @@ pub async fn run(config: DaemonConfig, cancel: CancellationToken) -> anyhow::Res
     let assets_listener = tokio::net::TcpListener::bind((server_ip, config.assets_port))
         .await
         .with_context(|| format!("cannot listen on {server_ip}:{} for boot assets", config.assets_port))?;
-    std::fs::create_dir_all(&config.assets)
-        .with_context(|| format!("cannot create the assets directory {}", config.assets.display()))?;
-    let assets_root = config
-        .assets
-        .canonicalize()
-        .with_context(|| format!("cannot use the assets directory {}", config.assets.display()))?;
-    let (asset_machines, asset_leases, asset_macs) =
-        (machines.clone(), Arc::clone(&lease_view), crate::machines::mac_index(&inv));
+    let asset_recorder = by_address.clone();
     let on_asset: crate::assets::OnServe = Arc::new(move |peer, path| {
-        let kind = match path {
-            "vmlinuz" => "kernel",
-            "initramfs" => "initramfs",
-            _ => return,
-        };
-        let std::net::SocketAddr::V4(peer) = peer else { return };
-        if let Some(name) = asset_leases.holder(*peer.ip()).and_then(|mac| asset_macs.get(&mac)) {
-            asset_machines.event(name, kind, format!("GET /assets/{path}"));
+        if let (Some(kind), std::net::SocketAddr::V4(peer)) = (crate::machines::asset_event(path), peer) {
+            asset_recorder.event(*peer.ip(), kind, format!("GET /assets/{path}"));
         }
     });
     let tftp_socket = bind_udp(crate::tftp::PORT, Some(&config.interface))
@@ -260,14 +255,11 @@ pub async fn run(config: DaemonConfig, cancel: CancellationToken) -> anyhow::Res
     let tftp_root = config.tftp_root.clone().unwrap_or_else(|| boot_dir.clone());
     let tftp_config =
         crate::tftp::TftpConfig::new(tftp_root.clone(), server_ip, crate::tftp::interface_mtu(&config.interface));
-    let macs = crate::machines::mac_index(&inv);
-    let (tftp_machines, tftp_leases) = (machines.clone(), Arc::clone(&lease_view));
     let tftp = crate::tftp::TftpServer::new(tftp_config, tftp_socket, Arc::clone(&files), Arc::clone(&metrics))
         .with_context(|| format!("cannot serve TFTP from {}", tftp_root.display()))?
         .on_transfer(Arc::new(move |peer, file, ending| {
-            let std::net::SocketAddr::V4(peer) = peer else { return };
-            if let Some(name) = tftp_leases.holder(*peer.ip()).and_then(|mac| macs.get(&mac)) {
-                tftp_machines.event(name, "tftp", format!("{file}: {ending:?}"));
+            if let std::net::SocketAddr::V4(peer) = peer {
+                by_address.event(*peer.ip(), "tftp", format!("{file}: {ending:?}"));
             }
         }));
     let tracker = TaskTracker::new();

@@ -2,7 +2,6 @@
 //! machine itself), phone-home, `/metrics` and the JSON API herdctl uses. Routes are documented in
 //! `docs/provisioner-api.md`.
 
-use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -19,37 +18,8 @@ use tower::ServiceExt as _;
 use tower_http::services::ServeDir;
 
 use crate::ignition;
-use crate::machines::{BootMode, MachineState, Machines, TimelineEntry};
+use crate::machines::{BootMode, ByAddress, MachineState, TimelineEntry};
 use crate::metrics::Metrics;
-
-/// Bound leases as the DHCP service last committed them: MAC → address. The config endpoint checks a request's
-/// source address against it.
-#[derive(Debug, Default)]
-pub struct LeaseView {
-    by_mac: Mutex<HashMap<Mac, Ipv4Addr>>,
-}
-
-impl LeaseView {
-    /// Records that `mac` holds `ip` (or nothing).
-    pub fn set(&self, mac: Mac, ip: Option<Ipv4Addr>) {
-        if let Ok(mut m) = self.by_mac.lock() {
-            match ip {
-                Some(ip) => m.insert(mac, ip),
-                None => m.remove(&mac),
-            };
-        }
-    }
-
-    /// The address leased to `mac`.
-    pub fn of(&self, mac: Mac) -> Option<Ipv4Addr> {
-        self.by_mac.lock().ok().and_then(|m| m.get(&mac).copied())
-    }
-
-    /// The MAC holding `ip`.
-    pub fn holder(&self, ip: Ipv4Addr) -> Option<Mac> {
-        self.by_mac.lock().ok().and_then(|m| m.iter().find(|(_, v)| **v == ip).map(|(k, _)| *k))
-    }
-}
 
 /// Allows one log line per interval; the rest are only counted.
 #[derive(Debug)]
@@ -74,9 +44,7 @@ impl LogLimiter {
 #[derive(Debug, Clone)]
 pub struct HttpState {
     inv: Arc<Inventory>,
-    macs: Arc<HashMap<Mac, String>>,
-    machines: Machines,
-    leases: Arc<LeaseView>,
+    by_address: ByAddress,
     assets: PathBuf,
     ipxe: PathBuf,
     base: String,
@@ -103,19 +71,15 @@ pub struct Served {
 
 impl HttpState {
     /// Shared state for the routes.
-    pub fn new(
-        inv: Arc<Inventory>,
-        machines: Machines,
-        leases: Arc<LeaseView>,
-        served: Served,
-        metrics: Arc<Metrics>,
-    ) -> Self {
+    pub fn new(inv: Arc<Inventory>, by_address: ByAddress, served: Served, metrics: Arc<Metrics>) -> Self {
         let Served { assets, ipxe, base, assets_base, files } = served;
         metrics.describe("herd_http_requests_total", "HTTP requests, by route.");
         metrics.describe("herd_http_config_refused_total", "Config fetches refused, by reason.");
-        let macs = Arc::new(crate::machines::mac_index(&inv));
         let refusals = Arc::new(LogLimiter { last: Mutex::new(None), every: Duration::from_secs(1) });
-        HttpState { inv, macs, machines, leases, assets, ipxe, base, assets_base, metrics, refusals, files }
+        // Canonical once, so confinement checks per request compare against a fixed root (a missing directory
+        // stays as given and every request for it is a 404).
+        let (assets, ipxe) = (assets.canonicalize().unwrap_or(assets), ipxe.canonicalize().unwrap_or(ipxe));
+        HttpState { inv, by_address, assets, ipxe, base, assets_base, metrics, refusals, files }
     }
 }
 
@@ -155,11 +119,11 @@ async fn script(State(s): State<HttpState>, Path(file): Path<String>) -> Respons
     let Some(mac) = file.strip_suffix(".ipxe").and_then(parse_mac) else {
         return text(StatusCode::NOT_FOUND, "expected /boot/MAC.ipxe\n");
     };
-    let Some(name) = s.macs.get(&mac).cloned() else {
+    let Some(name) = s.by_address.macs.get(&mac).cloned() else {
         return text(StatusCode::NOT_FOUND, format!("#!ipxe\necho herd: {mac} is not in the inventory\nshell\n"));
     };
     let Some(machine) = s.inv.machine(&name) else { return text(StatusCode::NOT_FOUND, "unknown machine\n") };
-    let (token, mode) = match s.machines.script(&name).await {
+    let (token, mode) = match s.by_address.machines.script(&name).await {
         Ok(v) => v,
         Err(e) => return text(StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")),
     };
@@ -195,17 +159,10 @@ async fn script(State(s): State<HttpState>, Path(file): Path<String>) -> Respons
 async fn assets(State(s): State<HttpState>, ConnectInfo(peer): ConnectInfo<SocketAddr>, req: Request) -> Response {
     s.metrics.inc("herd_http_requests_total", "route=\"assets\"");
     let path = req.uri().path().trim_start_matches("/assets/").to_owned();
-    let kind = match path.as_str() {
-        "vmlinuz" => Some("kernel"),
-        "initramfs" => Some("initramfs"),
-        _ => None,
-    };
-    if let (Some(kind), Some(ip)) = (kind, source_v4(peer))
+    if let (Some(kind), Some(ip)) = (crate::machines::asset_event(&path), source_v4(peer))
         && req.method() == axum::http::Method::GET
-        && let Some(mac) = s.leases.holder(ip)
-        && let Some(name) = s.macs.get(&mac)
     {
-        s.machines.event(name, kind, format!("GET /assets/{path}"));
+        s.by_address.event(ip, kind, format!("GET /assets/{path}"));
     }
     serve_file(&s, &s.assets, &path, req).await
 }
@@ -223,8 +180,7 @@ const CACHED_FILE_MAX: usize = 64 << 20;
 /// Serves a file below `root` with HEAD and single-range support; never leaves `root` (the same confinement as
 /// TFTP). Cached files go out as slices of one shared buffer: no disk read per request.
 async fn serve_file(s: &HttpState, root: &std::path::Path, rel: &str, req: Request) -> Response {
-    let Ok(root) = root.canonicalize() else { return text(StatusCode::NOT_FOUND, "no such directory\n") };
-    let path = match crate::tftp::resolve(&root, rel) {
+    let path = match crate::tftp::resolve(root, rel) {
         Ok(p) => p,
         Err(refusal) if refusal.code == crate::tftp::packet::code::ACCESS => {
             return text(StatusCode::FORBIDDEN, "forbidden\n");
@@ -236,10 +192,10 @@ async fn serve_file(s: &HttpState, root: &std::path::Path, rel: &str, req: Reque
         Ok(None) => {
             // Too large to cache: stream it (ServeDir handles HEAD and Range too).
             let mut req = req;
-            if let Ok(uri) = format!("/{}", path.strip_prefix(&root).unwrap_or(&path).display()).parse() {
+            if let Ok(uri) = format!("/{}", path.strip_prefix(root).unwrap_or(&path).display()).parse() {
                 *req.uri_mut() = uri;
             }
-            return match ServeDir::new(&root).oneshot(req).await {
+            return match ServeDir::new(root).oneshot(req).await {
                 Ok(resp) => resp.into_response(),
                 Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
             };
@@ -311,23 +267,23 @@ async fn config(
 ) -> Response {
     s.metrics.inc("herd_http_requests_total", "route=\"config\"");
     let Some(mac) = parse_mac(&mac_text) else { return s.refuse("bad-mac", &mac_text, peer) };
-    let Some(name) = s.macs.get(&mac).cloned() else { return s.refuse("unknown-mac", &mac_text, peer) };
+    let Some(name) = s.by_address.macs.get(&mac).cloned() else { return s.refuse("unknown-mac", &mac_text, peer) };
     // Bound to the machine three ways: its MAC, the address leased to that MAC, and this boot's token.
-    if s.leases.of(mac).is_none() || s.leases.of(mac) != source_v4(peer) {
-        s.machines.event(&name, "config-refused", format!("from {peer}: not the address leased to {mac}"));
+    if s.by_address.leases.of(mac).is_none() || s.by_address.leases.of(mac) != source_v4(peer) {
+        s.by_address.machines.event(&name, "config-refused", format!("from {peer}: not the address leased to {mac}"));
         return s.refuse("wrong-source", &mac_text, peer);
     }
     let token_ok = match &q.token {
-        Some(t) => s.machines.check_token(&name, t).await,
+        Some(t) => s.by_address.machines.check_token(&name, t).await,
         None => false,
     };
     if !token_ok {
-        s.machines.event(&name, "config-refused", format!("from {peer}: wrong token"));
+        s.by_address.machines.event(&name, "config-refused", format!("from {peer}: wrong token"));
         return s.refuse("wrong-token", &mac_text, peer);
     }
     match ignition::render_machine(&s.inv, &name) {
         Ok(cfg) => {
-            s.machines.event(&name, "config", format!("served to {peer}"));
+            s.by_address.machines.event(&name, "config", format!("served to {peer}"));
             (StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], ignition::to_json(&cfg)).into_response()
         }
         Err(e) => {
@@ -353,11 +309,11 @@ async fn phone_home(
     axum::Json(body): axum::Json<PhoneHome>,
 ) -> Response {
     s.metrics.inc("herd_http_requests_total", "route=\"phone-home\"");
-    let Some(name) = parse_mac(&mac_text).and_then(|m| s.macs.get(&m).cloned()) else {
+    let Some(name) = parse_mac(&mac_text).and_then(|m| s.by_address.macs.get(&m).cloned()) else {
         return s.refuse("unknown-mac", &mac_text, peer);
     };
     let token_ok = match &q.token {
-        Some(t) => s.machines.check_token(&name, t).await,
+        Some(t) => s.by_address.machines.check_token(&name, t).await,
         None => false,
     };
     if !token_ok {
@@ -365,7 +321,7 @@ async fn phone_home(
     }
     let stage: String = body.stage.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-').take(32).collect();
     let detail: String = body.detail.chars().take(512).collect();
-    match s.machines.phone_home(&name, &stage, &detail).await {
+    match s.by_address.machines.phone_home(&name, &stage, &detail).await {
         Ok(state) => axum::Json(serde_json::json!({ "machine": name, "state": state })).into_response(),
         Err(e) => text(StatusCode::NOT_FOUND, format!("{e}\n")),
     }
@@ -396,7 +352,7 @@ pub struct MachineSummary {
 }
 
 async fn list_machines(State(s): State<HttpState>) -> Response {
-    let records = s.machines.list().await;
+    let records = s.by_address.machines.list().await;
     let list: Vec<MachineSummary> = s
         .inv
         .machines
@@ -420,7 +376,7 @@ async fn list_machines(State(s): State<HttpState>) -> Response {
 
 async fn show_machine(State(s): State<HttpState>, Path(name): Path<String>) -> Response {
     let Some(m) = s.inv.machine(&name) else { return text(StatusCode::NOT_FOUND, format!("no machine {name:?}\n")) };
-    let record = s.machines.get(&name).await.unwrap_or_default();
+    let record = s.by_address.machines.get(&name).await.unwrap_or_default();
     axum::Json(serde_json::json!({
         "name": name,
         "state": record.state,
@@ -429,21 +385,21 @@ async fn show_machine(State(s): State<HttpState>, Path(name): Path<String>) -> R
         "rack": m.rack.get_ref().to_string(),
         "macs": m.macs().map(|x| x.to_string()).collect::<Vec<_>>(),
         "address": m.internal.get_ref().to_string(),
-        "leased": m.macs().find_map(|x| s.leases.of(x)).map(|ip| ip.to_string()),
+        "leased": m.macs().find_map(|x| s.by_address.leases.of(x)).map(|ip| ip.to_string()),
         "timeline_entries": record.timeline.len(),
     }))
     .into_response()
 }
 
 async fn timeline(State(s): State<HttpState>, Path(name): Path<String>) -> Response {
-    match s.machines.get(&name).await {
+    match s.by_address.machines.get(&name).await {
         Some(record) => axum::Json(record.timeline).into_response(),
         None => text(StatusCode::NOT_FOUND, format!("no machine {name:?}\n")),
     }
 }
 
 async fn reprovision(State(s): State<HttpState>, Path(name): Path<String>) -> Response {
-    match s.machines.reprovision(&name).await {
+    match s.by_address.machines.reprovision(&name).await {
         Ok(state) => axum::Json(serde_json::json!({ "machine": name, "state": state })).into_response(),
         Err(e) => text(StatusCode::NOT_FOUND, format!("{e}\n")),
     }

@@ -17,10 +17,13 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use std::net::Ipv4Addr;
+
 use herd_inventory::{Inventory, Mac};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::dhcp::leases::LeaseView;
 use crate::metrics::Metrics;
 use crate::store::{Store, StoreError};
 
@@ -349,6 +352,45 @@ impl Task {
             Command::List { reply } => {
                 let _ = reply.send(self.records.clone());
             }
+        }
+    }
+}
+
+/// The timeline event for fetching a boot asset (`vmlinuz` → `kernel`, `initramfs`), if it is one.
+pub fn asset_event(path: &str) -> Option<&'static str> {
+    match path {
+        "vmlinuz" => Some("kernel"),
+        "initramfs" => Some("initramfs"),
+        _ => None,
+    }
+}
+
+/// Records timeline events for whichever machine holds an address: TFTP and HTTP see addresses, not MACs.
+#[derive(Debug, Clone)]
+pub struct ByAddress {
+    /// The machines task.
+    pub machines: Machines,
+    /// Bound leases.
+    pub leases: Arc<LeaseView>,
+    /// Every MAC of the inventory → its machine.
+    pub macs: Arc<HashMap<Mac, String>>,
+}
+
+impl ByAddress {
+    /// A recorder over the inventory's MACs.
+    pub fn new(inv: &Inventory, machines: Machines, leases: Arc<LeaseView>) -> Self {
+        ByAddress { machines, leases, macs: Arc::new(mac_index(inv)) }
+    }
+
+    /// The machine holding `ip`.
+    pub fn machine_at(&self, ip: Ipv4Addr) -> Option<&str> {
+        self.leases.holder(ip).and_then(|mac| self.macs.get(&mac)).map(String::as_str)
+    }
+
+    /// Appends `event` to the timeline of the machine holding `ip`, if any.
+    pub fn event(&self, ip: Ipv4Addr, event: &str, detail: impl Into<String>) {
+        if let Some(name) = self.machine_at(ip) {
+            self.machines.event(name, event, detail);
         }
     }
 }

@@ -150,6 +150,44 @@ impl LeaseTable {
     }
 }
 
+/// Bound leases as the DHCP service last committed them, indexed both ways: the config endpoint checks a request's
+/// source address against the MAC's lease; TFTP and HTTP find which machine an address belongs to.
+#[derive(Debug, Default)]
+pub struct LeaseView {
+    maps: std::sync::Mutex<(HashMap<Mac, Ipv4Addr>, HashMap<Ipv4Addr, Mac>)>,
+}
+
+impl LeaseView {
+    /// Records that `mac` holds `ip` (or nothing).
+    pub fn set(&self, mac: Mac, ip: Option<Ipv4Addr>) {
+        let Ok(mut maps) = self.maps.lock() else { return };
+        let (by_mac, by_ip) = &mut *maps;
+        if let Some(old) = by_mac.remove(&mac)
+            && by_ip.get(&old) == Some(&mac)
+        {
+            by_ip.remove(&old);
+        }
+        if let Some(ip) = ip {
+            if let Some(previous) = by_ip.insert(ip, mac)
+                && previous != mac
+            {
+                by_mac.remove(&previous);
+            }
+            by_mac.insert(mac, ip);
+        }
+    }
+
+    /// The address leased to `mac`.
+    pub fn of(&self, mac: Mac) -> Option<Ipv4Addr> {
+        self.maps.lock().ok().and_then(|m| m.0.get(&mac).copied())
+    }
+
+    /// The MAC holding `ip`.
+    pub fn holder(&self, ip: Ipv4Addr) -> Option<Mac> {
+        self.maps.lock().ok().and_then(|m| m.1.get(&ip).copied())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -188,6 +226,19 @@ mod tests {
         t.put(Lease { ip: ip(6), mac: mac(1), expires: 100, state: LeaseState::Bound });
         assert!(t.get(ip(5)).is_none());
         assert_eq!(t.of_mac(mac(1)).unwrap().ip, ip(6));
+    }
+
+    #[test]
+    fn the_lease_view_stays_consistent_both_ways() {
+        let v = LeaseView::default();
+        v.set(mac(1), Some(ip(5)));
+        v.set(mac(1), Some(ip(6)));
+        assert_eq!((v.of(mac(1)), v.holder(ip(5)), v.holder(ip(6))), (Some(ip(6)), None, Some(mac(1))));
+        // Another MAC of the same machine takes the address over.
+        v.set(mac(2), Some(ip(6)));
+        assert_eq!((v.of(mac(1)), v.holder(ip(6))), (None, Some(mac(2))));
+        v.set(mac(2), None);
+        assert_eq!(v.holder(ip(6)), None);
     }
 
     #[test]

@@ -13,12 +13,11 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::UdpSocket;
 use tokio_util::sync::CancellationToken;
 
-use super::leases::{Lease, LeaseState};
+use super::leases::{Lease, LeaseState, LeaseView};
 use super::server::{
     Answer, AnswerKind, CLIENT_PORT, Destination, DhcpServer, Event, Ignored, Kind, Port, SERVER_PORT,
 };
 use super::wire;
-use crate::http::LeaseView;
 use crate::machines::Machines;
 use crate::metrics::Metrics;
 use crate::store::Store;
