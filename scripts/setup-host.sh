@@ -3,7 +3,7 @@
 # Idempotent: installs only what is missing, and touches apt only then. Grows as herd grows.
 set -euo pipefail
 
-# protobuf-compiler: protoc, needed at build time by etcd-client (cluster crate).
+# protobuf-compiler, libprotobuf-dev: protoc and the well-known .proto files etcd-client (cluster crate) builds with.
 # ignition: ignition-validate, the oracle every rendered config must pass.
 # ipxe: the iPXE binaries the provisioner serves (undionly.kpxe, ipxe.efi, snponly.efi).
 # iproute2: network namespaces and veth pairs for the protocol tests.
@@ -13,8 +13,12 @@ set -euo pipefail
 # peer of the boot-storm benchmark.
 # ipxe-qemu, ovmf, cpio: QEMU's iPXE option ROMs, UEFI firmware, and the test initramfs (QEMU itself comes from
 # bookworm-backports below).
-PACKAGES=(protobuf-compiler ignition ipxe iproute2 busybox-static isc-dhcp-client kea-admin kea-dhcp4-server
-  dnsmasq-base atftp tftpd-hpa curl ipxe-qemu ovmf cpio zstd ethtool nginx-light)
+# etcd-server, etcd-client: the real etcd the cluster tests and benches run a 3-member cluster of; docker.io: the
+# Docker Engine the container executor talks to (the tests start dockerd themselves); docker-registry: the local
+# registry nodes pre-warm images from.
+PACKAGES=(protobuf-compiler libprotobuf-dev ignition ipxe iproute2 busybox-static isc-dhcp-client kea-admin kea-dhcp4-server
+  dnsmasq-base atftp tftpd-hpa curl ipxe-qemu ovmf cpio zstd ethtool nginx-light etcd-server etcd-client docker.io
+  docker-registry)
 
 missing=()
 for pkg in "${PACKAGES[@]}"; do

@@ -6,6 +6,15 @@
 //! out), and [`schema`], the etcd key layout. The executor, the agent and herdctl's unit commands are issue #6's
 //! remaining work.
 
+pub mod agent;
+pub mod client;
+pub mod docker;
+pub mod engine;
+pub mod exec;
+pub mod local;
 pub mod plan;
+pub mod record;
 pub mod schema;
+pub mod store;
+pub mod systemd;
 pub mod unit;

@@ -31,6 +31,8 @@ pub struct MachineView {
     pub rack: Option<String>,
     /// False while cordoned or suspect: nothing new lands here (what runs stays).
     pub schedulable: bool,
+    /// Being drained: what runs here moves away (implies not schedulable).
+    pub draining: bool,
 }
 
 /// What the planner starts from.
@@ -175,7 +177,7 @@ pub fn plan(snapshot: &Snapshot) -> Plan {
             .current
             .get(&unit.name)
             .and_then(|id| machines.get(id.as_str()))
-            .filter(|m| refusal(unit, m, &load, &placed).is_none());
+            .filter(|m| !m.draining && refusal(unit, m, &load, &placed).is_none());
         match keep {
             Some(m) => {
                 load.add(m.id.as_str(), unit);
@@ -269,6 +271,7 @@ mod tests {
             memory: 8 << 30,
             rack: Some(rack.into()),
             schedulable: true,
+            draining: false,
         }
     }
 

@@ -52,6 +52,8 @@ pub enum Key {
     EngineEpoch,
     /// `prewarm/IMAGE-ID`: an image every machine pulls before it becomes schedulable.
     Prewarm(String),
+    /// `cordon/MACHINE`: the operator took the machine out of scheduling (and maybe drains it).
+    Cordon(MachineKey),
 }
 
 impl Key {
@@ -65,6 +67,7 @@ impl Key {
             Key::EngineLeader => format!("{ROOT}engine/leader"),
             Key::EngineEpoch => format!("{ROOT}engine/epoch"),
             Key::Prewarm(image) => format!("{ROOT}prewarm/{image}"),
+            Key::Cordon(m) => format!("{ROOT}cordon/{m}"),
         }
     }
 
@@ -81,6 +84,7 @@ impl Key {
             ["engine", "leader"] => Key::EngineLeader,
             ["engine", "epoch"] => Key::EngineEpoch,
             ["prewarm", image] if !image.is_empty() => Key::Prewarm((*image).to_owned()),
+            ["cordon", m] => Key::Cordon(MachineKey::new(m)?),
             _ => return None,
         })
     }
@@ -94,6 +98,21 @@ pub fn schedule_prefix(machine: &MachineKey) -> String {
 /// The prefix of every unit.
 pub fn units_prefix() -> String {
     format!("{ROOT}units/")
+}
+
+/// The key id of an image reference for `prewarm/` (`/` is escaped, so the id is one path segment).
+pub fn image_id(image: &str) -> String {
+    image.replace('%', "%25").replace('/', "%2F")
+}
+
+/// The prefix of everything under `kind/` (`units`, `state`, `machines`, `schedule`, `prewarm`, `cordon`).
+pub fn prefix(kind: &str) -> String {
+    format!("{ROOT}{kind}/")
+}
+
+/// The prefix of one unit's states on every machine.
+pub fn state_prefix(unit: &UnitName) -> String {
+    format!("{ROOT}state/{unit}/")
 }
 
 /// The prefix of every registration.
@@ -122,7 +141,8 @@ mod tests {
             Key::Schedule(m("r01-m02"), u("db.service")),
             Key::EngineLeader,
             Key::EngineEpoch,
-            Key::Prewarm("sha256-abc".into()),
+            Key::Prewarm(image_id("127.0.0.1:5000/herd/busybox:1")),
+            Key::Cordon(m("r01-m02")),
         ] {
             assert_eq!(Key::parse(&key.path()), Some(key.clone()), "{}", key.path());
         }

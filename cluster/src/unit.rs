@@ -206,6 +206,18 @@ impl UnitFile {
     }
 }
 
+/// The unit file as text systemd reads (continuations joined, specifiers expanded).
+pub fn render(file: &UnitFile) -> String {
+    let mut out = String::new();
+    for (section, opts) in &file.sections {
+        out.push_str(&format!("[{section}]\n"));
+        for (k, v) in opts {
+            out.push_str(&format!("{k}={v}\n"));
+        }
+    }
+    out
+}
+
 /// Placement and scheduling options from `[X-Fleet]`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Placement {

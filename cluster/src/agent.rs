@@ -1,0 +1,618 @@
+//! The agent: runs on every machine (inside node-init), registers the machine under its lease, watches only its
+//! own schedule prefix, drives an [`Executor`] to match it, and reports unit states.
+//!
+//! Failure semantics fleet lacked:
+//! - An etcd hiccup changes nothing locally: units keep running while the agent reconnects; after reconnecting it
+//!   re-reads its schedule and converges.
+//! - Fencing: the agent knows when its lease could expire on the server (the send time of the last acknowledged
+//!   keep-alive plus the TTL). Three quarters of the way there it stops its `AtMostOnce=true` units, so they are
+//!   down before the server expires the lease, and the engine moves them only a grace period after that. When a
+//!   renewal gets through again they start again (if still scheduled here).
+//! - Every unit has its own worker task, so a slow image pull never delays keep-alives or other units.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use etcd_client::{Compare, CompareOp, EventType, TxnOp, WatchOptions, WatchStream};
+use tokio::sync::{broadcast, mpsc, watch};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::exec::Executor;
+use crate::record::{self, ActiveState, Desired, MachineRecord, PrewarmRecord, ScheduleEntry, StateRecord};
+use crate::schema::{self, Key, MachineKey};
+use crate::store::{KeepAlive, Store, StoreError};
+use crate::unit::{Unit, UnitName};
+
+/// How the agent runs.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// The registration (id, labels, capacity, instance token).
+    pub machine: MachineRecord,
+    /// Lease TTL.
+    pub ttl: Duration,
+    /// How often workers poll the executor for units that stopped on their own.
+    pub status_interval: Duration,
+}
+
+/// Something the agent did, for tests and timelines.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AgentEvent {
+    /// Registered under a new lease.
+    Registered {
+        /// The lease.
+        lease: i64,
+    },
+    /// Pulled an image before registering (cluster-wide pre-warm list).
+    Prewarmed {
+        /// The image.
+        image: String,
+        /// Whether the pull worked.
+        ok: bool,
+    },
+    /// An executor action on a unit finished.
+    Action {
+        /// The unit.
+        unit: UnitName,
+        /// `load`, `start`, `stop` or `unload`.
+        action: &'static str,
+        /// When it finished.
+        at: SystemTime,
+        /// Whether it worked.
+        ok: bool,
+    },
+    /// The lease could lapse: at-most-once units are being stopped.
+    Fenced {
+        /// When.
+        at: SystemTime,
+    },
+    /// A renewal got through again.
+    Unfenced,
+}
+
+/// Why the agent stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// Another live machine holds this id.
+    #[error(
+        "machine id {id} is already registered by another machine ({hostname}); machine ids must be unique \
+         (a cloned image keeps its id: give each machine its own)"
+    )]
+    DuplicateMachineId {
+        /// The id.
+        id: String,
+        /// The other machine's host name.
+        hostname: String,
+    },
+    /// The machine id cannot be used in keys.
+    #[error("machine id {0:?} is not valid: use 1-64 of a-z 0-9 - _ .")]
+    BadMachineId(String),
+}
+
+/// What a unit's worker should converge to.
+#[derive(Debug, Clone)]
+struct Target {
+    unit: Arc<Unit>,
+    desired: Desired,
+    epoch: u64,
+}
+
+/// A state change to write (None: the unit is gone from this machine).
+#[derive(Debug)]
+struct Report {
+    unit: UnitName,
+    state: Option<StateRecord>,
+}
+
+/// The agent of one machine.
+pub struct Agent<E> {
+    store: Store,
+    cfg: AgentConfig,
+    key: MachineKey,
+    exec: Arc<E>,
+    events: broadcast::Sender<AgentEvent>,
+}
+
+impl<E> std::fmt::Debug for Agent<E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Agent").field("machine", &self.cfg.machine.id).finish_non_exhaustive()
+    }
+}
+
+/// One registration: a lease kept alive by its own task.
+struct Session {
+    lease: i64,
+    lapsed: mpsc::Receiver<()>,
+    renewer: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.renewer.abort();
+    }
+}
+
+impl<E: Executor> Agent<E> {
+    /// An agent for `cfg.machine`, running units through `exec`.
+    pub fn new(store: Store, cfg: AgentConfig, exec: Arc<E>) -> Result<Agent<E>, AgentError> {
+        let key = MachineKey::new(&cfg.machine.id).ok_or_else(|| AgentError::BadMachineId(cfg.machine.id.clone()))?;
+        let (events, _) = broadcast::channel(1024);
+        Ok(Agent { store, cfg, key, exec, events })
+    }
+
+    /// Subscribes to what the agent does.
+    pub fn events(&self) -> broadcast::Receiver<AgentEvent> {
+        self.events.subscribe()
+    }
+
+    fn emit(&self, event: AgentEvent) {
+        let _ = self.events.send(event);
+    }
+
+    /// Runs until `shutdown` (units keep running: a restarted agent picks them up) or a fatal error.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), AgentError> {
+        self.prewarm(&shutdown).await;
+        let (report_tx, mut report_rx) = mpsc::unbounded_channel::<Report>();
+        // None: no lease we trust; Some(t): at-most-once units may run until t.
+        let (valid_tx, valid_rx) = watch::channel::<Option<Instant>>(None);
+        let (fence_tx, fence_rx) = watch::channel(true);
+        let fencer = tokio::spawn(fence_task(valid_rx, fence_tx, self.events.clone()));
+        let _fencer = AbortOnDrop(fencer);
+
+        let mut workers: HashMap<UnitName, watch::Sender<Option<Target>>> = HashMap::new();
+        let mut epochs: HashMap<UnitName, u64> = HashMap::new();
+        let mut reported: HashMap<UnitName, StateRecord> = HashMap::new();
+        let mut pending: HashMap<UnitName, Option<StateRecord>> = HashMap::new();
+        let mut session: Option<Session> = None;
+        let mut stream: Option<WatchStream> = None;
+        let mut retry_at = Instant::now();
+        let backoff = (self.cfg.ttl / 6).clamp(Duration::from_millis(100), Duration::from_secs(2));
+
+        loop {
+            let now = Instant::now();
+            if session.is_none() && now >= retry_at {
+                match self.register(&valid_tx).await {
+                    Ok(s) => {
+                        self.emit(AgentEvent::Registered { lease: s.lease });
+                        session = Some(s);
+                        stream = None;
+                        // States were attached to the old lease: write them all again.
+                        pending.extend(reported.iter().map(|(u, s)| (u.clone(), Some(s.clone()))));
+                    }
+                    Err(RegisterError::Fatal(e)) => return Err(e),
+                    Err(RegisterError::Store(e)) => {
+                        tracing::warn!(machine = %self.key, "registering: {e}");
+                        retry_at = now + backoff;
+                    }
+                }
+            }
+            if session.is_some() && stream.is_none() && Instant::now() >= retry_at {
+                match self.sync(&mut workers, &mut epochs, &report_tx, &fence_rx).await {
+                    Ok(s) => stream = Some(s),
+                    Err(e) => {
+                        tracing::warn!(machine = %self.key, "reading the schedule: {e}");
+                        retry_at = Instant::now() + backoff;
+                    }
+                }
+            }
+            if let Some(s) = &session
+                && !pending.is_empty()
+                && let Err(e) = self.flush(s.lease, &mut pending).await
+            {
+                tracing::warn!(machine = %self.key, "reporting states: {e}");
+                retry_at = Instant::now() + backoff;
+            }
+
+            let waiting = session.is_none() || stream.is_none() || !pending.is_empty();
+            tokio::select! {
+                biased;
+                () = shutdown.cancelled() => return Ok(()),
+                Some(()) = lapsed(&mut session) => {
+                    tracing::warn!(machine = %self.key, "lease expired; registering again");
+                    session = None;
+                    stream = None;
+                }
+                msg = next_watch(&mut stream) => match msg {
+                    Ok(Some(resp)) => {
+                        self.store.stats().watched(resp.events().len() as u64);
+                        for ev in resp.events() {
+                            let Some(kv) = ev.kv() else { continue };
+                            let Some(Key::Schedule(_, unit)) = kv.key_str().ok().and_then(Key::parse) else { continue };
+                            let entry = match ev.event_type() {
+                                EventType::Put => record::decode::<ScheduleEntry>(kv.value()),
+                                EventType::Delete => None,
+                            };
+                            self.assign(unit, entry, &mut workers, &mut epochs, &report_tx, &fence_rx);
+                        }
+                    }
+                    Ok(None) | Err(_) => {
+                        stream = None;
+                        retry_at = Instant::now() + backoff;
+                    }
+                },
+                Some(r) = report_rx.recv() => {
+                    let mut batch = vec![r];
+                    while let Ok(more) = report_rx.try_recv() {
+                        batch.push(more);
+                    }
+                    for r in batch {
+                        match &r.state {
+                            Some(s) => { reported.insert(r.unit.clone(), s.clone()); }
+                            None => {
+                                reported.remove(&r.unit);
+                                if workers.get(&r.unit).is_some_and(|w| w.borrow().is_none()) {
+                                    workers.remove(&r.unit);
+                                    epochs.remove(&r.unit);
+                                }
+                            }
+                        }
+                        pending.insert(r.unit, r.state);
+                    }
+                }
+                () = tokio::time::sleep_until(retry_at.max(Instant::now() + Duration::from_millis(20))), if waiting => {}
+            }
+        }
+    }
+
+    async fn prewarm(&self, shutdown: &CancellationToken) {
+        let images = loop {
+            match self.store.get_prefix(&schema::prefix("prewarm")).await {
+                Ok((kvs, _)) => {
+                    break kvs.iter().filter_map(|kv| record::decode::<PrewarmRecord>(kv.value())).collect::<Vec<_>>();
+                }
+                Err(e) => {
+                    tracing::warn!(machine = %self.key, "reading the pre-warm list: {e}");
+                    tokio::select! {
+                        () = shutdown.cancelled() => return,
+                        () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
+                }
+            }
+        };
+        for p in images {
+            let mut ok = false;
+            for _ in 0..3 {
+                match self.exec.pull(&p.image).await {
+                    Ok(()) => {
+                        ok = true;
+                        break;
+                    }
+                    Err(e) => tracing::warn!(machine = %self.key, image = %p.image, "pre-warm pull: {e}"),
+                }
+            }
+            self.emit(AgentEvent::Prewarmed { image: p.image, ok });
+        }
+    }
+
+    async fn register(&self, valid: &watch::Sender<Option<Instant>>) -> Result<Session, RegisterError> {
+        let key = Key::Machine(self.key.clone()).path();
+        let sent = Instant::now();
+        let (lease, ttl) = self.store.grant(self.cfg.ttl).await?;
+        let mut machine = self.cfg.machine.clone();
+        machine.since_ms = record::now_ms();
+        let value = record::encode(&machine);
+        let put = |v: Vec<u8>| TxnOp::put(key.as_str(), v, Some(etcd_client::PutOptions::new().with_lease(lease)));
+        let txn = etcd_client::Txn::new()
+            .when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)])
+            .and_then([put(value.clone())])
+            .or_else([TxnOp::get(key.as_str(), None)]);
+        let resp = self.store.txn(txn).await?;
+        if !resp.succeeded() {
+            let existing = resp.op_responses().into_iter().find_map(|r| match r {
+                etcd_client::TxnOpResponse::Get(g) => g.kvs().first().cloned(),
+                _ => None,
+            });
+            let Some(kv) = existing else {
+                return Err(RegisterError::Store(StoreError::Fenced("registration raced".into())));
+            };
+            let other = record::decode::<MachineRecord>(kv.value()).unwrap_or_default();
+            if other.instance != machine.instance {
+                let _ = self.store.revoke(lease).await;
+                return Err(RegisterError::Fatal(AgentError::DuplicateMachineId {
+                    id: machine.id.clone(),
+                    hostname: other.hostname,
+                }));
+            }
+            // Our own registration from before a restart: take it over under the new lease.
+            let txn = etcd_client::Txn::new()
+                .when([Compare::mod_revision(key.as_str(), CompareOp::Equal, kv.mod_revision())])
+                .and_then([put(value)]);
+            if !self.store.txn(txn).await?.succeeded() {
+                return Err(RegisterError::Store(StoreError::Fenced("registration raced".into())));
+            }
+        }
+        valid.send_replace(Some(sent + ttl * 3 / 4));
+        let (lapsed_tx, lapsed) = mpsc::channel(1);
+        let renewer = tokio::spawn(renew_task(KeepAlive::new(&self.store, lease), ttl, sent, valid.clone(), lapsed_tx));
+        Ok(Session { lease, lapsed, renewer })
+    }
+
+    /// Reads the whole schedule and converges to it; returns a watch from just after that read.
+    async fn sync(
+        &self,
+        workers: &mut HashMap<UnitName, watch::Sender<Option<Target>>>,
+        epochs: &mut HashMap<UnitName, u64>,
+        reports: &mpsc::UnboundedSender<Report>,
+        fence: &watch::Receiver<bool>,
+    ) -> Result<WatchStream, StoreError> {
+        let prefix = schema::schedule_prefix(&self.key);
+        let (kvs, revision) = self.store.get_prefix(&prefix).await?;
+        let mut seen = std::collections::HashSet::new();
+        for kv in &kvs {
+            let Some(Key::Schedule(_, unit)) = kv.key_str().ok().and_then(Key::parse) else { continue };
+            seen.insert(unit.clone());
+            // A full read is authoritative: forget epochs so a new leader's lower-numbered writes are not refused.
+            epochs.remove(&unit);
+            self.assign(unit, record::decode(kv.value()), workers, epochs, reports, fence);
+        }
+        let gone: Vec<UnitName> = workers.keys().filter(|u| !seen.contains(*u)).cloned().collect();
+        for unit in gone {
+            self.assign(unit, None, workers, epochs, reports, fence);
+        }
+        self.store.stats().request(1);
+        let options = WatchOptions::new().with_prefix().with_start_revision(revision + 1);
+        Ok(self.store.client().watch(prefix, Some(options)).await?)
+    }
+
+    /// Points a unit's worker at a schedule entry (None: remove the unit).
+    fn assign(
+        &self,
+        name: UnitName,
+        entry: Option<ScheduleEntry>,
+        workers: &mut HashMap<UnitName, watch::Sender<Option<Target>>>,
+        epochs: &mut HashMap<UnitName, u64>,
+        reports: &mpsc::UnboundedSender<Report>,
+        fence: &watch::Receiver<bool>,
+    ) {
+        let target = match entry {
+            Some(e) => {
+                if epochs.get(&name).is_some_and(|seen| e.epoch < *seen) {
+                    tracing::warn!(unit = %name, epoch = e.epoch, "schedule from an older engine epoch ignored");
+                    return;
+                }
+                epochs.insert(name.clone(), e.epoch);
+                match Unit::parse(name.as_str(), &e.text) {
+                    Ok(unit) => Some(Target { unit: Arc::new(unit), desired: e.desired, epoch: e.epoch }),
+                    Err(err) => {
+                        let _ = reports.send(Report {
+                            unit: name,
+                            state: Some(StateRecord {
+                                state: ActiveState::Failed,
+                                epoch: e.epoch,
+                                since_ms: record::now_ms(),
+                                detail: Some(err.to_string()),
+                            }),
+                        });
+                        return;
+                    }
+                }
+            }
+            None => None,
+        };
+        if let Some(tx) = workers.get(&name)
+            && tx.send(target.clone()).is_ok()
+        {
+            return;
+        }
+        if target.is_none() {
+            workers.remove(&name);
+            return;
+        }
+        let (tx, rx) = watch::channel(target);
+        workers.insert(name, tx);
+        tokio::spawn(worker(
+            rx,
+            fence.clone(),
+            self.exec.clone(),
+            reports.clone(),
+            self.events.clone(),
+            self.cfg.status_interval,
+        ));
+    }
+
+    /// Writes pending state changes in guarded batches attached to the lease.
+    async fn flush(&self, lease: i64, pending: &mut HashMap<UnitName, Option<StateRecord>>) -> Result<(), StoreError> {
+        let ops: Vec<TxnOp> = pending
+            .iter()
+            .map(|(unit, state)| {
+                let key = Key::UnitState(unit.clone(), self.key.clone()).path();
+                match state {
+                    Some(s) => {
+                        TxnOp::put(key, record::encode(s), Some(etcd_client::PutOptions::new().with_lease(lease)))
+                    }
+                    None => TxnOp::delete(key, None),
+                }
+            })
+            .collect();
+        self.store.apply(ops, &[]).await?;
+        pending.clear();
+        Ok(())
+    }
+}
+
+enum RegisterError {
+    Fatal(AgentError),
+    Store(StoreError),
+}
+
+impl From<StoreError> for RegisterError {
+    fn from(e: StoreError) -> Self {
+        RegisterError::Store(e)
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+async fn lapsed(session: &mut Option<Session>) -> Option<()> {
+    match session {
+        Some(s) => s.lapsed.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn next_watch(stream: &mut Option<WatchStream>) -> Result<Option<etcd_client::WatchResponse>, StoreError> {
+    match stream {
+        Some(s) => Ok(s.message().await?),
+        None => std::future::pending().await,
+    }
+}
+
+/// Renews the lease every third of its TTL; moves the fencing deadline forward on every acknowledged renewal.
+async fn renew_task(
+    mut ka: KeepAlive,
+    ttl: Duration,
+    mut last_sent: Instant,
+    valid: watch::Sender<Option<Instant>>,
+    lapsed: mpsc::Sender<()>,
+) {
+    let every = (ttl / 3).max(Duration::from_millis(200));
+    loop {
+        tokio::time::sleep_until(last_sent + every).await;
+        let sent = Instant::now();
+        match tokio::time::timeout(every, ka.renew()).await {
+            Ok(Ok(left)) if !left.is_zero() => {
+                last_sent = sent;
+                valid.send_replace(Some(sent + ttl * 3 / 4));
+            }
+            Ok(Ok(_)) => {
+                valid.send_replace(None);
+                let _ = lapsed.send(()).await;
+                return;
+            }
+            // Not acknowledged: keep the old deadline and try again soon.
+            Ok(Err(_)) | Err(_) => last_sent = sent.min(last_sent + every / 2),
+        }
+    }
+}
+
+/// Raises the fence when the lease's deadline passes, lowers it when a renewal moves the deadline.
+async fn fence_task(
+    mut valid: watch::Receiver<Option<Instant>>,
+    fence: watch::Sender<bool>,
+    events: broadcast::Sender<AgentEvent>,
+) {
+    loop {
+        let until = *valid.borrow_and_update();
+        let fenced = until.is_none_or(|t| Instant::now() >= t);
+        if fence.send_if_modified(|f| std::mem::replace(f, fenced) != fenced) {
+            let _ =
+                events.send(if fenced { AgentEvent::Fenced { at: SystemTime::now() } } else { AgentEvent::Unfenced });
+        }
+        let deadline = until.filter(|_| !fenced);
+        tokio::select! {
+            r = valid.changed() => if r.is_err() { return },
+            () = async { match deadline { Some(t) => tokio::time::sleep_until(t).await, None => std::future::pending().await } } => {}
+        }
+    }
+}
+
+/// Converges one unit to its target, then keeps watching its state until the unit is removed.
+async fn worker<E: Executor>(
+    mut target: watch::Receiver<Option<Target>>,
+    mut fence: watch::Receiver<bool>,
+    exec: Arc<E>,
+    reports: mpsc::UnboundedSender<Report>,
+    events: broadcast::Sender<AgentEvent>,
+    status_interval: Duration,
+) {
+    let mut installed: Option<(Arc<Unit>, ActiveState)> = None;
+    let mut name: Option<UnitName> = None;
+    loop {
+        let t = target.borrow_and_update().clone();
+        let fenced = *fence.borrow_and_update();
+        if let Some(t) = &t {
+            name = Some(t.unit.name.clone());
+        }
+        let report = |state: ActiveState, epoch: u64, detail: Option<String>| {
+            if let Some(unit) = &name {
+                let record = StateRecord { state, epoch, since_ms: record::now_ms(), detail };
+                let _ = reports.send(Report { unit: unit.clone(), state: Some(record) });
+            }
+        };
+        let act = |unit: &UnitName, action: &'static str, ok: bool| {
+            let _ = events.send(AgentEvent::Action { unit: unit.clone(), action, at: SystemTime::now(), ok });
+        };
+        // A different unit file (or removal): take the old one down first.
+        if let Some((old, _)) = &installed
+            && t.as_ref().is_none_or(|t| t.unit.file != old.file)
+        {
+            let old = old.clone();
+            let stopped = exec.stop(&old).await;
+            act(&old.name, "stop", stopped.is_ok());
+            let unloaded = exec.unload(&old).await;
+            act(&old.name, "unload", unloaded.is_ok());
+            installed = None;
+        }
+        let Some(t) = t else {
+            if let Some(unit) = name.take() {
+                let _ = reports.send(Report { unit, state: None });
+            }
+            return;
+        };
+        if installed.is_none() {
+            report(ActiveState::Preparing, t.epoch, None);
+            match exec.load(&t.unit).await {
+                Ok(()) => {
+                    act(&t.unit.name, "load", true);
+                    installed = Some((t.unit.clone(), ActiveState::Loaded));
+                }
+                Err(e) => {
+                    act(&t.unit.name, "load", false);
+                    report(ActiveState::Failed, t.epoch, Some(e.to_string()));
+                }
+            }
+        }
+        if let Some((unit, state)) = installed.as_mut() {
+            let run = t.desired == Desired::Launched && !(fenced && unit.placement.at_most_once);
+            let mut detail = None;
+            if run && *state != ActiveState::Active {
+                match exec.start(unit).await {
+                    Ok(()) => *state = ActiveState::Active,
+                    Err(e) => {
+                        *state = ActiveState::Failed;
+                        detail = Some(e.to_string());
+                    }
+                }
+                act(&unit.name, "start", detail.is_none());
+            } else if !run && *state == ActiveState::Active {
+                let r = exec.stop(unit).await;
+                act(&unit.name, "stop", r.is_ok());
+                *state = ActiveState::Loaded;
+            }
+            report(*state, t.epoch, detail);
+        }
+        // Wait for a new target, a fence change, or the next state poll.
+        loop {
+            tokio::select! {
+                r = target.changed() => {
+                    if r.is_err() {
+                        // The agent is gone: leave the unit as it is (a restarted agent picks it up).
+                        return;
+                    }
+                    break;
+                }
+                r = fence.changed() => {
+                    if r.is_err() { return; }
+                    break;
+                }
+                () = tokio::time::sleep(status_interval) => {
+                    if let Some((unit, state)) = installed.as_mut() {
+                        let now = exec.state(unit).await;
+                        if now != *state && *state == ActiveState::Active {
+                            *state = now;
+                            let epoch = target.borrow().as_ref().map_or(0, |t| t.epoch);
+                            report(now, epoch, Some("exited".into()));
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

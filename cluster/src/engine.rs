@@ -1,0 +1,495 @@
+//! The engine: one leader at a time (an etcd lease on `engine/leader`), reconciling what should run (units,
+//! machines, cordons) with where it runs (the per-machine schedule keys), through the pure
+//! [`planner`](crate::plan).
+//!
+//! - Leadership: the leader key is created under the candidate's lease, only if absent; followers watch it and
+//!   campaign when it goes (at the latest one TTL after the leader dies). Every write the leader makes is guarded
+//!   by the leader key's creation revision, so a deposed leader cannot write. A new leader bumps
+//!   `engine/epoch`; schedule entries carry it.
+//! - Taking over changes nothing that runs: the new leader reads the schedule as it is and plans from it.
+//! - A machine whose registration disappears is *suspect* for a grace period (its units stay put, nothing new lands
+//!   there), then *dead* (its units move). A registration that comes back within the grace moves nothing.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use etcd_client::{Compare, CompareOp, EventType, TxnOp, WatchOptions};
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::plan::{self, MachineView, Snapshot};
+use crate::record::{self, CordonRecord, Desired, MachineRecord, ScheduleEntry, UnitRecord};
+use crate::schema::{self, Key};
+use crate::store::{KeepAlive, Store, StoreError};
+use crate::unit::{Unit, UnitName};
+
+/// How an engine instance runs.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// This instance's id (the leader key's value).
+    pub id: String,
+    /// Leader lease TTL.
+    pub ttl: Duration,
+    /// How long a machine is suspect before its units move.
+    pub grace: Duration,
+    /// How long to gather changes before planning (bulk submits plan once, not per unit).
+    pub settle: Duration,
+}
+
+impl EngineConfig {
+    /// Defaults for `id`: 10 s lease, grace half of it, 20 ms settle.
+    pub fn new(id: &str) -> EngineConfig {
+        EngineConfig {
+            id: id.to_owned(),
+            ttl: Duration::from_secs(10),
+            grace: Duration::from_secs(5),
+            settle: Duration::from_millis(20),
+        }
+    }
+}
+
+/// What an engine instance is doing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EngineStatus {
+    /// Waiting for leadership.
+    Follower,
+    /// Leading with this fencing epoch.
+    Leader {
+        /// The epoch.
+        epoch: u64,
+    },
+}
+
+/// Figures of the last reconcile, for benchmarks and logs.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Reconciled {
+    /// Schedule entries the leader holds.
+    pub scheduled: usize,
+    /// Units that fit nowhere.
+    pub unplaced: usize,
+    /// Reconcile rounds so far.
+    pub rounds: u64,
+}
+
+/// An engine instance.
+#[derive(Debug)]
+pub struct Engine {
+    store: Store,
+    cfg: EngineConfig,
+    status: watch::Sender<EngineStatus>,
+    reconciled: watch::Sender<Reconciled>,
+}
+
+/// The leader's view of the cluster.
+#[derive(Default)]
+struct View {
+    units: BTreeMap<UnitName, (UnitRecord, Option<Unit>)>,
+    machines: BTreeMap<String, MachineRecord>,
+    suspects: BTreeMap<String, (MachineRecord, Instant)>,
+    cordons: BTreeMap<String, CordonRecord>,
+    /// (machine, unit) → entry, as written.
+    schedule: BTreeMap<(String, UnitName), ScheduleEntry>,
+}
+
+impl Engine {
+    /// An engine instance.
+    pub fn new(store: Store, cfg: EngineConfig) -> Engine {
+        Engine {
+            store,
+            cfg,
+            status: watch::channel(EngineStatus::Follower).0,
+            reconciled: watch::channel(Reconciled::default()).0,
+        }
+    }
+
+    /// Follows the instance's role.
+    pub fn status(&self) -> watch::Receiver<EngineStatus> {
+        self.status.subscribe()
+    }
+
+    /// Follows the reconcile figures.
+    pub fn reconciled(&self) -> watch::Receiver<Reconciled> {
+        self.reconciled.subscribe()
+    }
+
+    /// Campaigns and leads until `shutdown`; on shutdown a leader resigns (its lease is revoked, so a follower
+    /// takes over at once).
+    pub async fn run(&self, shutdown: CancellationToken) {
+        loop {
+            let term = tokio::select! {
+                () = shutdown.cancelled() => return,
+                t = self.campaign() => t,
+            };
+            let term = match term {
+                Ok(t) => t,
+                Err(e) => {
+                    tracing::warn!(engine = %self.cfg.id, "campaign: {e}");
+                    tokio::select! {
+                        () = shutdown.cancelled() => return,
+                        () = tokio::time::sleep(Duration::from_millis(500)) => continue,
+                    }
+                }
+            };
+            tracing::info!(engine = %self.cfg.id, epoch = term.epoch, "leading");
+            self.status.send_replace(EngineStatus::Leader { epoch: term.epoch });
+            let result = self.lead(&term, &shutdown).await;
+            self.status.send_replace(EngineStatus::Follower);
+            term.renewer.abort();
+            if shutdown.is_cancelled() {
+                let _ = self.store.revoke(term.lease).await;
+                return;
+            }
+            if let Err(e) = result {
+                tracing::warn!(engine = %self.cfg.id, "lost leadership: {e}");
+            }
+        }
+    }
+
+    async fn campaign(&self) -> Result<Term, StoreError> {
+        let leader = Key::EngineLeader.path();
+        loop {
+            let (lease, ttl) = self.store.grant(self.cfg.ttl).await?;
+            let txn = etcd_client::Txn::new()
+                .when([Compare::create_revision(leader.as_str(), CompareOp::Equal, 0)])
+                .and_then([TxnOp::put(
+                    leader.as_str(),
+                    self.cfg.id.as_bytes(),
+                    Some(etcd_client::PutOptions::new().with_lease(lease)),
+                )])
+                .or_else([TxnOp::get(leader.as_str(), None)]);
+            let resp = self.store.txn(txn).await?;
+            let revision = resp.header().map_or(0, |h| h.revision());
+            if resp.succeeded() {
+                let epoch = self.bump_epoch().await?;
+                let (lost_tx, lost) = watch::channel(false);
+                let renewer = tokio::spawn(keep_leading(KeepAlive::new(&self.store, lease), ttl, lost_tx));
+                return Ok(Term { lease, leader_rev: revision, epoch, lost, renewer });
+            }
+            let _ = self.store.revoke(lease).await;
+            // Wait until the leader key goes (its holder resigned or its lease expired).
+            self.store.stats().request(1);
+            let options = WatchOptions::new().with_start_revision(revision + 1);
+            let mut stream = self.store.client().watch(leader.as_str(), Some(options)).await?;
+            loop {
+                match stream.message().await? {
+                    Some(resp) if resp.events().iter().any(|e| e.event_type() == EventType::Delete) => break,
+                    Some(_) => {}
+                    None => break,
+                }
+            }
+        }
+    }
+
+    async fn bump_epoch(&self) -> Result<u64, StoreError> {
+        let key = Key::EngineEpoch.path();
+        loop {
+            let current = self.store.get(&key).await?;
+            let (value, guard) = match &current {
+                Some(kv) => (
+                    kv.value_str().ok().and_then(|s| s.parse::<u64>().ok()).unwrap_or(0),
+                    Compare::mod_revision(key.as_str(), CompareOp::Equal, kv.mod_revision()),
+                ),
+                None => (0, Compare::create_revision(key.as_str(), CompareOp::Equal, 0)),
+            };
+            let next = value + 1;
+            let txn =
+                etcd_client::Txn::new().when([guard]).and_then([TxnOp::put(key.as_str(), next.to_string(), None)]);
+            if self.store.txn(txn).await?.succeeded() {
+                return Ok(next);
+            }
+        }
+    }
+
+    async fn load(&self) -> Result<(View, i64), StoreError> {
+        let mut view = View::default();
+        let (kvs, revision) = self.store.get_prefix(&schema::prefix("units")).await?;
+        for kv in kvs {
+            if let Some(Key::Unit(name)) = kv.key_str().ok().and_then(Key::parse) {
+                view.set_unit(name, record::decode(kv.value()));
+            }
+        }
+        for (kind, at) in [("machines", revision), ("cordon", revision), ("schedule", revision)] {
+            let (kvs, _) = self.get_at(&schema::prefix(kind), at).await?;
+            for kv in kvs {
+                match kv.key_str().ok().and_then(Key::parse) {
+                    Some(Key::Machine(m)) => {
+                        if let Some(r) = record::decode::<MachineRecord>(kv.value()) {
+                            view.machines.insert(m.to_string(), r);
+                        }
+                    }
+                    Some(Key::Cordon(m)) => {
+                        if let Some(r) = record::decode(kv.value()) {
+                            view.cordons.insert(m.to_string(), r);
+                        }
+                    }
+                    Some(Key::Schedule(m, u)) => {
+                        if let Some(e) = record::decode(kv.value()) {
+                            view.schedule.insert((m.to_string(), u), e);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+        Ok((view, revision))
+    }
+
+    async fn get_at(&self, prefix: &str, revision: i64) -> Result<(Vec<etcd_client::KeyValue>, i64), StoreError> {
+        // Paged reads at the revision of the first read, so the view is one consistent snapshot.
+        let mut client = self.store.client();
+        let end = crate::store::prefix_end(prefix.as_bytes());
+        let mut from = prefix.as_bytes().to_vec();
+        let mut out = Vec::new();
+        loop {
+            self.store.stats().request(1);
+            let options =
+                etcd_client::GetOptions::new().with_range(end.clone()).with_limit(2_000).with_revision(revision);
+            let mut resp = client.get(from.clone(), Some(options)).await?;
+            let more = resp.more();
+            let kvs = resp.take_kvs();
+            if let Some(last) = kvs.last() {
+                from = last.key().to_vec();
+                from.push(0);
+            }
+            out.extend(kvs);
+            if !more {
+                return Ok((out, revision));
+            }
+        }
+    }
+
+    async fn lead(&self, term: &Term, shutdown: &CancellationToken) -> Result<(), StoreError> {
+        let (mut view, revision) = self.load().await?;
+        let mut stream = {
+            self.store.stats().request(1);
+            let mut client = self.store.client();
+            let options = |p: &str| {
+                WatchOptions::new()
+                    .with_range(crate::store::prefix_end(p.as_bytes()))
+                    .with_start_revision(revision + 1)
+                    .with_prev_key()
+            };
+            let units = schema::prefix("units");
+            let mut s = client.watch(units.as_str(), Some(options(&units))).await?;
+            for kind in ["machines", "cordon"] {
+                let p = schema::prefix(kind);
+                s.watch(p.as_str(), Some(options(&p))).await?;
+            }
+            s
+        };
+        let guard = [Compare::create_revision(Key::EngineLeader.path(), CompareOp::Equal, term.leader_rev)];
+        let mut lost = term.lost.clone();
+        let mut rounds = 0u64;
+        let mut dirty = true;
+        loop {
+            if dirty {
+                rounds += 1;
+                self.reconcile(&mut view, term.epoch, &guard, rounds).await?;
+                dirty = false;
+            }
+            let next_suspect = view.suspects.values().map(|(_, t)| *t).min();
+            tokio::select! {
+                biased;
+                () = shutdown.cancelled() => return Ok(()),
+                r = lost.changed() => {
+                    if r.is_err() || *lost.borrow() {
+                        return Err(StoreError::Fenced("leader lease lost".into()));
+                    }
+                }
+                msg = stream.message() => {
+                    let Some(resp) = msg? else {
+                        return Err(StoreError::Fenced("watch closed".into()));
+                    };
+                    self.apply(&mut view, &resp);
+                    // Gather whatever else arrives while changes keep coming (bounded), then plan once.
+                    let until = Instant::now() + self.cfg.settle * 10;
+                    while Instant::now() < until {
+                        match tokio::time::timeout(self.cfg.settle, stream.message()).await {
+                            Ok(Ok(Some(more))) => self.apply(&mut view, &more),
+                            Ok(Ok(None)) => return Err(StoreError::Fenced("watch closed".into())),
+                            Ok(Err(e)) => return Err(e.into()),
+                            Err(_) => break,
+                        }
+                    }
+                    dirty = true;
+                }
+                () = async { match next_suspect { Some(t) => tokio::time::sleep_until(t).await, None => std::future::pending().await } } => {
+                    let now = Instant::now();
+                    let dead: Vec<String> = view.suspects.iter().filter(|(_, (_, t))| *t <= now).map(|(m, _)| m.clone()).collect();
+                    for m in dead {
+                        tracing::info!(machine = %m, "machine dead: moving its units");
+                        view.suspects.remove(&m);
+                    }
+                    dirty = true;
+                }
+            }
+        }
+    }
+
+    fn apply(&self, view: &mut View, resp: &etcd_client::WatchResponse) {
+        self.store.stats().watched(resp.events().len() as u64);
+        for ev in resp.events() {
+            let Some(kv) = ev.kv() else { continue };
+            let put = ev.event_type() == EventType::Put;
+            match kv.key_str().ok().and_then(Key::parse) {
+                Some(Key::Unit(name)) => view.set_unit(name, if put { record::decode(kv.value()) } else { None }),
+                Some(Key::Machine(m)) => {
+                    let id = m.to_string();
+                    if put {
+                        if let Some(r) = record::decode::<MachineRecord>(kv.value()) {
+                            view.suspects.remove(&id);
+                            view.machines.insert(id, r);
+                        }
+                    } else if let Some(r) = view.machines.remove(&id) {
+                        tracing::info!(machine = %id, "registration gone: suspect for {:?}", self.cfg.grace);
+                        view.suspects.insert(id, (r, Instant::now() + self.cfg.grace));
+                    }
+                }
+                Some(Key::Cordon(m)) => {
+                    match if put { record::decode::<CordonRecord>(kv.value()) } else { None } {
+                        Some(c) => view.cordons.insert(m.to_string(), c),
+                        None => view.cordons.remove(m.as_str()),
+                    };
+                }
+                _ => {}
+            }
+        }
+    }
+
+    async fn reconcile(&self, view: &mut View, epoch: u64, guard: &[Compare], rounds: u64) -> Result<(), StoreError> {
+        let machine_view = |r: &MachineRecord, suspect: bool| {
+            let cordon = view.cordons.get(&r.id);
+            let mut labels = r.labels.clone();
+            labels.entry("hostname".into()).or_insert_with(|| r.hostname.clone());
+            MachineView {
+                id: r.id.clone(),
+                labels,
+                cpu_millis: r.cpu_millis,
+                memory: r.memory,
+                rack: r.rack.clone(),
+                schedulable: !suspect && cordon.is_none(),
+                draining: cordon.is_some_and(|c| c.drain),
+            }
+        };
+        let machines: Vec<MachineView> = view
+            .machines
+            .values()
+            .map(|r| machine_view(r, false))
+            .chain(view.suspects.values().map(|(r, _)| machine_view(r, true)))
+            .collect();
+        let units: Vec<Unit> = view
+            .units
+            .iter()
+            .filter(|(name, (r, _))| r.desired != Desired::Inactive && !name.is_template())
+            .map(|(_, v)| v)
+            .filter_map(|(_, u)| u.clone())
+            .collect();
+        let mut current = BTreeMap::new();
+        for (m, u) in view.schedule.keys() {
+            current.insert(u.clone(), m.clone());
+        }
+        let plan = plan::plan(&Snapshot { machines, units, current });
+
+        let mut wanted: HashMap<(String, UnitName), ScheduleEntry> = HashMap::new();
+        for (unit, on) in &plan.placements {
+            let Some((rec, _)) = view.units.get(unit) else { continue };
+            for m in on {
+                let key = (m.clone(), unit.clone());
+                let entry = match view.schedule.get(&key) {
+                    Some(e) if e.desired == rec.desired && e.text == rec.text => e.clone(),
+                    _ => ScheduleEntry { epoch, desired: rec.desired, text: rec.text.clone() },
+                };
+                wanted.insert(key, entry);
+            }
+        }
+        let mut ops = Vec::new();
+        let mut removed = Vec::new();
+        for key in view.schedule.keys() {
+            if !wanted.contains_key(key) {
+                ops.push(TxnOp::delete(self.schedule_key(key), None));
+                removed.push(key.clone());
+            }
+        }
+        let mut added = Vec::new();
+        for (key, entry) in &wanted {
+            if view.schedule.get(key) != Some(entry) {
+                ops.push(TxnOp::put(self.schedule_key(key), record::encode(entry), None));
+                added.push((key.clone(), entry.clone()));
+            }
+        }
+        if !ops.is_empty() {
+            self.store.apply(ops, guard).await?;
+        }
+        for key in removed {
+            view.schedule.remove(&key);
+        }
+        view.schedule.extend(added);
+        for (unit, why) in &plan.unplaced {
+            tracing::debug!(unit = %unit, "not placed: {why}");
+        }
+        self.reconciled.send_replace(Reconciled {
+            scheduled: view.schedule.len(),
+            unplaced: plan.unplaced.len(),
+            rounds,
+        });
+        Ok(())
+    }
+
+    fn schedule_key(&self, (machine, unit): &(String, UnitName)) -> String {
+        format!("{}{}", schema::prefix("schedule"), format_args!("{machine}/{unit}"))
+    }
+}
+
+impl View {
+    fn set_unit(&mut self, name: UnitName, record: Option<UnitRecord>) {
+        match record {
+            Some(r) => {
+                let parsed = match Unit::parse(name.as_str(), &r.text) {
+                    Ok(u) => Some(u),
+                    Err(e) => {
+                        tracing::warn!(unit = %name, "stored unit does not parse: {e}");
+                        None
+                    }
+                };
+                self.units.insert(name, (r, parsed));
+            }
+            None => {
+                self.units.remove(&name);
+            }
+        }
+    }
+}
+
+/// One term of leadership.
+struct Term {
+    lease: i64,
+    leader_rev: i64,
+    epoch: u64,
+    lost: watch::Receiver<bool>,
+    renewer: tokio::task::JoinHandle<()>,
+}
+
+/// Keeps the leader lease; signals when it cannot have been renewed within its TTL.
+async fn keep_leading(mut ka: KeepAlive, ttl: Duration, lost: watch::Sender<bool>) {
+    let every = (ttl / 3).max(Duration::from_millis(200));
+    let mut last_ok = Instant::now();
+    loop {
+        tokio::time::sleep(every).await;
+        let sent = Instant::now();
+        match tokio::time::timeout(every, ka.renew()).await {
+            Ok(Ok(left)) if !left.is_zero() => last_ok = sent,
+            Ok(Ok(_)) => {
+                lost.send_replace(true);
+                return;
+            }
+            Ok(Err(_)) | Err(_) => {
+                // Step down before the lease can have expired on the server.
+                if Instant::now() >= last_ok + ttl * 3 / 4 {
+                    lost.send_replace(true);
+                    return;
+                }
+            }
+        }
+    }
+}

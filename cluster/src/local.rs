@@ -1,0 +1,142 @@
+//! A real etcd cluster on loopback (Debian's `etcd-server`), for tests, benchmarks and `herdctl bench`: each member
+//! its own process, data dir and ports; members can be killed (`SIGKILL`) and restarted.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use crate::store::{Store, TlsFiles};
+
+/// One member.
+#[derive(Debug)]
+struct Member {
+    name: String,
+    client: u16,
+    peer: u16,
+    child: Option<Child>,
+}
+
+/// A local etcd cluster.
+#[derive(Debug)]
+pub struct LocalEtcd {
+    dir: PathBuf,
+    members: Vec<Member>,
+    cluster: String,
+}
+
+fn free_port() -> std::io::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+impl LocalEtcd {
+    /// Starts `n` members with data under `dir` (fast elections: 50 ms heartbeat, 500 ms election timeout, so
+    /// leases down to 1 s work). Returns once every process is spawned; see [`LocalEtcd::ready`].
+    pub fn start(dir: &Path, n: usize) -> std::io::Result<LocalEtcd> {
+        std::fs::create_dir_all(dir)?;
+        let mut members = Vec::new();
+        for i in 0..n {
+            members.push(Member { name: format!("etcd{i}"), client: free_port()?, peer: free_port()?, child: None });
+        }
+        let cluster =
+            members.iter().map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer)).collect::<Vec<_>>().join(",");
+        let mut etcd = LocalEtcd { dir: dir.to_path_buf(), members, cluster };
+        for i in 0..n {
+            etcd.spawn(i)?;
+        }
+        Ok(etcd)
+    }
+
+    fn spawn(&mut self, i: usize) -> std::io::Result<()> {
+        let m = &self.members[i];
+        let log =
+            std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join(format!("{}.log", m.name)))?;
+        let data = self.dir.join(&m.name);
+        let state = if data.exists() { "existing" } else { "new" };
+        let child = Command::new("etcd")
+            .arg("--name")
+            .arg(&m.name)
+            .arg("--data-dir")
+            .arg(&data)
+            .arg("--listen-client-urls")
+            .arg(format!("http://127.0.0.1:{}", m.client))
+            .arg("--advertise-client-urls")
+            .arg(format!("http://127.0.0.1:{}", m.client))
+            .arg("--listen-peer-urls")
+            .arg(format!("http://127.0.0.1:{}", m.peer))
+            .arg("--initial-advertise-peer-urls")
+            .arg(format!("http://127.0.0.1:{}", m.peer))
+            .arg("--initial-cluster")
+            .arg(&self.cluster)
+            .arg("--initial-cluster-state")
+            .arg(state)
+            .arg("--initial-cluster-token")
+            .arg("herd-local")
+            .args(["--heartbeat-interval", "50", "--election-timeout", "500", "--log-level", "warn"])
+            .args(["--quota-backend-bytes", &(8u64 << 30).to_string(), "--max-txn-ops", "128"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()?;
+        self.members[i].child = Some(child);
+        Ok(())
+    }
+
+    /// Client URLs of every member.
+    pub fn endpoints(&self) -> Vec<String> {
+        self.members.iter().map(|m| format!("http://127.0.0.1:{}", m.client)).collect()
+    }
+
+    /// The client URL of member `i`.
+    pub fn endpoint(&self, i: usize) -> String {
+        format!("http://127.0.0.1:{}", self.members[i].client)
+    }
+
+    /// Waits (bounded) until the cluster answers a read through all members, and returns a store on it.
+    pub async fn ready(&self, within: Duration) -> std::io::Result<Store> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let attempt = async {
+                let store =
+                    Store::connect(&self.endpoints(), &TlsFiles::default(), Duration::from_secs(2)).await.ok()?;
+                for e in self.endpoints() {
+                    let one = Store::connect(&[e], &TlsFiles::default(), Duration::from_secs(2)).await.ok()?;
+                    one.get("/herd/ready-probe").await.ok()?;
+                }
+                Some(store)
+            };
+            if let Some(store) = attempt.await {
+                return Ok(store);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(std::io::Error::other(format!(
+                    "etcd did not become ready within {within:?}; see the logs in {}",
+                    self.dir.display()
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Kills member `i` with SIGKILL.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut child) = self.members[i].child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Restarts a killed member `i` on its old data.
+    pub fn restart(&mut self, i: usize) -> std::io::Result<()> {
+        self.kill(i);
+        self.spawn(i)
+    }
+}
+
+impl Drop for LocalEtcd {
+    fn drop(&mut self) {
+        for i in 0..self.members.len() {
+            self.kill(i);
+        }
+    }
+}

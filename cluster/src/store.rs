@@ -1,0 +1,290 @@
+//! The etcd connection every cluster component uses: bounded requests (a partitioned caller gets an error, never
+//! a hang), paged prefix reads at one revision, guarded batched transactions, and a request counter (the scheduler
+//! benchmark reports etcd requests per unit from it).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use etcd_client::{
+    Certificate, Client, Compare, ConnectOptions, GetOptions, Identity, KeyValue, PutOptions, TlsOptions, Txn, TxnOp,
+};
+
+/// etcd refuses transactions with more operations than this (its `--max-txn-ops` default).
+pub const MAX_TXN_OPS: usize = 128;
+
+/// Keys per page of a prefix read (keeps each response far below gRPC's 4 MiB message limit).
+const PAGE: i64 = 2_000;
+
+/// An error talking to etcd.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The etcd client failed (connection, timeout, server error).
+    #[error("etcd: {0}")]
+    Etcd(#[from] etcd_client::Error),
+    /// A TLS file could not be read.
+    #[error("reading {path}: {source}")]
+    Tls {
+        /// The file.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The guard of a transaction failed (the caller lost the right to write).
+    #[error("transaction guard failed: {0}")]
+    Fenced(String),
+}
+
+/// TLS material for etcd (`--ca-file`, `--cert-file`, `--key-file`).
+#[derive(Debug, Clone, Default)]
+pub struct TlsFiles {
+    /// CA bundle that signed the etcd servers' certificates.
+    pub ca: Option<String>,
+    /// Client certificate.
+    pub cert: Option<String>,
+    /// Client key.
+    pub key: Option<String>,
+}
+
+/// Counts of what a [`Store`] asked of etcd.
+#[derive(Debug, Default)]
+pub struct Stats {
+    requests: AtomicU64,
+    watch_events: AtomicU64,
+}
+
+impl Stats {
+    /// Unary requests sent (gets, puts, deletes, transactions, lease grants and keep-alives).
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+    }
+
+    /// Watch events received.
+    pub fn watch_events(&self) -> u64 {
+        self.watch_events.load(Ordering::Relaxed)
+    }
+
+    /// Records `n` requests.
+    pub fn request(&self, n: u64) {
+        self.requests.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Records `n` watch events.
+    pub fn watched(&self, n: u64) {
+        self.watch_events.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+/// A connection to etcd.
+#[derive(Clone)]
+pub struct Store {
+    client: Client,
+    stats: Arc<Stats>,
+    timeout: Duration,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("timeout", &self.timeout).finish_non_exhaustive()
+    }
+}
+
+/// The end of the key range covering every key that starts with `prefix`.
+pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}
+
+impl Store {
+    /// Connects to `endpoints` (e.g. `http://127.0.0.1:2379`). Every request is bounded by `timeout`.
+    pub async fn connect(endpoints: &[String], tls: &TlsFiles, timeout: Duration) -> Result<Store, StoreError> {
+        let mut options = ConnectOptions::new()
+            .with_connect_timeout(timeout)
+            .with_timeout(timeout)
+            .with_keep_alive(Duration::from_secs(2), timeout)
+            .with_keep_alive_while_idle(true)
+            .with_require_leader(true);
+        if tls.ca.is_some() || tls.cert.is_some() {
+            let read =
+                |path: &String| std::fs::read(path).map_err(|source| StoreError::Tls { path: path.clone(), source });
+            let mut t = TlsOptions::new();
+            if let Some(ca) = &tls.ca {
+                t = t.ca_certificate(Certificate::from_pem(read(ca)?));
+            }
+            if let (Some(cert), Some(key)) = (&tls.cert, &tls.key) {
+                t = t.identity(Identity::from_pem(read(cert)?, read(key)?));
+            }
+            options = options.with_tls(t);
+        }
+        let client = Client::connect(endpoints, Some(options)).await?;
+        Ok(Store { client, stats: Arc::default(), timeout })
+    }
+
+    /// Another handle on the same connection that counts into its own [`Stats`].
+    pub fn with_own_stats(&self, stats: Arc<Stats>) -> Store {
+        Store { client: self.client.clone(), stats, timeout: self.timeout }
+    }
+
+    /// The request counters.
+    pub fn stats(&self) -> &Arc<Stats> {
+        &self.stats
+    }
+
+    /// The per-request bound.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// The raw client (for watches and leases).
+    pub fn client(&self) -> Client {
+        self.client.clone()
+    }
+
+    /// Every key under `prefix` at one revision, in key order, read in pages. Returns the pairs and the revision.
+    pub async fn get_prefix(&self, prefix: &str) -> Result<(Vec<KeyValue>, i64), StoreError> {
+        let mut client = self.client.clone();
+        let end = prefix_end(prefix.as_bytes());
+        let mut from = prefix.as_bytes().to_vec();
+        let mut revision = 0;
+        let mut out = Vec::new();
+        loop {
+            self.stats.request(1);
+            let options = GetOptions::new().with_range(end.clone()).with_limit(PAGE).with_revision(revision);
+            let mut resp = client.get(from.clone(), Some(options)).await?;
+            if revision == 0 {
+                revision = resp.header().map_or(0, |h| h.revision());
+            }
+            let more = resp.more();
+            let kvs = resp.take_kvs();
+            if let Some(last) = kvs.last() {
+                from = last.key().to_vec();
+                from.push(0);
+            }
+            out.extend(kvs);
+            if !more {
+                return Ok((out, revision));
+            }
+        }
+    }
+
+    /// One key's value and mod revision.
+    pub async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
+        self.stats.request(1);
+        let mut resp = self.client.clone().get(key, None).await?;
+        Ok(resp.take_kvs().into_iter().next())
+    }
+
+    /// Puts one key.
+    pub async fn put(&self, key: &str, value: Vec<u8>, lease: Option<i64>) -> Result<(), StoreError> {
+        self.stats.request(1);
+        let options = lease.map(|l| PutOptions::new().with_lease(l));
+        self.client.clone().put(key, value, options).await?;
+        Ok(())
+    }
+
+    /// Deletes one key; true if it existed.
+    pub async fn delete(&self, key: &str) -> Result<bool, StoreError> {
+        self.stats.request(1);
+        Ok(self.client.clone().delete(key, None).await?.deleted() > 0)
+    }
+
+    /// Runs `ops` in transactions of at most [`MAX_TXN_OPS`], each guarded by `guard` (all must hold). A failed
+    /// guard stops at that batch with [`StoreError::Fenced`]; earlier batches stay applied.
+    pub async fn apply(&self, ops: Vec<TxnOp>, guard: &[Compare]) -> Result<(), StoreError> {
+        let mut client = self.client.clone();
+        let mut ops = ops.into_iter().peekable();
+        while ops.peek().is_some() {
+            let batch: Vec<TxnOp> = ops.by_ref().take(MAX_TXN_OPS).collect();
+            self.stats.request(1);
+            let resp = client.txn(Txn::new().when(guard.to_vec()).and_then(batch)).await?;
+            if !resp.succeeded() {
+                return Err(StoreError::Fenced("the guarding key changed".into()));
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs one transaction.
+    pub async fn txn(&self, txn: Txn) -> Result<etcd_client::TxnResponse, StoreError> {
+        self.stats.request(1);
+        Ok(self.client.clone().txn(txn).await?)
+    }
+
+    /// Grants a lease of `ttl` (whole seconds, at least 1); returns its id and granted TTL.
+    pub async fn grant(&self, ttl: Duration) -> Result<(i64, Duration), StoreError> {
+        self.stats.request(1);
+        let secs = ttl.as_secs().max(1) as i64;
+        let resp = self.client.clone().lease_grant(secs, None).await?;
+        Ok((resp.id(), Duration::from_secs(resp.ttl().max(0) as u64)))
+    }
+
+    /// Revokes a lease (its keys go at once).
+    pub async fn revoke(&self, lease: i64) -> Result<(), StoreError> {
+        self.stats.request(1);
+        self.client.clone().lease_revoke(lease).await?;
+        Ok(())
+    }
+}
+
+/// A lease kept alive over one keep-alive stream, re-opened after errors.
+pub struct KeepAlive {
+    store: Store,
+    lease: i64,
+    stream: Option<(etcd_client::LeaseKeeper, etcd_client::LeaseKeepAliveStream)>,
+}
+
+impl std::fmt::Debug for KeepAlive {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeepAlive").field("lease", &self.lease).finish_non_exhaustive()
+    }
+}
+
+impl KeepAlive {
+    /// Keeps `lease` alive through `store`.
+    pub fn new(store: &Store, lease: i64) -> KeepAlive {
+        KeepAlive { store: store.clone(), lease, stream: None }
+    }
+
+    /// The lease.
+    pub fn lease(&self) -> i64 {
+        self.lease
+    }
+
+    /// Renews once, bounded by the store's timeout. Ok(remaining TTL): zero means the lease is gone.
+    pub async fn renew(&mut self) -> Result<Duration, StoreError> {
+        let result = tokio::time::timeout(self.store.timeout, self.renew_inner()).await;
+        match result {
+            Ok(Ok(ttl)) => Ok(ttl),
+            Ok(Err(e)) => {
+                self.stream = None;
+                Err(e)
+            }
+            Err(_) => {
+                self.stream = None;
+                Err(StoreError::Etcd(etcd_client::Error::LeaseKeepAliveError("keep-alive timed out".into())))
+            }
+        }
+    }
+
+    async fn renew_inner(&mut self) -> Result<Duration, StoreError> {
+        if self.stream.is_none() {
+            self.store.stats.request(1);
+            self.stream = Some(self.store.client.clone().lease_keep_alive(self.lease).await?);
+        }
+        let Some((keeper, stream)) = self.stream.as_mut() else {
+            return Err(StoreError::Fenced("no keep-alive stream".into()));
+        };
+        self.store.stats.request(1);
+        keeper.keep_alive().await?;
+        match stream.message().await? {
+            Some(resp) => Ok(Duration::from_secs(resp.ttl().max(0) as u64)),
+            None => Err(StoreError::Etcd(etcd_client::Error::LeaseKeepAliveError("stream closed".into()))),
+        }
+    }
+}

@@ -1,0 +1,208 @@
+//! fleet's behaviours, against a real 3-member etcd, real engine and agents running real processes.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use common::{GRACE, Lab, TTL, machine_record, poll, sleeper};
+use herd_cluster::client::UnitStatus;
+use herd_cluster::record::{ActiveState, Desired};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+async fn three(name: &str) -> Lab {
+    let mut lab = Lab::start(name, 1).await;
+    for (id, rack) in [("m1", "r1"), ("m2", "r1"), ("m3", "r2")] {
+        let disk = if id == "m2" { "hdd" } else { "ssd" };
+        lab.add_machine(machine_record(id, rack, &[("disk", disk)])).await;
+    }
+    poll(WAIT, "3 machines registered", || async { (lab.client.machines().await.ok()?.len() == 3).then_some(()) })
+        .await;
+    lab
+}
+
+async fn unit(lab: &Lab, name: &str) -> Option<UnitStatus> {
+    lab.client.units().await.unwrap().into_iter().find(|u| u.name == name)
+}
+
+fn active_on(u: &UnitStatus) -> Vec<String> {
+    u.machines.iter().filter(|p| p.state == Some(ActiveState::Active)).map(|p| p.machine.clone()).collect()
+}
+
+async fn start(lab: &Lab, names: &[&str]) {
+    for n in names {
+        lab.client.set_desired(n, Desired::Launched).await.unwrap();
+    }
+    let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+    lab.client.wait(&names, Some(Desired::Launched), WAIT).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_unit_goes_through_every_state_and_runs_a_real_process() {
+    let lab = three("states").await;
+    let text = sleeper("").replace("3600", "7201");
+    lab.client.submit("hello.service", &text, false).await.unwrap();
+    let u = unit(&lab, "hello.service").await.unwrap();
+    assert_eq!(u.desired, Desired::Inactive);
+    assert!(u.machines.is_empty(), "a submitted unit is placed nowhere");
+
+    lab.client.set_desired("hello.service", Desired::Loaded).await.unwrap();
+    lab.client.wait(&["hello.service".into()], Some(Desired::Loaded), WAIT).await.unwrap();
+
+    start(&lab, &["hello.service"]).await;
+    let on = active_on(&unit(&lab, "hello.service").await.unwrap());
+    assert_eq!(on.len(), 1);
+    // The process really runs, and really stops.
+    let running = || {
+        let out = std::process::Command::new("pgrep").args(["-f", "^/bin/sleep 7201$"]).output().unwrap();
+        !out.stdout.is_empty()
+    };
+    assert!(running(), "the unit's process runs");
+
+    lab.client.set_desired("hello.service", Desired::Loaded).await.unwrap();
+    lab.client.wait(&["hello.service".into()], Some(Desired::Loaded), WAIT).await.unwrap();
+    assert!(!running(), "stopped means the process is gone");
+
+    lab.client.set_desired("hello.service", Desired::Inactive).await.unwrap();
+    lab.client.wait(&["hello.service".into()], Some(Desired::Inactive), WAIT).await.unwrap();
+
+    assert!(lab.client.destroy("hello.service").await.unwrap());
+    lab.client.wait(&["hello.service".into()], None, WAIT).await.unwrap();
+    assert!(lab.client.cat("hello.service").await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn submit_refuses_a_different_file_without_replace_and_replace_restarts_the_unit() {
+    let lab = three("replace").await;
+    lab.client.submit("web.service", &sleeper(""), false).await.unwrap();
+    lab.client.submit("web.service", &sleeper(""), false).await.unwrap();
+    start(&lab, &["web.service"]).await;
+    let before = unit(&lab, "web.service").await.unwrap().machines[0].since_ms;
+    let changed = sleeper("").replace("Description=test", "Description=changed");
+    let err = lab.client.submit("web.service", &changed, false).await.unwrap_err();
+    assert!(err.to_string().contains("--replace"), "{err}");
+    lab.client.submit("web.service", &changed, true).await.unwrap();
+    poll(WAIT, "web.service restarted with the new file", || async {
+        let u = unit(&lab, "web.service").await?;
+        let p = u.machines.first()?;
+        (u.text == changed && p.state == Some(ActiveState::Active) && p.since_ms > before).then_some(())
+    })
+    .await;
+    assert_eq!(unit(&lab, "web.service").await.unwrap().desired, Desired::Launched, "--replace keeps the target");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn five_conflicting_units_on_three_machines_run_three_on_distinct_machines() {
+    let lab = three("conflicts").await;
+    let names: Vec<String> = (1..=5).map(|i| format!("db@{i}.service")).collect();
+    lab.client.submit("db@.service", &sleeper("Conflicts=db@*.service\n"), false).await.unwrap();
+    for n in &names {
+        lab.client.set_desired(n, Desired::Launched).await.unwrap();
+    }
+    let running = poll(WAIT, "3 db units active", || async {
+        let units = lab.client.units().await.ok()?;
+        let on: Vec<String> = units.iter().filter(|u| u.name.starts_with("db@")).flat_map(active_on).collect();
+        (on.len() == 3).then_some(on)
+    })
+    .await;
+    assert_eq!(running.iter().collect::<BTreeSet<_>>().len(), 3, "on distinct machines: {running:?}");
+    // And it stays at 3: the other two have nowhere to go.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let units = lab.client.units().await.unwrap();
+    let placed: usize = units.iter().filter(|u| u.name.starts_with("db@")).map(|u| u.machines.len()).sum();
+    assert_eq!(placed, 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_one_way_conflict_global_units_and_machine_id_pins() {
+    let lab = three("placement").await;
+    lab.client.submit("a.service", &sleeper("Conflicts=b.service\n"), false).await.unwrap();
+    lab.client.submit("b.service", &sleeper(""), false).await.unwrap();
+    lab.client.submit("pinned.service", &sleeper("MachineID=m2\n"), false).await.unwrap();
+    lab.client.submit("everywhere.service", &sleeper("Global=true\nMachineMetadata=disk=ssd\n"), false).await.unwrap();
+    start(&lab, &["a.service", "b.service", "pinned.service", "everywhere.service"]).await;
+    let a = active_on(&unit(&lab, "a.service").await.unwrap());
+    let b = active_on(&unit(&lab, "b.service").await.unwrap());
+    assert_ne!(a, b, "a one-way conflict keeps them apart");
+    assert_eq!(active_on(&unit(&lab, "pinned.service").await.unwrap()), ["m2"]);
+    let mut g = active_on(&unit(&lab, "everywhere.service").await.unwrap());
+    g.sort();
+    assert_eq!(g, ["m1", "m3"], "global on every machine with disk=ssd");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn template_instances_route_by_hostname_metadata() {
+    let lab = three("template").await;
+    lab.client.submit("web@.service", &sleeper("MachineMetadata=hostname=%i\n"), false).await.unwrap();
+    start(&lab, &["web@m1.service", "web@m3.service"]).await;
+    assert_eq!(active_on(&unit(&lab, "web@m1.service").await.unwrap()), ["m1"]);
+    assert_eq!(active_on(&unit(&lab, "web@m3.service").await.unwrap()), ["m3"]);
+    let err = lab.client.set_desired("web@.service", Desired::Launched).await.unwrap_err();
+    assert!(err.to_string().contains("template"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn machine_of_pairs_move_together_a_leaving_machine_moves_exactly_its_units_and_a_joining_one_nothing() {
+    let mut lab = three("moves").await;
+    lab.client.submit("leader.service", &sleeper(""), false).await.unwrap();
+    lab.client.submit("follower.service", &sleeper("MachineOf=leader.service\n"), false).await.unwrap();
+    let others: Vec<String> = (1..=6).map(|i| format!("w{i}.service")).collect();
+    for n in &others {
+        lab.client.submit(n, &sleeper(""), false).await.unwrap();
+    }
+    let mut all: Vec<&str> = others.iter().map(String::as_str).collect();
+    all.extend(["leader.service", "follower.service"]);
+    start(&lab, &all).await;
+    let before: Vec<(String, Vec<String>)> =
+        lab.client.units().await.unwrap().iter().map(|u| (u.name.clone(), active_on(u))).collect();
+    let leader_on = before.iter().find(|(n, _)| n == "leader.service").unwrap().1[0].clone();
+    let follower_on = &before.iter().find(|(n, _)| n == "follower.service").unwrap().1[0];
+    assert_eq!(&leader_on, follower_on, "MachineOf co-locates");
+
+    // A machine joining moves nothing.
+    lab.add_machine(machine_record("m4", "r2", &[])).await;
+    poll(WAIT, "m4 registered", || async { (lab.client.machines().await.ok()?.len() == 4).then_some(()) }).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let joined: Vec<(String, Vec<String>)> =
+        lab.client.units().await.unwrap().iter().map(|u| (u.name.clone(), active_on(u))).collect();
+    assert_eq!(joined, before, "no churn when a machine joins");
+
+    // The leader's machine dies: exactly its units move, the pair together, after the grace period.
+    let died = std::time::Instant::now();
+    lab.kill_machine(&leader_on).await;
+    let after = poll(WAIT, "the dead machine's units running elsewhere", || async {
+        let units = lab.client.units().await.ok()?;
+        let now: Vec<(String, Vec<String>)> = units.iter().map(|u| (u.name.clone(), active_on(u))).collect();
+        now.iter().all(|(_, on)| on.len() == 1 && on[0] != leader_on).then_some(now)
+    })
+    .await;
+    let took = died.elapsed();
+    assert!(took >= GRACE, "units moved only after the grace period ({took:?})");
+    for ((name, was), (_, now)) in before.iter().zip(&after) {
+        if was[0] == leader_on {
+            assert_ne!(now[0], leader_on);
+        } else {
+            assert_eq!(now, was, "{name} was not on the dead machine and must not move");
+        }
+    }
+    let l = &after.iter().find(|(n, _)| n == "leader.service").unwrap().1;
+    let f = &after.iter().find(|(n, _)| n == "follower.service").unwrap().1;
+    assert_eq!(l, f, "the MachineOf pair moved together");
+    eprintln!("failover took {took:?} (TTL {TTL:?}, grace {GRACE:?})");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_duplicate_machine_id_is_refused() {
+    let lab = three("duplicate").await;
+    let mut clone = machine_record("m1", "r9", &[]);
+    clone.instance = "another-instance".into();
+    clone.hostname = "cloned-host".into();
+    let m = lab.spawn_agent(clone, std::sync::Arc::new(herd_cluster::exec::ProcessExecutor::default())).await;
+    let result = tokio::time::timeout(WAIT, m.task).await.unwrap().unwrap();
+    let err = result.unwrap_err().to_string();
+    assert!(err.contains("m1") && err.contains("already registered") && err.contains("m1"), "{err}");
+    let machines = lab.client.machines().await.unwrap();
+    assert_eq!(machines.iter().find(|m| m.record.id == "m1").unwrap().record.hostname, "m1", "the original stays");
+}
