@@ -156,8 +156,11 @@ impl<E: Executor> Agent<E> {
         let (report_tx, mut report_rx) = mpsc::unbounded_channel::<Report>();
         // None: no lease we trust; Some(t): at-most-once units may run until t.
         let (valid_tx, valid_rx) = watch::channel::<Option<Instant>>(None);
+        // False from a registration until the schedule has been read under it: a unit fenced while cut off must
+        // not start again before the agent knows whether it is still scheduled here.
+        let (synced_tx, synced_rx) = watch::channel(false);
         let (fence_tx, fence_rx) = watch::channel(true);
-        let fencer = tokio::spawn(fence_task(valid_rx, fence_tx, self.events.clone()));
+        let fencer = tokio::spawn(fence_task(valid_rx, synced_rx, fence_tx, self.events.clone()));
         let _fencer = AbortOnDrop(fencer);
 
         let mut workers: HashMap<UnitName, watch::Sender<Option<Target>>> = HashMap::new();
@@ -175,6 +178,7 @@ impl<E: Executor> Agent<E> {
                 match self.register(&valid_tx).await {
                     Ok(s) => {
                         self.emit(AgentEvent::Registered { lease: s.lease });
+                        synced_tx.send_replace(false);
                         session = Some(s);
                         stream = None;
                         // States were attached to the old lease: write them all again.
@@ -189,7 +193,10 @@ impl<E: Executor> Agent<E> {
             }
             if session.is_some() && stream.is_none() && Instant::now() >= retry_at {
                 match self.sync(&mut workers, &mut epochs, &report_tx, &fence_rx).await {
-                    Ok(s) => stream = Some(s),
+                    Ok(s) => {
+                        stream = Some(s);
+                        synced_tx.send_replace(true);
+                    }
                     Err(e) => {
                         tracing::warn!(machine = %self.key, "reading the schedule: {e}");
                         retry_at = Instant::now() + backoff;
@@ -200,6 +207,12 @@ impl<E: Executor> Agent<E> {
                 && !pending.is_empty()
                 && let Err(e) = self.flush(s.lease, &mut pending).await
             {
+                if e.lease_gone() {
+                    tracing::warn!(machine = %self.key, "lease expired; registering again");
+                    session = None;
+                    stream = None;
+                    continue;
+                }
                 tracing::warn!(machine = %self.key, "reporting states: {e}");
                 retry_at = Instant::now() + backoff;
             }
@@ -486,21 +499,28 @@ async fn renew_task(
                 let _ = lapsed.send(()).await;
                 return;
             }
+            Ok(Err(e)) if e.lease_gone() => {
+                valid.send_replace(None);
+                let _ = lapsed.send(()).await;
+                return;
+            }
             // Not acknowledged: keep the old deadline and try again soon.
             Ok(Err(_)) | Err(_) => last_sent = sent.min(last_sent + every / 2),
         }
     }
 }
 
-/// Raises the fence when the lease's deadline passes, lowers it when a renewal moves the deadline.
+/// Raises the fence when the lease's deadline passes, lowers it when a renewal moves the deadline and the schedule
+/// has been read under the current lease.
 async fn fence_task(
     mut valid: watch::Receiver<Option<Instant>>,
+    mut synced: watch::Receiver<bool>,
     fence: watch::Sender<bool>,
     events: broadcast::Sender<AgentEvent>,
 ) {
     loop {
         let until = *valid.borrow_and_update();
-        let fenced = until.is_none_or(|t| Instant::now() >= t);
+        let fenced = !*synced.borrow_and_update() || until.is_none_or(|t| Instant::now() >= t);
         if fence.send_if_modified(|f| std::mem::replace(f, fenced) != fenced) {
             let _ =
                 events.send(if fenced { AgentEvent::Fenced { at: SystemTime::now() } } else { AgentEvent::Unfenced });
@@ -508,6 +528,7 @@ async fn fence_task(
         let deadline = until.filter(|_| !fenced);
         tokio::select! {
             r = valid.changed() => if r.is_err() { return },
+            r = synced.changed() => if r.is_err() { return },
             () = async { match deadline { Some(t) => tokio::time::sleep_until(t).await, None => std::future::pending().await } } => {}
         }
     }

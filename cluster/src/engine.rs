@@ -135,7 +135,6 @@ impl Engine {
             self.status.send_replace(EngineStatus::Leader { epoch: term.epoch });
             let result = self.lead(&term, &shutdown).await;
             self.status.send_replace(EngineStatus::Follower);
-            term.renewer.abort();
             if shutdown.is_cancelled() {
                 let _ = self.store.revoke(term.lease).await;
                 return;
@@ -210,7 +209,7 @@ impl Engine {
             }
         }
         for (kind, at) in [("machines", revision), ("cordon", revision), ("schedule", revision)] {
-            let (kvs, _) = self.get_at(&schema::prefix(kind), at).await?;
+            let (kvs, _) = self.store.get_prefix_at(&schema::prefix(kind), at).await?;
             for kv in kvs {
                 match kv.key_str().ok().and_then(Key::parse) {
                     Some(Key::Machine(m)) => {
@@ -233,30 +232,6 @@ impl Engine {
             }
         }
         Ok((view, revision))
-    }
-
-    async fn get_at(&self, prefix: &str, revision: i64) -> Result<(Vec<etcd_client::KeyValue>, i64), StoreError> {
-        // Paged reads at the revision of the first read, so the view is one consistent snapshot.
-        let mut client = self.store.client();
-        let end = crate::store::prefix_end(prefix.as_bytes());
-        let mut from = prefix.as_bytes().to_vec();
-        let mut out = Vec::new();
-        loop {
-            self.store.stats().request(1);
-            let options =
-                etcd_client::GetOptions::new().with_range(end.clone()).with_limit(2_000).with_revision(revision);
-            let mut resp = client.get(from.clone(), Some(options)).await?;
-            let more = resp.more();
-            let kvs = resp.take_kvs();
-            if let Some(last) = kvs.last() {
-                from = last.key().to_vec();
-                from.push(0);
-            }
-            out.extend(kvs);
-            if !more {
-                return Ok((out, revision));
-            }
-        }
     }
 
     async fn lead(&self, term: &Term, shutdown: &CancellationToken) -> Result<(), StoreError> {
@@ -468,6 +443,12 @@ struct Term {
     epoch: u64,
     lost: watch::Receiver<bool>,
     renewer: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Term {
+    fn drop(&mut self) {
+        self.renewer.abort();
+    }
 }
 
 /// Keeps the leader lease; signals when it cannot have been renewed within its TTL.

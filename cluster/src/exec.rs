@@ -227,11 +227,12 @@ impl Executor for ProcessExecutor {
     async fn stop(&self, unit: &Unit) -> Result<(), ExecError> {
         let child = self.children.lock().await.remove(&unit.name);
         if let Some(mut child) = child {
-            if let Some(pid) = child.id() {
+            if let Some(pid) = child.id().and_then(|p| i32::try_from(p).ok()) {
                 // The whole process group: what the unit started goes with it, as systemd's KillMode=control-group.
-                let _ = Command::new("kill").arg("-TERM").arg(format!("-{pid}")).status().await;
-                if tokio::time::timeout(std::time::Duration::from_secs(5), child.wait()).await.is_err() {
-                    let _ = child.kill().await;
+                let group = nix::unistd::Pid::from_raw(pid);
+                let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGTERM);
+                if tokio::time::timeout(std::time::Duration::from_secs(3), child.wait()).await.is_err() {
+                    let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL);
                 }
             }
             let _ = child.wait().await;

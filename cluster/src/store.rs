@@ -35,6 +35,18 @@ pub enum StoreError {
     Fenced(String),
 }
 
+impl StoreError {
+    /// Whether etcd said the lease a request named no longer exists (it expired while we were cut off).
+    pub fn lease_gone(&self) -> bool {
+        match self {
+            StoreError::Etcd(etcd_client::Error::GRpcStatus(s)) => {
+                s.code() == tonic::Code::NotFound && s.message().contains("lease not found")
+            }
+            _ => false,
+        }
+    }
+}
+
 /// TLS material for etcd (`--ca-file`, `--cert-file`, `--key-file`).
 #[derive(Debug, Clone, Default)]
 pub struct TlsFiles {
@@ -101,13 +113,44 @@ pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
     vec![0]
 }
 
+/// Whether a failed request may be sent again: the connection was refused or reset before the request reached a
+/// member (a dead member behind the balanced channel). Reads retry on any unavailability.
+fn retryable(e: &etcd_client::Error, read: bool) -> bool {
+    match e {
+        etcd_client::Error::GRpcStatus(s) if s.code() == tonic::Code::Unavailable => {
+            read || s.message().contains("connect")
+        }
+        etcd_client::Error::TransportError(_) => true,
+        _ => false,
+    }
+}
+
+/// Runs `op` again (a few times, briefly spaced) while it fails with a [`retryable`] error.
+async fn retry<T, F, Fut>(read: bool, mut op: F) -> Result<T, etcd_client::Error>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+{
+    let mut attempt = 0u32;
+    loop {
+        match op().await {
+            Err(e) if attempt < 4 && retryable(&e, read) => {
+                attempt += 1;
+                tokio::time::sleep(Duration::from_millis(50 * u64::from(attempt))).await;
+            }
+            other => return other,
+        }
+    }
+}
+
 impl Store {
     /// Connects to `endpoints` (e.g. `http://127.0.0.1:2379`). Every request is bounded by `timeout`.
     pub async fn connect(endpoints: &[String], tls: &TlsFiles, timeout: Duration) -> Result<Store, StoreError> {
         let mut options = ConnectOptions::new()
             .with_connect_timeout(timeout)
             .with_timeout(timeout)
-            .with_keep_alive(Duration::from_secs(2), timeout)
+            // etcd answers pings more often than every 5 s (--grpc-keepalive-min-time) with GOAWAY.
+            .with_keep_alive(Duration::from_secs(10), timeout)
             .with_keep_alive_while_idle(true)
             .with_require_leader(true);
         if tls.ca.is_some() || tls.cert.is_some() {
@@ -148,15 +191,23 @@ impl Store {
 
     /// Every key under `prefix` at one revision, in key order, read in pages. Returns the pairs and the revision.
     pub async fn get_prefix(&self, prefix: &str) -> Result<(Vec<KeyValue>, i64), StoreError> {
-        let mut client = self.client.clone();
+        self.get_prefix_at(prefix, 0).await
+    }
+
+    /// Every key under `prefix` at `revision` (0: the newest, whose revision is returned).
+    pub async fn get_prefix_at(&self, prefix: &str, mut revision: i64) -> Result<(Vec<KeyValue>, i64), StoreError> {
+        let client = self.client.clone();
         let end = prefix_end(prefix.as_bytes());
         let mut from = prefix.as_bytes().to_vec();
-        let mut revision = 0;
         let mut out = Vec::new();
         loop {
             self.stats.request(1);
             let options = GetOptions::new().with_range(end.clone()).with_limit(PAGE).with_revision(revision);
-            let mut resp = client.get(from.clone(), Some(options)).await?;
+            let mut resp = retry(true, || {
+                let (mut c, from, options) = (client.clone(), from.clone(), options.clone());
+                async move { c.get(from, Some(options)).await }
+            })
+            .await?;
             if revision == 0 {
                 revision = resp.header().map_or(0, |h| h.revision());
             }
@@ -176,7 +227,11 @@ impl Store {
     /// One key's value and mod revision.
     pub async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
         self.stats.request(1);
-        let mut resp = self.client.clone().get(key, None).await?;
+        let mut resp = retry(true, || {
+            let mut c = self.client.clone();
+            async move { c.get(key, None).await }
+        })
+        .await?;
         Ok(resp.take_kvs().into_iter().next())
     }
 
@@ -184,25 +239,40 @@ impl Store {
     pub async fn put(&self, key: &str, value: Vec<u8>, lease: Option<i64>) -> Result<(), StoreError> {
         self.stats.request(1);
         let options = lease.map(|l| PutOptions::new().with_lease(l));
-        self.client.clone().put(key, value, options).await?;
+        retry(false, || {
+            let (mut c, value, options) = (self.client.clone(), value.clone(), options.clone());
+            async move { c.put(key, value, options).await }
+        })
+        .await?;
         Ok(())
     }
 
     /// Deletes one key; true if it existed.
     pub async fn delete(&self, key: &str) -> Result<bool, StoreError> {
         self.stats.request(1);
-        Ok(self.client.clone().delete(key, None).await?.deleted() > 0)
+        Ok(retry(false, || {
+            let mut c = self.client.clone();
+            async move { c.delete(key, None).await }
+        })
+        .await?
+        .deleted()
+            > 0)
     }
 
     /// Runs `ops` in transactions of at most [`MAX_TXN_OPS`], each guarded by `guard` (all must hold). A failed
     /// guard stops at that batch with [`StoreError::Fenced`]; earlier batches stay applied.
     pub async fn apply(&self, ops: Vec<TxnOp>, guard: &[Compare]) -> Result<(), StoreError> {
-        let mut client = self.client.clone();
+        let client = self.client.clone();
         let mut ops = ops.into_iter().peekable();
         while ops.peek().is_some() {
             let batch: Vec<TxnOp> = ops.by_ref().take(MAX_TXN_OPS).collect();
             self.stats.request(1);
-            let resp = client.txn(Txn::new().when(guard.to_vec()).and_then(batch)).await?;
+            let txn = Txn::new().when(guard.to_vec()).and_then(batch);
+            let resp = retry(false, || {
+                let (mut c, txn) = (client.clone(), txn.clone());
+                async move { c.txn(txn).await }
+            })
+            .await?;
             if !resp.succeeded() {
                 return Err(StoreError::Fenced("the guarding key changed".into()));
             }
@@ -213,14 +283,22 @@ impl Store {
     /// Runs one transaction.
     pub async fn txn(&self, txn: Txn) -> Result<etcd_client::TxnResponse, StoreError> {
         self.stats.request(1);
-        Ok(self.client.clone().txn(txn).await?)
+        Ok(retry(false, || {
+            let (mut c, txn) = (self.client.clone(), txn.clone());
+            async move { c.txn(txn).await }
+        })
+        .await?)
     }
 
     /// Grants a lease of `ttl` (whole seconds, at least 1); returns its id and granted TTL.
     pub async fn grant(&self, ttl: Duration) -> Result<(i64, Duration), StoreError> {
         self.stats.request(1);
         let secs = ttl.as_secs().max(1) as i64;
-        let resp = self.client.clone().lease_grant(secs, None).await?;
+        let resp = retry(false, || {
+            let mut c = self.client.clone();
+            async move { c.lease_grant(secs, None).await }
+        })
+        .await?;
         Ok((resp.id(), Duration::from_secs(resp.ttl().max(0) as u64)))
     }
 

@@ -102,12 +102,31 @@ impl Machine {
     }
 }
 
+/// An engine instance of the lab, reaching etcd through its own proxies.
+pub struct EngineHandle {
+    pub crashed: AtomicBool,
+    pub engine: Arc<Engine>,
+    pub proxies: Vec<Proxy>,
+    pub task: tokio::task::JoinHandle<()>,
+}
+
+impl EngineHandle {
+    /// Crashes the instance: its task dies and it stops talking to etcd at once (no resignation).
+    pub async fn crash(&self) {
+        self.crashed.store(true, Ordering::SeqCst);
+        self.task.abort();
+        for p in &self.proxies {
+            p.cut().await;
+        }
+    }
+}
+
 pub struct Lab {
     pub dir: PathBuf,
     pub etcd: LocalEtcd,
     pub store: Store,
     pub client: ClusterClient,
-    pub engines: Vec<(CancellationToken, Arc<Engine>)>,
+    pub engines: Vec<EngineHandle>,
     pub machines: BTreeMap<String, Machine>,
 }
 
@@ -131,6 +150,10 @@ pub fn machine_record(id: &str, rack: &str, labels: &[(&str, &str)]) -> MachineR
 impl Lab {
     /// etcd, `engines` engine instances, no machines yet.
     pub async fn start(name: &str, engines: usize) -> Lab {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
         let dir = scratch(name);
         let etcd = LocalEtcd::start(&dir.join("etcd"), 3).unwrap();
         let store = etcd.ready(Duration::from_secs(30)).await.unwrap();
@@ -144,18 +167,24 @@ impl Lab {
 
     pub async fn add_engine(&mut self, id: &str) {
         let cfg = EngineConfig { ttl: TTL, grace: GRACE, ..EngineConfig::new(id) };
-        let store = Store::connect(&self.etcd.endpoints(), &TlsFiles::default(), Duration::from_secs(1)).await.unwrap();
+        let mut proxies = Vec::new();
+        for e in self.etcd.endpoints() {
+            proxies.push(Proxy::start(e).await);
+        }
+        let endpoints: Vec<String> = proxies.iter().map(|p| p.addr.clone()).collect();
+        let store = Store::connect(&endpoints, &TlsFiles::default(), Duration::from_millis(700)).await.unwrap();
         let engine = Arc::new(Engine::new(store, cfg));
-        let stop = CancellationToken::new();
-        let (e, s) = (engine.clone(), stop.clone());
-        tokio::spawn(async move { e.run(s).await });
-        self.engines.push((stop, engine));
+        let e = engine.clone();
+        let task = tokio::spawn(async move { e.run(CancellationToken::new()).await });
+        self.engines.push(EngineHandle { crashed: AtomicBool::new(false), engine, proxies, task });
     }
 
     /// Index of the engine currently leading (waits, bounded).
     pub async fn leader(&self, within: Duration) -> usize {
         poll(within, "an engine leader", || async {
-            self.engines.iter().position(|(_, e)| matches!(*e.status().borrow(), EngineStatus::Leader { .. }))
+            self.engines.iter().position(|h| {
+                !h.crashed.load(Ordering::SeqCst) && matches!(*h.engine.status().borrow(), EngineStatus::Leader { .. })
+            })
         })
         .await
     }
