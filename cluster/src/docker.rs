@@ -21,6 +21,8 @@ use crate::unit::{Unit, UnitName};
 #[derive(Debug, Clone)]
 pub struct DockerExecutor {
     docker: Docker,
+    /// Containers herd stopped on purpose: not running is their loaded state, not a failure.
+    stopped: std::sync::Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
 }
 
 /// The container name of a unit: `herd-` and the unit name, with `@`, `:` and `_` escaped as `_40`, `_3a`, `_5f`
@@ -71,7 +73,7 @@ impl DockerExecutor {
             .negotiate_version()
             .await
             .map_err(|e| ExecError::new(format!("docker: version negotiation: {e}")))?;
-        Ok(DockerExecutor { docker })
+        Ok(DockerExecutor { docker, stopped: Default::default() })
     }
 
     /// The client, for callers that need more than units (tests read the engine's events).
@@ -146,6 +148,7 @@ impl Executor for DockerExecutor {
 
     async fn start(&self, unit: &Unit) -> Result<(), ExecError> {
         let name = container_name(&unit.name);
+        self.stopped.lock().unwrap_or_else(|p| p.into_inner()).remove(&name);
         match self.docker.start_container(&name, None::<StartContainerOptions>).await {
             Ok(()) => Ok(()),
             Err(e) if status_code(&e) == Some(304) => Ok(()),
@@ -155,7 +158,9 @@ impl Executor for DockerExecutor {
 
     async fn stop(&self, unit: &Unit) -> Result<(), ExecError> {
         let name = container_name(&unit.name);
-        let options = StopContainerOptions { t: Some(10), ..StopContainerOptions::default() };
+        self.stopped.lock().unwrap_or_else(|p| p.into_inner()).insert(name.clone());
+        // Bounded well inside a fencing margin: an at-most-once container is down before its lease can lapse.
+        let options = StopContainerOptions { t: Some(3), ..StopContainerOptions::default() };
         match self.docker.stop_container(&name, Some(options)).await {
             Ok(()) => Ok(()),
             Err(e) if matches!(status_code(&e), Some(304 | 404)) => Ok(()),
@@ -178,12 +183,13 @@ impl Executor for DockerExecutor {
         match self.docker.inspect_container(&name, None).await {
             Ok(info) => {
                 let state = info.state.unwrap_or_default();
+                let stopped = self.stopped.lock().unwrap_or_else(|p| p.into_inner()).contains(&name);
                 if state.running == Some(true) {
                     ActiveState::Active
+                } else if stopped || state.status == Some(bollard::models::ContainerStateStatusEnum::CREATED) {
+                    ActiveState::Loaded
                 } else if state.exit_code.unwrap_or(0) != 0 {
                     ActiveState::Failed
-                } else if state.status == Some(bollard::models::ContainerStateStatusEnum::CREATED) {
-                    ActiveState::Loaded
                 } else {
                     ActiveState::Inactive
                 }
