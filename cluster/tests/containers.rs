@@ -26,7 +26,7 @@ async fn a_container_unit_pulls_from_the_registry_runs_and_publishes_its_port_an
 
     // The cluster-wide pre-warm list is pulled before the machine registers.
     lab.client.prewarm_add(&tools).await.unwrap();
-    assert_eq!(lab.client.prewarm_list().await.unwrap(), [tools.clone()]);
+    assert_eq!(lab.client.prewarm_list().await.unwrap(), vec![tools.clone()]);
     let engine = DockerExecutor::connect(Some(&docker.socket)).await.unwrap();
     let exec = Arc::new(Dispatch { services: ProcessExecutor::default(), containers: engine.clone() });
     let mut m = lab.spawn_agent(machine_record("m1", "r1", &[]), exec.clone()).await;
