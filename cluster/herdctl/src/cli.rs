@@ -8,9 +8,61 @@ use clap::{Parser, Subcommand, ValueEnum};
 #[derive(Debug, Parser)]
 #[command(name = "herdctl", version, about, long_about = None, propagate_version = true)]
 pub struct Cli {
+    /// How to reach the cluster (etcd), for the unit, machine and pre-warm commands.
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// Where the cluster's etcd is, and how to reach machines over SSH.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ClusterArgs {
+    /// etcd endpoints, comma-separated.
+    #[arg(long, global = true, env = "HERD_ENDPOINT", value_delimiter = ',', default_value = "http://127.0.0.1:2379")]
+    pub endpoint: Vec<String>,
+    /// CA bundle that signed etcd's certificates (turns on TLS).
+    #[arg(long, global = true, env = "HERD_CA_FILE", value_name = "FILE")]
+    pub ca_file: Option<String>,
+    /// Client certificate for etcd.
+    #[arg(long, global = true, env = "HERD_CERT_FILE", value_name = "FILE")]
+    pub cert_file: Option<String>,
+    /// Client key for etcd.
+    #[arg(long, global = true, env = "HERD_KEY_FILE", value_name = "FILE")]
+    pub key_file: Option<String>,
+    /// Reach etcd through an SSH tunnel to this host ([USER@]HOST[:PORT]), e.g. a master's external address.
+    #[arg(long, global = true, env = "HERD_TUNNEL", value_name = "HOST")]
+    pub tunnel: Option<String>,
+    /// User for SSH to machines and tunnels.
+    #[arg(long, global = true, env = "HERD_SSH_USER", default_value = "herd")]
+    pub ssh_user: String,
+    /// Port of the machines' SSH servers.
+    #[arg(long, global = true, env = "HERD_SSH_PORT", default_value_t = 22)]
+    pub ssh_port: u16,
+    /// Private key for SSH [default: the SSH agent, then ~/.ssh/id_ed25519, ~/.ssh/id_rsa].
+    #[arg(long, global = true, env = "HERD_SSH_IDENTITY", value_name = "FILE")]
+    pub ssh_identity: Option<PathBuf>,
+    /// Bound on each etcd request, in seconds.
+    #[arg(long, global = true, default_value_t = 5)]
+    pub request_timeout: u64,
+}
+
+/// Options of commands that change a unit's target state.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Targets {
+    /// Units by name, or unit files (submitted first, named after the file).
+    #[arg(required = true, value_name = "UNIT|FILE")]
+    pub units: Vec<String>,
+    /// Return once the change is recorded, without waiting for the units to reach it.
+    #[arg(long)]
+    pub no_block: bool,
+    /// How long to wait for the units, in seconds.
+    #[arg(long, default_value_t = 60)]
+    pub timeout: u64,
+    /// Replace a submitted unit whose file differs from FILE.
+    #[arg(long)]
+    pub replace: bool,
 }
 
 /// Top-level commands.
@@ -36,6 +88,106 @@ pub enum Command {
         /// What to do with configs.
         #[command(subcommand)]
         command: ConfigCommand,
+    },
+    /// Store unit files in the cluster (inactive: placed nowhere until loaded or started).
+    Submit {
+        /// Unit files; each is named after its file (web@.service, db.service, ...).
+        #[arg(required = true, value_name = "FILE")]
+        files: Vec<PathBuf>,
+        /// Replace units whose stored file differs (a running unit restarts with the new file).
+        #[arg(long)]
+        replace: bool,
+    },
+    /// Place units on machines and install them, without starting them.
+    Load(Targets),
+    /// Place units and start them (blocks until they are active unless --no-block).
+    Start(Targets),
+    /// Stop units (they stay loaded where they are).
+    Stop(Targets),
+    /// Stop units and remove them from their machines (they stay submitted).
+    Unload(Targets),
+    /// Remove units from the cluster entirely.
+    Destroy(Targets),
+    /// Restart units one at a time: each is stopped, then started and active, before the next.
+    Restart(Targets),
+    /// Print a unit's file.
+    Cat {
+        /// The unit.
+        unit: String,
+    },
+    /// Units placed on machines, with the state each machine reports.
+    ListUnits {
+        /// Print a table or JSON.
+        #[arg(long, short = 'o', value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Every submitted unit with its target state and how many machines run it.
+    ListUnitFiles {
+        /// Print a table or JSON.
+        #[arg(long, short = 'o', value_enum, default_value_t)]
+        output: Output,
+    },
+    /// Machines registered in the cluster.
+    ListMachines {
+        /// Print a table or JSON.
+        #[arg(long, short = 'o', value_enum, default_value_t)]
+        output: Output,
+    },
+    /// A unit's status on the machine that runs it (systemctl status, or the container's state), over SSH.
+    Status {
+        /// The unit.
+        unit: String,
+    },
+    /// A unit's log on the machine that runs it (journalctl, or the container's log), over SSH.
+    Journal {
+        /// The unit.
+        unit: String,
+        /// Lines to show.
+        #[arg(long, short = 'n', default_value_t = 50)]
+        lines: u32,
+        /// Keep following the log.
+        #[arg(long, short = 'f')]
+        follow: bool,
+    },
+    /// Run a command on a machine over SSH (a machine id, or a unit: the machine that runs it).
+    Ssh {
+        /// Machine id, or with --unit a unit name.
+        target: String,
+        /// TARGET is a unit: go to the machine running it.
+        #[arg(long)]
+        unit: bool,
+        /// The command to run.
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// The cluster-wide pre-warm list: images every machine pulls before it becomes schedulable.
+    Prewarm {
+        /// What to do.
+        #[command(subcommand)]
+        command: PrewarmCommand,
+    },
+}
+
+/// `herdctl prewarm ...`
+#[derive(Debug, Subcommand)]
+pub enum PrewarmCommand {
+    /// Add images to the list.
+    Add {
+        /// Image references (e.g. registry.example:5000/app:1.2).
+        #[arg(required = true)]
+        images: Vec<String>,
+    },
+    /// Remove images from the list.
+    Remove {
+        /// Image references.
+        #[arg(required = true)]
+        images: Vec<String>,
+    },
+    /// Print the list.
+    List {
+        /// Print text or JSON.
+        #[arg(long, short = 'o', value_enum, default_value_t)]
+        output: Output,
     },
 }
 
@@ -68,6 +220,27 @@ pub enum MachineCommand {
     Reprovision {
         /// The machine's name.
         name: String,
+    },
+    /// Stop placing new units on a machine (what runs there stays). Uses the cluster (--endpoint).
+    Cordon {
+        /// The machine id.
+        name: String,
+    },
+    /// Make a cordoned or drained machine schedulable again.
+    Uncordon {
+        /// The machine id.
+        name: String,
+    },
+    /// Cordon a machine and move its units away (blocks until they run elsewhere unless --no-block).
+    Drain {
+        /// The machine id.
+        name: String,
+        /// Return without waiting.
+        #[arg(long)]
+        no_block: bool,
+        /// How long to wait, in seconds.
+        #[arg(long, default_value_t = 120)]
+        timeout: u64,
     },
 }
 

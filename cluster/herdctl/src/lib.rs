@@ -1,18 +1,23 @@
 //! herdctl: the admin's command line for a herd site.
 //!
-//! Today it covers the inventory (`check`, `show`, `gen`, `diff`), machine configs (`render`, `lint`,
-//! `translate`) and the provisioner's view of machines (`machine list|show|timeline|reprovision`); units, machines, images and upgrades join as the
-//! crates behind them land. The binary is a thin `main` over [`run`].
+//! It covers the inventory (`check`, `show`, `gen`, `diff`), machine configs (`render`, `lint`, `translate`), the
+//! provisioner's view of machines (`machine list|show|timeline|reprovision`), and the cluster, fleetctl-style
+//! (`submit load start stop unload destroy restart cat list-units list-unit-files list-machines status journal
+//! ssh`, `machine cordon|uncordon|drain`, `prewarm`). Images and upgrades join as the crates behind them land.
+//! The binary is a thin `main` over [`run`].
 
 pub mod cli;
 mod config_cmd;
 mod inventory_cmd;
 mod machine_cmd;
+mod ssh;
 mod table;
+mod unit_cmd;
 
 use std::process::ExitCode;
 
-use cli::{Cli, Command, ConfigCommand, InventoryCommand, MachineCommand};
+use cli::{Cli, Command, ConfigCommand, InventoryCommand, MachineCommand, PrewarmCommand};
+use herd_cluster::record::Desired;
 
 /// Runs one parsed command line; the exit code follows the command (1 = the input has problems).
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -32,6 +37,11 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 MachineCommand::Show { name, output } => api.show(&name, output),
                 MachineCommand::Timeline { name, output } => api.timeline(&name, output),
                 MachineCommand::Reprovision { name } => api.reprovision(&name),
+                MachineCommand::Cordon { name } => unit_cmd::Cluster::connect(&cli.cluster)?.cordon(&name, false),
+                MachineCommand::Uncordon { name } => unit_cmd::Cluster::connect(&cli.cluster)?.uncordon(&name),
+                MachineCommand::Drain { name, no_block, timeout } => {
+                    unit_cmd::Cluster::connect(&cli.cluster)?.drain(&name, no_block, timeout)
+                }
             }
         }
         Command::Config { command } => match command {
@@ -39,5 +49,35 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             ConfigCommand::Lint { file } => config_cmd::lint(&file),
             ConfigCommand::Translate { file } => config_cmd::translate(&file),
         },
+        command => cluster_command(&cli.cluster, command),
+    }
+}
+
+/// The commands that talk to the cluster.
+fn cluster_command(args: &cli::ClusterArgs, command: Command) -> anyhow::Result<ExitCode> {
+    let c = unit_cmd::Cluster::connect(args)?;
+    match command {
+        Command::Submit { files, replace } => c.submit(&files, replace),
+        Command::Load(t) => c.target(&t, Some(Desired::Loaded)),
+        Command::Start(t) => c.target(&t, Some(Desired::Launched)),
+        Command::Stop(t) => c.target(&t, Some(Desired::Loaded)),
+        Command::Unload(t) => c.target(&t, Some(Desired::Inactive)),
+        Command::Destroy(t) => c.target(&t, None),
+        Command::Restart(t) => c.restart(&t),
+        Command::Cat { unit } => c.cat(&unit),
+        Command::ListUnits { output } => c.list_units(output),
+        Command::ListUnitFiles { output } => c.list_unit_files(output),
+        Command::ListMachines { output } => c.list_machines(output),
+        Command::Status { unit } => c.status(&unit),
+        Command::Journal { unit, lines, follow } => c.journal(&unit, lines, follow),
+        Command::Ssh { target, unit, command } => c.ssh(&target, unit, &command),
+        Command::Prewarm { command } => match command {
+            PrewarmCommand::Add { images } => c.prewarm_add(&images),
+            PrewarmCommand::Remove { images } => c.prewarm_remove(&images),
+            PrewarmCommand::List { output } => c.prewarm_list(output),
+        },
+        Command::Inventory { .. } | Command::Machine { .. } | Command::Config { .. } => {
+            unreachable!("handled by run")
+        }
     }
 }

@@ -1,0 +1,226 @@
+//! herdctl's fleetctl-like commands against a real 3-member etcd, the engine and two agents running real
+//! processes, and a real sshd for `ssh` and `--tunnel`.
+
+#![allow(clippy::unwrap_used)] // Tests fail loudly on purpose; the lint guards daemons.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::Arc;
+use std::time::Duration;
+
+use herd_cluster::agent::{Agent, AgentConfig};
+use herd_cluster::engine::{Engine, EngineConfig};
+use herd_cluster::exec::ProcessExecutor;
+use herd_cluster::local::LocalEtcd;
+use herd_cluster::record::MachineRecord;
+use tokio_util::sync::CancellationToken;
+
+struct Site {
+    dir: PathBuf,
+    _etcd: LocalEtcd,
+    endpoint: String,
+    ssh_port: u16,
+    sshd: std::process::Child,
+    stop: CancellationToken,
+}
+
+impl Drop for Site {
+    fn drop(&mut self) {
+        self.stop.cancel();
+        let _ = self.sshd.kill();
+        let _ = self.sshd.wait();
+    }
+}
+
+fn run(cmd: &mut Command) {
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+fn sshd(dir: &Path) -> (std::process::Child, u16) {
+    let d = dir.join("ssh");
+    std::fs::create_dir_all(&d).unwrap();
+    std::fs::create_dir_all("/run/sshd").unwrap();
+    for key in ["host", "id"] {
+        run(Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-f"]).arg(d.join(key)));
+    }
+    std::fs::copy(d.join("id.pub"), d.join("authorized_keys")).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let config = format!(
+        "Port {port}\nListenAddress 127.0.0.1\nHostKey {host}\nAuthorizedKeysFile {keys}\nPidFile {dir}/sshd.pid\n\
+         StrictModes no\nUsePAM no\nPermitRootLogin prohibit-password\nAllowTcpForwarding yes\n",
+        host = d.join("host").display(),
+        keys = d.join("authorized_keys").display(),
+        dir = d.display(),
+    );
+    std::fs::write(d.join("sshd_config"), config).unwrap();
+    let child = Command::new("/usr/sbin/sshd")
+        .args(["-D", "-e", "-f"])
+        .arg(d.join("sshd_config"))
+        .stderr(std::fs::File::create(d.join("sshd.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(std::time::Instant::now() < deadline, "sshd did not listen");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    (child, port)
+}
+
+async fn site(name: &str) -> Site {
+    let dir = std::env::temp_dir().join(format!("herdctl-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let etcd = LocalEtcd::start(&dir.join("etcd"), 3).unwrap();
+    let store = etcd.ready(Duration::from_secs(30)).await.unwrap();
+    let stop = CancellationToken::new();
+    let cfg = EngineConfig { ttl: Duration::from_secs(2), grace: Duration::from_secs(1), ..EngineConfig::new("e0") };
+    let engine = Engine::new(store.clone(), cfg);
+    let s = stop.clone();
+    tokio::spawn(async move { engine.run(s).await });
+    for (id, rack) in [("m1", "r1"), ("m2", "r2")] {
+        let mut labels = std::collections::BTreeMap::new();
+        labels.insert("rack".to_owned(), rack.to_owned());
+        let machine = MachineRecord {
+            id: id.into(),
+            hostname: id.into(),
+            address: Some("127.0.0.1".into()),
+            labels,
+            rack: Some(rack.into()),
+            cpu_millis: 2000,
+            memory: 4 << 30,
+            instance: format!("i-{id}"),
+            version: None,
+            since_ms: 0,
+        };
+        let cfg = AgentConfig { machine, ttl: Duration::from_secs(2), status_interval: Duration::from_millis(300) };
+        let agent = Agent::new(store.clone(), cfg, Arc::new(ProcessExecutor::default())).unwrap();
+        let s = stop.clone();
+        tokio::spawn(async move { agent.run(s).await });
+    }
+    let (sshd, ssh_port) = sshd(&dir);
+    Site { endpoint: etcd.endpoints().join(","), _etcd: etcd, dir, ssh_port, sshd, stop }
+}
+
+impl Site {
+    async fn herdctl(&self, args: &[&str]) -> Output {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_herdctl"));
+        cmd.args(["--endpoint", &self.endpoint, "--ssh-user", "root", "--ssh-port"])
+            .arg(self.ssh_port.to_string())
+            .arg("--ssh-identity")
+            .arg(self.dir.join("ssh/id"))
+            .args(args)
+            .env("HOME", &self.dir);
+        tokio::task::spawn_blocking(move || cmd.output().unwrap()).await.unwrap()
+    }
+
+    fn unit(&self, name: &str, text: &str) -> String {
+        let path = self.dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        path.display().to_string()
+    }
+}
+
+fn ok(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "exit {:?}\nstdout: {}\nstderr: {}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn units_json(out: &Output) -> Vec<serde_json::Value> {
+    serde_json::from_str(&ok(out)).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_unit_lifecycle_listings_cordon_drain_ssh_and_tunnel() {
+    let s = site("lifecycle").await;
+    let web = s.unit("web.service", "[Service]\nExecStart=/bin/sleep 7303\n");
+
+    // submit, start (blocking), and where it landed.
+    let out = ok(&s.herdctl(&["submit", &web]).await);
+    assert_eq!(out, "web.service: submitted\n");
+    let out = ok(&s.herdctl(&["start", "web.service"]).await);
+    assert!(out.starts_with("web.service: launched on m") && out.contains("(active)"), "{out}");
+    let listed = units_json(&s.herdctl(&["list-units", "-o", "json"]).await);
+    assert_eq!(listed.len(), 1);
+    let on = listed[0]["machines"][0]["machine"].as_str().unwrap().to_owned();
+    assert_eq!(listed[0]["machines"][0]["state"], "active");
+    let table = ok(&s.herdctl(&["list-units"]).await);
+    assert!(table.starts_with("UNIT") && table.contains(&format!("web.service  {on}")), "{table}");
+    assert_eq!(ok(&s.herdctl(&["cat", "web.service"]).await), "[Service]\nExecStart=/bin/sleep 7303\n");
+
+    // The machines, as JSON and as a table.
+    let machines = units_json(&s.herdctl(&["list-machines", "-o", "json"]).await);
+    let ids: Vec<&str> = machines.iter().map(|m| m["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["m1", "m2"]);
+
+    // ssh: to a machine, and to the machine running a unit; the unit's process is really there.
+    let out = ok(&s.herdctl(&["ssh", "m1", "--", "echo", "hello from", "m1"]).await);
+    assert_eq!(out, "hello from m1\n");
+    let out = ok(&s.herdctl(&["ssh", "--unit", "web.service", "--", "pgrep", "-f", "^/bin/sleep 7303$"]).await);
+    assert!(out.trim().parse::<u32>().is_ok(), "{out}");
+    let failed = s.herdctl(&["ssh", "m1", "--", "false"]).await;
+    assert_eq!(failed.status.code(), Some(1), "the remote exit status comes back");
+
+    // --tunnel: etcd reached through SSH.
+    let tunnel = format!("root@127.0.0.1:{}", s.ssh_port);
+    let out = ok(&s.herdctl(&["--tunnel", &tunnel, "list-machines"]).await);
+    assert!(out.contains("m1") && out.contains("m2"), "{out}");
+
+    // A different file needs --replace.
+    let changed = s.unit("web.service", "[Service]\nExecStart=/bin/sleep 7304\n");
+    let refused = s.herdctl(&["submit", &changed]).await;
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("--replace"));
+    ok(&s.herdctl(&["submit", "--replace", &changed]).await);
+
+    // Drain the machine: the unit moves, and the machine is listed as draining; uncordon.
+    let out = ok(&s.herdctl(&["machine", "drain", &on]).await);
+    let other = if on == "m1" { "m2" } else { "m1" };
+    assert!(out.contains(&format!("web.service: launched on {other} (active)")), "{out}");
+    let machines = units_json(&s.herdctl(&["list-machines", "-o", "json"]).await);
+    let drained = machines.iter().find(|m| m["id"] == on.as_str()).unwrap();
+    assert_eq!(drained["cordon"]["drain"], true);
+    assert_eq!(drained["units"], 0);
+    ok(&s.herdctl(&["machine", "uncordon", &on]).await);
+
+    // Restart, stop, unload, destroy.
+    let out = ok(&s.herdctl(&["restart", "web.service"]).await);
+    assert!(out.contains("loaded on") && out.contains("launched on"), "{out}");
+    let out = ok(&s.herdctl(&["stop", "web.service"]).await);
+    assert!(out.contains("(loaded)"), "{out}");
+    ok(&s.herdctl(&["unload", "web.service"]).await);
+    let files = units_json(&s.herdctl(&["list-unit-files", "-o", "json"]).await);
+    assert_eq!(files[0]["desired"], "inactive");
+    assert_eq!(files[0]["placed"], 0);
+    let out = ok(&s.herdctl(&["destroy", "web.service"]).await);
+    assert_eq!(out, "web.service: destroyed\n");
+    assert!(units_json(&s.herdctl(&["list-unit-files", "-o", "json"]).await).is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn unplaceable_units_time_out_with_advice_and_wrong_endpoints_say_what_to_do() {
+    let s = site("errors").await;
+    let pinned = s.unit("pinned.service", "[Service]\nExecStart=/bin/sleep 1\n[X-Fleet]\nMachineID=nowhere\n");
+    let out = s.herdctl(&["start", "--timeout", "2", &pinned]).await;
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("pinned.service: launched, not placed on any machine yet"), "{stdout}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("timed out"), "{}", String::from_utf8_lossy(&out.stderr));
+    let bad = Command::new(env!("CARGO_BIN_EXE_herdctl"))
+        .args(["--endpoint", "http://127.0.0.1:9", "--request-timeout", "1", "list-units"])
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(err.contains("--endpoint"), "{err}");
+    let invalid = s.unit("bad.service", "[Service]\nExecStart=/bin/true\n[X-Fleet]\nCPU=lots\n");
+    let out = s.herdctl(&["submit", &invalid]).await;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("CPU"), "{}", String::from_utf8_lossy(&out.stderr));
+}
