@@ -25,6 +25,9 @@ use crate::schema::{self, Key, MachineKey};
 use crate::store::{KeepAlive, Store, StoreError};
 use crate::unit::{Unit, UnitName};
 
+/// How long state reports gather before they are written.
+const FLUSH_DELAY: Duration = Duration::from_millis(50);
+
 /// How the agent runs.
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
@@ -170,7 +173,13 @@ impl<E: Executor> Agent<E> {
         let mut session: Option<Session> = None;
         let mut stream: Option<WatchStream> = None;
         let mut retry_at = Instant::now();
+        // State reports are written together: a burst of unit changes costs one transaction, not one per change.
         let backoff = (self.cfg.ttl / 6).clamp(Duration::from_millis(100), Duration::from_secs(2));
+        let mut flush_at = Instant::now();
+        let (flush_tx, flush_rx) = mpsc::unbounded_channel();
+        let (gone_tx, mut gone_rx) = mpsc::channel(4);
+        let _writer =
+            AbortOnDrop(tokio::spawn(writer(self.store.clone(), self.key.clone(), flush_rx, gone_tx, backoff)));
 
         loop {
             let now = Instant::now();
@@ -205,19 +214,14 @@ impl<E: Executor> Agent<E> {
             }
             if let Some(s) = &session
                 && !pending.is_empty()
-                && let Err(e) = self.flush(s.lease, &mut pending).await
+                && Instant::now() >= flush_at
             {
-                if e.lease_gone() {
-                    tracing::warn!(machine = %self.key, "lease expired; registering again");
-                    session = None;
-                    stream = None;
-                    continue;
-                }
-                tracing::warn!(machine = %self.key, "reporting states: {e}");
-                retry_at = Instant::now() + backoff;
+                // The writer task does the etcd write, so this loop keeps reading the watch meanwhile.
+                let _ = flush_tx.send((s.lease, std::mem::take(&mut pending)));
             }
 
-            let waiting = session.is_none() || stream.is_none() || !pending.is_empty();
+            let waiting = session.is_none() || stream.is_none();
+            let wake = if pending.is_empty() || session.is_none() { retry_at } else { flush_at.min(retry_at) };
             tokio::select! {
                 biased;
                 () = shutdown.cancelled() => return Ok(()),
@@ -225,6 +229,13 @@ impl<E: Executor> Agent<E> {
                     tracing::warn!(machine = %self.key, "lease expired; registering again");
                     session = None;
                     stream = None;
+                }
+                Some(lease) = gone_rx.recv() => {
+                    if session.as_ref().is_some_and(|s| s.lease == lease) {
+                        tracing::warn!(machine = %self.key, "lease expired; registering again");
+                        session = None;
+                        stream = None;
+                    }
                 }
                 msg = next_watch(&mut stream) => match msg {
                     Ok(Some(resp)) => {
@@ -245,6 +256,9 @@ impl<E: Executor> Agent<E> {
                     }
                 },
                 Some(r) = report_rx.recv() => {
+                    if pending.is_empty() {
+                        flush_at = Instant::now() + FLUSH_DELAY;
+                    }
                     let mut batch = vec![r];
                     while let Ok(more) = report_rx.try_recv() {
                         batch.push(more);
@@ -263,7 +277,7 @@ impl<E: Executor> Agent<E> {
                         pending.insert(r.unit, r.state);
                     }
                 }
-                () = tokio::time::sleep_until(retry_at.max(Instant::now() + Duration::from_millis(20))), if waiting => {}
+                () = tokio::time::sleep_until(wake.max(Instant::now() + Duration::from_millis(5))), if waiting || !pending.is_empty() => {}
             }
         }
     }
@@ -423,13 +437,33 @@ impl<E: Executor> Agent<E> {
             self.cfg.status_interval,
         ));
     }
+}
 
-    /// Writes pending state changes in guarded batches attached to the lease.
-    async fn flush(&self, lease: i64, pending: &mut HashMap<UnitName, Option<StateRecord>>) -> Result<(), StoreError> {
+/// Writes state reports attached to the lease they came with, latest per unit wins; retries until they land.
+/// Says which lease is gone when etcd no longer knows it.
+async fn writer(
+    store: Store,
+    machine: MachineKey,
+    mut batches: mpsc::UnboundedReceiver<(i64, HashMap<UnitName, Option<StateRecord>>)>,
+    gone: mpsc::Sender<i64>,
+    backoff: Duration,
+) {
+    let mut lease = 0;
+    let mut pending: HashMap<UnitName, Option<StateRecord>> = HashMap::new();
+    loop {
+        if pending.is_empty() {
+            let Some((l, batch)) = batches.recv().await else { return };
+            lease = l;
+            pending = batch;
+        }
+        while let Ok((l, batch)) = batches.try_recv() {
+            lease = l;
+            pending.extend(batch);
+        }
         let ops: Vec<TxnOp> = pending
             .iter()
             .map(|(unit, state)| {
-                let key = Key::UnitState(unit.clone(), self.key.clone()).path();
+                let key = Key::UnitState(unit.clone(), machine.clone()).path();
                 match state {
                     Some(s) => {
                         TxnOp::put(key, record::encode(s), Some(etcd_client::PutOptions::new().with_lease(lease)))
@@ -438,9 +472,18 @@ impl<E: Executor> Agent<E> {
                 }
             })
             .collect();
-        self.store.apply(ops, &[]).await?;
-        pending.clear();
-        Ok(())
+        match store.apply(ops, &[]).await {
+            Ok(()) => pending.clear(),
+            Err(e) if e.lease_gone() => {
+                // The agent registers again and sends every state anew under the new lease.
+                pending.clear();
+                let _ = gone.send(lease).await;
+            }
+            Err(e) => {
+                tracing::warn!(machine = %machine, "reporting states: {e}");
+                tokio::time::sleep(backoff).await;
+            }
+        }
     }
 }
 
@@ -578,7 +621,10 @@ async fn worker<E: Executor>(
             return;
         };
         if installed.is_none() {
-            report(ActiveState::Preparing, t.epoch, None);
+            // Loading a container pulls its image, which can take a while: say so. A service loads at once.
+            if t.unit.container.is_some() {
+                report(ActiveState::Preparing, t.epoch, None);
+            }
             match exec.load(&t.unit).await {
                 Ok(()) => {
                     act(&t.unit.name, "load", true);

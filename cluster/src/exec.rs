@@ -78,6 +78,7 @@ impl<S: Executor, C: Executor> Executor for Dispatch<S, C> {
 pub struct RecordingExecutor {
     states: Mutex<HashMap<UnitName, ActiveState>>,
     actions: std::sync::atomic::AtomicU64,
+    active: std::sync::atomic::AtomicU64,
 }
 
 impl RecordingExecutor {
@@ -86,13 +87,28 @@ impl RecordingExecutor {
         self.actions.load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// How many units it runs now.
+    pub fn active(&self) -> u64 {
+        self.active.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     fn set(&self, unit: &Unit, state: Option<ActiveState>) {
-        self.actions.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        use std::sync::atomic::Ordering::Relaxed;
+        self.actions.fetch_add(1, Relaxed);
         let mut states = self.states.lock().unwrap_or_else(|p| p.into_inner());
-        match state {
+        let before = match state {
             Some(s) => states.insert(unit.name.clone(), s),
             None => states.remove(&unit.name),
         };
+        match (before == Some(ActiveState::Active), state == Some(ActiveState::Active)) {
+            (false, true) => {
+                self.active.fetch_add(1, Relaxed);
+            }
+            (true, false) => {
+                self.active.fetch_sub(1, Relaxed);
+            }
+            _ => {}
+        }
     }
 }
 

@@ -7,6 +7,7 @@
 //! remaining work.
 
 pub mod agent;
+pub mod bench;
 pub mod client;
 pub mod docker;
 pub mod engine;

@@ -12,7 +12,7 @@
 //!
 //! `Global` units go to every schedulable machine that satisfies their constraints.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use crate::unit::{Unit, UnitName};
 
@@ -62,21 +62,73 @@ impl Plan {
     }
 }
 
+/// How many of the least-loaded fitting machines the spread step compares (by rack spread) for one unit: enough
+/// to spread over racks, few enough that placing 50,000 units on 5,000 machines stays fast.
+const SPREAD_CANDIDATES: usize = 32;
+
+/// A stable pseudo-random order of machine ids (FNV-1a), so equally loaded machines are tried rack-interleaved,
+/// not in id order.
+fn scatter(id: &str) -> u64 {
+    id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
+}
+
 /// Running totals while planning.
 struct Load<'a> {
-    units: BTreeMap<&'a str, Vec<&'a Unit>>,
-    cpu: BTreeMap<&'a str, u64>,
-    memory: BTreeMap<&'a str, u64>,
+    units: HashMap<&'a str, Vec<&'a Unit>>,
+    cpu: HashMap<&'a str, u64>,
+    memory: HashMap<&'a str, u64>,
+    /// Schedulable machines by (units placed, scatter, id): the least-loaded first.
+    order: BTreeSet<(usize, u64, &'a str)>,
+    schedulable: HashMap<&'a str, u64>,
+    rack: HashMap<&'a str, &'a str>,
+    /// Units per (rack, unit prefix), for rack-aware spread.
+    rack_prefix: HashMap<(&'a str, &'a str), usize>,
 }
 
 impl<'a> Load<'a> {
+    fn new(machines: &'a [MachineView]) -> Load<'a> {
+        let mut load = Load {
+            units: HashMap::new(),
+            cpu: HashMap::new(),
+            memory: HashMap::new(),
+            order: BTreeSet::new(),
+            schedulable: HashMap::new(),
+            rack: HashMap::new(),
+            rack_prefix: HashMap::new(),
+        };
+        for m in machines {
+            if let Some(r) = &m.rack {
+                load.rack.insert(m.id.as_str(), r.as_str());
+            }
+            if m.schedulable {
+                let h = scatter(&m.id);
+                load.schedulable.insert(m.id.as_str(), h);
+                load.order.insert((0, h, m.id.as_str()));
+            }
+        }
+        load
+    }
+
+    fn reorder(&mut self, machine: &'a str, before: usize) {
+        if let Some(&h) = self.schedulable.get(machine) {
+            self.order.remove(&(before, h, machine));
+            self.order.insert((self.count(machine), h, machine));
+        }
+    }
+
     fn add(&mut self, machine: &'a str, unit: &'a Unit) {
+        let before = self.count(machine);
         self.units.entry(machine).or_default().push(unit);
         *self.cpu.entry(machine).or_default() += unit.placement.cpu_millis;
         *self.memory.entry(machine).or_default() += unit.placement.memory;
+        if let Some(&rack) = self.rack.get(machine) {
+            *self.rack_prefix.entry((rack, unit.name.prefix())).or_default() += 1;
+        }
+        self.reorder(machine, before);
     }
 
-    fn remove(&mut self, machine: &str, unit: &Unit) {
+    fn remove(&mut self, machine: &'a str, unit: &'a Unit) {
+        let before = self.count(machine);
         if let Some(list) = self.units.get_mut(machine) {
             list.retain(|u| u.name != unit.name);
         }
@@ -86,15 +138,68 @@ impl<'a> Load<'a> {
         if let Some(m) = self.memory.get_mut(machine) {
             *m = m.saturating_sub(unit.placement.memory);
         }
+        if let Some(&rack) = self.rack.get(machine)
+            && let Some(n) = self.rack_prefix.get_mut(&(rack, unit.name.prefix()))
+        {
+            *n = n.saturating_sub(1);
+        }
+        self.reorder(machine, before);
     }
 
     fn count(&self, machine: &str) -> usize {
         self.units.get(machine).map_or(0, Vec::len)
     }
+
+    fn same_prefix_in_rack(&self, machine: &str, prefix: &str) -> usize {
+        self.rack.get(machine).and_then(|r| self.rack_prefix.get(&(*r, prefix))).copied().unwrap_or(0)
+    }
+}
+
+/// The best machine for `unit`: hard constraints, then the least-loaded, then the rack with the fewest units of
+/// the same prefix.
+fn pick<'a>(
+    unit: &Unit,
+    machines: &HashMap<&str, &'a MachineView>,
+    load: &Load<'a>,
+    placed: &HashMap<&str, &str>,
+) -> Option<&'a str> {
+    let fits = |m: &MachineView| m.schedulable && refusal(unit, m, load, placed).is_none();
+    // Pinned units have one possible machine: look it up instead of scanning.
+    let pinned = unit
+        .placement
+        .machine_id
+        .as_deref()
+        .or_else(|| unit.placement.machine_of.first().and_then(|peer| placed.get(peer.as_str()).copied()));
+    if let Some(id) = pinned {
+        let m = machines.get(id)?;
+        return fits(m).then_some(m.id.as_str());
+    }
+    if !unit.placement.machine_of.is_empty() {
+        return None;
+    }
+    let mut best: Option<(usize, &'a str)> = None;
+    let mut tier = None;
+    let mut seen = 0;
+    for &(count, _, id) in &load.order {
+        if tier.is_some_and(|t| count > t) || seen >= SPREAD_CANDIDATES {
+            break;
+        }
+        let m = machines[id];
+        if refusal(unit, m, load, placed).is_some() {
+            continue;
+        }
+        tier = Some(count);
+        seen += 1;
+        let key = (load.same_prefix_in_rack(id, unit.name.prefix()), m.id.as_str());
+        if best.is_none_or(|b| key < b) {
+            best = Some(key);
+        }
+    }
+    best.map(|(_, id)| id)
 }
 
 /// Why `unit` cannot go to `m` (None: it can).
-fn refusal(unit: &Unit, m: &MachineView, load: &Load<'_>, placed: &BTreeMap<&str, &str>) -> Option<String> {
+fn refusal(unit: &Unit, m: &MachineView, load: &Load<'_>, placed: &HashMap<&str, &str>) -> Option<String> {
     let p = &unit.placement;
     if p.machine_id.as_deref().is_some_and(|id| id != m.id) {
         return Some("MachineID".into());
@@ -150,24 +255,25 @@ fn ordered(units: &[Unit]) -> Vec<&Unit> {
 
 /// Computes where every unit should run.
 pub fn plan(snapshot: &Snapshot) -> Plan {
-    let machines: BTreeMap<&str, &MachineView> = snapshot.machines.iter().map(|m| (m.id.as_str(), m)).collect();
-    let mut load = Load { units: BTreeMap::new(), cpu: BTreeMap::new(), memory: BTreeMap::new() };
-    let mut placed: BTreeMap<&str, &str> = BTreeMap::new();
+    let machines: HashMap<&str, &MachineView> = snapshot.machines.iter().map(|m| (m.id.as_str(), m)).collect();
+    let by_name: HashMap<&str, &Unit> = snapshot.units.iter().map(|u| (u.name.as_str(), u)).collect();
+    let mut load = Load::new(&snapshot.machines);
+    let mut placed: HashMap<&str, &str> = HashMap::new();
     let mut out = Plan::default();
     let units = ordered(&snapshot.units);
 
     // Global units: every machine that fits.
     for unit in units.iter().filter(|u| u.placement.global) {
-        let targets: Vec<String> = snapshot
+        let targets: Vec<&str> = snapshot
             .machines
             .iter()
             .filter(|m| m.schedulable && refusal(unit, m, &load, &placed).is_none())
-            .map(|m| m.id.clone())
+            .map(|m| m.id.as_str())
             .collect();
         for t in &targets {
-            load.add(machines[t.as_str()].id.as_str(), unit);
+            load.add(t, unit);
         }
-        out.placements.insert(unit.name.clone(), targets);
+        out.placements.insert(unit.name.clone(), targets.iter().map(|t| (*t).to_owned()).collect());
     }
 
     // Stay where they are while that still fits.
@@ -187,72 +293,51 @@ pub fn plan(snapshot: &Snapshot) -> Plan {
         }
     }
 
-    // Place the others: replacements first, then by spread.
+    // Place the others: by spread, or by displacing a unit they replace.
     let mut queue: std::collections::VecDeque<&Unit> = pending.into();
     let mut evictions = 0usize;
     while let Some(unit) = queue.pop_front() {
-        let candidates: Vec<&MachineView> =
-            snapshot.machines.iter().filter(|m| m.schedulable && refusal(unit, m, &load, &placed).is_none()).collect();
-        if candidates.is_empty() {
-            // Replaces: evict a replaced unit from a machine where this one would then fit.
-            let victim = unit.placement.replaces.iter().find_map(|r| {
-                let on = *placed.get(r.as_str())?;
-                let victim = units.iter().find(|u| u.name.as_str() == r)?;
-                Some((on, *victim))
-            });
-            if let Some((on, victim)) = victim
-                && evictions < snapshot.units.len()
-            {
-                evictions += 1;
-                load.remove(on, victim);
-                placed.remove(victim.name.as_str());
-                if machines[on].schedulable && refusal(unit, machines[on], &load, &placed).is_none() {
-                    load.add(on, unit);
-                    placed.insert(unit.name.as_str(), on);
-                    queue.push_back(victim);
-                    continue;
-                }
-                load.add(on, victim);
-                placed.insert(victim.name.as_str(), on);
-            }
-            let why = snapshot
-                .machines
-                .iter()
-                .filter_map(|m| {
-                    if !m.schedulable {
-                        return Some(format!("{}: not schedulable", m.id));
-                    }
-                    refusal(unit, m, &load, &placed).map(|r| format!("{}: {r}", m.id))
-                })
-                .take(3)
-                .collect::<Vec<_>>()
-                .join("; ");
-            out.unplaced.insert(unit.name.clone(), if why.is_empty() { "no machines".into() } else { why });
-            continue;
-        }
-        let prefix = unit.name.prefix();
-        let same_prefix_in_rack = |m: &MachineView| {
-            m.rack.as_ref().map_or(0, |rack| {
-                snapshot
-                    .machines
-                    .iter()
-                    .filter(|o| o.rack.as_ref() == Some(rack))
-                    .flat_map(|o| load.units.get(o.id.as_str()).into_iter().flatten())
-                    .filter(|u| u.name.prefix() == prefix)
-                    .count()
-            })
-        };
-        let best = candidates
-            .iter()
-            .min_by_key(|m| (load.count(m.id.as_str()), same_prefix_in_rack(m), m.id.as_str()))
-            .map(|m| m.id.as_str());
-        if let Some(id) = best {
+        if let Some(id) = pick(unit, &machines, &load, &placed) {
             load.add(id, unit);
             placed.insert(unit.name.as_str(), id);
+            continue;
         }
+        // Replaces: evict a replaced unit from a machine where this one would then fit.
+        let victim = unit.placement.replaces.iter().find_map(|r| {
+            let on = *placed.get(r.as_str())?;
+            Some((on, *by_name.get(r.as_str())?))
+        });
+        if let Some((on, victim)) = victim
+            && evictions < snapshot.units.len()
+        {
+            evictions += 1;
+            load.remove(on, victim);
+            placed.remove(victim.name.as_str());
+            if machines[on].schedulable && refusal(unit, machines[on], &load, &placed).is_none() {
+                load.add(on, unit);
+                placed.insert(unit.name.as_str(), on);
+                queue.push_back(victim);
+                continue;
+            }
+            load.add(on, victim);
+            placed.insert(victim.name.as_str(), on);
+        }
+        let why = snapshot
+            .machines
+            .iter()
+            .filter_map(|m| {
+                if !m.schedulable {
+                    return Some(format!("{}: not schedulable", m.id));
+                }
+                refusal(unit, m, &load, &placed).map(|r| format!("{}: {r}", m.id))
+            })
+            .take(3)
+            .collect::<Vec<_>>()
+            .join("; ");
+        out.unplaced.insert(unit.name.clone(), if why.is_empty() { "no machines".into() } else { why });
     }
     for (unit, machine) in placed {
-        if let Some(u) = snapshot.units.iter().find(|u| u.name.as_str() == unit) {
+        if let Some(u) = by_name.get(unit) {
             out.placements.insert(u.name.clone(), vec![machine.to_owned()]);
         }
     }

@@ -224,6 +224,18 @@ impl Store {
         }
     }
 
+    /// How many keys start with `prefix`.
+    pub async fn count(&self, prefix: &str) -> Result<i64, StoreError> {
+        self.stats.request(1);
+        let end = prefix_end(prefix.as_bytes());
+        let resp = retry(true, || {
+            let (mut c, end) = (self.client.clone(), end.clone());
+            async move { c.get(prefix, Some(GetOptions::new().with_range(end).with_count_only())).await }
+        })
+        .await?;
+        Ok(resp.count())
+    }
+
     /// One key's value and mod revision.
     pub async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
         self.stats.request(1);
@@ -247,6 +259,18 @@ impl Store {
         Ok(())
     }
 
+    /// Deletes every key under `prefix`; returns how many.
+    pub async fn delete_prefix(&self, prefix: &str) -> Result<i64, StoreError> {
+        self.stats.request(1);
+        let end = prefix_end(prefix.as_bytes());
+        let resp = retry(false, || {
+            let (mut c, end) = (self.client.clone(), end.clone());
+            async move { c.delete(prefix, Some(etcd_client::DeleteOptions::new().with_range(end))).await }
+        })
+        .await?;
+        Ok(resp.deleted())
+    }
+
     /// Deletes one key; true if it existed.
     pub async fn delete(&self, key: &str) -> Result<bool, StoreError> {
         self.stats.request(1);
@@ -259,23 +283,32 @@ impl Store {
             > 0)
     }
 
-    /// Runs `ops` in transactions of at most [`MAX_TXN_OPS`], each guarded by `guard` (all must hold). A failed
-    /// guard stops at that batch with [`StoreError::Fenced`]; earlier batches stay applied.
+    /// Runs `ops` in transactions of at most [`MAX_TXN_OPS`], up to 4 in flight, each guarded by `guard` (all
+    /// must hold). The keys of `ops` must be distinct (batches may land in any order). A failed guard ends with
+    /// [`StoreError::Fenced`]; batches that landed stay applied.
     pub async fn apply(&self, ops: Vec<TxnOp>, guard: &[Compare]) -> Result<(), StoreError> {
-        let client = self.client.clone();
+        use futures::StreamExt as _;
+        let mut batches = Vec::with_capacity(ops.len().div_ceil(MAX_TXN_OPS));
         let mut ops = ops.into_iter().peekable();
         while ops.peek().is_some() {
-            let batch: Vec<TxnOp> = ops.by_ref().take(MAX_TXN_OPS).collect();
-            self.stats.request(1);
-            let txn = Txn::new().when(guard.to_vec()).and_then(batch);
-            let resp = retry(false, || {
-                let (mut c, txn) = (client.clone(), txn.clone());
-                async move { c.txn(txn).await }
+            batches.push(ops.by_ref().take(MAX_TXN_OPS).collect::<Vec<TxnOp>>());
+        }
+        let mut results = futures::stream::iter(batches)
+            .map(|batch| {
+                let txn = Txn::new().when(guard.to_vec()).and_then(batch);
+                async move {
+                    self.stats.request(1);
+                    let resp = retry(false, || {
+                        let (mut c, txn) = (self.client.clone(), txn.clone());
+                        async move { c.txn(txn).await }
+                    })
+                    .await?;
+                    if resp.succeeded() { Ok(()) } else { Err(StoreError::Fenced("the guarding key changed".into())) }
+                }
             })
-            .await?;
-            if !resp.succeeded() {
-                return Err(StoreError::Fenced("the guarding key changed".into()));
-            }
+            .buffer_unordered(4);
+        while let Some(r) = results.next().await {
+            r?;
         }
         Ok(())
     }

@@ -160,11 +160,69 @@ pub enum Command {
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
+    /// Benchmarks with hollow machines (the real agent code, a recording executor) against a real etcd.
+    Bench {
+        /// Which benchmark.
+        #[command(subcommand)]
+        command: BenchCommand,
+    },
     /// The cluster-wide pre-warm list: images every machine pulls before it becomes schedulable.
     Prewarm {
         /// What to do.
         #[command(subcommand)]
         command: PrewarmCommand,
+    },
+}
+
+/// Options every benchmark shares.
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchArgs {
+    /// Hollow machines.
+    #[arg(long)]
+    pub machines: usize,
+    /// Units.
+    #[arg(long)]
+    pub units: usize,
+    /// Racks the machines are spread over.
+    #[arg(long, default_value_t = 12)]
+    pub racks: usize,
+    /// etcd connections the hollow machines share.
+    #[arg(long, default_value_t = 16)]
+    pub connections: usize,
+    /// Use the etcd at --endpoint (its /herd/v1/ keys are deleted first!) instead of starting a local cluster
+    /// from Debian's etcd-server.
+    #[arg(long)]
+    pub use_endpoint: bool,
+    /// Members of the local etcd cluster. They share this machine's cores, so 3 members cost about 3 times the
+    /// CPU per write that a real 3-master site spends on each master.
+    #[arg(long, default_value_t = 3)]
+    pub etcd_members: usize,
+}
+
+/// `herdctl bench ...`
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Place units on hollow machines: units/s, etcd requests per unit, idle etcd traffic as units grow, memory
+    /// per hollow machine. Goal: >= 1,500 units/s for 50,000 units on 5,000 machines.
+    Scheduler {
+        /// Machines, units, racks, connections, etcd.
+        #[command(flatten)]
+        args: BenchArgs,
+        /// Agent lease TTL in seconds (keep-alives every third of it).
+        #[arg(long, default_value_t = 30)]
+        ttl: u64,
+    },
+    /// Kill hollow machines and time until their units run elsewhere. Goal: <= 2 x TTL.
+    Failover {
+        /// Machines, units, racks, connections, etcd.
+        #[command(flatten)]
+        args: BenchArgs,
+        /// Agent lease TTL in seconds (the engine's grace period is half of it).
+        #[arg(long, default_value_t = 5)]
+        ttl: u64,
+        /// Machines to kill, one after another.
+        #[arg(long, default_value_t = 3)]
+        trials: usize,
     },
 }
 

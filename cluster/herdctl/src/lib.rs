@@ -6,6 +6,7 @@
 //! ssh`, `machine cordon|uncordon|drain`, `prewarm`). Images and upgrades join as the crates behind them land.
 //! The binary is a thin `main` over [`run`].
 
+mod bench_cmd;
 pub mod cli;
 mod config_cmd;
 mod inventory_cmd;
@@ -49,6 +50,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             ConfigCommand::Lint { file } => config_cmd::lint(&file),
             ConfigCommand::Translate { file } => config_cmd::translate(&file),
         },
+        Command::Bench { command } => bench_cmd::run(&cli.cluster, command),
         command => cluster_command(&cli.cluster, command),
     }
 }
@@ -76,7 +78,7 @@ fn cluster_command(args: &cli::ClusterArgs, command: Command) -> anyhow::Result<
             PrewarmCommand::Remove { images } => c.prewarm_remove(&images),
             PrewarmCommand::List { output } => c.prewarm_list(output),
         },
-        Command::Inventory { .. } | Command::Machine { .. } | Command::Config { .. } => {
+        Command::Inventory { .. } | Command::Machine { .. } | Command::Config { .. } | Command::Bench { .. } => {
             unreachable!("handled by run")
         }
     }
