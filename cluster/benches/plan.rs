@@ -23,6 +23,7 @@ fn main() {
             rack: Some(format!("r{:03}", i % 125)),
             schedulable: true,
             draining: false,
+            reserved: BTreeMap::new(),
         })
         .collect();
     let text = "[Service]\nExecStart=/bin/true\n[X-Fleet]\nCPU=10m\n";

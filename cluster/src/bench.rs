@@ -156,6 +156,7 @@ impl BenchCluster {
                 instance: format!("bench-{i}"),
                 version: None,
                 since_ms: 0,
+                reserved: Default::default(),
             };
             let store = conns[i % conns.len()].with_own_stats(agent_stats.clone());
             let exec = Arc::new(RecordingExecutor::default());

@@ -345,6 +345,7 @@ impl Engine {
                 rack: r.rack.clone(),
                 schedulable: !suspect && cordon.is_none(),
                 draining: cordon.is_some_and(|c| c.drain),
+                reserved: r.reserved.iter().map(|(role, q)| (role.clone(), (q.cpu_millis, q.memory))).collect(),
             }
         };
         let machines: Vec<MachineView> = view

@@ -33,6 +33,9 @@ pub struct MachineView {
     pub schedulable: bool,
     /// Being drained: what runs here moves away (implies not schedulable).
     pub draining: bool,
+    /// Capacity reserved per role (Mesos-style): (millicores, bytes) only units of that role may use; the rest of
+    /// the capacity is open to every unit.
+    pub reserved: BTreeMap<String, (u64, u64)>,
 }
 
 /// What the planner starts from.
@@ -75,8 +78,8 @@ fn scatter(id: &str) -> u64 {
 /// Running totals while planning.
 struct Load<'a> {
     units: HashMap<&'a str, Vec<&'a Unit>>,
-    cpu: HashMap<&'a str, u64>,
-    memory: HashMap<&'a str, u64>,
+    /// (millicores, bytes) used per machine and role ("" for units without a role).
+    usage: HashMap<&'a str, HashMap<&'a str, (u64, u64)>>,
     /// Schedulable machines by (units placed, scatter, id): the least-loaded first.
     order: BTreeSet<(usize, u64, &'a str)>,
     schedulable: HashMap<&'a str, u64>,
@@ -89,8 +92,7 @@ impl<'a> Load<'a> {
     fn new(machines: &'a [MachineView]) -> Load<'a> {
         let mut load = Load {
             units: HashMap::new(),
-            cpu: HashMap::new(),
-            memory: HashMap::new(),
+            usage: HashMap::new(),
             order: BTreeSet::new(),
             schedulable: HashMap::new(),
             rack: HashMap::new(),
@@ -119,8 +121,10 @@ impl<'a> Load<'a> {
     fn add(&mut self, machine: &'a str, unit: &'a Unit) {
         let before = self.count(machine);
         self.units.entry(machine).or_default().push(unit);
-        *self.cpu.entry(machine).or_default() += unit.placement.cpu_millis;
-        *self.memory.entry(machine).or_default() += unit.placement.memory;
+        let used =
+            self.usage.entry(machine).or_default().entry(unit.placement.role.as_deref().unwrap_or("")).or_default();
+        used.0 += unit.placement.cpu_millis;
+        used.1 += unit.placement.memory;
         if let Some(&rack) = self.rack.get(machine) {
             *self.rack_prefix.entry((rack, unit.name.prefix())).or_default() += 1;
         }
@@ -132,11 +136,11 @@ impl<'a> Load<'a> {
         if let Some(list) = self.units.get_mut(machine) {
             list.retain(|u| u.name != unit.name);
         }
-        if let Some(c) = self.cpu.get_mut(machine) {
-            *c = c.saturating_sub(unit.placement.cpu_millis);
-        }
-        if let Some(m) = self.memory.get_mut(machine) {
-            *m = m.saturating_sub(unit.placement.memory);
+        if let Some(used) =
+            self.usage.get_mut(machine).and_then(|r| r.get_mut(unit.placement.role.as_deref().unwrap_or("")))
+        {
+            used.0 = used.0.saturating_sub(unit.placement.cpu_millis);
+            used.1 = used.1.saturating_sub(unit.placement.memory);
         }
         if let Some(&rack) = self.rack.get(machine)
             && let Some(n) = self.rack_prefix.get_mut(&(rack, unit.name.prefix()))
@@ -217,15 +221,42 @@ fn refusal(unit: &Unit, m: &MachineView, load: &Load<'_>, placed: &HashMap<&str,
     {
         return Some(format!("conflicts with {}", other.name));
     }
-    let cpu = load.cpu.get(m.id.as_str()).copied().unwrap_or(0) + p.cpu_millis;
-    let memory = load.memory.get(m.id.as_str()).copied().unwrap_or(0) + p.memory;
-    if p.cpu_millis > 0 && cpu > m.cpu_millis {
-        return Some("not enough CPU".into());
-    }
-    if p.memory > 0 && memory > m.memory {
-        return Some("not enough memory".into());
+    if p.cpu_millis > 0 || p.memory > 0 {
+        let (cpu, memory) = open_capacity_needed(unit, m, load);
+        let reserved_cpu: u64 = m.reserved.values().map(|r| r.0).sum();
+        let reserved_memory: u64 = m.reserved.values().map(|r| r.1).sum();
+        if p.cpu_millis > 0 && cpu > m.cpu_millis.saturating_sub(reserved_cpu) {
+            return Some(with_role("not enough CPU", unit));
+        }
+        if p.memory > 0 && memory > m.memory.saturating_sub(reserved_memory) {
+            return Some(with_role("not enough memory", unit));
+        }
     }
     None
+}
+
+/// How much of the machine's open (unreserved) capacity would be used with `unit` added: every role's use beyond
+/// its reservation, plus everything units without a role use.
+fn open_capacity_needed(unit: &Unit, m: &MachineView, load: &Load<'_>) -> (u64, u64) {
+    let role = unit.placement.role.as_deref().unwrap_or("");
+    let mut usage: HashMap<&str, (u64, u64)> = load.usage.get(m.id.as_str()).cloned().unwrap_or_default();
+    let mine = usage.entry(role).or_default();
+    mine.0 += unit.placement.cpu_millis;
+    mine.1 += unit.placement.memory;
+    let mut open = (0, 0);
+    for (r, (cpu, memory)) in usage {
+        let (rc, rm) = if r.is_empty() { (0, 0) } else { m.reserved.get(r).copied().unwrap_or((0, 0)) };
+        open.0 += cpu.saturating_sub(rc);
+        open.1 += memory.saturating_sub(rm);
+    }
+    open
+}
+
+fn with_role(why: &str, unit: &Unit) -> String {
+    match &unit.placement.role {
+        Some(r) => format!("{why} (role {r}: its reservation and the open capacity)"),
+        None => format!("{why} (open capacity; reservations are kept for their roles)"),
+    }
 }
 
 /// Units in an order where every `MachineOf` target comes before the units that follow it.
@@ -357,6 +388,7 @@ mod tests {
             rack: Some(rack.into()),
             schedulable: true,
             draining: false,
+            reserved: BTreeMap::new(),
         }
     }
 
@@ -467,6 +499,21 @@ mod tests {
         assert_eq!(p.machine_of("new.service"), Some("m1"));
         // old.service is pinned to m1 too, so it has nowhere to go: it is reported, not run twice.
         assert!(p.unplaced.contains_key(&"old.service".parse::<UnitName>().unwrap()));
+    }
+
+    #[test]
+    fn reserved_capacity_is_kept_for_its_role() {
+        // One machine, 4 cores, 3 of them reserved for role db.
+        let mut m = machine("m1", "r1", &[]);
+        m.reserved.insert("db".into(), (3000, 0));
+        let web: Vec<Unit> = (1..=2).map(|i| unit(&format!("web{i}.service"), "CPU=1\n")).collect();
+        let p = plan(&Snapshot { machines: vec![m.clone()], units: web, current: BTreeMap::new() });
+        assert_eq!(p.placements.len(), 1, "units without a role share the one open core");
+        assert!(p.unplaced.values().next().unwrap().contains("open capacity"), "{:?}", p.unplaced);
+        let db: Vec<Unit> = (1..=5).map(|i| unit(&format!("db{i}.service"), "CPU=1\nRole=db\n")).collect();
+        let p = plan(&Snapshot { machines: vec![m], units: db, current: BTreeMap::new() });
+        assert_eq!(p.placements.len(), 4, "db uses its 3 reserved cores and the open one");
+        assert!(p.unplaced.values().next().unwrap().contains("role db"), "{:?}", p.unplaced);
     }
 
     #[test]

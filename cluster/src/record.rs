@@ -60,11 +60,25 @@ pub struct MachineRecord {
     /// A random token of this registration's agent instance: a second agent claiming the same id with another
     /// token is refused (fleet let cloned images share machine ids).
     pub instance: String,
+    /// Capacity reserved per role: only units with that `Role=` may use it.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub reserved: BTreeMap<String, Reservation>,
     /// OS version the machine runs.
     #[serde(default)]
     pub version: Option<String>,
     /// Registration time, ms since the Unix epoch.
     pub since_ms: u64,
+}
+
+/// Capacity set aside for one role on a machine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Reservation {
+    /// Millicores.
+    #[serde(default)]
+    pub cpu_millis: u64,
+    /// Bytes.
+    #[serde(default)]
+    pub memory: u64,
 }
 
 /// `schedule/MACHINE/UNIT`: the engine's assignment.

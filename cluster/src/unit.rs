@@ -239,6 +239,8 @@ pub struct Placement {
     pub memory: u64,
     /// `AtMostOnce=true`: never run twice, even across a partition (the agent stops it when its lease lapses).
     pub at_most_once: bool,
+    /// `Role=`: the role whose reserved capacity the unit may use (Mesos-style quotas).
+    pub role: Option<String>,
 }
 
 impl Placement {
@@ -345,6 +347,14 @@ impl Unit {
                     }
                     "Memory" => p.memory = parse_bytes(value).ok_or_else(|| x("expected bytes, e.g. 512M"))?,
                     "AtMostOnce" => p.at_most_once = parse_bool(value).ok_or_else(|| x("expected true or false"))?,
+                    "Role" => {
+                        let ok = !value.is_empty()
+                            && value.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+                        if !ok {
+                            return Err(x("expected a role name: a-z 0-9 -"));
+                        }
+                        p.role = Some(value.clone());
+                    }
                     _ => return Err(x("unknown X-Fleet option")),
                 }
             }

@@ -206,3 +206,21 @@ async fn a_duplicate_machine_id_is_refused() {
     let machines = lab.client.machines().await.unwrap();
     assert_eq!(machines.iter().find(|m| m.record.id == "m1").unwrap().record.hostname, "m1", "the original stays");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replaces_takes_the_machine_and_moves_the_replaced_unit() {
+    let lab = three("replaces").await;
+    lab.client.submit("old.service", &sleeper(""), false).await.unwrap();
+    start(&lab, &["old.service"]).await;
+    let was = active_on(&unit(&lab, "old.service").await.unwrap());
+    let new = sleeper(&format!("MachineID={}\nConflicts=old.service\nReplaces=old.service\n", was[0]));
+    lab.client.submit("new.service", &new, false).await.unwrap();
+    start(&lab, &["new.service"]).await;
+    assert_eq!(active_on(&unit(&lab, "new.service").await.unwrap()), was, "new.service took the machine");
+    let moved = poll(WAIT, "old.service active elsewhere", || async {
+        let on = active_on(&unit(&lab, "old.service").await?);
+        (on.len() == 1 && on != was).then_some(on)
+    })
+    .await;
+    assert_ne!(moved, was);
+}

@@ -92,6 +92,7 @@ async fn site(name: &str) -> Site {
             instance: format!("i-{id}"),
             version: None,
             since_ms: 0,
+            reserved: Default::default(),
         };
         let cfg = AgentConfig { machine, ttl: Duration::from_secs(2), status_interval: Duration::from_millis(300) };
         let agent = Agent::new(store.clone(), cfg, Arc::new(ProcessExecutor::default())).unwrap();

@@ -144,6 +144,7 @@ pub fn machine_record(id: &str, rack: &str, labels: &[(&str, &str)]) -> MachineR
         instance: format!("instance-{id}"),
         version: None,
         since_ms: 0,
+        reserved: Default::default(),
     }
 }
 
