@@ -1,6 +1,6 @@
 //! Executors: what actually runs a unit on a machine. The agent drives one through the [`Executor`] trait:
-//! [`SystemdExecutor`](crate::systemd::SystemdExecutor) for `[Service]` units, [`DockerExecutor`]
-//! (crate::docker::DockerExecutor) for `[Container]` units, [`Dispatch`] to combine them, [`ProcessExecutor`] to
+//! [`SystemdExecutor`](crate::systemd::SystemdExecutor) for `[Service]` units,
+//! [`DockerExecutor`](crate::docker::DockerExecutor) for `[Container]` units, [`Dispatch`] to combine them, [`ProcessExecutor`] to
 //! supervise `ExecStart=` directly (development hosts without systemd), and [`RecordingExecutor`] for hollow
 //! machines in the scale benchmarks.
 

@@ -4,7 +4,7 @@
 //! [`unit`](mod@unit) is the unit format; [`plan`] the engine's pure planner; [`schema`] and [`record`] the etcd
 //! keys and values (docs/etcd-schema.md); [`store`] the etcd connection; [`engine`] and [`agent`] the two daemons'
 //! logic; [`exec`], [`systemd`] and [`docker`] the executors; [`client`] what herdctl does; [`local`] a real local
-//! etcd for tests and benches; [`bench`] the hollow-machine benchmarks. Rolling upgrades are still to come.
+//! etcd for tests and benches; [`bench`](mod@bench) the hollow-machine benchmarks. Rolling upgrades are still to come.
 
 pub mod agent;
 pub mod bench;
