@@ -521,6 +521,8 @@ async fn next_watch(stream: &mut Option<WatchStream>) -> Result<Option<etcd_clie
 }
 
 /// Renews the lease every third of its TTL; moves the fencing deadline forward on every acknowledged renewal.
+/// Declares the lease lapsed when etcd says it is gone, or when no renewal was acknowledged for a whole TTL after
+/// the last acknowledgement (the server cannot have kept it; registering again takes the old registration over).
 async fn renew_task(
     mut ka: KeepAlive,
     ttl: Duration,
@@ -529,26 +531,29 @@ async fn renew_task(
     lapsed: mpsc::Sender<()>,
 ) {
     let every = (ttl / 3).max(Duration::from_millis(200));
+    let mut last_ack = Instant::now();
     loop {
         tokio::time::sleep_until(last_sent + every).await;
         let sent = Instant::now();
-        match tokio::time::timeout(every, ka.renew()).await {
-            Ok(Ok(left)) if !left.is_zero() => {
+        let gone = match ka.renew().await {
+            Ok(left) if !left.is_zero() => {
                 last_sent = sent;
+                last_ack = Instant::now();
                 valid.send_replace(Some(sent + ttl * 3 / 4));
+                false
             }
-            Ok(Ok(_)) => {
-                valid.send_replace(None);
-                let _ = lapsed.send(()).await;
-                return;
-            }
-            Ok(Err(e)) if e.lease_gone() => {
-                valid.send_replace(None);
-                let _ = lapsed.send(()).await;
-                return;
-            }
+            Ok(_) => true,
+            Err(e) if e.lease_gone() => true,
             // Not acknowledged: keep the old deadline and try again soon.
-            Ok(Err(_)) | Err(_) => last_sent = sent.min(last_sent + every / 2),
+            Err(_) => {
+                last_sent = sent.min(last_sent + every / 2);
+                Instant::now() > last_ack + ttl + every
+            }
+        };
+        if gone {
+            valid.send_replace(None);
+            let _ = lapsed.send(()).await;
+            return;
         }
     }
 }
