@@ -149,47 +149,7 @@ pub struct ProcessExecutor {
     exited: Mutex<HashMap<UnitName, ActiveState>>,
 }
 
-/// Splits a command line the way systemd's `ExecStart=` does (quotes group words; no shell).
-pub fn split_command(line: &str) -> Vec<String> {
-    let mut words = Vec::new();
-    let mut cur = String::new();
-    let mut quote: Option<char> = None;
-    let mut any = false;
-    let mut chars = line.chars();
-    while let Some(c) = chars.next() {
-        match (quote, c) {
-            (Some(q), c) if c == q => quote = None,
-            (None, '"' | '\'') => {
-                quote = Some(c);
-                any = true;
-            }
-            (_, '\\') => {
-                if let Some(n) = chars.next() {
-                    cur.push(n);
-                    any = true;
-                }
-            }
-            (None, c) if c.is_whitespace() => {
-                if any {
-                    words.push(std::mem::take(&mut cur));
-                    any = false;
-                }
-            }
-            (_, c) => {
-                cur.push(c);
-                any = true;
-            }
-        }
-    }
-    if any {
-        words.push(cur);
-    }
-    if let Some(first) = words.first_mut() {
-        let trimmed = first.trim_start_matches(['-', '@', '+', '!']).to_owned();
-        *first = trimmed;
-    }
-    words
-}
+pub use crate::unit::split_command;
 
 impl Executor for ProcessExecutor {
     async fn pull(&self, _image: &str) -> Result<(), ExecError> {
@@ -286,18 +246,5 @@ impl Executor for ProcessExecutor {
         } else {
             ActiveState::Inactive
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn exec_start_splits_like_systemd() {
-        assert_eq!(split_command("/bin/sh -c 'echo a b' x"), ["/bin/sh", "-c", "echo a b", "x"]);
-        assert_eq!(split_command("-/usr/bin/true"), ["/usr/bin/true"]);
-        assert_eq!(split_command(r#"/bin/echo "" "a\"b""#), ["/bin/echo", "", "a\"b"]);
-        assert!(split_command("   ").is_empty());
     }
 }

@@ -150,10 +150,138 @@ impl LocalEtcd {
     }
 }
 
-impl Drop for LocalEtcd {
-    fn drop(&mut self) {
+impl LocalEtcd {
+    /// Kills every member (their data stays until the directory is removed).
+    pub fn stop(&mut self) {
         for i in 0..self.members.len() {
             self.kill(i);
         }
+    }
+}
+
+impl Drop for LocalEtcd {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A Docker Engine (Debian's docker.io) and a registry (Debian's docker-registry), each with its own state under
+/// a scratch dir; both stopped on drop. Only one such dockerd at a time per host (it manages docker0).
+#[derive(Debug)]
+pub struct LocalDocker {
+    /// The engine's Unix socket path.
+    pub socket: String,
+    /// The registry's `127.0.0.1:PORT`.
+    pub registry: String,
+    dockerd: std::process::Child,
+    registry_proc: std::process::Child,
+}
+
+impl LocalDocker {
+    /// Starts both under `dir/docker` and waits (bounded) until they answer.
+    pub fn start(dir: &std::path::Path) -> std::io::Result<LocalDocker> {
+        let dir = dir.join("docker");
+        std::fs::create_dir_all(&dir)?;
+        let port = free_port()?;
+        let registry = format!("127.0.0.1:{port}");
+        let config = dir.join("registry.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {registry}\n",
+                dir.join("registry").display()
+            ),
+        )?;
+        let log = |name: &str| std::fs::File::create(dir.join(name));
+        let registry_proc = std::process::Command::new("docker-registry")
+            .arg("serve")
+            .arg(&config)
+            .stdout(log("registry.log")?)
+            .stderr(log("registry.err")?)
+            .spawn()?;
+        let socket = dir.join("docker.sock").display().to_string();
+        let dockerd = std::process::Command::new("dockerd")
+            .arg("--data-root")
+            .arg(dir.join("root"))
+            .arg("--exec-root")
+            .arg(dir.join("exec"))
+            .arg("--pidfile")
+            .arg(dir.join("dockerd.pid"))
+            .arg("-H")
+            .arg(format!("unix://{socket}"))
+            .stdout(log("dockerd.log")?)
+            .stderr(log("dockerd.err")?)
+            .spawn()?;
+        let d = LocalDocker { socket, registry, dockerd, registry_proc };
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let up = d.cli(&["version"]).is_ok_and(|o| o.status.success())
+                && std::net::TcpStream::connect(d.registry.as_str()).is_ok();
+            if up {
+                return Ok(d);
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(std::io::Error::other(format!(
+                    "dockerd or the registry did not answer within 60 s; see the logs in {}",
+                    dir.display()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Runs the docker CLI against this engine.
+    pub fn cli(&self, args: &[&str]) -> std::io::Result<std::process::Output> {
+        std::process::Command::new("docker").env("DOCKER_HOST", format!("unix://{}", self.socket)).args(args).output()
+    }
+
+    fn must(&self, what: &str, args: &[&str]) -> std::io::Result<()> {
+        let out = self.cli(args)?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(std::io::Error::other(format!("docker {what}: {}", String::from_utf8_lossy(&out.stderr).trim())))
+        }
+    }
+
+    /// Makes an image from a busybox-static root (`docker import`), pushes it to the registry as `repo:tag`, and
+    /// removes it locally so that using it means pulling it. Returns the registry reference.
+    pub fn publish(&self, repo_tag: &str, scratch: &std::path::Path) -> std::io::Result<String> {
+        let root = scratch.join(format!("rootfs-{}", repo_tag.replace(['/', ':'], "-")));
+        std::fs::create_dir_all(root.join("bin"))?;
+        std::fs::create_dir_all(root.join("www"))?;
+        std::fs::copy("/bin/busybox", root.join("bin/busybox"))?;
+        for applet in ["sh", "httpd", "sleep"] {
+            let _ = std::os::unix::fs::symlink("busybox", root.join("bin").join(applet));
+        }
+        std::fs::write(root.join("www/index.html"), format!("served by {repo_tag}\n"))?;
+        let tar = scratch.join(format!("{}.tar", repo_tag.replace(['/', ':'], "-")));
+        let st = std::process::Command::new("tar").arg("-C").arg(&root).arg("-cf").arg(&tar).arg(".").status()?;
+        if !st.success() {
+            return Err(std::io::Error::other("tar of the image root failed"));
+        }
+        let reference = format!("{}/{repo_tag}", self.registry);
+        self.must("import", &["import", &tar.display().to_string(), &reference])?;
+        self.must("push", &["push", &reference])?;
+        self.must("rmi", &["rmi", &reference])?;
+        Ok(reference)
+    }
+}
+
+impl Drop for LocalDocker {
+    fn drop(&mut self) {
+        // Containers first (dockerd stops them on SIGTERM), then the daemons.
+        let _ = std::process::Command::new("kill").arg("-TERM").arg(self.dockerd.id().to_string()).status();
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        while std::time::Instant::now() < deadline {
+            if self.dockerd.try_wait().ok().flatten().is_some() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.dockerd.kill();
+        let _ = self.dockerd.wait();
+        let _ = self.registry_proc.kill();
+        let _ = self.registry_proc.wait();
     }
 }

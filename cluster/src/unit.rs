@@ -255,7 +255,7 @@ impl Placement {
 pub struct Container {
     /// `Image=`.
     pub image: String,
-    /// `Command=`, split on whitespace.
+    /// `Command=`, split like `ExecStart=` (whitespace, quotes; no shell).
     pub command: Vec<String>,
     /// `Environment=KEY=VALUE` (repeatable).
     pub env: Vec<(String, String)>,
@@ -378,7 +378,7 @@ fn container(file: &UnitFile, bad: &dyn Fn(&str, &str, &str, &str) -> UnitError)
     let image = file.last(s, "Image").ok_or_else(|| bad(s, "Image", "", "a [Container] needs Image="))?.to_owned();
     let mut c = Container { image, ..Container::default() };
     if let Some(cmd) = file.last(s, "Command") {
-        c.command = cmd.split_whitespace().map(str::to_owned).collect();
+        c.command = split_command(cmd);
     }
     for env in file.values(s, "Environment") {
         let (k, v) = env.split_once('=').ok_or_else(|| bad(s, "Environment", env, "expected KEY=VALUE"))?;
@@ -405,6 +405,48 @@ fn container(file: &UnitFile, bad: &dyn Fn(&str, &str, &str, &str) -> UnitError)
         }
     }
     Ok(c)
+}
+
+/// Splits a command line the way systemd's `ExecStart=` does (quotes group words; no shell).
+pub fn split_command(line: &str) -> Vec<String> {
+    let mut words = Vec::new();
+    let mut cur = String::new();
+    let mut quote: Option<char> = None;
+    let mut any = false;
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        match (quote, c) {
+            (Some(q), c) if c == q => quote = None,
+            (None, '"' | '\'') => {
+                quote = Some(c);
+                any = true;
+            }
+            (_, '\\') => {
+                if let Some(n) = chars.next() {
+                    cur.push(n);
+                    any = true;
+                }
+            }
+            (None, c) if c.is_whitespace() => {
+                if any {
+                    words.push(std::mem::take(&mut cur));
+                    any = false;
+                }
+            }
+            (_, c) => {
+                cur.push(c);
+                any = true;
+            }
+        }
+    }
+    if any {
+        words.push(cur);
+    }
+    if let Some(first) = words.first_mut() {
+        let trimmed = first.trim_start_matches(['-', '@', '+', '!']).to_owned();
+        *first = trimmed;
+    }
+    words
 }
 
 /// Expands `%n` (full name), `%N` (name without type), `%p` (prefix), `%i` (instance) and `%%`.
@@ -458,6 +500,14 @@ pub fn glob_match(pattern: &str, name: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn exec_start_splits_like_systemd() {
+        assert_eq!(split_command("/bin/sh -c 'echo a b' x"), ["/bin/sh", "-c", "echo a b", "x"]);
+        assert_eq!(split_command("-/usr/bin/true"), ["/usr/bin/true"]);
+        assert_eq!(split_command(r#"/bin/echo "" "a\"b""#), ["/bin/echo", "", "a\"b"]);
+        assert!(split_command("   ").is_empty());
+    }
 
     #[test]
     fn unit_names_follow_the_rules() {

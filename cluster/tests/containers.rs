@@ -7,11 +7,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bollard::query_parameters::EventsOptions;
-use common::{Docker, Lab, machine_record, poll};
+use common::{Lab, machine_record, poll};
 use futures::StreamExt;
 use herd_cluster::agent::AgentEvent;
 use herd_cluster::docker::{DockerExecutor, container_name};
 use herd_cluster::exec::{Dispatch, Executor, ProcessExecutor};
+use herd_cluster::local::LocalDocker;
 use herd_cluster::record::{ActiveState, Desired};
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -19,9 +20,9 @@ const WAIT: Duration = Duration::from_secs(60);
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_container_unit_pulls_from_the_registry_runs_and_publishes_its_port_and_prewarm_comes_first() {
     let mut lab = Lab::start("containers", 1).await;
-    let docker = Docker::start(&lab.dir).await;
-    let web = docker.publish("herd/web:1", &lab.dir);
-    let tools = docker.publish("herd/tools:1", &lab.dir);
+    let docker = LocalDocker::start(&lab.dir).unwrap();
+    let web = docker.publish("herd/web:1", &lab.dir).unwrap();
+    let tools = docker.publish("herd/tools:1", &lab.dir).unwrap();
     let started = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
 
     // The cluster-wide pre-warm list is pulled before the machine registers.
@@ -41,7 +42,7 @@ async fn a_container_unit_pulls_from_the_registry_runs_and_publishes_its_port_an
     })
     .await;
     assert!(registered_after_prewarm, "pre-warm finished before registering: {seen:?}");
-    assert!(docker.cli(&["image", "inspect", &tools]).status.success(), "the pre-warm image is local");
+    assert!(docker.cli(&["image", "inspect", &tools]).unwrap().status.success(), "the pre-warm image is local");
 
     // A container unit: pulled (the image is not local), created, started; its port answers.
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
@@ -49,7 +50,7 @@ async fn a_container_unit_pulls_from_the_registry_runs_and_publishes_its_port_an
         "[Unit]\nDescription=web\n[Container]\nImage={web}\nCommand=/bin/httpd -f -p 80 -h /www\nPort={port}:80\n\
          Environment=GREETING=hi\n[X-Fleet]\nMemory=64M\nCPU=250m\n"
     );
-    assert!(!docker.cli(&["image", "inspect", &web]).status.success(), "the unit's image is not local yet");
+    assert!(!docker.cli(&["image", "inspect", &web]).unwrap().status.success(), "the unit's image is not local yet");
     lab.client.submit("web.service", &unit, false).await.unwrap();
     lab.client.set_desired("web.service", Desired::Launched).await.unwrap();
     lab.client.wait(&["web.service".into()], Some(Desired::Launched), WAIT).await.unwrap();

@@ -9,15 +9,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use herd_cluster::agent::{Agent, AgentConfig};
+use herd_cluster::docker::DockerExecutor;
 use herd_cluster::engine::{Engine, EngineConfig};
+use herd_cluster::exec::Dispatch;
 use herd_cluster::exec::ProcessExecutor;
-use herd_cluster::local::LocalEtcd;
+use herd_cluster::local::{LocalDocker, LocalEtcd};
 use herd_cluster::record::MachineRecord;
 use tokio_util::sync::CancellationToken;
 
 struct Site {
     dir: PathBuf,
     _etcd: LocalEtcd,
+    docker: Option<LocalDocker>,
     endpoint: String,
     ssh_port: u16,
     sshd: std::process::Child,
@@ -29,6 +32,9 @@ impl Drop for Site {
         self.stop.cancel();
         let _ = self.sshd.kill();
         let _ = self.sshd.wait();
+        drop(self.docker.take());
+        self._etcd.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -37,7 +43,7 @@ fn run(cmd: &mut Command) {
     assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
 }
 
-fn sshd(dir: &Path) -> (std::process::Child, u16) {
+fn sshd(dir: &Path, env: &str) -> (std::process::Child, u16) {
     let d = dir.join("ssh");
     std::fs::create_dir_all(&d).unwrap();
     std::fs::create_dir_all("/run/sshd").unwrap();
@@ -48,7 +54,7 @@ fn sshd(dir: &Path) -> (std::process::Child, u16) {
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let config = format!(
         "Port {port}\nListenAddress 127.0.0.1\nHostKey {host}\nAuthorizedKeysFile {keys}\nPidFile {dir}/sshd.pid\n\
-         StrictModes no\nUsePAM no\nPermitRootLogin prohibit-password\nAllowTcpForwarding yes\n",
+         StrictModes no\nUsePAM no\nPermitRootLogin prohibit-password\nAllowTcpForwarding yes\n{env}",
         host = d.join("host").display(),
         keys = d.join("authorized_keys").display(),
         dir = d.display(),
@@ -69,8 +75,18 @@ fn sshd(dir: &Path) -> (std::process::Child, u16) {
 }
 
 async fn site(name: &str) -> Site {
+    site_with(name, false).await
+}
+
+/// A site; with `docker`, a dockerd and registry too, container units run there, and SSH sessions reach it.
+async fn site_with(name: &str, docker: bool) -> Site {
     let dir = std::env::temp_dir().join(format!("herdctl-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
+    let docker = docker.then(|| LocalDocker::start(&dir).unwrap());
+    let engine_socket = match &docker {
+        Some(d) => Some(DockerExecutor::connect(Some(&d.socket)).await.unwrap()),
+        None => None,
+    };
     let etcd = LocalEtcd::start(&dir.join("etcd"), 3).unwrap();
     let store = etcd.ready(Duration::from_secs(30)).await.unwrap();
     let stop = CancellationToken::new();
@@ -95,12 +111,22 @@ async fn site(name: &str) -> Site {
             reserved: Default::default(),
         };
         let cfg = AgentConfig { machine, ttl: Duration::from_secs(2), status_interval: Duration::from_millis(300) };
-        let agent = Agent::new(store.clone(), cfg, Arc::new(ProcessExecutor::default())).unwrap();
         let s = stop.clone();
-        tokio::spawn(async move { agent.run(s).await });
+        match &engine_socket {
+            Some(containers) => {
+                let exec = Arc::new(Dispatch { services: ProcessExecutor::default(), containers: containers.clone() });
+                let agent = Agent::new(store.clone(), cfg, exec).unwrap();
+                tokio::spawn(async move { agent.run(s).await });
+            }
+            None => {
+                let agent = Agent::new(store.clone(), cfg, Arc::new(ProcessExecutor::default())).unwrap();
+                tokio::spawn(async move { agent.run(s).await });
+            }
+        }
     }
-    let (sshd, ssh_port) = sshd(&dir);
-    Site { endpoint: etcd.endpoints().join(","), _etcd: etcd, dir, ssh_port, sshd, stop }
+    let env = docker.as_ref().map_or(String::new(), |d| format!("SetEnv DOCKER_HOST=unix://{}\n", d.socket));
+    let (sshd, ssh_port) = sshd(&dir, &env);
+    Site { endpoint: etcd.endpoints().join(","), _etcd: etcd, docker, dir, ssh_port, sshd, stop }
 }
 
 impl Site {
@@ -224,4 +250,23 @@ async fn unplaceable_units_time_out_with_advice_and_wrong_endpoints_say_what_to_
     let out = s.herdctl(&["submit", &invalid]).await;
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("CPU"), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn status_and_journal_reach_a_container_over_ssh() {
+    let s = site_with("container", true).await;
+    let docker = s.docker.as_ref().unwrap();
+    let image = docker.publish("herd/echo:1", &s.dir).unwrap();
+    let unit = s.unit(
+        "echo.service",
+        &format!("[Container]\nImage={image}\nCommand=/bin/sh -c \"echo hello from the container; exec sleep 3600\"\n"),
+    );
+    let out = ok(&s.herdctl(&["start", &unit]).await);
+    assert!(out.contains("(active)"), "{out}");
+    let status = ok(&s.herdctl(&["status", "echo.service"]).await);
+    assert!(status.contains("herd-echo.service") && status.contains("Up"), "{status}");
+    assert!(status.contains("\"Running\":true"), "{status}");
+    let journal = ok(&s.herdctl(&["journal", "-n", "5", "echo.service"]).await);
+    assert_eq!(journal, "hello from the container\n");
+    ok(&s.herdctl(&["destroy", "echo.service"]).await);
 }

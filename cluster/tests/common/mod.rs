@@ -223,6 +223,20 @@ impl Lab {
     }
 }
 
+impl Drop for Lab {
+    fn drop(&mut self) {
+        // Agents and engines first (their processes with them), then etcd, then the scratch data.
+        for m in self.machines.values() {
+            m.task.abort();
+        }
+        for e in &self.engines {
+            e.task.abort();
+        }
+        self.etcd.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 /// Polls `f` every 50 ms until it yields Some, at most `within`; panics naming `what` otherwise.
 pub async fn poll<T, F, Fut>(within: Duration, what: &str, mut f: F) -> T
 where
@@ -242,110 +256,4 @@ where
 /// A unit that runs a long sleep.
 pub fn sleeper(xfleet: &str) -> String {
     format!("[Unit]\nDescription=test\n[Service]\nExecStart=/bin/sleep 3600\n[X-Fleet]\n{xfleet}")
-}
-
-/// A Docker Engine (Debian's docker.io) and a registry (Debian's docker-registry) started for one test, each with
-/// its own state under the scratch dir; both killed on drop.
-pub struct Docker {
-    pub socket: String,
-    pub registry: String,
-    dockerd: std::process::Child,
-    registry_proc: std::process::Child,
-}
-
-impl Docker {
-    pub async fn start(dir: &std::path::Path) -> Docker {
-        let dir = dir.join("docker");
-        std::fs::create_dir_all(&dir).unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let registry = format!("127.0.0.1:{port}");
-        let config = dir.join("registry.yml");
-        std::fs::write(
-            &config,
-            format!(
-                "version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {registry}\n",
-                dir.join("registry").display()
-            ),
-        )
-        .unwrap();
-        let log = |name: &str| std::fs::File::create(dir.join(name)).unwrap();
-        let registry_proc = std::process::Command::new("docker-registry")
-            .arg("serve")
-            .arg(&config)
-            .stdout(log("registry.log"))
-            .stderr(log("registry.err"))
-            .spawn()
-            .unwrap();
-        let socket = dir.join("docker.sock").display().to_string();
-        let dockerd = std::process::Command::new("dockerd")
-            .arg("--data-root")
-            .arg(dir.join("root"))
-            .arg("--exec-root")
-            .arg(dir.join("exec"))
-            .arg("--pidfile")
-            .arg(dir.join("dockerd.pid"))
-            .arg("-H")
-            .arg(format!("unix://{socket}"))
-            .stdout(log("dockerd.log"))
-            .stderr(log("dockerd.err"))
-            .spawn()
-            .unwrap();
-        let d = Docker { socket, registry, dockerd, registry_proc };
-        poll(Duration::from_secs(60), "dockerd and the registry to answer", || async {
-            let ok = d.cli(&["version"]).status.success() && std::net::TcpStream::connect(d.registry.as_str()).is_ok();
-            ok.then_some(())
-        })
-        .await;
-        d
-    }
-
-    pub fn cli(&self, args: &[&str]) -> std::process::Output {
-        std::process::Command::new("docker")
-            .env("DOCKER_HOST", format!("unix://{}", self.socket))
-            .args(args)
-            .output()
-            .unwrap()
-    }
-
-    /// Makes an image from a busybox-static root (`docker import`), pushes it to the registry as `repo:tag`, and
-    /// removes it locally so that using it means pulling it. Returns the registry reference.
-    pub fn publish(&self, repo_tag: &str, scratch: &std::path::Path) -> String {
-        let root = scratch.join(format!("rootfs-{}", repo_tag.replace(['/', ':'], "-")));
-        std::fs::create_dir_all(root.join("bin")).unwrap();
-        std::fs::create_dir_all(root.join("www")).unwrap();
-        std::fs::copy("/bin/busybox", root.join("bin/busybox")).unwrap();
-        for applet in ["sh", "httpd", "sleep"] {
-            let _ = std::os::unix::fs::symlink("busybox", root.join("bin").join(applet));
-        }
-        std::fs::write(root.join("www/index.html"), format!("served by {repo_tag}\n")).unwrap();
-        let tar = scratch.join(format!("{}.tar", repo_tag.replace(['/', ':'], "-")));
-        let st = std::process::Command::new("tar").arg("-C").arg(&root).arg("-cf").arg(&tar).arg(".").status().unwrap();
-        assert!(st.success());
-        let reference = format!("{}/{repo_tag}", self.registry);
-        let out = self.cli(&["import", tar.to_str().unwrap(), &reference]);
-        assert!(out.status.success(), "import: {}", String::from_utf8_lossy(&out.stderr));
-        let out = self.cli(&["push", &reference]);
-        assert!(out.status.success(), "push: {}", String::from_utf8_lossy(&out.stderr));
-        let out = self.cli(&["rmi", &reference]);
-        assert!(out.status.success(), "rmi: {}", String::from_utf8_lossy(&out.stderr));
-        reference
-    }
-}
-
-impl Drop for Docker {
-    fn drop(&mut self) {
-        // Containers first (dockerd stops them on SIGTERM), then the daemons.
-        let _ = std::process::Command::new("kill").arg("-TERM").arg(self.dockerd.id().to_string()).status();
-        let deadline = std::time::Instant::now() + Duration::from_secs(15);
-        while std::time::Instant::now() < deadline {
-            if self.dockerd.try_wait().ok().flatten().is_some() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let _ = self.dockerd.kill();
-        let _ = self.dockerd.wait();
-        let _ = self.registry_proc.kill();
-        let _ = self.registry_proc.wait();
-    }
 }
