@@ -1,4 +1,9 @@
-//! Building herd's immutable OS image from Debian packages: kernel, initramfs, `root.squashfs` under dm-verity,
-//! `manifest.json`, and the A/B disk layout of installed nodes.
+//! Building herd's immutable OS image from Debian packages: `root.squashfs` under dm-verity and `manifest.json`
+//! (this far), then kernel, initramfs and the A/B disk layout of installed nodes (still to come: issue #4).
 //!
-//! Not implemented yet (issue #4); the crate exists so the workspace has its final shape.
+//! [`manifest`] is the input format (`images/herd-os.toml`); [`build`] the pipeline: check the packages, make the
+//! root tree with mmdebstrap, squash it, compute the verity hash tree, describe the result. Builds are
+//! reproducible (`SOURCE_DATE_EPOCH`, a salt and UUID derived from the manifest) and cached by content.
+
+pub mod build;
+pub mod manifest;

@@ -160,6 +160,12 @@ pub enum Command {
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
+    /// Build herd's OS image.
+    Image {
+        /// What to do.
+        #[command(subcommand)]
+        command: ImageCommand,
+    },
     /// Benchmarks with hollow machines (the real agent code, a recording executor) against a real etcd.
     Bench {
         /// Which benchmark.
@@ -171,6 +177,30 @@ pub enum Command {
         /// What to do.
         #[command(subcommand)]
         command: PrewarmCommand,
+    },
+}
+
+/// `herdctl image ...`
+#[derive(Debug, Subcommand)]
+pub enum ImageCommand {
+    /// Build the image of a manifest: root.squashfs under dm-verity and manifest.json (kernel and initramfs: not
+    /// yet). Reproducible for a given SOURCE_DATE_EPOCH; an unchanged manifest comes from the cache.
+    Build {
+        /// The image manifest.
+        #[arg(long, default_value = "images/herd-os.toml", value_name = "FILE")]
+        manifest: PathBuf,
+        /// Where the outputs go.
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// The build cache.
+        #[arg(long, env = "HERD_IMAGE_CACHE", default_value = "/var/cache/herd/images", value_name = "DIR")]
+        cache: PathBuf,
+        /// Timestamp of every file in the image (seconds since the Unix epoch).
+        #[arg(long, env = "SOURCE_DATE_EPOCH", default_value_t = 1_767_225_600)]
+        source_date_epoch: u64,
+        /// Rebuild even if the cache has this image.
+        #[arg(long)]
+        no_cache: bool,
     },
 }
 

@@ -9,6 +9,7 @@
 mod bench_cmd;
 pub mod cli;
 mod config_cmd;
+mod image_cmd;
 mod inventory_cmd;
 mod machine_cmd;
 mod ssh;
@@ -51,6 +52,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             ConfigCommand::Translate { file } => config_cmd::translate(&file),
         },
         Command::Bench { command } => bench_cmd::run(&cli.cluster, command),
+        Command::Image { command } => image_cmd::run(command),
         command => cluster_command(&cli.cluster, command),
     }
 }
@@ -78,7 +80,11 @@ fn cluster_command(args: &cli::ClusterArgs, command: Command) -> anyhow::Result<
             PrewarmCommand::Remove { images } => c.prewarm_remove(&images),
             PrewarmCommand::List { output } => c.prewarm_list(output),
         },
-        Command::Inventory { .. } | Command::Machine { .. } | Command::Config { .. } | Command::Bench { .. } => {
+        Command::Inventory { .. }
+        | Command::Machine { .. }
+        | Command::Config { .. }
+        | Command::Bench { .. }
+        | Command::Image { .. } => {
             unreachable!("handled by run")
         }
     }

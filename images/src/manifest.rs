@@ -1,0 +1,200 @@
+//! The image manifest (`images/herd-os.toml`): what goes into an image. Parsing reports `FILE:LINE:COL`; checking
+//! asks the host's apt metadata whether every package exists, so a typo fails before anything is built.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// The manifest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    /// Format version: 1.
+    pub version: u32,
+    /// Image name.
+    pub name: String,
+    /// Release (goes into manifest.json and /etc/os-release).
+    pub release: String,
+    /// Where packages come from.
+    pub debian: Debian,
+    /// The root filesystem.
+    pub root: Root,
+    /// The kernel.
+    pub kernel: Kernel,
+}
+
+/// `[debian]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Debian {
+    /// Suite, e.g. `bookworm`.
+    pub suite: String,
+    /// Mirror URL.
+    pub mirror: String,
+    /// mmdebstrap variant (`minbase`, `essential`, ...).
+    #[serde(default = "minbase")]
+    pub variant: String,
+}
+
+fn minbase() -> String {
+    "minbase".into()
+}
+
+/// `[root]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Root {
+    /// Packages installed on top of the variant.
+    pub packages: Vec<String>,
+}
+
+/// `[kernel]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Kernel {
+    /// The kernel package.
+    pub package: String,
+    /// The suite it comes from (e.g. `bookworm-backports`), if not the main one.
+    #[serde(default)]
+    pub suite: Option<String>,
+    /// Modules the initramfs carries.
+    #[serde(default)]
+    pub modules: Vec<String>,
+    /// Kernel command line (herd adds the verity root hash).
+    #[serde(default)]
+    pub cmdline: String,
+}
+
+/// A manifest problem.
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    /// The file cannot be read.
+    #[error("{path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Located problems (syntax, types, unknown keys, rules), one per line: `FILE:LINE:COL: message`.
+    #[error("{}", .0.join("\n"))]
+    Invalid(Vec<String>),
+}
+
+fn position(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, col)
+}
+
+/// A Debian package name (policy 5.6.1): lowercase letters, digits, `+ - .`, at least two characters, starting
+/// with a letter or digit.
+pub fn valid_package_name(name: &str) -> bool {
+    name.len() >= 2
+        && name.bytes().next().is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"+-.".contains(&b))
+}
+
+/// Parses and checks a manifest's text (`file` names it in messages). Checks the format, not the packages' existence
+/// (see [`unknown_packages`]).
+pub fn parse(file: &str, text: &str) -> Result<Manifest, ManifestError> {
+    let manifest: Manifest = toml::from_str(text).map_err(|e| {
+        let (line, col) = e.span().map_or((1, 1), |s| position(text, s.start));
+        ManifestError::Invalid(vec![format!("{file}:{line}:{col}: {}", e.message())])
+    })?;
+    let mut problems = Vec::new();
+    let at = |needle: &str| text.find(needle).map_or((1, 1), |o| position(text, o));
+    let mut problem = |needle: &str, msg: String| {
+        let (line, col) = at(needle);
+        problems.push(format!("{file}:{line}:{col}: {msg}"));
+    };
+    if manifest.version != 1 {
+        problem("version", format!("version {} is not supported; this herd reads version 1", manifest.version));
+    }
+    if manifest.release.is_empty() || manifest.release.contains(char::is_whitespace) {
+        problem("release", "release must be a non-empty word, e.g. 2026.11.0".into());
+    }
+    if manifest.root.packages.is_empty() {
+        problem("packages", "root.packages is empty: an image needs at least systemd".into());
+    }
+    for p in manifest.root.packages.iter().chain(std::iter::once(&manifest.kernel.package)) {
+        if !valid_package_name(p) {
+            problem(&format!("\"{p}\""), format!("{p:?} is not a Debian package name"));
+        }
+    }
+    if manifest.kernel.package.is_empty() {
+        problem("[kernel]", "kernel.package is missing: an image needs a kernel (e.g. linux-image-amd64)".into());
+    }
+    if !manifest.debian.mirror.starts_with("http://") && !manifest.debian.mirror.starts_with("https://") {
+        problem("mirror", "debian.mirror must be an http:// or https:// URL".into());
+    }
+    if problems.is_empty() { Ok(manifest) } else { Err(ManifestError::Invalid(problems)) }
+}
+
+/// Reads and checks a manifest file.
+pub fn load(path: &Path) -> Result<Manifest, ManifestError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ManifestError::Read { path: path.into(), source })?;
+    parse(&path.display().to_string(), &text)
+}
+
+/// The packages (root and kernel) the host's apt metadata does not know (`apt-cache policy`): a manifest naming
+/// one would fail half-way through a build. The host must list the manifest's suites (setup-host.sh adds
+/// bookworm-backports).
+pub fn unknown_packages(manifest: &Manifest) -> std::io::Result<Vec<String>> {
+    let wanted: Vec<&String> = manifest.root.packages.iter().chain(std::iter::once(&manifest.kernel.package)).collect();
+    let out = std::process::Command::new("apt-cache").arg("policy").args(&wanted).output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut known = std::collections::HashSet::new();
+    let mut current: Option<&str> = None;
+    for line in text.lines() {
+        if let Some(name) = line.strip_suffix(':').filter(|l| !l.starts_with(' ')) {
+            current = Some(name);
+        } else if let Some(candidate) = line.trim().strip_prefix("Candidate:")
+            && candidate.trim() != "(none)"
+            && let Some(name) = current
+        {
+            known.insert(name.to_owned());
+        }
+    }
+    Ok(wanted.into_iter().filter(|p| !known.contains(*p)).cloned().collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = include_str!("../herd-os.toml");
+
+    #[test]
+    fn the_shipped_manifest_parses() {
+        let m = parse("herd-os.toml", GOOD).unwrap();
+        assert_eq!(m.version, 1);
+        assert!(m.root.packages.iter().any(|p| p == "etcd-server"));
+        assert_eq!(m.kernel.suite.as_deref(), Some("bookworm-backports"));
+    }
+
+    #[test]
+    fn problems_are_located() {
+        let bad = GOOD.replace("\"etcd-server\"", "\"Etcd_Server\"").replace("version = 1", "version = 2");
+        let err = parse("m.toml", &bad).unwrap_err().to_string();
+        assert!(err.contains("m.toml:2:1: version 2 is not supported"), "{err}");
+        assert!(err.contains("\"Etcd_Server\" is not a Debian package name"), "{err}");
+        let line = bad.lines().position(|l| l.contains("Etcd_Server")).unwrap() + 1;
+        assert!(err.contains(&format!("m.toml:{line}:")), "{err}");
+        let unknown_key = GOOD.replace("[root]", "[root]\nextra = 1");
+        let err = parse("m.toml", &unknown_key).unwrap_err().to_string();
+        let line = unknown_key.lines().position(|l| l.starts_with("extra")).unwrap() + 1;
+        assert!(err.starts_with(&format!("m.toml:{line}:1: unknown field `extra`")), "{err}");
+    }
+
+    #[test]
+    fn package_names_follow_debian_policy() {
+        for ok in ["systemd", "g++", "libc6", "docker.io", "0ad"] {
+            assert!(valid_package_name(ok), "{ok}");
+        }
+        for bad in ["", "a", "Systemd", "-x", "a b", "x_y"] {
+            assert!(!valid_package_name(bad), "{bad}");
+        }
+    }
+}
