@@ -103,8 +103,19 @@ pub struct ImageManifest {
     pub cmdline: String,
     /// Packages asked for.
     pub packages: Vec<String>,
+    /// The kernel: package and version (`uname -r`); its modules are in the root under /usr/lib/modules.
+    pub kernel: KernelInfo,
     /// Outputs this build does not make yet.
     pub not_built: Vec<String>,
+}
+
+/// The kernel an image boots.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KernelInfo {
+    /// The package asked for.
+    pub package: String,
+    /// The version installed (`uname -r`).
+    pub version: String,
 }
 
 /// What a build returns.
@@ -155,6 +166,38 @@ fn tool(stage: Stage, cmd: &mut Command) -> Result<String, BuildError> {
         });
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Moves the one `boot/vmlinuz-VERSION` of the tree to `to`, empties `/boot`, and returns VERSION.
+fn take_kernel(tree: &Path, to: &Path) -> Result<String, BuildError> {
+    let boot = tree.join("boot");
+    let mut kernels: Vec<(String, PathBuf)> = std::fs::read_dir(&boot)?
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            let version = name.strip_prefix("vmlinuz-")?.to_owned();
+            Some((version, e.path()))
+        })
+        .collect();
+    kernels.sort();
+    let Some((version, path)) = kernels.pop() else {
+        return Err(BuildError::Tool {
+            stage: Stage::Unpack.describe(),
+            message: "the kernel package installed no /boot/vmlinuz-*; is [kernel] package a linux-image?".into(),
+        });
+    };
+    std::fs::copy(&path, to)?;
+    for e in std::fs::read_dir(&boot)?.filter_map(Result::ok) {
+        let p = e.path();
+        if p.is_dir() { std::fs::remove_dir_all(&p)? } else { std::fs::remove_file(&p)? }
+    }
+    if !tree.join("usr/lib/modules").join(&version).is_dir() && !tree.join("lib/modules").join(&version).is_dir() {
+        return Err(BuildError::Tool {
+            stage: Stage::Unpack.describe(),
+            message: format!("kernel {version} has no modules directory in the root"),
+        });
+    }
+    Ok(version)
 }
 
 fn sha256_file(path: &Path) -> std::io::Result<FileEntry> {
@@ -228,16 +271,25 @@ fn build_entry(
 
     progress(Stage::Root);
     let tar = work.join("root.tar");
+    let d = &manifest.debian;
+    let kernel = match &manifest.kernel.suite {
+        Some(suite) => format!("{}/{suite}", manifest.kernel.package),
+        None => manifest.kernel.package.clone(),
+    };
+    let mut include = manifest.root.packages.clone();
+    include.push(kernel);
     let mut mm = Command::new("mmdebstrap");
     mm.env("SOURCE_DATE_EPOCH", &epoch)
         .arg("--quiet")
-        .arg(format!("--variant={}", manifest.debian.variant))
-        .arg(format!("--include={}", manifest.root.packages.join(",")))
-        .arg("--components=main")
+        .arg(format!("--variant={}", d.variant))
+        .arg(format!("--include={}", include.join(",")))
         .arg(format!("--customize-hook=echo 'herd {} {}' > \"$1/etc/herd-release\"", manifest.name, manifest.release))
-        .arg(&manifest.debian.suite)
+        .arg(&d.suite)
         .arg(&tar)
-        .arg(&manifest.debian.mirror);
+        .arg(format!("deb {} {} main", d.mirror, d.suite));
+    if let Some(suite) = manifest.kernel.suite.as_ref().filter(|s| **s != d.suite) {
+        mm.arg(format!("deb {} {suite} main", d.mirror));
+    }
     tool(Stage::Root, &mut mm)?;
 
     progress(Stage::Unpack);
@@ -245,6 +297,8 @@ fn build_entry(
     std::fs::create_dir_all(&tree)?;
     tool(Stage::Unpack, Command::new("tar").arg("-C").arg(&tree).arg("--numeric-owner").arg("-xpf").arg(&tar))?;
     std::fs::remove_file(&tar)?;
+    // The kernel boots from outside the root: take it out of /boot (its modules stay in /usr/lib/modules).
+    let version = take_kernel(&tree, &work.join("vmlinuz"))?;
 
     progress(Stage::Squash);
     let squash = work.join("root.squashfs");
@@ -281,7 +335,7 @@ fn build_entry(
         })?;
 
     let mut files = BTreeMap::new();
-    for name in ["root.squashfs", "root.verity"] {
+    for name in ["vmlinuz", "root.squashfs", "root.verity"] {
         files.insert(name.to_owned(), sha256_file(&work.join(name))?);
     }
     let cmdline = format!("{} herd.verity.roothash={root_hash}", manifest.kernel.cmdline).trim().to_owned();
@@ -294,7 +348,8 @@ fn build_entry(
         verity: Verity { root_hash, salt, algorithm: "sha256".into(), block_size: 4096 },
         cmdline,
         packages: manifest.root.packages.clone(),
-        not_built: vec!["vmlinuz".into(), "initramfs".into()],
+        kernel: KernelInfo { package: manifest.kernel.package.clone(), version },
+        not_built: vec!["initramfs".into()],
     };
     let json = serde_json::to_string_pretty(&described)
         .map_err(|e| BuildError::Tool { stage: Stage::Finish.describe(), message: e.to_string() })?;

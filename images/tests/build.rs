@@ -23,6 +23,7 @@ packages = ["systemd", "systemd-sysv"]
 
 [kernel]
 package = "linux-image-amd64"
+suite = "bookworm-backports"
 cmdline = "console=ttyS0"
 "#;
 
@@ -64,6 +65,15 @@ fn a_small_image_verifies_rebuilds_identically_comes_from_the_cache_and_detects_
         assert_eq!(bytes.len() as u64, entry.size, "{name}");
     }
     assert!(first.manifest.cmdline.ends_with(&format!("herd.verity.roothash={hash}")));
+    // The kernel is the backports one, a bzImage ("HdrS" at 0x202), with its modules in the root.
+    assert!(first.manifest.kernel.version.starts_with("6.12"), "{:?}", first.manifest.kernel);
+    let vmlinuz = std::fs::read(dir.join("out1/vmlinuz")).unwrap();
+    assert_eq!(&vmlinuz[0x202..0x206], b"HdrS");
+    let listing = Command::new("unsquashfs").arg("-l").arg(dir.join("out1/root.squashfs")).output().unwrap();
+    let listing = String::from_utf8_lossy(&listing.stdout);
+    let modules = format!("lib/modules/{}/kernel", first.manifest.kernel.version);
+    assert!(listing.contains(&modules), "modules in the root");
+    assert!(!listing.lines().any(|l| l.contains("/boot/vmlinuz")), "the kernel is outside the root");
     let on_disk: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("out1/manifest.json")).unwrap()).unwrap();
     assert_eq!(on_disk["verity"]["root_hash"], hash.as_str());
