@@ -90,6 +90,9 @@ struct View {
     cordons: BTreeMap<String, CordonRecord>,
     /// (machine, unit) → entry, as written.
     schedule: BTreeMap<(String, UnitName), ScheduleEntry>,
+    /// At-most-once units taken off a live machine, by the machine they are leaving: they are placed again only
+    /// once that machine's agent has stopped them (its state key is gone).
+    leaving: BTreeMap<UnitName, String>,
 }
 
 impl Engine {
@@ -264,6 +267,13 @@ impl Engine {
                 dirty = false;
             }
             let next_suspect = view.suspects.values().map(|(_, t)| *t).min();
+            // While at-most-once units wait for their old machine to stop them, look again shortly.
+            let next_suspect = if view.leaving.is_empty() {
+                next_suspect
+            } else {
+                let soon = Instant::now() + Duration::from_millis(200);
+                Some(next_suspect.map_or(soon, |t| t.min(soon)))
+            };
             tokio::select! {
                 biased;
                 () = shutdown.cancelled() => return Ok(()),
@@ -386,16 +396,38 @@ impl Engine {
                 wanted.insert(key, entry);
             }
         }
+        // At-most-once units that left a live machine: still running there until its agent removes their state.
+        let mut still_leaving = BTreeMap::new();
+        for (unit, from) in std::mem::take(&mut view.leaving) {
+            let registered = view.machines.contains_key(&from) || view.suspects.contains_key(&from);
+            if registered
+                && self.store.get(&Key::UnitState(unit.clone(), self.machine_key(&from)?).path()).await?.is_some()
+            {
+                still_leaving.insert(unit, from);
+            }
+        }
+        view.leaving = still_leaving;
         let mut ops = Vec::new();
         let mut removed = Vec::new();
         for key in view.schedule.keys() {
             if !wanted.contains_key(key) {
                 ops.push(TxnOp::delete(self.schedule_key(key), None));
                 removed.push(key.clone());
+                let (from, unit) = key;
+                let moving_off_a_live_machine = view.machines.contains_key(from)
+                    && view.units.get(unit).is_some_and(|(_, u)| u.as_ref().is_some_and(|u| u.placement.at_most_once))
+                    && wanted.keys().any(|(m, u)| u == unit && m != from);
+                if moving_off_a_live_machine {
+                    view.leaving.insert(unit.clone(), from.clone());
+                }
             }
         }
         let mut added = Vec::new();
         for (key, entry) in &wanted {
+            if view.leaving.contains_key(&key.1) {
+                // Break before make: it starts on its new machine only after the old one stopped it.
+                continue;
+            }
             if view.schedule.get(key) != Some(entry) {
                 ops.push(TxnOp::put(self.schedule_key(key), record::encode(entry), None));
                 added.push((key.clone(), entry.clone()));
@@ -419,6 +451,10 @@ impl Engine {
             rounds,
         });
         Ok(())
+    }
+
+    fn machine_key(&self, id: &str) -> Result<crate::schema::MachineKey, StoreError> {
+        crate::schema::MachineKey::new(id).ok_or_else(|| StoreError::Fenced(format!("bad machine id {id:?}")))
     }
 
     fn schedule_key(&self, (machine, unit): &(String, UnitName)) -> String {

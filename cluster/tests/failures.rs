@@ -170,3 +170,27 @@ async fn losing_one_etcd_member_of_three_does_not_stop_scheduling() {
     assert!(on(&lab, "before.service").await.is_some());
     lab.etcd.restart(0).unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn draining_moves_an_at_most_once_unit_only_after_it_stopped() {
+    let mut lab = two("drain", 1).await;
+    // Takes a second to stop: a move that started the new copy at once would overlap the old one.
+    let slow = "[Service]\nExecStart=/bin/sh -c \"trap 'sleep 1; exit 0' TERM; while true; do sleep 0.1; done\"\n\
+                [X-Fleet]\nAtMostOnce=true\n";
+    let first = launch(&lab, "slow.service", slow).await;
+    let other = if first == "m1" { "m2" } else { "m1" };
+    drain(&mut lab.machines.get_mut(other).unwrap().events);
+    drain(&mut lab.machines.get_mut(&first).unwrap().events);
+
+    lab.client.cordon(&first, true).await.unwrap();
+    poll(WAIT, "slow.service active on the other machine", || async {
+        (on(&lab, "slow.service").await.as_deref() == Some(other)).then_some(())
+    })
+    .await;
+    let stopped = action_at(&drain(&mut lab.machines.get_mut(&first).unwrap().events), "slow.service", "stop")
+        .expect("the drained machine stopped the unit");
+    let started = action_at(&drain(&mut lab.machines.get_mut(other).unwrap().events), "slow.service", "start")
+        .expect("the other machine started it");
+    let gap = started.duration_since(stopped).expect("stopped before it started elsewhere: no overlap");
+    eprintln!("drain: stopped {gap:?} before it started elsewhere");
+}
