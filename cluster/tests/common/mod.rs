@@ -128,6 +128,7 @@ pub struct Lab {
     pub client: ClusterClient,
     pub engines: Vec<EngineHandle>,
     pub machines: BTreeMap<String, Machine>,
+    _permit: tokio::sync::OwnedSemaphorePermit,
 }
 
 pub fn machine_record(id: &str, rack: &str, labels: &[(&str, &str)]) -> MachineRecord {
@@ -155,11 +156,16 @@ impl Lab {
             .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
             .with_test_writer()
             .try_init();
+        // At most two labs (three etcd members each) at once per test binary: on two cores, more make etcd
+        // elections thrash and measure the machine, not herd.
+        static LABS: std::sync::OnceLock<Arc<tokio::sync::Semaphore>> = std::sync::OnceLock::new();
+        let permit =
+            LABS.get_or_init(|| Arc::new(tokio::sync::Semaphore::new(2))).clone().acquire_owned().await.unwrap();
         let dir = scratch(name);
-        let etcd = LocalEtcd::start(&dir.join("etcd"), 3).unwrap();
-        let store = etcd.ready(Duration::from_secs(30)).await.unwrap();
+        let etcd = LocalEtcd::start_default_timing(&dir.join("etcd"), 3).unwrap();
+        let store = etcd.ready(Duration::from_secs(60)).await.unwrap();
         let client = ClusterClient::new(store.clone());
-        let mut lab = Lab { dir, etcd, store, client, engines: Vec::new(), machines: BTreeMap::new() };
+        let mut lab = Lab { dir, etcd, store, client, engines: Vec::new(), machines: BTreeMap::new(), _permit: permit };
         for i in 0..engines {
             lab.add_engine(&format!("engine{i}")).await;
         }
