@@ -57,6 +57,9 @@ pub struct UnitStatus {
     pub text: String,
     /// Machines it is scheduled on, with the state reported there (None: nothing reported yet).
     pub machines: Vec<Placed>,
+    /// Why the engine could not place it (none when placed or not asked to run).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unplaced: Option<String>,
 }
 
 /// A unit on one machine.
@@ -181,6 +184,7 @@ impl ClusterClient {
         let (units, _) = self.store.get_prefix(&schema::prefix("units")).await?;
         let (schedule, _) = self.store.get_prefix(&schema::prefix("schedule")).await?;
         let (states, _) = self.store.get_prefix(&schema::prefix("state")).await?;
+        let (unplaced, _) = self.store.get_prefix(&schema::prefix("unplaced")).await?;
         let mut by_unit: BTreeMap<UnitName, UnitStatus> = BTreeMap::new();
         for kv in &units {
             if let (Some(Key::Unit(name)), Some(rec)) =
@@ -188,8 +192,22 @@ impl ClusterClient {
             {
                 by_unit.insert(
                     name.clone(),
-                    UnitStatus { name: name.to_string(), desired: rec.desired, text: rec.text, machines: Vec::new() },
+                    UnitStatus {
+                        name: name.to_string(),
+                        desired: rec.desired,
+                        text: rec.text,
+                        machines: Vec::new(),
+                        unplaced: None,
+                    },
                 );
+            }
+        }
+        for kv in &unplaced {
+            if let Some(Key::Unplaced(name)) = kv.key_str().ok().and_then(Key::parse)
+                && let Some(status) = by_unit.get_mut(&name)
+                && status.desired != Desired::Inactive
+            {
+                status.unplaced = Some(String::from_utf8_lossy(kv.value()).into_owned());
             }
         }
         let mut reported: BTreeMap<(UnitName, String), StateRecord> = BTreeMap::new();

@@ -93,6 +93,8 @@ struct View {
     /// At-most-once units taken off a live machine, by the machine they are leaving: they are placed again only
     /// once that machine's agent has stopped them (its state key is gone).
     leaving: BTreeMap<UnitName, String>,
+    /// Unit → why it is not placed, as written to `unplaced/`.
+    unplaced: BTreeMap<UnitName, String>,
 }
 
 impl Engine {
@@ -211,7 +213,8 @@ impl Engine {
                 view.set_unit(name, record::decode(kv.value()));
             }
         }
-        for (kind, at) in [("machines", revision), ("cordon", revision), ("schedule", revision)] {
+        for (kind, at) in [("machines", revision), ("cordon", revision), ("schedule", revision), ("unplaced", revision)]
+        {
             let (kvs, _) = self.store.get_prefix_at(&schema::prefix(kind), at).await?;
             for kv in kvs {
                 match kv.key_str().ok().and_then(Key::parse) {
@@ -229,6 +232,9 @@ impl Engine {
                         if let Some(e) = record::decode(kv.value()) {
                             view.schedule.insert((m.to_string(), u), e);
                         }
+                    }
+                    Some(Key::Unplaced(u)) => {
+                        view.unplaced.insert(u, String::from_utf8_lossy(kv.value()).into_owned());
                     }
                     _ => {}
                 }
@@ -442,9 +448,22 @@ impl Engine {
             view.schedule.remove(&key);
         }
         view.schedule.extend(added);
+        // Why units are not placed, for list-units: written when the reason changes, removed once placed.
+        let mut notes = Vec::new();
         for (unit, why) in &plan.unplaced {
-            tracing::debug!(unit = %unit, "not placed: {why}");
+            if view.unplaced.get(unit) != Some(why) {
+                notes.push(TxnOp::put(Key::Unplaced(unit.clone()).path(), why.as_bytes(), None));
+            }
         }
+        for unit in view.unplaced.keys() {
+            if !plan.unplaced.contains_key(unit) {
+                notes.push(TxnOp::delete(Key::Unplaced(unit.clone()).path(), None));
+            }
+        }
+        if !notes.is_empty() {
+            self.store.apply(notes, guard).await?;
+        }
+        view.unplaced = plan.unplaced.clone();
         self.reconciled.send_replace(Reconciled {
             scheduled: view.schedule.len(),
             unplaced: plan.unplaced.len(),

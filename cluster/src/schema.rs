@@ -54,6 +54,8 @@ pub enum Key {
     Prewarm(String),
     /// `cordon/MACHINE`: the operator took the machine out of scheduling (and maybe drains it).
     Cordon(MachineKey),
+    /// `unplaced/UNIT`: why the engine could not place the unit (written by the leader, removed once placed).
+    Unplaced(UnitName),
 }
 
 impl Key {
@@ -68,6 +70,7 @@ impl Key {
             Key::EngineEpoch => format!("{ROOT}engine/epoch"),
             Key::Prewarm(image) => format!("{ROOT}prewarm/{image}"),
             Key::Cordon(m) => format!("{ROOT}cordon/{m}"),
+            Key::Unplaced(u) => format!("{ROOT}unplaced/{u}"),
         }
     }
 
@@ -85,6 +88,7 @@ impl Key {
             ["engine", "epoch"] => Key::EngineEpoch,
             ["prewarm", image] if !image.is_empty() => Key::Prewarm((*image).to_owned()),
             ["cordon", m] => Key::Cordon(MachineKey::new(m)?),
+            ["unplaced", u] => Key::Unplaced(unit(u)?),
             _ => return None,
         })
     }
@@ -143,6 +147,7 @@ mod tests {
             Key::EngineEpoch,
             Key::Prewarm(image_id("127.0.0.1:5000/herd/busybox:1")),
             Key::Cordon(m("r01-m02")),
+            Key::Unplaced(u("db@2.service")),
         ] {
             assert_eq!(Key::parse(&key.path()), Some(key.clone()), "{}", key.path());
         }

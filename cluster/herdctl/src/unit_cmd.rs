@@ -171,7 +171,8 @@ impl Cluster {
         let mut rows = Vec::new();
         for u in &units {
             if u.machines.is_empty() {
-                rows.push(vec![u.name.clone(), "-".into(), "unplaced".into(), u.desired.to_string(), "-".into()]);
+                let why = u.unplaced.as_deref().map_or("unplaced".to_owned(), |w| format!("unplaced: {w}"));
+                rows.push(vec![u.name.clone(), "-".into(), why, u.desired.to_string(), "-".into()]);
             }
             for p in &u.machines {
                 let state = p.state.map_or("-".to_owned(), |s| s.to_string());
@@ -389,7 +390,10 @@ fn describe(name: &str, unit: Option<&UnitStatus>) -> String {
     if u.machines.is_empty() {
         return match u.desired {
             Desired::Inactive => format!("{name}: inactive"),
-            d => format!("{name}: {d}, not placed on any machine yet"),
+            d => match &u.unplaced {
+                Some(why) => format!("{name}: {d}, not placed: {why}"),
+                None => format!("{name}: {d}, not placed on any machine yet"),
+            },
         };
     }
     let places: Vec<String> = u

@@ -237,7 +237,9 @@ async fn unplaceable_units_time_out_with_advice_and_wrong_endpoints_say_what_to_
     let out = s.herdctl(&["start", "--timeout", "2", &pinned]).await;
     assert_eq!(out.status.code(), Some(1));
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.contains("pinned.service: launched, not placed on any machine yet"), "{stdout}");
+    assert!(stdout.contains("pinned.service: launched, not placed: m1: MachineID; m2: MachineID"), "{stdout}");
+    let table = ok(&s.herdctl(&["list-units"]).await);
+    assert!(table.contains("unplaced: m1: MachineID"), "{table}");
     assert!(String::from_utf8_lossy(&out.stderr).contains("timed out"), "{}", String::from_utf8_lossy(&out.stderr));
     let bad = Command::new(env!("CARGO_BIN_EXE_herdctl"))
         .args(["--endpoint", "http://127.0.0.1:9", "--request-timeout", "1", "list-units"])
