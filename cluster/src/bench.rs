@@ -115,7 +115,7 @@ impl BenchCluster {
         let (etcd, endpoints) = match &cfg.endpoints {
             Some(e) => (None, e.clone()),
             None => {
-                let etcd = LocalEtcd::start_default_timing(&cfg.dir.join("etcd"), cfg.etcd_members.max(1))?;
+                let etcd = LocalEtcd::start(&cfg.dir.join("etcd"), cfg.etcd_members.max(1))?;
                 etcd.ready(Duration::from_secs(60)).await?;
                 let e = etcd.endpoints();
                 (Some(etcd), e)

@@ -23,8 +23,6 @@ pub struct LocalEtcd {
     dir: PathBuf,
     members: Vec<Member>,
     cluster: String,
-    /// Heartbeat and election timeout, ms.
-    timing: (u32, u32),
 }
 
 fn free_port() -> std::io::Result<u16> {
@@ -32,20 +30,10 @@ fn free_port() -> std::io::Result<u16> {
 }
 
 impl LocalEtcd {
-    /// Starts `n` members with data under `dir`, with fast elections (50 ms heartbeat, 500 ms election timeout,
-    /// so leases down to 1 s work: for failure tests). Returns once every process is spawned; see
-    /// [`LocalEtcd::ready`].
+    /// Starts `n` members with data under `dir`, with etcd's default timing (100 ms heartbeat, 1 s election
+    /// timeout: members sharing a few cores must not mistake a busy peer for a dead one; leases down to 2 s work).
+    /// Returns once every process is spawned; see [`LocalEtcd::ready`].
     pub fn start(dir: &Path, n: usize) -> std::io::Result<LocalEtcd> {
-        LocalEtcd::start_with(dir, n, (50, 500))
-    }
-
-    /// Starts `n` members with etcd's default timing (100 ms heartbeat, 1 s election timeout): for load, where
-    /// members sharing a few cores must not mistake a busy peer for a dead one.
-    pub fn start_default_timing(dir: &Path, n: usize) -> std::io::Result<LocalEtcd> {
-        LocalEtcd::start_with(dir, n, (100, 1000))
-    }
-
-    fn start_with(dir: &Path, n: usize, timing: (u32, u32)) -> std::io::Result<LocalEtcd> {
         std::fs::create_dir_all(dir)?;
         let mut members = Vec::new();
         for i in 0..n {
@@ -53,7 +41,7 @@ impl LocalEtcd {
         }
         let cluster =
             members.iter().map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer)).collect::<Vec<_>>().join(",");
-        let mut etcd = LocalEtcd { dir: dir.to_path_buf(), members, cluster, timing };
+        let mut etcd = LocalEtcd { dir: dir.to_path_buf(), members, cluster };
         for i in 0..n {
             etcd.spawn(i)?;
         }
@@ -85,10 +73,6 @@ impl LocalEtcd {
             .arg(state)
             .arg("--initial-cluster-token")
             .arg("herd-local")
-            .arg("--heartbeat-interval")
-            .arg(self.timing.0.to_string())
-            .arg("--election-timeout")
-            .arg(self.timing.1.to_string())
             .args(["--log-level", "warn"])
             .args(["--quota-backend-bytes", &(8u64 << 30).to_string(), "--max-txn-ops", "128"])
             .stdin(Stdio::null())

@@ -87,7 +87,7 @@ async fn site_with(name: &str, docker: bool) -> Site {
         Some(d) => Some(DockerExecutor::connect(Some(&d.socket)).await.unwrap()),
         None => None,
     };
-    let etcd = LocalEtcd::start_default_timing(&dir.join("etcd"), 3).unwrap();
+    let etcd = LocalEtcd::start(&dir.join("etcd"), 3).unwrap();
     let store = etcd.ready(Duration::from_secs(60)).await.unwrap();
     let stop = CancellationToken::new();
     let cfg = EngineConfig { ttl: Duration::from_secs(2), grace: Duration::from_secs(1), ..EngineConfig::new("e0") };

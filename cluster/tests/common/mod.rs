@@ -162,7 +162,7 @@ impl Lab {
         let permit =
             LABS.get_or_init(|| Arc::new(tokio::sync::Semaphore::new(2))).clone().acquire_owned().await.unwrap();
         let dir = scratch(name);
-        let etcd = LocalEtcd::start_default_timing(&dir.join("etcd"), 3).unwrap();
+        let etcd = LocalEtcd::start(&dir.join("etcd"), 3).unwrap();
         let store = etcd.ready(Duration::from_secs(60)).await.unwrap();
         let client = ClusterClient::new(store.clone());
         let mut lab = Lab { dir, etcd, store, client, engines: Vec::new(), machines: BTreeMap::new(), _permit: permit };
