@@ -16,10 +16,12 @@ set -euo pipefail
 # etcd-server, etcd-client: the real etcd the cluster tests and benches run a 3-member cluster of; docker.io: the
 # Docker Engine the container executor talks to (the tests start dockerd themselves); docker-registry: the local
 # registry nodes pre-warm images from. mmdebstrap, squashfs-tools, cryptsetup-bin: the image build (root tree,
-# squashfs, dm-verity hash tree). openssh-server: the sshd herdctl's ssh/status/journal/--tunnel tests log into.
+# squashfs, dm-verity hash tree); xz-utils, e2fsprogs: the initramfs modules and the STATE file system of installed
+# disks; gdisk (sgdisk): the independent check of the partition tables herd writes. openssh-server: the sshd
+# herdctl's ssh/status/journal/--tunnel tests log into.
 PACKAGES=(protobuf-compiler libprotobuf-dev ignition ipxe iproute2 busybox-static isc-dhcp-client kea-admin kea-dhcp4-server
   dnsmasq-base atftp tftpd-hpa curl ipxe-qemu ovmf cpio zstd ethtool nginx-light etcd-server etcd-client docker.io
-  docker-registry openssh-server mmdebstrap squashfs-tools cryptsetup-bin)
+  docker-registry openssh-server mmdebstrap squashfs-tools cryptsetup-bin xz-utils e2fsprogs gdisk)
 
 missing=()
 for pkg in "${PACKAGES[@]}"; do

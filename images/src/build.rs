@@ -13,7 +13,7 @@ use sha2::{Digest, Sha256};
 use crate::manifest::{self, Manifest};
 
 /// Bumped when the pipeline changes what it produces (invalidates caches).
-const PIPELINE: &str = "herd-images/1";
+const PIPELINE: &str = "herd-images/2";
 
 /// The stages, for progress reporting.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,6 +24,10 @@ pub enum Stage {
     Root,
     /// Unpacking the tree.
     Unpack,
+    /// Adding node-init, relocating /root and /home to /var, trimming modules.
+    Customize,
+    /// The initramfs (node-init as /init and the boot modules).
+    Initramfs,
     /// mksquashfs.
     Squash,
     /// veritysetup format.
@@ -34,7 +38,16 @@ pub enum Stage {
 
 impl Stage {
     /// All stages in order.
-    pub const ALL: [Stage; 6] = [Stage::Check, Stage::Root, Stage::Unpack, Stage::Squash, Stage::Verity, Stage::Finish];
+    pub const ALL: [Stage; 8] = [
+        Stage::Check,
+        Stage::Root,
+        Stage::Unpack,
+        Stage::Customize,
+        Stage::Initramfs,
+        Stage::Squash,
+        Stage::Verity,
+        Stage::Finish,
+    ];
 
     /// What the stage does, for people.
     pub fn describe(self) -> &'static str {
@@ -42,6 +55,8 @@ impl Stage {
             Stage::Check => "checking packages",
             Stage::Root => "installing the root (mmdebstrap)",
             Stage::Unpack => "unpacking the root",
+            Stage::Customize => "adding node-init, trimming modules",
+            Stage::Initramfs => "making the initramfs",
             Stage::Squash => "squashing the root (zstd)",
             Stage::Verity => "computing the dm-verity tree",
             Stage::Finish => "writing manifest.json",
@@ -60,6 +75,9 @@ pub struct BuildOptions {
     pub epoch: u64,
     /// Rebuild even if the cache has this image.
     pub no_cache: bool,
+    /// The static `node-init` binary (scripts/build-node-init.sh): `/init` of the initramfs and the daemon in the
+    /// root.
+    pub node_init: PathBuf,
 }
 
 /// A file of the image.
@@ -105,8 +123,6 @@ pub struct ImageManifest {
     pub packages: Vec<String>,
     /// The kernel: package and version (`uname -r`); its modules are in the root under /usr/lib/modules.
     pub kernel: KernelInfo,
-    /// Outputs this build does not make yet.
-    pub not_built: Vec<String>,
 }
 
 /// The kernel an image boots.
@@ -116,6 +132,8 @@ pub struct KernelInfo {
     pub package: String,
     /// The version installed (`uname -r`).
     pub version: String,
+    /// The modules the initramfs loads, in order.
+    pub initramfs_modules: Vec<String>,
 }
 
 /// What a build returns.
@@ -220,11 +238,22 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// The cache key of a manifest built at `epoch`.
-pub fn key(manifest: &Manifest, epoch: u64) -> String {
+/// The cache key of a manifest built at `epoch` with the node-init binary whose SHA-256 is `node_init`.
+pub fn key(manifest: &Manifest, epoch: u64, node_init: &str) -> String {
     let mut h = Sha256::new();
     h.update(PIPELINE.as_bytes());
     h.update(serde_json::to_vec(manifest).unwrap_or_default());
+    h.update(epoch.to_le_bytes());
+    h.update(node_init.as_bytes());
+    hex(&h.finalize())
+}
+
+/// The key of the Debian root tree alone (mmdebstrap's output): what the packages and the epoch decide.
+fn root_key(manifest: &Manifest, epoch: u64) -> String {
+    let mut h = Sha256::new();
+    h.update(b"herd-images-root/1");
+    h.update(serde_json::to_vec(&(&manifest.debian, &manifest.root.packages)).unwrap_or_default());
+    h.update(serde_json::to_vec(&(&manifest.kernel.package, &manifest.kernel.suite)).unwrap_or_default());
     h.update(epoch.to_le_bytes());
     hex(&h.finalize())
 }
@@ -232,11 +261,30 @@ pub fn key(manifest: &Manifest, epoch: u64) -> String {
 /// Builds the image of `manifest` (or takes it from the cache) and puts its files in `opts.out`.
 pub fn build(manifest: &Manifest, opts: &BuildOptions, progress: &dyn Fn(Stage)) -> Result<Built, BuildError> {
     progress(Stage::Check);
+    match crate::initramfs::is_static_elf(&opts.node_init) {
+        Ok(true) => {}
+        Ok(false) => {
+            return Err(BuildError::Tool {
+                stage: Stage::Check.describe(),
+                message: format!(
+                    "{} is dynamically linked; /init must be static: build it with scripts/build-node-init.sh",
+                    opts.node_init.display()
+                ),
+            });
+        }
+        Err(e) => {
+            return Err(BuildError::Tool {
+                stage: Stage::Check.describe(),
+                message: format!("{e}; build node-init with scripts/build-node-init.sh (or pass --node-init PATH)"),
+            });
+        }
+    }
     let unknown = manifest::unknown_packages(manifest)?;
     if !unknown.is_empty() {
         return Err(BuildError::UnknownPackages(unknown));
     }
-    let key = key(manifest, opts.epoch);
+    let node_init = sha256_file(&opts.node_init)?.sha256;
+    let key = key(manifest, opts.epoch, &node_init);
     let entry = opts.cache.join(&key);
     let cached = !opts.no_cache && entry.join("manifest.json").is_file();
     if !cached {
@@ -257,6 +305,166 @@ pub fn build(manifest: &Manifest, opts: &BuildOptions, progress: &dyn Fn(Stage))
     Ok(Built { manifest: described, cached })
 }
 
+/// The Debian root as a tarball: from the root cache, or made by mmdebstrap (and then cached).
+fn root_tar(manifest: &Manifest, opts: &BuildOptions, progress: &dyn Fn(Stage)) -> Result<PathBuf, BuildError> {
+    let roots = opts.cache.join("roots");
+    std::fs::create_dir_all(&roots)?;
+    let tar = roots.join(format!("{}.tar", root_key(manifest, opts.epoch)));
+    if !opts.no_cache && tar.is_file() {
+        return Ok(tar);
+    }
+    progress(Stage::Root);
+    let partial = tar.with_extension("tar.partial");
+    let d = &manifest.debian;
+    let kernel = match &manifest.kernel.suite {
+        Some(suite) => format!("{}/{suite}", manifest.kernel.package),
+        None => manifest.kernel.package.clone(),
+    };
+    let mut include = manifest.root.packages.clone();
+    include.push(kernel);
+    let mut mm = Command::new("mmdebstrap");
+    mm.env("SOURCE_DATE_EPOCH", opts.epoch.to_string())
+        .arg("--quiet")
+        .arg(format!("--variant={}", d.variant))
+        .arg(format!("--include={}", include.join(",")))
+        .arg("--format=tar")
+        .arg(&d.suite)
+        .arg(&partial)
+        .arg(format!("deb {} {} main", d.mirror, d.suite));
+    if let Some(suite) = manifest.kernel.suite.as_ref().filter(|s| **s != d.suite) {
+        mm.arg(format!("deb {} {suite} main", d.mirror));
+    }
+    tool(Stage::Root, &mut mm)?;
+    std::fs::rename(&partial, &tar)?;
+    Ok(tar)
+}
+
+/// The systemd unit of node-init's daemon stage.
+const NODE_INIT_UNIT: &str = "[Unit]
+Description=herd node-init (daemon stage: etcd, registration, the unit agent)
+Documentation=https://example.invalid/herd/docs/image.md
+After=network.target
+
+[Service]
+ExecStart=/usr/bin/node-init daemon
+Restart=on-failure
+RestartSec=2
+StandardOutput=journal+console
+StandardError=journal+console
+
+[Install]
+WantedBy=multi-user.target
+";
+
+/// ssh.service drop-in: the host key is made on the node (before sshd's config test), never shipped in the image.
+/// Ed25519 only: an RSA key takes seconds to generate under emulation, and every herd client speaks Ed25519.
+const SSH_HOST_KEYS: &str = "[Service]
+ExecStartPre=
+ExecStartPre=/bin/sh -c 'test -e /etc/ssh/ssh_host_ed25519_key || \\
+  /usr/bin/ssh-keygen -q -t ed25519 -N \"\" -f /etc/ssh/ssh_host_ed25519_key'
+ExecStartPre=/usr/sbin/sshd -t
+";
+
+/// Makes the tree a herd root: node-init and its unit (enabled in /usr, since /etc is the node's), the writable
+/// homes moved under /var, modules of hardware no server has removed.
+fn customize(tree: &Path, manifest: &Manifest, opts: &BuildOptions, version: &str) -> Result<(), BuildError> {
+    let bin = tree.join("usr/bin/node-init");
+    std::fs::copy(&opts.node_init, &bin)?;
+    std::fs::set_permissions(&bin, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    let units = tree.join("usr/lib/systemd/system");
+    std::fs::write(units.join("herd-node-init.service"), NODE_INIT_UNIT)?;
+    let wants = units.join("multi-user.target.wants");
+    std::fs::create_dir_all(&wants)?;
+    let link = wants.join("herd-node-init.service");
+    let _ = std::fs::remove_file(&link);
+    std::os::unix::fs::symlink("../herd-node-init.service", &link)?;
+    // Only /etc and /var are writable on a node: root's and users' homes live in /var.
+    for (dir, to) in [("root", "var/roothome"), ("home", "var/home")] {
+        let from = tree.join(dir);
+        let dest = tree.join(to);
+        if from.is_dir() && !from.is_symlink() {
+            std::fs::rename(&from, &dest)?;
+        } else {
+            std::fs::create_dir_all(&dest)?;
+        }
+        let _ = std::fs::remove_file(&from);
+        std::os::unix::fs::symlink(to, &from)?;
+    }
+    for unit in &manifest.root.disable {
+        for dir in std::fs::read_dir(tree.join("etc/systemd/system"))?.filter_map(Result::ok) {
+            let link = dir.path().join(unit);
+            if dir.path().is_dir() && link.is_symlink() {
+                std::fs::remove_file(&link)?;
+            }
+        }
+    }
+    // Every node gets its own SSH host keys (made at first start, kept in /etc on STATE), never the image's.
+    if tree.join("etc/ssh").is_dir() {
+        for e in std::fs::read_dir(tree.join("etc/ssh"))?.filter_map(Result::ok) {
+            if e.file_name().to_string_lossy().starts_with("ssh_host_") {
+                std::fs::remove_file(e.path())?;
+            }
+        }
+        let dropin = units.join("ssh.service.d");
+        std::fs::create_dir_all(&dropin)?;
+        std::fs::write(dropin.join("herd-host-keys.conf"), SSH_HOST_KEYS)?;
+    }
+    relocate_tmpfiles(tree)?;
+    std::fs::write(tree.join("etc/hostname"), "herd\n")?;
+    std::fs::write(tree.join("etc/herd-release"), format!("herd {} {}\n", manifest.name, manifest.release))?;
+    std::fs::write(tree.join("etc/machine-id"), "")?;
+    let moddir = tree.join("usr/lib/modules").join(version);
+    for t in &manifest.kernel.trim {
+        let p = moddir.join(t.trim_start_matches('/'));
+        if p.exists() {
+            std::fs::remove_dir_all(&p)?;
+        }
+    }
+    if !manifest.kernel.trim.is_empty() {
+        // The root's own depmod (kmod is in every herd root), so the host needs no kmod.
+        tool(Stage::Customize, Command::new("chroot").arg(tree).args(["/usr/sbin/depmod", version]))?;
+    }
+    Ok(())
+}
+
+/// Points systemd-tmpfiles' lines for /home and /root (now links into /var) at their new places.
+fn relocate_tmpfiles(tree: &Path) -> Result<(), BuildError> {
+    let dir = tree.join("usr/lib/tmpfiles.d");
+    if !dir.is_dir() {
+        return Ok(());
+    }
+    for e in std::fs::read_dir(&dir)?.filter_map(Result::ok) {
+        let text = std::fs::read_to_string(e.path())?;
+        let mut changed = false;
+        let lines: Vec<String> = text
+            .lines()
+            .map(|line| {
+                let fields: Vec<&str> = line.split_whitespace().collect();
+                let Some(path) = fields.get(1).copied().filter(|_| !line.starts_with('#')) else {
+                    return line.to_owned();
+                };
+                let moved = [("/home", "/var/home"), ("/root", "/var/roothome")].iter().find_map(|(from, to)| {
+                    let rest = path.strip_prefix(from)?;
+                    (rest.is_empty() || rest.starts_with('/')).then(|| format!("{to}{rest}"))
+                });
+                match moved {
+                    Some(p) => {
+                        changed = true;
+                        let mut out = vec![fields[0], p.as_str()];
+                        out.extend_from_slice(&fields[2..]);
+                        out.join(" ")
+                    }
+                    None => line.to_owned(),
+                }
+            })
+            .collect();
+        if changed {
+            std::fs::write(e.path(), lines.join("\n") + "\n")?;
+        }
+    }
+    Ok(())
+}
+
 fn build_entry(
     manifest: &Manifest,
     opts: &BuildOptions,
@@ -269,36 +477,37 @@ fn build_entry(
     std::fs::create_dir_all(&work)?;
     let epoch = opts.epoch.to_string();
 
-    progress(Stage::Root);
-    let tar = work.join("root.tar");
-    let d = &manifest.debian;
-    let kernel = match &manifest.kernel.suite {
-        Some(suite) => format!("{}/{suite}", manifest.kernel.package),
-        None => manifest.kernel.package.clone(),
-    };
-    let mut include = manifest.root.packages.clone();
-    include.push(kernel);
-    let mut mm = Command::new("mmdebstrap");
-    mm.env("SOURCE_DATE_EPOCH", &epoch)
-        .arg("--quiet")
-        .arg(format!("--variant={}", d.variant))
-        .arg(format!("--include={}", include.join(",")))
-        .arg(format!("--customize-hook=echo 'herd {} {}' > \"$1/etc/herd-release\"", manifest.name, manifest.release))
-        .arg(&d.suite)
-        .arg(&tar)
-        .arg(format!("deb {} {} main", d.mirror, d.suite));
-    if let Some(suite) = manifest.kernel.suite.as_ref().filter(|s| **s != d.suite) {
-        mm.arg(format!("deb {} {suite} main", d.mirror));
-    }
-    tool(Stage::Root, &mut mm)?;
-
+    let tar = root_tar(manifest, opts, progress)?;
     progress(Stage::Unpack);
     let tree = work.join("root");
     std::fs::create_dir_all(&tree)?;
     tool(Stage::Unpack, Command::new("tar").arg("-C").arg(&tree).arg("--numeric-owner").arg("-xpf").arg(&tar))?;
-    std::fs::remove_file(&tar)?;
     // The kernel boots from outside the root: take it out of /boot (its modules stay in /usr/lib/modules).
     let version = take_kernel(&tree, &work.join("vmlinuz"))?;
+
+    progress(Stage::Customize);
+    customize(&tree, manifest, opts, &version)?;
+
+    progress(Stage::Initramfs);
+    let info = serde_json::json!({"name": manifest.name, "release": manifest.release, "kernel": version});
+    let (initramfs, modules) = crate::initramfs::build(&crate::initramfs::Contents {
+        node_init: opts.node_init.clone(),
+        moddir: tree.join("usr/lib/modules").join(&version),
+        modules: manifest.kernel.modules.clone(),
+        info: info.to_string(),
+        mtime: opts.epoch,
+    })
+    .map_err(|message| BuildError::Tool { stage: Stage::Initramfs.describe(), message })?;
+    std::fs::write(work.join("initramfs"), initramfs)?;
+    // Every file of the tree gets the epoch as its time (the ones this build wrote included).
+    tool(
+        Stage::Customize,
+        Command::new("find")
+            .arg(&tree)
+            .args(["-newermt", &format!("@{epoch}"), "-exec", "touch", "-h", "-d"])
+            .arg(format!("@{epoch}"))
+            .args(["{}", "+"]),
+    )?;
 
     progress(Stage::Squash);
     let squash = work.join("root.squashfs");
@@ -335,10 +544,10 @@ fn build_entry(
         })?;
 
     let mut files = BTreeMap::new();
-    for name in ["vmlinuz", "root.squashfs", "root.verity"] {
+    for name in ["vmlinuz", "initramfs", "root.squashfs", "root.verity"] {
         files.insert(name.to_owned(), sha256_file(&work.join(name))?);
     }
-    let cmdline = format!("{} herd.verity.roothash={root_hash}", manifest.kernel.cmdline).trim().to_owned();
+    let cmdline = format!("{} ro herd.verity.roothash={root_hash}", manifest.kernel.cmdline).trim().to_owned();
     let described = ImageManifest {
         name: manifest.name.clone(),
         release: manifest.release.clone(),
@@ -348,8 +557,7 @@ fn build_entry(
         verity: Verity { root_hash, salt, algorithm: "sha256".into(), block_size: 4096 },
         cmdline,
         packages: manifest.root.packages.clone(),
-        kernel: KernelInfo { package: manifest.kernel.package.clone(), version },
-        not_built: vec!["initramfs".into()],
+        kernel: KernelInfo { package: manifest.kernel.package.clone(), version, initramfs_modules: modules },
     };
     let json = serde_json::to_string_pretty(&described)
         .map_err(|e| BuildError::Tool { stage: Stage::Finish.describe(), message: e.to_string() })?;

@@ -1,9 +1,12 @@
-//! Building herd's immutable OS image from Debian packages: `root.squashfs` under dm-verity and `manifest.json`
-//! (this far), then kernel, initramfs and the A/B disk layout of installed nodes (still to come: issue #4).
+//! Building herd's immutable OS image from Debian packages, and the disk layout of installed nodes.
 //!
 //! [`manifest`] is the input format (`images/herd-os.toml`); [`build`] the pipeline: check the packages, make the
-//! root tree with mmdebstrap, squash it, compute the verity hash tree, describe the result. Builds are
-//! reproducible (`SOURCE_DATE_EPOCH`, a salt and UUID derived from the manifest) and cached by content.
+//! root tree with mmdebstrap (cached on its own), add node-init, make the [`initramfs`], squash the root, compute
+//! the verity hash tree, describe the result. Builds are reproducible (`SOURCE_DATE_EPOCH`, a salt and UUID derived
+//! from the inputs) and cached by content. [`gpt`] and [`slot`] write and read the A/B disk of installed nodes.
 
 pub mod build;
+pub mod gpt;
+pub mod initramfs;
 pub mod manifest;
+pub mod slot;

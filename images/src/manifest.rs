@@ -46,6 +46,10 @@ fn minbase() -> String {
 pub struct Root {
     /// Packages installed on top of the variant.
     pub packages: Vec<String>,
+    /// Units the packages enable that must not start at boot (node-init starts them when the node's config
+    /// says so, or they are socket-activated).
+    #[serde(default)]
+    pub disable: Vec<String>,
 }
 
 /// `[kernel]`.
@@ -63,6 +67,9 @@ pub struct Kernel {
     /// Kernel command line (herd adds the verity root hash).
     #[serde(default)]
     pub cmdline: String,
+    /// Module directories (under `/usr/lib/modules/VERSION/`) left out of the root: hardware no server has.
+    #[serde(default)]
+    pub trim: Vec<String>,
 }
 
 /// A manifest problem.
@@ -186,6 +193,17 @@ mod tests {
         let err = parse("m.toml", &unknown_key).unwrap_err().to_string();
         let line = unknown_key.lines().position(|l| l.starts_with("extra")).unwrap() + 1;
         assert!(err.starts_with(&format!("m.toml:{line}:1: unknown field `extra`")), "{err}");
+    }
+
+    #[test]
+    fn a_manifest_without_a_kernel_says_so() {
+        let start = GOOD.find("[kernel]").unwrap();
+        let no_section = &GOOD[..start];
+        let err = parse("m.toml", no_section).unwrap_err().to_string();
+        assert!(err.contains("kernel"), "{err}");
+        let empty = GOOD.replace("package = \"linux-image-amd64\"", "package = \"\"");
+        let err = parse("m.toml", &empty).unwrap_err().to_string();
+        assert!(err.contains("an image needs a kernel"), "{err}");
     }
 
     #[test]

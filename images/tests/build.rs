@@ -34,6 +34,17 @@ fn scratch(name: &str) -> PathBuf {
     dir
 }
 
+/// The static node-init (`$HERD_NODE_INIT`, or built now by scripts/build-node-init.sh).
+fn node_init() -> PathBuf {
+    if let Some(p) = std::env::var_os("HERD_NODE_INIT") {
+        return PathBuf::from(p);
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/build-node-init.sh");
+    let out = Command::new(script).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+}
+
 fn verify(dir: &Path, hash: &str) -> bool {
     Command::new("veritysetup")
         .arg("verify")
@@ -54,6 +65,7 @@ fn a_small_image_verifies_rebuilds_identically_comes_from_the_cache_and_detects_
         cache: dir.join(cache),
         epoch: 1_767_225_600,
         no_cache: false,
+        node_init: node_init(),
     };
     let first = build(&m, &opts("cache", "out1"), &|_| {}).unwrap();
     assert!(!first.cached);
@@ -74,6 +86,22 @@ fn a_small_image_verifies_rebuilds_identically_comes_from_the_cache_and_detects_
     let modules = format!("lib/modules/{}/kernel", first.manifest.kernel.version);
     assert!(listing.contains(&modules), "modules in the root");
     assert!(!listing.lines().any(|l| l.contains("/boot/vmlinuz")), "the kernel is outside the root");
+    assert!(listing.lines().any(|l| l.ends_with("/usr/bin/node-init")), "node-init is in the root");
+    assert!(listing.lines().any(|l| l.ends_with("/usr/lib/systemd/system/herd-node-init.service")));
+    // The initramfs: node-init as /init, gzip'd newc that cpio lists.
+    let gz = std::fs::read(dir.join("out1/initramfs")).unwrap();
+    let mut raw = Vec::new();
+    std::io::Read::read_to_end(&mut flate2_decoder(&gz), &mut raw).unwrap();
+    let mut cpio = Command::new("cpio")
+        .args(["-t", "--quiet"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut cpio.stdin.take().unwrap(), &raw).unwrap();
+    let names = String::from_utf8(cpio.wait_with_output().unwrap().stdout).unwrap();
+    assert!(names.lines().any(|l| l == "init"), "{names}");
+    assert!(names.lines().any(|l| l == "lib/modules/load-order"), "{names}");
     let on_disk: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("out1/manifest.json")).unwrap()).unwrap();
     assert_eq!(on_disk["verity"]["root_hash"], hash.as_str());
@@ -103,11 +131,21 @@ fn a_small_image_verifies_rebuilds_identically_comes_from_the_cache_and_detects_
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+fn flate2_decoder(gz: &[u8]) -> impl std::io::Read + '_ {
+    flate2::read::GzDecoder::new(gz)
+}
+
 #[test]
 fn unknown_packages_are_named_and_nothing_is_built() {
     let dir = scratch("unknown");
     let m = manifest::parse("m.toml", &SMALL.replace("\"systemd-sysv\"", "\"systemd-sysvv\"")).unwrap();
-    let opts = BuildOptions { out: dir.join("out"), cache: dir.join("cache"), epoch: 0, no_cache: false };
+    let opts = BuildOptions {
+        out: dir.join("out"),
+        cache: dir.join("cache"),
+        epoch: 0,
+        no_cache: false,
+        node_init: node_init(),
+    };
     let err = build(&m, &opts, &|_| {}).unwrap_err().to_string();
     assert!(err.contains("unknown package(s): systemd-sysvv") && err.contains("nothing was built"), "{err}");
     assert!(!dir.join("cache").exists() && !dir.join("out").exists());

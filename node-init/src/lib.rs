@@ -1,5 +1,9 @@
-//! node-init: the program every herd machine runs, first as PID 1 in the initramfs (bring up the bond, fetch the
-//! machine's config, set up the verified root, switch_root), then as a systemd service (etcd, registration, the
-//! unit agent).
-//!
-//! Not implemented yet (issue #5); the crate exists so the workspace has its final shape.
+//! node-init: the program every herd machine runs, first as PID 1 in the initramfs ([`initrd`]: load modules,
+//! verify and mount the root from an A/B slot or a device, overlay /etc and /var, switch_root into systemd), then
+//! as a systemd service ([`daemon`]: report, commit the slot; etcd, registration and the unit agent next).
+
+pub mod cmdline;
+pub mod daemon;
+pub mod dm;
+pub mod initrd;
+pub mod report;

@@ -183,8 +183,9 @@ pub enum Command {
 /// `herdctl image ...`
 #[derive(Debug, Subcommand)]
 pub enum ImageCommand {
-    /// Build the image of a manifest: root.squashfs under dm-verity and manifest.json (kernel and initramfs: not
-    /// yet). Reproducible for a given SOURCE_DATE_EPOCH; an unchanged manifest comes from the cache.
+    /// Build the image of a manifest: vmlinuz, initramfs (node-init as /init + boot modules), root.squashfs under
+    /// dm-verity, root.verity and manifest.json. Reproducible for a given SOURCE_DATE_EPOCH and node-init binary;
+    /// an unchanged input comes from the cache.
     Build {
         /// The image manifest.
         #[arg(long, default_value = "images/herd-os.toml", value_name = "FILE")]
@@ -201,6 +202,49 @@ pub enum ImageCommand {
         /// Rebuild even if the cache has this image.
         #[arg(long)]
         no_cache: bool,
+        /// The static node-init binary (scripts/build-node-init.sh prints its path).
+        #[arg(
+            long,
+            env = "HERD_NODE_INIT",
+            default_value = "target/x86_64-unknown-linux-gnu/release/node-init",
+            value_name = "FILE"
+        )]
+        node_init: PathBuf,
+    },
+    /// Write a built image into slot a or b of an installed node's disk (a raw image file or a block device;
+    /// convert qcow2 with qemu-img). A disk without herd's layout is partitioned first: USR-A, USR-B, STATE (ext4).
+    /// The new slot is marked to be tried once if the other slot is bootable, and good otherwise.
+    Install {
+        /// The disk.
+        #[arg(long, value_name = "FILE|DEV")]
+        disk: PathBuf,
+        /// The slot to write.
+        #[arg(long, value_name = "a|b")]
+        slot: herd_images::slot::Slot,
+        /// Size of each USR partition when the disk is partitioned, in MiB.
+        #[arg(long, default_value_t = 1536, value_name = "MIB")]
+        slot_size: u64,
+        /// The built image (the --out directory of `herdctl image build`).
+        #[arg(value_name = "DIR")]
+        image: PathBuf,
+    },
+    /// Show or change the A/B slot bookkeeping of a disk (what node-init reads at boot).
+    Slots {
+        /// The disk.
+        #[arg(long, value_name = "FILE|DEV")]
+        disk: PathBuf,
+        /// Mark this slot to be tried once on the next boot.
+        #[arg(long = "try", value_name = "a|b", conflicts_with_all = ["good", "bad"])]
+        try_slot: Option<herd_images::slot::Slot>,
+        /// Mark this slot good (boots from now on).
+        #[arg(long, value_name = "a|b", conflicts_with = "bad")]
+        good: Option<herd_images::slot::Slot>,
+        /// Mark this slot not bootable.
+        #[arg(long, value_name = "a|b")]
+        bad: Option<herd_images::slot::Slot>,
+        /// Print a table or JSON.
+        #[arg(long, short = 'o', value_enum, default_value_t)]
+        output: Output,
     },
 }
 

@@ -14,6 +14,8 @@
 //! Needs root (namespaces, taps), QEMU with iPXE ROMs and OVMF, and a kernel at [`KERNEL`]
 //! (`scripts/setup-host.sh` installs them all).
 
+pub mod image;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -134,6 +136,75 @@ impl Vm {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+}
+
+/// A disk attached to a directly booted VM.
+#[derive(Debug, Clone)]
+pub struct Drive {
+    /// The file.
+    pub path: PathBuf,
+    /// Attached read-only.
+    pub readonly: bool,
+}
+
+/// A VM booted straight into a kernel and initramfs (no firmware network boot), with virtio disks and no NIC.
+#[derive(Debug, Clone)]
+pub struct DirectBoot {
+    /// Name (for logs).
+    pub name: String,
+    /// The kernel.
+    pub kernel: PathBuf,
+    /// The initramfs.
+    pub initrd: PathBuf,
+    /// The kernel command line.
+    pub append: String,
+    /// Disks, in order (vda, vdb, ...).
+    pub drives: Vec<Drive>,
+    /// RAM in MiB.
+    pub memory_mb: u32,
+}
+
+impl Vm {
+    /// Starts a directly booted VM; its console goes to `dir/NAME.serial.log`.
+    pub fn start_direct(boot: &DirectBoot, dir: &Path) -> anyhow::Result<Vm> {
+        let serial = dir.join(format!("{}.serial.log", boot.name));
+        let mut cmd = Command::new("qemu-system-x86_64");
+        cmd.args(["-accel", "tcg", "-smp", "1", "-machine", "pc,graphics=off", "-display", "none", "-monitor", "none"])
+            .args(["-m", &boot.memory_mb.to_string(), "-no-reboot", "-nic", "none"])
+            .arg("-serial")
+            .arg(format!("file:{}", serial.display()))
+            .arg("-kernel")
+            .arg(&boot.kernel)
+            .arg("-initrd")
+            .arg(&boot.initrd)
+            .arg("-append")
+            .arg(&boot.append);
+        for d in &boot.drives {
+            let ro = if d.readonly { ",readonly=on" } else { "" };
+            cmd.arg("-drive").arg(format!("file={},format=raw,if=virtio{ro}", d.path.display()));
+        }
+        let log = std::fs::File::create(dir.join(format!("{}.qemu.log", boot.name)))?;
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("cannot start qemu-system-x86_64 (apt install -t bookworm-backports qemu-system-x86)")?;
+        let spec = VmSpec::new(&boot.name, Firmware::SeabiosIpxe, &[]);
+        Ok(Vm { spec, serial, child, started: Instant::now() })
+    }
+
+    /// Waits for the VM to power off by itself; false if it still runs after `limit`.
+    pub fn wait_exit(&mut self, limit: Duration) -> anyhow::Result<bool> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if self.child.try_wait()?.is_some() {
+                return Ok(true);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(false)
     }
 }
 

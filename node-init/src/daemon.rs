@@ -1,0 +1,65 @@
+//! The daemon stage (systemd service `herd-node-init.service`): reports the booted system, commits the A/B slot
+//! it booted from once the system is up, and stays as the node's agent host. (etcd, registration and the unit
+//! agent come with issue #5.)
+
+use std::path::Path;
+
+use herd_images::slot;
+
+use crate::report::SystemReport;
+
+/// The line prefix tests and operators look for on the console.
+pub const READY: &str = "herd-node-init: ready";
+
+/// Marks the booted slot successful: it reached multi-user with node-init running, so it stays the slot to boot.
+fn commit_slot(report: &SystemReport) -> Result<Option<String>, String> {
+    let Some(boot) = &report.boot else { return Ok(None) };
+    let (Some(disk), Some(s)) = (&boot.disk, boot.slot) else { return Ok(None) };
+    slot::update(Path::new(disk), |t| slot::mark_good(t, s)).map_err(|e| format!("committing slot {s}: {e}"))?;
+    Ok(Some(format!("slot {s} of {disk} marked good")))
+}
+
+/// The line printed once systemd finished starting the system.
+pub const BOOT_COMPLETE: &str = "herd-node-init: boot complete:";
+
+fn systemctl(args: &[&str]) -> String {
+    std::process::Command::new("systemctl")
+        .args(args)
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_else(|e| format!("systemctl: {e}"))
+}
+
+/// Waits for systemd to finish the boot transaction, then says where it ended (the boot timeline's last stage).
+fn report_boot_complete() {
+    let state = systemctl(&["is-system-running", "--wait"]);
+    let target = systemctl(&["is-active", "multi-user.target"]);
+    let reached = systemctl(&["show", "multi-user.target", "-P", "ActiveEnterTimestampMonotonic"]);
+    let reached_ms = reached.parse::<u64>().map_or(0, |us| us / 1000);
+    let failed = systemctl(&["list-units", "--failed", "--plain", "--no-legend"]);
+    let failed: Vec<&str> = failed.lines().filter_map(|l| l.split_whitespace().next()).collect();
+    println!(
+        "{BOOT_COMPLETE} multi-user.target {target} at {reached_ms} ms, system {state} at {} ms after the kernel; \
+         failed units: {}",
+        crate::initrd::uptime_ms(),
+        if failed.is_empty() { "none".to_owned() } else { failed.join(" ") }
+    );
+}
+
+/// Runs the daemon stage until stopped.
+pub fn run() -> anyhow::Result<()> {
+    let report = SystemReport::probe();
+    if report.usr_writable {
+        eprintln!("herd-node-init: WARNING: /usr is writable; this system is not running from a verified root");
+    }
+    match commit_slot(&report) {
+        Ok(Some(msg)) => eprintln!("herd-node-init: {msg}"),
+        Ok(None) => {}
+        Err(e) => eprintln!("herd-node-init: {e}"),
+    }
+    println!("{READY} {}", serde_json::to_string(&report)?);
+    std::thread::spawn(report_boot_complete);
+    loop {
+        std::thread::park();
+    }
+}
