@@ -7,7 +7,12 @@ cd "$(dirname "$0")/.."
 scripts/setup-host.sh
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
-cargo test --workspace --locked
+# node-init is the initramfs's /init: a static binary, built for the image tests (HERD_NODE_INIT).
+HERD_NODE_INIT=$(scripts/build-node-init.sh)
+export HERD_NODE_INIT
+cargo test --workspace --locked --exclude herd-qemu
+# The QEMU tests print their figures (boot times, image sizes and build times).
+cargo test --locked -p herd-qemu -- --show-output
 cargo bench --locked -p herd-inventory --bench check
 cargo bench --locked -p herd-provisioner --bench render
 cargo bench --locked -p herd-provisioner --bench dhcp

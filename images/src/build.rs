@@ -291,6 +291,9 @@ pub fn build(manifest: &Manifest, opts: &BuildOptions, progress: &dyn Fn(Stage))
         build_entry(manifest, opts, &key, &entry, progress)?;
     }
     progress(Stage::Finish);
+    // Mark the entry used (pruning keeps the most recently used ones).
+    let _ = std::fs::File::open(entry.join("manifest.json")).and_then(|f| f.set_modified(std::time::SystemTime::now()));
+    prune(&opts.cache, KEEP_IMAGES, KEEP_ROOTS)?;
     let text = std::fs::read_to_string(entry.join("manifest.json"))?;
     let described: ImageManifest = serde_json::from_str(&text)
         .map_err(|e| BuildError::Tool { stage: "reading the cache", message: e.to_string() })?;
@@ -305,12 +308,51 @@ pub fn build(manifest: &Manifest, opts: &BuildOptions, progress: &dyn Fn(Stage))
     Ok(Built { manifest: described, cached })
 }
 
+/// Images the cache keeps (most recently used first); older ones are removed after each build.
+pub const KEEP_IMAGES: usize = 6;
+/// Root tarballs the cache keeps.
+pub const KEEP_ROOTS: usize = 2;
+
+/// Removes all but the `images` most recently used image entries and the `roots` newest root tarballs, and any
+/// work directory a killed build left.
+pub fn prune(cache: &Path, images: usize, roots: usize) -> std::io::Result<()> {
+    let used = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).unwrap_or(std::time::UNIX_EPOCH);
+    let mut entries = Vec::new();
+    for e in std::fs::read_dir(cache)?.filter_map(Result::ok) {
+        let p = e.path();
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.ends_with(".work") {
+            // A build of the same key in progress would hold it only while this process builds it.
+            if used(&p).elapsed().unwrap_or_default() > std::time::Duration::from_secs(3600) {
+                std::fs::remove_dir_all(&p)?;
+            }
+        } else if p.join("manifest.json").is_file() {
+            entries.push((used(&p.join("manifest.json")), p));
+        }
+    }
+    entries.sort_by_key(|e| std::cmp::Reverse(e.0));
+    for (_, p) in entries.into_iter().skip(images) {
+        std::fs::remove_dir_all(p)?;
+    }
+    let mut tars: Vec<_> = std::fs::read_dir(cache.join("roots"))
+        .map(|d| {
+            d.filter_map(Result::ok).map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "tar")).collect()
+        })
+        .unwrap_or_else(|_| Vec::new());
+    tars.sort_by_key(|p| std::cmp::Reverse(used(p)));
+    for p in tars.into_iter().skip(roots) {
+        std::fs::remove_file(p)?;
+    }
+    Ok(())
+}
+
 /// The Debian root as a tarball: from the root cache, or made by mmdebstrap (and then cached).
 fn root_tar(manifest: &Manifest, opts: &BuildOptions, progress: &dyn Fn(Stage)) -> Result<PathBuf, BuildError> {
     let roots = opts.cache.join("roots");
     std::fs::create_dir_all(&roots)?;
     let tar = roots.join(format!("{}.tar", root_key(manifest, opts.epoch)));
     if !opts.no_cache && tar.is_file() {
+        let _ = std::fs::File::open(&tar).and_then(|f| f.set_modified(std::time::SystemTime::now()));
         return Ok(tar);
     }
     progress(Stage::Root);

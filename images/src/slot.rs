@@ -379,6 +379,45 @@ fn format_state(disk: &Path, p: &Partition) -> Result<(), SlotError> {
     Ok(())
 }
 
+/// Whether `path` is a qcow2 image (magic `QFI\xfb`).
+pub fn is_qcow2(path: &Path) -> bool {
+    let mut magic = [0u8; 4];
+    File::open(path).and_then(|mut f| f.read_exact(&mut magic)).is_ok() && magic == *b"QFI\xfb"
+}
+
+fn qemu_img(args: &[&std::ffi::OsStr]) -> Result<(), SlotError> {
+    let out = Command::new("qemu-img")
+        .args(args)
+        .output()
+        .map_err(|e| SlotError::Tool(format!("qemu-img: {e} (install qemu-utils)")))?;
+    if !out.status.success() {
+        return Err(SlotError::Tool(format!("qemu-img failed: {}", String::from_utf8_lossy(&out.stderr).trim())));
+    }
+    Ok(())
+}
+
+/// Runs `f` on the disk as a raw file: a raw file or block device directly; a qcow2 image through a sparse raw
+/// copy that replaces the original (converted back) only if `f` succeeded.
+pub fn on_raw<T>(path: &Path, f: impl FnOnce(&Path) -> Result<T, SlotError>) -> Result<T, SlotError> {
+    if !is_qcow2(path) {
+        return f(path);
+    }
+    let raw = path.with_extension("herd-raw.tmp");
+    let back = path.with_extension("herd-qcow2.tmp");
+    let os = |p: &Path| p.as_os_str().to_owned();
+    let run = || -> Result<T, SlotError> {
+        qemu_img(&["convert".as_ref(), "-O".as_ref(), "raw".as_ref(), &os(path), &os(&raw)])?;
+        let value = f(&raw)?;
+        qemu_img(&["convert".as_ref(), "-O".as_ref(), "qcow2".as_ref(), &os(&raw), &os(&back)])?;
+        std::fs::rename(&back, path)?;
+        Ok(value)
+    };
+    let result = run();
+    let _ = std::fs::remove_file(&raw);
+    let _ = std::fs::remove_file(&back);
+    result
+}
+
 /// Opens a disk, applies `change` to its table, writes it back; returns the slots afterwards.
 pub fn update(disk_path: &Path, change: impl FnOnce(&mut Table)) -> Result<Vec<SlotState>, SlotError> {
     let mut disk = OpenOptions::new().read(true).write(true).open(disk_path)?;

@@ -211,11 +211,11 @@ pub enum ImageCommand {
         )]
         node_init: PathBuf,
     },
-    /// Write a built image into slot a or b of an installed node's disk (a raw image file or a block device;
-    /// convert qcow2 with qemu-img). A disk without herd's layout is partitioned first: USR-A, USR-B, STATE (ext4).
+    /// Write a built image into slot a or b of an installed node's disk (a raw image file, a qcow2 image or a block
+    /// device). A disk without herd's layout is partitioned first: USR-A, USR-B, STATE (ext4).
     /// The new slot is marked to be tried once if the other slot is bootable, and good otherwise.
     Install {
-        /// The disk.
+        /// The disk (create a file first, e.g. `qemu-img create -f qcow2 disk.qcow2 8G`).
         #[arg(long, value_name = "FILE|DEV")]
         disk: PathBuf,
         /// The slot to write.

@@ -21,7 +21,7 @@ pub(crate) fn run(command: ImageCommand) -> anyhow::Result<ExitCode> {
             bar.set_message(format!("writing {} into slot {slot} of {}", image.display(), disk.display()));
             bar.enable_steady_tick(std::time::Duration::from_millis(200));
             let started = Instant::now();
-            let done = slot::install(&disk, slot, &image, slot_size << 20);
+            let done = slot::on_raw(&disk, |raw| slot::install(raw, slot, &image, slot_size << 20));
             bar.finish_and_clear();
             let done = done.with_context(|| format!("installing into {}", disk.display()))?;
             if done.partitioned {
@@ -40,19 +40,21 @@ pub(crate) fn run(command: ImageCommand) -> anyhow::Result<ExitCode> {
         }
         ImageCommand::Slots { disk, try_slot, good, bad, output } => {
             let slots = if try_slot.is_none() && good.is_none() && bad.is_none() {
-                let mut f = std::fs::File::open(&disk).with_context(|| disk.display().to_string())?;
-                slot::read_slots(&mut f)?.1
+                slot::on_raw(&disk, |raw| Ok(slot::read_slots(&mut std::fs::File::open(raw)?)?.1))
+                    .with_context(|| disk.display().to_string())?
             } else {
-                slot::update(&disk, |t| {
-                    if let Some(s) = try_slot {
-                        slot::mark_try(t, s);
-                    }
-                    if let Some(s) = good {
-                        slot::mark_good(t, s);
-                    }
-                    if let Some(s) = bad {
-                        slot::mark_bad(t, s);
-                    }
+                slot::on_raw(&disk, |raw| {
+                    slot::update(raw, |t| {
+                        if let Some(s) = try_slot {
+                            slot::mark_try(t, s);
+                        }
+                        if let Some(s) = good {
+                            slot::mark_good(t, s);
+                        }
+                        if let Some(s) = bad {
+                            slot::mark_bad(t, s);
+                        }
+                    })
                 })?
             };
             print_slots(&slots, output)?;

@@ -46,6 +46,14 @@ pub fn herd_os(out: &Path, release: Option<&str>) -> anyhow::Result<ImageManifes
         no_cache: false,
         node_init: node_init()?,
     };
+    let started = std::time::Instant::now();
     let built = build(&m, &opts, &|_| {}).with_context(|| format!("building {}", path.display()))?;
+    println!(
+        "figures: image build {} {}: {} in {:.1} s",
+        m.name,
+        m.release,
+        if built.cached { "from the cache" } else { "built" },
+        started.elapsed().as_secs_f64()
+    );
     Ok(built.manifest)
 }

@@ -182,7 +182,8 @@ impl Vm {
             .arg(&boot.append);
         for d in &boot.drives {
             let ro = if d.readonly { ",readonly=on" } else { "" };
-            cmd.arg("-drive").arg(format!("file={},format=raw,if=virtio{ro}", d.path.display()));
+            let format = if herd_images::slot::is_qcow2(&d.path) { "qcow2" } else { "raw" };
+            cmd.arg("-drive").arg(format!("file={},format={format},if=virtio{ro}", d.path.display()));
         }
         let log = std::fs::File::create(dir.join(format!("{}.qemu.log", boot.name)))?;
         let child = cmd

@@ -1,6 +1,7 @@
 //! The herd OS image under QEMU (TCG, direct kernel boot): it reaches multi-user with node-init's service running
 //! on a verified, read-only root; a tampered root never runs; an installed disk boots its slot, tries a new one,
-//! and falls back when that one is corrupted. Needs root, QEMU, and the network mirror for the first image build.
+//! and falls back when that one is corrupted (a qcow2 disk, written as herdctl image install writes it). Needs
+//! root, QEMU, and the network mirror for the first image build.
 #![allow(clippy::unwrap_used)]
 
 use std::io::{Seek, SeekFrom, Write};
@@ -141,20 +142,36 @@ fn an_installed_disk_boots_its_slot_tries_a_new_one_and_falls_back_when_it_is_co
     let a = herd_os(&out_a, None).unwrap();
     let b = herd_os(&out_b, Some("2026.11.99")).unwrap();
     assert_ne!(a.verity.root_hash, b.verity.root_hash);
-    let disk = s.0.join("disk.raw");
-    std::fs::File::create(&disk).unwrap().set_len(4 << 30).unwrap();
-    let installed = slot::install(&disk, Slot::A, &out_a, slot::DEFAULT_SLOT_BYTES).unwrap();
+    let disk = s.0.join("disk.qcow2");
+    let created = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&disk)
+        .arg("4G")
+        .status()
+        .unwrap();
+    assert!(created.success());
+    let install = |slot: Slot, image: &Path| {
+        slot::on_raw(&disk, |raw| slot::install(raw, slot, image, slot::DEFAULT_SLOT_BYTES)).unwrap()
+    };
+    let read_slots = || slot::on_raw(&disk, |raw| Ok(slot::read_slots(&mut std::fs::File::open(raw)?)?.1)).unwrap();
+    let installed = install(Slot::A, &out_a);
     assert!(installed.partitioned && installed.flags.successful);
+    assert!(slot::is_qcow2(&disk), "the disk is still a qcow2 image");
 
     // sgdisk, an independent reader, finds a valid table with herd's partitions.
-    let verify = std::process::Command::new("sgdisk").arg("-v").arg(&disk).output().unwrap();
+    let check = s.0.join("check.raw");
+    let converted =
+        std::process::Command::new("qemu-img").args(["convert", "-O", "raw"]).arg(&disk).arg(&check).status().unwrap();
+    assert!(converted.success());
+    let verify = std::process::Command::new("sgdisk").arg("-v").arg(&check).output().unwrap();
     let text = String::from_utf8_lossy(&verify.stdout);
     assert!(text.contains("No problems found"), "{text}");
-    let print = std::process::Command::new("sgdisk").arg("-p").arg(&disk).output().unwrap();
+    let print = std::process::Command::new("sgdisk").arg("-p").arg(&check).output().unwrap();
     let text = String::from_utf8_lossy(&print.stdout);
     for name in ["USR-A", "USR-B", "STATE"] {
         assert!(text.contains(name), "{text}");
     }
+    std::fs::remove_file(&check).unwrap();
 
     let trust = format!("herd.verity.roothash={},{}", a.verity.root_hash, b.verity.root_hash);
     let run = |name: &str| {
@@ -171,7 +188,7 @@ fn an_installed_disk_boots_its_slot_tries_a_new_one_and_falls_back_when_it_is_co
     assert!(first["boot"]["state"].as_str().unwrap().starts_with("/dev/vda"), "{first}");
     drop(vm);
 
-    let installed = slot::install(&disk, Slot::B, &out_b, slot::DEFAULT_SLOT_BYTES).unwrap();
+    let installed = install(Slot::B, &out_b);
     assert!(!installed.partitioned);
     assert_eq!((installed.flags.tries, installed.flags.successful), (1, false), "B is to be tried once");
     let (vm, second) = run("slot-b");
@@ -181,19 +198,21 @@ fn an_installed_disk_boots_its_slot_tries_a_new_one_and_falls_back_when_it_is_co
     assert_eq!(second["machine_id"], first["machine_id"], "/etc on STATE survived the slot change");
     vm.wait_for("slot b of /dev/vda marked good", Duration::from_secs(10)).unwrap();
     drop(vm);
-    let mut f = std::fs::File::open(&disk).unwrap();
-    let (_, slots) = slot::read_slots(&mut f).unwrap();
+    let slots = read_slots();
     assert_eq!(slot::boot_order(&slots), [Slot::B, Slot::A], "B committed, A kept as the fallback");
 
     // Corrupt B's first block: verity refuses it, node-init marks it bad and boots A in the same boot.
     let b_offset = slots.iter().find(|x| x.slot == Slot::B).unwrap().offset;
-    flip_byte(&disk, b_offset + 1000);
+    slot::on_raw(&disk, |raw| {
+        flip_byte(raw, b_offset + 1000);
+        Ok(())
+    })
+    .unwrap();
     let (vm, third) = run("fallback");
     assert_eq!(third["boot"]["slot"], "a", "{third}");
     let passed = third["boot"]["failed_slots"].to_string();
     assert!(passed.contains("slot b") && passed.contains("dm-verity"), "{passed}");
     assert!(vm.console().contains("slot b failed"), "the console says why B was passed over");
     drop(vm);
-    let (_, slots) = slot::read_slots(&mut f).unwrap();
-    assert_eq!(slot::boot_order(&slots), [Slot::A], "B is marked bad");
+    assert_eq!(slot::boot_order(&read_slots()), [Slot::A], "B is marked bad");
 }
