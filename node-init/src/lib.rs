@@ -4,6 +4,9 @@
 
 pub mod cmdline;
 pub mod daemon;
+pub mod dhcp;
 pub mod dm;
+pub mod ignition;
 pub mod initrd;
+pub mod net;
 pub mod report;

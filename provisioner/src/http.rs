@@ -141,6 +141,8 @@ async fn script(State(s): State<HttpState>, Path(file): Path<String>) -> Respons
             }
         ),
     ];
+    // The image's own command line (console, `ro`, and the verity root hash node-init trusts).
+    args.extend(image_cmdline(&s.assets));
     if let Some(role) = s.inv.role_of(machine) {
         args.extend(role.kernel_args.iter().cloned());
     }
@@ -154,6 +156,17 @@ async fn script(State(s): State<HttpState>, Path(file): Path<String>) -> Respons
         args = args.join(" "),
     );
     text(StatusCode::OK, body)
+}
+
+/// The kernel command line of the image in the assets directory (`manifest.json` from `herdctl image build`),
+/// split into words; none when no image is there (test initramfs, or assets not copied yet).
+fn image_cmdline(assets: &std::path::Path) -> Vec<String> {
+    let Ok(text) = std::fs::read_to_string(assets.join("manifest.json")) else { return Vec::new() };
+    let Ok(manifest) = serde_json::from_str::<serde_json::Value>(&text) else {
+        tracing::warn!(dir = %assets.display(), "manifest.json in the assets directory is not JSON; ignoring it");
+        return Vec::new();
+    };
+    manifest["cmdline"].as_str().unwrap_or_default().split_whitespace().map(str::to_owned).collect()
 }
 
 async fn assets(State(s): State<HttpState>, ConnectInfo(peer): ConnectInfo<SocketAddr>, req: Request) -> Response {

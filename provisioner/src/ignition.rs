@@ -15,14 +15,13 @@ use std::collections::BTreeMap;
 
 use herd_inventory::{Addressing, BondMode, EtcdRole, Inventory, Mac, Machine, RoleFile};
 use ignition_config::v3_3 as ign;
-use serde::{Deserialize, Serialize};
 
 /// The Ignition spec version herd emits.
 pub const SPEC_VERSION: &str = "3.3.0";
 /// The admin user that carries the site's SSH keys.
 pub const ADMIN_USER: &str = "herd";
 /// Where node-init reads its config on the machine.
-pub const NODE_CONFIG_PATH: &str = "/etc/herd/node-init.json";
+pub const NODE_CONFIG_PATH: &str = herd_inventory::node::NODE_CONFIG_PATH;
 /// etcd's client and peer ports.
 pub const ETCD_CLIENT_PORT: u16 = 2379;
 /// etcd's peer port.
@@ -63,30 +62,7 @@ pub enum RenderError {
     },
 }
 
-/// node-init's configuration, written to [`NODE_CONFIG_PATH`]. The contract between the provisioner (which renders
-/// it) and node-init (which reads it).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct NodeConfig {
-    /// Format version.
-    pub version: u32,
-    /// The machine's short name.
-    pub machine: String,
-    /// The machine's FQDN.
-    pub fqdn: String,
-    /// The machine's role.
-    pub role: String,
-    /// The machine's rack.
-    pub rack: String,
-    /// Base URL of the provisioner (phone-home, health reports).
-    pub provisioner_url: String,
-    /// Whether this machine runs an etcd member.
-    pub etcd_member: bool,
-    /// Client URLs of every etcd member.
-    pub etcd_endpoints: Vec<String>,
-    /// The machine's effective labels.
-    pub labels: BTreeMap<String, String>,
-}
+pub use herd_inventory::node::NodeConfig;
 
 /// Renders the Ignition config of the machine named `name`.
 pub fn render_machine(inv: &Inventory, name: &str) -> Result<ign::Config, RenderError> {
@@ -121,6 +97,7 @@ pub fn render(inv: &Inventory, machine: &Machine) -> Result<ign::Config, RenderE
         etcd_member,
         etcd_endpoints: members.iter().map(|m| format!("http://{}:{ETCD_CLIENT_PORT}", m.internal.get_ref())).collect(),
         labels: inv.labels_of(machine).into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
+        disk: machine.disk.as_ref().map(|d| d.as_str().to_owned()),
     };
     // Serializing a struct of strings, bools and maps with string keys cannot fail.
     let node_json = serde_json::to_string(&node).unwrap_or_default() + "\n";

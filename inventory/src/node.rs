@@ -1,0 +1,37 @@
+//! node-init's configuration (`/etc/herd/node-init.json`, version 1): the contract between the provisioner, which
+//! renders it from the inventory into each machine's Ignition config, and node-init, which reads it. It lives here,
+//! in the crate both depend on, so node-init (a static binary) does not link the provisioner.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// Where the file is on a machine.
+pub const NODE_CONFIG_PATH: &str = "/etc/herd/node-init.json";
+
+/// node-init's configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// Format version.
+    pub version: u32,
+    /// The machine's short name.
+    pub machine: String,
+    /// The machine's FQDN.
+    pub fqdn: String,
+    /// The machine's role.
+    pub role: String,
+    /// The machine's rack.
+    pub rack: String,
+    /// Base URL of the provisioner (phone-home, health reports).
+    pub provisioner_url: String,
+    /// Whether this machine runs an etcd member.
+    pub etcd_member: bool,
+    /// Client URLs of every etcd member.
+    pub etcd_endpoints: Vec<String>,
+    /// The machine's effective labels.
+    pub labels: BTreeMap<String, String>,
+    /// The disk herd installs to (`USR-A`, `USR-B`, `STATE`); none: diskless, the image runs from RAM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk: Option<String>,
+}
