@@ -273,6 +273,31 @@ pub struct Installed {
     pub flags: SlotFlags,
 }
 
+/// An image to write into a slot, as streams (files of a build directory, or HTTP bodies in the installer).
+pub struct ImageStreams<'a> {
+    /// Its description.
+    pub manifest: ImageManifest,
+    /// `root.squashfs` and its length.
+    pub squash: (Box<dyn Read + 'a>, u64),
+    /// `root.verity` and its length.
+    pub verity: (Box<dyn Read + 'a>, u64),
+}
+
+impl std::fmt::Debug for ImageStreams<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ImageStreams").field("image", &self.manifest.key).finish_non_exhaustive()
+    }
+}
+
+/// How `install_streams` treats the disk's existing table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// Keep herd's layout if there is one, partition an empty disk, refuse a foreign table.
+    Keep,
+    /// Partition afresh whatever is there (the installer reprovisioning a machine).
+    Fresh,
+}
+
 /// Writes the image in `image_dir` (the output of `herdctl image build`) into `slot` of `disk`, partitioning the
 /// disk and formatting STATE first if it has no herd layout. If the other slot is bootable, the new one is marked
 /// to try once; otherwise it becomes the good slot.
@@ -280,34 +305,60 @@ pub fn install(disk_path: &Path, slot: Slot, image_dir: &Path, slot_bytes: u64) 
     let text = std::fs::read_to_string(image_dir.join("manifest.json")).map_err(|e| {
         SlotError::Image(format!("{}: {e}; build the image first (herdctl image build)", image_dir.display()))
     })?;
-    let image: ImageManifest = serde_json::from_str(&text)
+    let manifest: ImageManifest = serde_json::from_str(&text)
         .map_err(|e| SlotError::Image(format!("{}/manifest.json: {e}", image_dir.display())))?;
-    let squash_len = std::fs::metadata(image_dir.join("root.squashfs"))?.len();
-    let verity_len = std::fs::metadata(image_dir.join("root.verity"))?.len();
+    let open = |name: &str| -> Result<(Box<dyn Read>, u64), SlotError> {
+        let f = File::open(image_dir.join(name))?;
+        let len = f.metadata()?.len();
+        Ok((Box::new(f), len))
+    };
+    let streams = ImageStreams { manifest, squash: open("root.squashfs")?, verity: open("root.verity")? };
+    let installed = install_streams(disk_path, slot, streams, slot_bytes, Layout::Keep)?;
+    if installed.partitioned {
+        let mut disk = File::open(disk_path)?;
+        let size = disk_size(&mut disk)?;
+        let table = Table::read(&mut disk, size / SECTOR)?;
+        let state = table.by_name("STATE").cloned().ok_or_else(|| SlotError::Layout("no STATE".into()))?;
+        format_state(disk_path, &state)?;
+    }
+    Ok(installed)
+}
+
+/// Writes an image given as streams into `slot` of `disk`. With a fresh layout (or an empty disk) the disk is
+/// partitioned; STATE is then left unformatted (the caller formats it). The slot's header is written last.
+pub fn install_streams(
+    disk_path: &Path,
+    slot: Slot,
+    image: ImageStreams<'_>,
+    slot_bytes: u64,
+    mode: Layout,
+) -> Result<Installed, SlotError> {
+    let ImageStreams { manifest: image, squash: (mut squash, squash_len), verity: (mut verity, verity_len) } = image;
     if !squash_len.is_multiple_of(4096) {
         return Err(SlotError::Image(format!("root.squashfs is {squash_len} bytes, not a multiple of 4096")));
     }
-
     let mut disk = OpenOptions::new().read(true).write(true).open(disk_path).map_err(|e| {
         SlotError::Layout(format!("{}: {e} (create a disk first, e.g. truncate -s 4G FILE)", disk_path.display()))
     })?;
     let size = disk_size(&mut disk)?;
-    let (mut table, partitioned) = match Table::read(&mut disk, size / SECTOR) {
-        Ok(t) if t.by_name("USR-A").is_some() && t.by_name("USR-B").is_some() && t.by_name("STATE").is_some() => {
+    let existing = match mode {
+        Layout::Keep => Table::read(&mut disk, size / SECTOR).ok(),
+        Layout::Fresh => None,
+    };
+    let (mut table, partitioned) = match existing {
+        Some(t) if t.by_name("USR-A").is_some() && t.by_name("USR-B").is_some() && t.by_name("STATE").is_some() => {
             (t, false)
         }
-        Ok(_) => {
+        Some(_) => {
             return Err(SlotError::Layout(format!(
                 "{} has a partition table that is not herd's (no USR-A/USR-B/STATE); refusing to overwrite it — \
                  wipe it first (wipefs -a) if it may go",
                 disk_path.display()
             )));
         }
-        Err(_) => {
+        None => {
             let t = layout(size, slot_bytes, &format!("{}:{}", disk_path.display(), image.key))?;
             t.write(&mut disk)?;
-            let state = t.by_name("STATE").cloned().ok_or_else(|| SlotError::Layout("no STATE".into()))?;
-            format_state(disk_path, &state)?;
             (t, true)
         }
     };
@@ -325,8 +376,8 @@ pub fn install(disk_path: &Path, slot: Slot, image_dir: &Path, slot_bytes: u64) 
     disk.seek(SeekFrom::Start(part.offset() + part.size() - HEADER_BYTES))?;
     disk.write_all(&[0u8; HEADER_BYTES as usize])?;
     disk.sync_data()?;
-    copy_into(&mut disk, &image_dir.join("root.squashfs"), part.offset())?;
-    copy_into(&mut disk, &image_dir.join("root.verity"), part.offset() + hash_offset)?;
+    copy_exact(&mut squash, squash_len, &mut disk, part.offset(), "root.squashfs")?;
+    copy_exact(&mut verity, verity_len, &mut disk, part.offset() + hash_offset, "root.verity")?;
     let header = SlotHeader {
         magic: MAGIC.into(),
         name: image.name.clone(),
@@ -356,10 +407,13 @@ pub fn install(disk_path: &Path, slot: Slot, image_dir: &Path, slot_bytes: u64) 
     Ok(Installed { slot, header, partitioned, flags })
 }
 
-fn copy_into(disk: &mut File, from: &Path, at: u64) -> std::io::Result<()> {
-    let mut src = File::open(from)?;
+/// Copies exactly `len` bytes from `src` to `disk` at `at`.
+fn copy_exact(src: &mut dyn Read, len: u64, disk: &mut File, at: u64, what: &str) -> Result<(), SlotError> {
     disk.seek(SeekFrom::Start(at))?;
-    std::io::copy(&mut src, disk)?;
+    let copied = std::io::copy(&mut src.take(len), disk)?;
+    if copied != len {
+        return Err(SlotError::Image(format!("{what}: got {copied} of {len} bytes")));
+    }
     Ok(())
 }
 

@@ -46,6 +46,34 @@ fn report_boot_complete() {
     );
 }
 
+/// Tells the provisioner this machine is healthy (which commits its slot there), retrying while the machine's
+/// network (systemd-networkd, from its config) comes up.
+fn report_healthy(p: &crate::provision::Provisioner, detail: &str) {
+    let deadline = std::time::Instant::now() + HEALTHY_LIMIT;
+    loop {
+        match p.try_phone("healthy", detail) {
+            Ok(()) => {
+                println!("herd-node-init: reported healthy to {}", p.url);
+                return;
+            }
+            Err(_) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(500));
+            }
+            Err(e) => {
+                eprintln!(
+                    "herd-node-init: could not report healthy to {} for {} s: {e}",
+                    p.url,
+                    HEALTHY_LIMIT.as_secs()
+                );
+                return;
+            }
+        }
+    }
+}
+
+/// How long the healthy report is retried.
+const HEALTHY_LIMIT: std::time::Duration = std::time::Duration::from_secs(300);
+
 /// Runs the daemon stage until stopped.
 pub fn run() -> anyhow::Result<()> {
     let report = SystemReport::probe();
@@ -56,6 +84,12 @@ pub fn run() -> anyhow::Result<()> {
         Ok(Some(msg)) => eprintln!("herd-node-init: {msg}"),
         Ok(None) => {}
         Err(e) => eprintln!("herd-node-init: {e}"),
+    }
+    let cmd = crate::cmdline::Cmdline::parse(&std::fs::read_to_string("/proc/cmdline").unwrap_or_default());
+    if let Ok(Some(p)) = cmd.map(|c| crate::provision::Provisioner::from_cmdline(&c)).unwrap_or(Ok(None)) {
+        let slot = report.boot.as_ref().and_then(|b| b.slot).map_or("none (RAM)".to_owned(), |s| s.to_string());
+        let detail = format!("node-init up, slot {slot}, {} ms after the kernel", report.uptime_ms);
+        std::thread::spawn(move || report_healthy(&p, &detail));
     }
     println!("{READY} {}", serde_json::to_string(&report)?);
     std::thread::spawn(report_boot_complete);

@@ -12,6 +12,7 @@ use herd_images::slot::{self, Slot, SlotState};
 use nix::mount::{MsFlags, mount};
 
 use crate::cmdline::{Cmdline, OnFailure, UsrSource};
+use crate::provision::{Mode, Provisioner};
 use crate::report::{BOOT_REPORT, BootReport};
 
 const NEWROOT: &str = "/sysroot";
@@ -47,9 +48,15 @@ pub fn run() -> ! {
         Ok(c) => c,
         Err(e) => fail(OnFailure::Halt, &e),
     };
-    match boot(&cmd, started) {
-        Ok(()) => {}
+    let prov = match crate::provision::Provisioner::from_cmdline(&cmd) {
+        Ok(p) => p,
         Err(e) => fail(cmd.on_failure, &e),
+    };
+    if let Err(e) = boot(&cmd, prov.as_ref(), started) {
+        if let Some(p) = &prov {
+            p.phone("failed", &e);
+        }
+        fail(cmd.on_failure, &e);
     }
     let err = switch_root(&cmd.init);
     fail(cmd.on_failure, &format!("switch_root into {}: {err}", cmd.init))
@@ -97,6 +104,8 @@ fn load_modules() -> usize {
         match result {
             Ok(()) => loaded += 1,
             Err(e) if e.contains("EEXIST") => {}
+            // A driver for hardware (or CPU features) this machine does not have.
+            Err(e) if e.contains("ENODEV") => {}
             Err(e) => say(&format!("module {name}: {e}")),
         }
     }
@@ -104,7 +113,7 @@ fn load_modules() -> usize {
 }
 
 /// Polls until `found` returns something, or the deadline passes.
-fn wait_for<T>(what: &str, mut found: impl FnMut() -> Option<T>) -> Result<T, String> {
+pub fn wait_for<T>(what: &str, mut found: impl FnMut() -> Option<T>) -> Result<T, String> {
     let deadline = Instant::now() + DEVICE_WAIT;
     loop {
         if let Some(t) = found() {
@@ -182,7 +191,7 @@ fn mount_verified(spec: &crate::dm::VeritySpec) -> Result<(), String> {
     mounted
 }
 
-fn boot(cmd: &Cmdline, started: Instant) -> Result<(), String> {
+fn boot(cmd: &Cmdline, prov: Option<&Provisioner>, started: Instant) -> Result<(), String> {
     let info: serde_json::Value = std::fs::read_to_string("/etc/herd-initrd.json")
         .ok()
         .and_then(|t| serde_json::from_str(&t).ok())
@@ -198,7 +207,60 @@ fn boot(cmd: &Cmdline, started: Instant) -> Result<(), String> {
     report.modules_loaded_ms = uptime_ms();
     say(&format!("{loaded} modules loaded"));
 
-    let state_dev = match &cmd.usr {
+    // With a provisioner: network, config, and (install mode) the image onto the disk or into RAM.
+    let mut link = None;
+    let mut config = None;
+    let mut fresh_install = false;
+    let mut usr = cmd.usr.clone();
+    let mut device_hash = cmd.root_hashes[0].clone();
+    if let Some(p) = prov {
+        let l = p.network()?;
+        report.network_ms = uptime_ms();
+        let up = format!(
+            "{}/{} on {} ({} ms after the kernel)",
+            l.lease.address, l.lease.prefix, l.ifname, report.network_ms
+        );
+        say(&format!("network up: {up}"));
+        p.phone("initramfs", &format!("network up: {up}"));
+        let c = p.config()?;
+        let node = crate::provision::node_config(&c)?;
+        report.config_ms = uptime_ms();
+        say(&format!("config for {} ({}) fetched", node.machine, node.role));
+        config = Some(c);
+        link = Some(l);
+        usr = UsrSource::Slots;
+        if p.mode == Mode::Install {
+            match &node.disk {
+                Some(disk) => {
+                    let disk = resolve(disk)?;
+                    p.phone("installing", &format!("writing the image into slot a of {}", disk.display()));
+                    say(&format!("installing to {}", disk.display()));
+                    let done = p.install(cmd, &disk)?;
+                    report.installed_ms = Some(uptime_ms());
+                    let detail =
+                        format!("{} {} in slot a of {}", done.header.name, done.header.release, disk.display());
+                    say(&format!("installed {detail}"));
+                    p.phone("installed", &detail);
+                    fresh_install = true;
+                }
+                None => {
+                    say("no install disk: running the image from RAM");
+                    let (squash, verity, hash) = p.fetch_to_ram(cmd)?;
+                    device_hash = hash;
+                    report.installed_ms = Some(uptime_ms());
+                    let attach = |f: &Path| {
+                        std::fs::File::open(f).map_err(|e| e.to_string()).and_then(|f| crate::net::loop_attach(&f))
+                    };
+                    usr = UsrSource::Device {
+                        data: attach(&squash)?.display().to_string(),
+                        hash: Some(attach(&verity)?.display().to_string()),
+                    };
+                }
+            }
+        }
+    }
+
+    let state_dev = match &usr {
         UsrSource::Device { data, hash } => {
             let data_path = resolve(data)?;
             let (hash_path, hash_offset) = match hash {
@@ -206,7 +268,7 @@ fn boot(cmd: &Cmdline, started: Instant) -> Result<(), String> {
                 // A slot-formatted partition: its header says where the hash tree starts.
                 None => (data_path.clone(), slot_header(&data_path)?.hash_offset),
             };
-            let root_hash = cmd.root_hashes[0].clone();
+            let root_hash = device_hash.clone();
             mount_verified(&crate::dm::VeritySpec {
                 name: "herd-usr".into(),
                 data: data_path,
@@ -238,6 +300,10 @@ fn boot(cmd: &Cmdline, started: Instant) -> Result<(), String> {
         Some(dev) => Some(PathBuf::from(dev)),
         None => state_dev,
     };
+    if fresh_install && let Some(dev) = &state {
+        crate::provision::format_state(Path::new(NEWROOT), dev)?;
+        say(&format!("STATE formatted ({})", dev.display()));
+    }
     match &state {
         Some(dev) => {
             mount_fs(&dev.to_string_lossy(), STATE, "ext4", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, None)
@@ -267,6 +333,19 @@ fn boot(cmd: &Cmdline, started: Instant) -> Result<(), String> {
     }
     // Scratch space: systemd's sandboxing (PrivateDevices=, PrivateTmp=) makes its directories in /tmp.
     mount_fs("tmpfs", &format!("{NEWROOT}/tmp"), "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=1777"))?;
+    if let (Some(c), Some(p)) = (&config, prov) {
+        let done = crate::ignition::apply(c, Path::new(NEWROOT)).map_err(|e| format!("applying the config: {e}"))?;
+        let detail = format!(
+            "{} files, {} directories, {} links, {} users, {} units",
+            done.files, done.directories, done.links, done.users, done.units
+        );
+        say(&format!("config applied: {detail}"));
+        p.phone("configured", &detail);
+    }
+    if let Some(l) = &link {
+        // systemd-networkd builds the machine's network (the bond) from its config, on clean links.
+        crate::net::release(&l.ifname)?;
+    }
     report.initrd_ms = started.elapsed().as_millis() as u64;
     report.switch_root_ms = uptime_ms();
     let json = serde_json::to_string(&report).map_err(|e| e.to_string())?;

@@ -9,4 +9,5 @@ pub mod dm;
 pub mod ignition;
 pub mod initrd;
 pub mod net;
+pub mod provision;
 pub mod report;

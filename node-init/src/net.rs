@@ -112,6 +112,15 @@ pub fn release(name: &str) -> Result<(), String> {
     set_up(name, false)
 }
 
+/// Whether the kernel's random pool is initialized (a non-blocking `getrandom` succeeds). TLS and the DHCP codec
+/// draw random numbers and would block until it is.
+pub fn entropy_ready() -> bool {
+    let mut b = [0u8; 8];
+    // SAFETY: the buffer is live and writable for its full length.
+    let r = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), libc::GRND_NONBLOCK) };
+    r == b.len() as isize
+}
+
 /// Asks the kernel to re-read a disk's partition table (`BLKRRPART`).
 pub fn reread_partitions(disk: &std::fs::File) -> Result<(), String> {
     const BLKRRPART: u64 = 0x125f;

@@ -36,6 +36,12 @@ pub struct BootReport {
     pub initrd_started_ms: u64,
     /// ... when the modules were loaded.
     pub modules_loaded_ms: u64,
+    /// ... when the boot NIC had its address (provisioned boots).
+    pub network_ms: u64,
+    /// ... when the config had arrived (provisioned boots).
+    pub config_ms: u64,
+    /// ... when the image was installed or fetched into RAM (install boots).
+    pub installed_ms: Option<u64>,
     /// ... when the verified root was mounted.
     pub root_mounted_ms: u64,
     /// ... at switch_root.

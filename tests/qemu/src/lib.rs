@@ -74,6 +74,8 @@ pub struct VmSpec {
     pub boot_nic: usize,
     /// RAM in MiB.
     pub memory_mb: u32,
+    /// A virtio disk (raw or qcow2), if any.
+    pub disk: Option<PathBuf>,
 }
 
 impl VmSpec {
@@ -85,7 +87,20 @@ impl VmSpec {
             macs: macs.iter().map(|m| (*m).to_owned()).collect(),
             boot_nic: 0,
             memory_mb: 256,
+            disk: None,
         }
+    }
+
+    /// With a virtio disk.
+    pub fn with_disk(mut self, disk: &Path) -> Self {
+        self.disk = Some(disk.to_owned());
+        self
+    }
+
+    /// With `mb` MiB of RAM.
+    pub fn memory(mut self, mb: u32) -> Self {
+        self.memory_mb = mb;
+        self
     }
 
     /// Boots from NIC `index` instead.
@@ -171,7 +186,7 @@ impl Vm {
         let serial = dir.join(format!("{}.serial.log", boot.name));
         let mut cmd = Command::new("qemu-system-x86_64");
         cmd.args(["-accel", "tcg", "-smp", "1", "-machine", "pc,graphics=off", "-display", "none", "-monitor", "none"])
-            .args(["-m", &boot.memory_mb.to_string(), "-no-reboot", "-nic", "none"])
+            .args(["-m", &boot.memory_mb.to_string(), "-no-reboot", "-nic", "none", "-device", "virtio-rng-pci"])
             .arg("-serial")
             .arg(format!("file:{}", serial.display()))
             .arg("-kernel")
@@ -281,6 +296,19 @@ impl Lab {
         build_test_initramfs(&self.dir.join("initramfs-root"), &assets.join("initramfs"))
     }
 
+    /// Serves a built herd OS image (the output directory of `herdctl image build`) as the boot assets.
+    pub fn boot_assets_image(&self, image: &Path) -> anyhow::Result<()> {
+        let assets = self.dir.join("assets");
+        for name in ["vmlinuz", "initramfs", "root.squashfs", "root.verity", "manifest.json"] {
+            let (from, to) = (image.join(name), assets.join(name));
+            let _ = std::fs::remove_file(&to);
+            if std::fs::hard_link(&from, &to).is_err() {
+                std::fs::copy(&from, &to).with_context(|| format!("{}", from.display()))?;
+            }
+        }
+        Ok(())
+    }
+
     /// Starts the provisioner (in-process, inside the namespace) on the bridge.
     pub fn start_provisioner(&mut self) -> anyhow::Result<()> {
         let config = DaemonConfig {
@@ -359,6 +387,9 @@ impl Lab {
             "-serial".into(),
             format!("file:{}", serial.display()),
             "-no-reboot".into(),
+            // Entropy from the host: TCG's CPU has no RDRAND, and the kernel's pool would take minutes.
+            "-device".into(),
+            "virtio-rng-pci".into(),
         ];
         match spec.firmware {
             Firmware::SeabiosIpxe => args.extend(["-machine".into(), "pc,graphics=off".into()]),
@@ -387,6 +418,10 @@ impl Lab {
                 device.push_str(",romfile=");
             }
             args.extend(["-device".into(), device]);
+        }
+        if let Some(disk) = &spec.disk {
+            let format = if herd_images::slot::is_qcow2(disk) { "qcow2" } else { "raw" };
+            args.extend(["-drive".into(), format!("file={},format={format},if=virtio", disk.display())]);
         }
         let log = std::fs::File::create(self.dir.join(format!("{}.qemu.log", spec.name)))?;
         let child = Command::new("ip")

@@ -1,0 +1,228 @@
+//! The initramfs stage's conversation with the provisioner (when the kernel command line names one): bring up the
+//! boot NIC and DHCP, fetch this machine's Ignition config (retrying with backoff), report each stage to the
+//! phone-home endpoint, and download the image — into a disk slot (install) or into RAM (diskless).
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use herd_images::build::ImageManifest;
+use herd_images::slot::{self, ImageStreams, Layout, Slot};
+use herd_inventory::node::{NODE_CONFIG_PATH, NodeConfig};
+use serde_json::Value;
+
+use crate::cmdline::Cmdline;
+
+/// How long the config may take to arrive before the boot stops.
+const CONFIG_LIMIT: Duration = Duration::from_secs(180);
+/// How long DHCP may take.
+const DHCP_LIMIT: Duration = Duration::from_secs(60);
+
+/// Install, or boot what is installed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Install the image (or, without a disk, run it from RAM).
+    Install,
+    /// Boot the installed slot.
+    Local,
+}
+
+/// The provisioner this machine booted from, and this boot's identity.
+#[derive(Debug, Clone)]
+pub struct Provisioner {
+    /// Base URL (`herd.provisioner=`).
+    pub url: String,
+    /// Machine name (`herd.machine=`).
+    pub machine: String,
+    /// Boot MAC (`herd.mac=`).
+    pub mac: String,
+    /// This boot's token (`herd.token=`).
+    pub token: String,
+    /// `herd.mode=`.
+    pub mode: Mode,
+    agent: ureq::Agent,
+}
+
+/// The boot NIC once it has its lease.
+#[derive(Debug, Clone)]
+pub struct Link {
+    /// Interface name.
+    pub ifname: String,
+    /// The lease.
+    pub lease: crate::dhcp::Lease,
+}
+
+impl Provisioner {
+    /// The provisioner named on the command line, if any (all of `herd.provisioner`, `herd.mac` and `herd.token`
+    /// must be there).
+    pub fn from_cmdline(c: &Cmdline) -> Result<Option<Provisioner>, String> {
+        let Some(url) = c.all.get("provisioner") else { return Ok(None) };
+        let need =
+            |k: &str| c.all.get(k).cloned().ok_or_else(|| format!("herd.provisioner is set but herd.{k} is not"));
+        let mode = match c.all.get("mode").map(String::as_str) {
+            Some("install") => Mode::Install,
+            Some("local") | None => Mode::Local,
+            Some(other) => return Err(format!("herd.mode={other}: use install or local")),
+        };
+        let agent: ureq::Agent =
+            ureq::Agent::config_builder().timeout_global(Some(Duration::from_secs(30))).build().into();
+        Ok(Some(Provisioner {
+            url: url.trim_end_matches('/').to_owned(),
+            machine: c.all.get("machine").cloned().unwrap_or_default(),
+            mac: need("mac")?,
+            token: need("token")?,
+            mode,
+            agent,
+        }))
+    }
+
+    /// Reports a stage to the provisioner's timeline.
+    pub fn try_phone(&self, stage: &str, detail: &str) -> Result<(), String> {
+        let url = format!("{}/phone-home/{}?token={}", self.url, self.mac, self.token);
+        let body = serde_json::json!({ "stage": stage, "detail": detail });
+        self.agent.post(&url).send_json(&body).map(drop).map_err(|e| e.to_string())
+    }
+
+    /// Reports a stage, best effort: a report that cannot be sent is logged.
+    pub fn phone(&self, stage: &str, detail: &str) {
+        if let Err(e) = self.try_phone(stage, detail) {
+            eprintln!("node-init: could not report {stage} to the provisioner: {e}");
+        }
+    }
+
+    /// Brings up the boot NIC and gets its DHCP lease.
+    pub fn network(&self) -> Result<Link, String> {
+        let mac = crate::dhcp::parse_mac(&self.mac).ok_or_else(|| format!("herd.mac={} is not a MAC", self.mac))?;
+        let ifname = crate::initrd::wait_for(&format!("the NIC with MAC {}", self.mac), || {
+            crate::net::interface_by_mac(&self.mac)
+        })?;
+        crate::net::link_up(&ifname)?;
+        if !crate::net::entropy_ready() {
+            eprintln!(
+                "herd-initrd: waiting for the kernel's random pool (no RDRAND or hardware RNG? give VMs virtio-rng)"
+            );
+        }
+        let lease = crate::dhcp::lease(&ifname, mac, DHCP_LIMIT)?;
+        crate::net::set_address(&ifname, lease.address, lease.prefix)?;
+        if let Some(gw) = lease.router.filter(|g| *g != Ipv4Addr::UNSPECIFIED) {
+            crate::net::add_default_route(gw)?;
+        }
+        Ok(Link { ifname, lease })
+    }
+
+    /// This machine's Ignition config, retried with backoff for [`CONFIG_LIMIT`].
+    pub fn config(&self) -> Result<Value, String> {
+        let url = format!("{}/config/{}?token={}", self.url, self.mac, self.token);
+        let deadline = Instant::now() + CONFIG_LIMIT;
+        let mut wait = Duration::from_secs(1);
+        loop {
+            let result = self
+                .agent
+                .get(&url)
+                .call()
+                .map_err(|e| e.to_string())
+                .and_then(|mut r| r.body_mut().read_json::<Value>().map_err(|e| e.to_string()));
+            match result {
+                Ok(v) => return Ok(v),
+                Err(e) if Instant::now() + wait < deadline => {
+                    eprintln!("herd-initrd: config from {}: {e}; retrying in {} s", self.url, wait.as_secs());
+                    std::thread::sleep(wait);
+                    wait = (wait * 2).min(Duration::from_secs(15));
+                }
+                Err(e) => return Err(format!("no config from {} within {} s: {e}", self.url, CONFIG_LIMIT.as_secs())),
+            }
+        }
+    }
+
+    fn asset(&self, name: &str) -> Result<ureq::http::Response<ureq::Body>, String> {
+        let url = format!("{}/assets/{name}", self.url);
+        let agent: ureq::Agent = ureq::Agent::config_builder().timeout_global(None).build().into();
+        agent.get(&url).call().map_err(|e| format!("GET {url}: {e}"))
+    }
+
+    /// The image the provisioner serves; its root hash must be one the command line trusts.
+    pub fn image(&self, cmd: &Cmdline) -> Result<ImageManifest, String> {
+        let m: ImageManifest = self.asset("manifest.json")?.body_mut().read_json().map_err(|e| e.to_string())?;
+        if !cmd.trusts(&m.verity.root_hash) {
+            return Err(format!(
+                "the provisioner serves {} {} with root hash {}, which this boot's command line does not list",
+                m.name, m.release, m.verity.root_hash
+            ));
+        }
+        Ok(m)
+    }
+
+    /// Partitions `disk` afresh and writes the served image into slot A (streamed from HTTP).
+    pub fn install(&self, cmd: &Cmdline, disk: &Path) -> Result<slot::Installed, String> {
+        let image = self.image(cmd)?;
+        let len = |name: &str| image.files.get(name).map(|f| f.size).ok_or_else(|| format!("manifest lists no {name}"));
+        let (squash_len, verity_len) = (len("root.squashfs")?, len("root.verity")?);
+        let squash = self.asset("root.squashfs")?.into_body().into_reader();
+        let verity = self.asset("root.verity")?.into_body().into_reader();
+        let streams = ImageStreams {
+            manifest: image,
+            squash: (Box::new(squash), squash_len),
+            verity: (Box::new(verity), verity_len),
+        };
+        let installed = slot::install_streams(disk, Slot::A, streams, slot::DEFAULT_SLOT_BYTES, Layout::Fresh)
+            .map_err(|e| format!("installing to {}: {e}", disk.display()))?;
+        let f = std::fs::File::open(disk).map_err(|e| e.to_string())?;
+        crate::net::reread_partitions(&f)?;
+        Ok(installed)
+    }
+
+    /// Downloads the served image into RAM (`/run/herd/image`); returns the squashfs and verity files and the
+    /// image's root hash.
+    pub fn fetch_to_ram(&self, cmd: &Cmdline) -> Result<(PathBuf, PathBuf, String), String> {
+        let image = self.image(cmd)?;
+        let dir = Path::new("/run/herd/image");
+        std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+        let mut out = Vec::new();
+        for name in ["root.squashfs", "root.verity"] {
+            let want = image.files.get(name).map(|f| f.size).unwrap_or_default();
+            let path = dir.join(name);
+            let mut file = std::fs::File::create(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+            let mut body = self.asset(name)?.into_body().into_reader();
+            let got = std::io::copy(&mut body, &mut file).map_err(|e| format!("{name}: {e} (is there RAM for it?)"))?;
+            if got != want {
+                return Err(format!("{name}: got {got} bytes, the manifest says {want}"));
+            }
+            out.push(path);
+        }
+        Ok((out[0].clone(), out[1].clone(), image.verity.root_hash))
+    }
+}
+
+/// node-init's own config inside an Ignition config (the `/etc/herd/node-init.json` file).
+pub fn node_config(config: &Value) -> Result<NodeConfig, String> {
+    let empty = Vec::new();
+    let file = config["storage"]["files"]
+        .as_array()
+        .unwrap_or(&empty)
+        .iter()
+        .find(|f| f["path"] == NODE_CONFIG_PATH)
+        .ok_or_else(|| format!("the config has no {NODE_CONFIG_PATH}"))?;
+    let source = file["contents"]["source"].as_str().unwrap_or_default();
+    let bytes = crate::ignition::data_url(source)?;
+    serde_json::from_slice(&bytes).map_err(|e| format!("{NODE_CONFIG_PATH}: {e}"))
+}
+
+/// Formats the STATE partition with the verified root's own `mke2fs` (run through the root's dynamic loader: the
+/// initramfs carries no file system tools).
+pub fn format_state(root: &Path, dev: &Path) -> Result<(), String> {
+    let ld = root.join("usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2");
+    let libs = format!("{0}/usr/lib/x86_64-linux-gnu:{0}/lib/x86_64-linux-gnu", root.display());
+    let out = std::process::Command::new(&ld)
+        .arg("--library-path")
+        .arg(&libs)
+        .arg(root.join("usr/sbin/mke2fs"))
+        .args(["-q", "-F", "-t", "ext4", "-L", "STATE"])
+        .arg(dev)
+        .env("MKE2FS_CONFIG", root.join("etc/mke2fs.conf"))
+        .output()
+        .map_err(|e| format!("running the root's mke2fs: {e}"))?;
+    if !out.status.success() {
+        return Err(format!("mke2fs {}: {}", dev.display(), String::from_utf8_lossy(&out.stderr).trim()));
+    }
+    Ok(())
+}
