@@ -219,3 +219,46 @@ mod tests {
         assert_eq!(split_image("r/x@sha256:ab"), ("r/x@sha256:ab", ""));
     }
 }
+
+/// A [`DockerExecutor`] that connects on first use: on a node whose dockerd is socket-activated, the agent
+/// registers without waiting for the engine to start, and a node that never runs a container never starts it.
+#[derive(Debug, Default)]
+pub struct LazyDocker {
+    socket: Option<String>,
+    cell: tokio::sync::OnceCell<DockerExecutor>,
+}
+
+impl LazyDocker {
+    /// Connects to `socket` (or the local default) when first needed.
+    pub fn new(socket: Option<&str>) -> LazyDocker {
+        LazyDocker { socket: socket.map(str::to_owned), cell: tokio::sync::OnceCell::new() }
+    }
+
+    async fn get(&self) -> Result<&DockerExecutor, ExecError> {
+        self.cell.get_or_try_init(|| DockerExecutor::connect(self.socket.as_deref())).await
+    }
+}
+
+impl Executor for LazyDocker {
+    async fn pull(&self, image: &str) -> Result<(), ExecError> {
+        self.get().await?.pull(image).await
+    }
+    async fn load(&self, unit: &Unit) -> Result<(), ExecError> {
+        self.get().await?.load(unit).await
+    }
+    async fn start(&self, unit: &Unit) -> Result<(), ExecError> {
+        self.get().await?.start(unit).await
+    }
+    async fn stop(&self, unit: &Unit) -> Result<(), ExecError> {
+        self.get().await?.stop(unit).await
+    }
+    async fn unload(&self, unit: &Unit) -> Result<(), ExecError> {
+        self.get().await?.unload(unit).await
+    }
+    async fn state(&self, unit: &Unit) -> ActiveState {
+        match self.get().await {
+            Ok(d) => d.state(unit).await,
+            Err(_) => ActiveState::Failed,
+        }
+    }
+}

@@ -407,6 +407,17 @@ ExecStartPre=/bin/sh -c 'test -e /etc/ssh/ssh_host_ed25519_key || \\
 ExecStartPre=/usr/sbin/sshd -t
 ";
 
+/// etcd.service drop-in: a member starts once the node's network (the bond and its address) is configured, and
+/// comes back after any failure (a peer not up yet, a full disk freed).
+const ETCD_DROPIN: &str = "[Unit]
+After=network-online.target
+Wants=network-online.target
+
+[Service]
+Restart=always
+RestartSec=2
+";
+
 /// Makes the tree a herd root: node-init and its unit (enabled in /usr, since /etc is the node's), the writable
 /// homes moved under /var, modules of hardware no server has removed.
 fn customize(tree: &Path, manifest: &Manifest, opts: &BuildOptions, version: &str) -> Result<(), BuildError> {
@@ -447,6 +458,9 @@ fn customize(tree: &Path, manifest: &Manifest, opts: &BuildOptions, version: &st
                 std::fs::remove_file(e.path())?;
             }
         }
+        let etcd = units.join("etcd.service.d");
+        std::fs::create_dir_all(&etcd)?;
+        std::fs::write(etcd.join("herd.conf"), ETCD_DROPIN)?;
         let dropin = units.join("ssh.service.d");
         std::fs::create_dir_all(&dropin)?;
         std::fs::write(dropin.join("herd-host-keys.conf"), SSH_HOST_KEYS)?;

@@ -31,6 +31,9 @@ pub struct NodeConfig {
     pub etcd_endpoints: Vec<String>,
     /// The machine's effective labels.
     pub labels: BTreeMap<String, String>,
+    /// The machine's internal address (what herdctl's ssh, status and journal reach it at).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
     /// The disk herd installs to (`USR-A`, `USR-B`, `STATE`); none: diskless, the image runs from RAM.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disk: Option<String>,

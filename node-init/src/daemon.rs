@@ -5,6 +5,7 @@
 use std::path::Path;
 
 use herd_images::slot;
+use herd_inventory::node::{NODE_CONFIG_PATH, NodeConfig};
 
 use crate::report::SystemReport;
 
@@ -80,20 +81,37 @@ pub fn run() -> anyhow::Result<()> {
     if report.usr_writable {
         eprintln!("herd-node-init: WARNING: /usr is writable; this system is not running from a verified root");
     }
-    match commit_slot(&report) {
-        Ok(Some(msg)) => eprintln!("herd-node-init: {msg}"),
-        Ok(None) => {}
-        Err(e) => eprintln!("herd-node-init: {e}"),
-    }
     let cmd = crate::cmdline::Cmdline::parse(&std::fs::read_to_string("/proc/cmdline").unwrap_or_default());
-    if let Ok(Some(p)) = cmd.map(|c| crate::provision::Provisioner::from_cmdline(&c)).unwrap_or(Ok(None)) {
-        let slot = report.boot.as_ref().and_then(|b| b.slot).map_or("none (RAM)".to_owned(), |s| s.to_string());
-        let detail = format!("node-init up, slot {slot}, {} ms after the kernel", report.uptime_ms);
-        std::thread::spawn(move || report_healthy(&p, &detail));
-    }
+    let prov = cmd.map(|c| crate::provision::Provisioner::from_cmdline(&c)).unwrap_or(Ok(None)).unwrap_or(None);
     println!("{READY} {}", serde_json::to_string(&report)?);
     std::thread::spawn(report_boot_complete);
-    loop {
-        std::thread::park();
+    let committed = report.clone();
+    let healthy = move |detail: &str| {
+        // The slot that got this far stays the one to boot.
+        match commit_slot(&committed) {
+            Ok(Some(msg)) => println!("herd-node-init: {msg}"),
+            Ok(None) => {}
+            Err(e) => eprintln!("herd-node-init: {e}"),
+        }
+        if let Some(p) = prov {
+            let detail = detail.to_owned();
+            std::thread::spawn(move || report_healthy(&p, &detail));
+        }
+    };
+    let slot = report.boot.as_ref().and_then(|b| b.slot).map_or("none (RAM)".to_owned(), |s| s.to_string());
+    match std::fs::read_to_string(NODE_CONFIG_PATH) {
+        Ok(text) => {
+            let node: NodeConfig =
+                serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{NODE_CONFIG_PATH}: {e}"))?;
+            // Healthy means registered: the provisioner commits the slot only for a machine that joined.
+            crate::member::run(&node, &report, move |detail| healthy(&format!("{detail}, slot {slot}")))
+        }
+        Err(_) => {
+            println!("herd-node-init: no {NODE_CONFIG_PATH}: not joining a cluster");
+            healthy(&format!("node-init up, slot {slot}, {} ms after the kernel", report.uptime_ms));
+            loop {
+                std::thread::park();
+            }
+        }
     }
 }

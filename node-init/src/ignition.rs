@@ -309,10 +309,12 @@ fn resolve_in(root: &Path, path: &Path) -> PathBuf {
     out
 }
 
-/// The `[Install]` targets of a unit file: (`WantedBy`, `RequiredBy`) entries as `TARGET.wants|requires`.
-fn install_dirs(contents: &str) -> Vec<String> {
+/// The `[Install]` section of a unit file: its `WantedBy`/`RequiredBy` entries as `TARGET.wants|requires`, and the
+/// units `Also=` enables with it.
+fn install_dirs(contents: &str) -> (Vec<String>, Vec<String>) {
     let mut section = "";
     let mut out = Vec::new();
+    let mut also = Vec::new();
     for line in contents.lines().map(str::trim) {
         if line.starts_with('[') {
             section = line;
@@ -325,12 +327,16 @@ fn install_dirs(contents: &str) -> Vec<String> {
             let suffix = match k.trim() {
                 "WantedBy" => "wants",
                 "RequiredBy" => "requires",
+                "Also" => {
+                    also.extend(v.split_whitespace().map(str::to_owned));
+                    continue;
+                }
                 _ => continue,
             };
             out.extend(v.split_whitespace().map(|t| format!("{t}.{suffix}")));
         }
     }
-    out
+    (out, also)
 }
 
 fn apply_unit(root: &Path, unit: &Value) -> Result<(), String> {
@@ -356,28 +362,38 @@ fn apply_unit(root: &Path, unit: &Value) -> Result<(), String> {
         write_file(&etc.join(format!("{name}.d")).join(dname), text.as_bytes(), 0o644)?;
     }
     if let Some(enabled) = unit["enabled"].as_bool() {
-        // The unit's file: the config's, or the image's (/etc first, then /usr/lib), as systemctl looks for it.
-        let found = [
-            etc.join(name),
-            root.join("usr/lib/systemd/system").join(name),
-            root.join("lib/systemd/system").join(name),
-        ]
-        .into_iter()
-        .find(|p| p.exists())
-        .ok_or_else(|| format!("{name} is enabled but no unit file exists for it"))?;
-        let text = std::fs::read_to_string(&found).map_err(|e| e.to_string())?;
-        let dirs = install_dirs(&text);
-        if enabled && dirs.is_empty() {
-            return Err(format!("{name} is enabled but has no [Install] section"));
+        set_enabled(root, name, enabled, 0)?;
+    }
+    Ok(())
+}
+
+/// Enables or disables `name` as `systemctl enable` would: links in the `[Install]` targets' directories, and the
+/// same for its `Also=` units.
+fn set_enabled(root: &Path, name: &str, enabled: bool, depth: u8) -> Result<(), String> {
+    let etc = root.join("etc/systemd/system");
+    // The unit's file: the config's, or the image's (/etc first, then /usr/lib), as systemctl looks for it.
+    let found =
+        [etc.join(name), root.join("usr/lib/systemd/system").join(name), root.join("lib/systemd/system").join(name)]
+            .into_iter()
+            .find(|p| p.exists())
+            .ok_or_else(|| format!("{name} is enabled but no unit file exists for it"))?;
+    let text = std::fs::read_to_string(&found).map_err(|e| e.to_string())?;
+    let (dirs, also) = install_dirs(&text);
+    if enabled && dirs.is_empty() && also.is_empty() {
+        return Err(format!("{name} is enabled but has no [Install] section"));
+    }
+    let target = Path::new("/").join(found.strip_prefix(root).unwrap_or(&found));
+    for dir in dirs {
+        let link = etc.join(&dir).join(name);
+        let _ = std::fs::remove_file(&link);
+        if enabled {
+            std::fs::create_dir_all(etc.join(&dir)).map_err(|e| e.to_string())?;
+            std::os::unix::fs::symlink(&target, &link).map_err(|e| format!("enabling {name}: {e}"))?;
         }
-        let target = Path::new("/").join(found.strip_prefix(root).unwrap_or(&found));
-        for dir in dirs {
-            let link = etc.join(&dir).join(name);
-            let _ = std::fs::remove_file(&link);
-            if enabled {
-                std::fs::create_dir_all(etc.join(&dir)).map_err(|e| e.to_string())?;
-                std::os::unix::fs::symlink(&target, &link).map_err(|e| format!("enabling {name}: {e}"))?;
-            }
+    }
+    if depth < 4 {
+        for other in also {
+            set_enabled(root, &other, enabled, depth + 1)?;
         }
     }
     Ok(())
@@ -405,6 +421,16 @@ mod tests {
             "[Service]\nExecStart=/usr/bin/etcd\n[Install]\nWantedBy=multi-user.target\n",
         )
         .unwrap();
+        std::fs::write(
+            units.join("systemd-networkd.service"),
+            "[Service]\nExecStart=/x\n[Install]\nWantedBy=multi-user.target\nAlso=systemd-networkd-wait-online.service\n",
+        )
+        .unwrap();
+        std::fs::write(
+            units.join("systemd-networkd-wait-online.service"),
+            "[Service]\nExecStart=/y\n[Install]\nWantedBy=network-online.target\n",
+        )
+        .unwrap();
         dir
     }
 
@@ -423,6 +449,7 @@ mod tests {
             "passwd": {"users": [{"name": "herd", "groups": ["sudo"], "sshAuthorizedKeys": ["ssh-ed25519 AAAA admin@dc1"]}]},
             "systemd": {"units": [
                 {"name": "etcd.service", "enabled": true},
+                {"name": "systemd-networkd.service", "enabled": true},
                 {"name": "hello.service", "enabled": true, "contents": "[Service]\nExecStart=/bin/true\n[Install]\nWantedBy=multi-user.target\n",
                  "dropins": [{"name": "10-env.conf", "contents": "[Service]\nEnvironment=A=1\n"}]},
                 {"name": "apt-daily.timer", "mask": true}
@@ -434,7 +461,9 @@ mod tests {
     fn a_config_applies_and_applies_again_identically() {
         let r = root();
         let done = apply(&config(), &r).unwrap();
-        assert_eq!(done, Applied { files: 2, directories: 1, links: 1, users: 1, units: 3 });
+        assert_eq!(done, Applied { files: 2, directories: 1, links: 1, users: 1, units: 4 });
+        let online = r.join("etc/systemd/system/network-online.target.wants/systemd-networkd-wait-online.service");
+        assert!(online.is_symlink(), "Also= units are enabled with the unit");
         assert_eq!(std::fs::read_to_string(r.join("etc/hostname")).unwrap(), "node1\n");
         assert_eq!(std::fs::read_to_string(r.join("etc/herd/b64")).unwrap(), "hello");
         assert_eq!(std::fs::metadata(r.join("var/lib/app")).unwrap().permissions().mode() & 0o777, 0o700);

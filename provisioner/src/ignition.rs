@@ -98,6 +98,7 @@ pub fn render(inv: &Inventory, machine: &Machine) -> Result<ign::Config, RenderE
         etcd_endpoints: members.iter().map(|m| format!("http://{}:{ETCD_CLIENT_PORT}", m.internal.get_ref())).collect(),
         labels: inv.labels_of(machine).into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
         disk: machine.disk.as_ref().map(|d| d.as_str().to_owned()),
+        address: Some(machine.internal.get_ref().to_string()),
     };
     // Serializing a struct of strings, bools and maps with string keys cannot fail.
     let node_json = serde_json::to_string(&node).unwrap_or_default() + "\n";

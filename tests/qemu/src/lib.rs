@@ -296,6 +296,23 @@ impl Lab {
         build_test_initramfs(&self.dir.join("initramfs-root"), &assets.join("initramfs"))
     }
 
+    /// Runs `f` on a thread inside the lab's network namespace (to talk to the VMs: etcd, SSH, HTTP).
+    pub fn in_netns<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> anyhow::Result<T> {
+        let ns = format!("/run/netns/{}", self.ns);
+        let handle = std::thread::spawn(move || -> anyhow::Result<T> {
+            nix::sched::setns(std::fs::File::open(&ns)?, nix::sched::CloneFlags::CLONE_NEWNET)?;
+            Ok(f())
+        });
+        handle.join().map_err(|_| anyhow::anyhow!("the namespace thread panicked"))?
+    }
+
+    /// Stops VM `index` as a power cut would (its disk stays).
+    pub fn power_off(&mut self, index: usize) {
+        let vm = &mut self.vms[index];
+        let _ = vm.child.kill();
+        let _ = vm.child.wait();
+    }
+
     /// Serves a built herd OS image (the output directory of `herdctl image build`) as the boot assets.
     pub fn boot_assets_image(&self, image: &Path) -> anyhow::Result<()> {
         let assets = self.dir.join("assets");

@@ -1,17 +1,37 @@
-//! Machines booted by the provisioner into herd's image: PXE, node-init's network and config stages, install into
-//! slot A of the machine's disk, the verified root, the config applied, healthy reported. Needs root, QEMU, OVMF,
-//! iPXE, and the network mirror for the first image build.
+//! Three machines booted by the provisioner into herd's image form a cluster: PXE (two SeaBIOS, one UEFI), node-init's
+//! network and config stages, install into slot A of each disk, the verified root, the config applied, etcd formed
+//! by the three masters, every machine registered with its labels, a global unit run by systemd on all three, and
+//! a power-cycled machine booting its installed slot without reinstalling. Needs root, QEMU, OVMF, iPXE, and the
+//! network mirror for the first image build.
 #![allow(clippy::unwrap_used)]
 
 use std::path::Path;
 use std::time::Duration;
 
+use herd_cluster::client::ClusterClient;
+use herd_cluster::record::Desired;
+use herd_cluster::store::{Store, TlsFiles};
 use herd_qemu::image::herd_os;
 use herd_qemu::{Firmware, Lab, VmSpec};
 use serde_json::Value;
 
 const READY: &str = "herd-node-init: ready";
-const LIMIT: Duration = Duration::from_secs(300);
+const REGISTERED: &str = "herd-node-init: registered";
+const LIMIT: Duration = Duration::from_secs(600);
+const ENDPOINTS: [&str; 3] = ["http://10.99.0.11:2379", "http://10.99.0.12:2379", "http://10.99.0.13:2379"];
+
+/// A global unit that prints, on each machine's console, what the config put there.
+const CHECK_UNIT: &str = "[Unit]
+Description=prints what the machine's config installed
+[Service]
+Type=oneshot
+RemainAfterExit=yes
+StandardOutput=journal+console
+ExecStart=/bin/sh -c 'echo HERD-CHECK host=$(cat /etc/hostname) user=$(id -un herd) groups=$(id -Gn herd | tr \" \" ,) \
+keys=$(wc -l < /home/herd/.ssh/authorized_keys) etcd=$(systemctl is-enabled etcd) usr=$(touch /usr/x 2>/dev/null && echo rw || echo ro)'
+[X-Fleet]
+Global=true
+";
 
 fn qcow2(path: &Path) {
     let ok = std::process::Command::new("qemu-img")
@@ -28,45 +48,114 @@ fn report(line: &str) -> Value {
     serde_json::from_str(line[line.find(READY).unwrap() + READY.len()..].trim()).unwrap()
 }
 
+fn client() -> ClusterClient {
+    let endpoints: Vec<String> = ENDPOINTS.iter().map(|s| (*s).to_owned()).collect();
+    let rt = tokio::runtime::Handle::current();
+    let store = rt.block_on(Store::connect(&endpoints, &TlsFiles::default(), Duration::from_secs(5))).unwrap();
+    ClusterClient::new(store)
+}
+
 #[test]
-fn a_machine_installs_from_the_provisioner_applies_its_config_and_reboots_into_its_slot() {
+fn three_machines_install_from_the_provisioner_form_etcd_register_and_run_a_global_unit() {
     let inventory = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/qemu-3.toml");
     let mut lab = Lab::new(&inventory).unwrap();
     let image = lab.dir.join("image");
     herd_os(&image, None).unwrap();
     lab.boot_assets_image(&image).unwrap();
     lab.start_provisioner().unwrap();
-    let disk = lab.dir.join("node1.qcow2");
-    qcow2(&disk);
-    let spec = VmSpec::new("node1", Firmware::SeabiosIpxe, &["52:54:00:99:01:01", "52:54:00:99:01:02"])
-        .with_disk(&disk)
-        .memory(1024);
-    let i = lab.start_vm(spec.clone()).unwrap();
-    let (took, line) = lab.vms()[i].wait_for(READY, LIMIT).unwrap();
-    let r = report(&line);
-    assert_eq!(r["boot"]["slot"], "a", "{r}");
-    assert_eq!(r["usr_writable"], false, "{r}");
-    let console = lab.vms()[i].console();
-    assert!(console.contains("herd-initrd: installed"), "the first boot installs");
-    let b = &r["boot"];
-    println!(
-        "figures: node1 first boot: QEMU start -> ready {:.1} s; after the kernel: initramfs {} ms, network {} ms, \
-         config {} ms, installed {} ms, root {} ms, switch_root {} ms",
-        took.as_secs_f64(),
-        b["initrd_started_ms"],
-        b["network_ms"],
-        b["config_ms"],
-        b["installed_ms"],
-        b["root_mounted_ms"],
-        b["switch_root_ms"]
-    );
-    lab.vms()[i].wait_for("reported healthy", Duration::from_secs(120)).unwrap();
-    let machine = lab.api("/api/v1/machines/node1").unwrap();
-    assert_eq!(machine["state"], "running", "{machine}");
-    let timeline = lab.api("/api/v1/machines/node1/timeline").unwrap();
-    let events: Vec<String> =
-        timeline.as_array().unwrap().iter().filter_map(|e| e["event"].as_str().map(str::to_owned)).collect();
-    for stage in ["initramfs", "installing", "installed", "configured", "healthy"] {
-        assert!(events.contains(&format!("phone-home:{stage}")), "no {stage} in {events:?}");
+    let machines = [
+        ("node1", Firmware::SeabiosIpxe, ["52:54:00:99:01:01", "52:54:00:99:01:02"]),
+        ("node2", Firmware::SeabiosIpxe, ["52:54:00:99:02:01", "52:54:00:99:02:02"]),
+        ("node3", Firmware::OvmfIpxeRom, ["52:54:00:99:03:01", "52:54:00:99:03:02"]),
+    ];
+    for (name, firmware, macs) in &machines {
+        let disk = lab.dir.join(format!("{name}.qcow2"));
+        qcow2(&disk);
+        lab.start_vm(VmSpec::new(name, *firmware, macs).with_disk(&disk).memory(1024)).unwrap();
     }
+
+    let mut first = Vec::new();
+    for (i, (name, firmware, _)) in machines.iter().enumerate() {
+        let vm = &lab.vms()[i];
+        let (registered_at, _) = vm.wait_for(REGISTERED, LIMIT).unwrap();
+        let (_, line) = vm.wait_for(READY, Duration::from_secs(1)).unwrap();
+        let r = report(&line);
+        assert_eq!(r["boot"]["slot"], "a", "{name}: {r}");
+        assert_eq!(r["usr_writable"], false, "{name}");
+        assert!(vm.console().contains("herd-initrd: installed"), "{name}: the first boot installs");
+        let b = &r["boot"];
+        println!(
+            "figures: {name} ({firmware:?}) power-on -> registered {:.1} s; after the kernel started: initramfs {} ms, \
+             network {} ms, config {} ms, installed {} ms, verified root {} ms, switch_root {} ms",
+            registered_at.as_secs_f64(),
+            b["initrd_started_ms"],
+            b["network_ms"],
+            b["config_ms"],
+            b["installed_ms"],
+            b["root_mounted_ms"],
+            b["switch_root_ms"],
+        );
+        first.push(r);
+    }
+
+    // etcd formed by the three masters; every machine registered with its inventory labels.
+    let registered = lab
+        .in_netns(|| {
+            let rt = tokio::runtime::Runtime::new().unwrap();
+            let _guard = rt.enter();
+            let c = client();
+            rt.block_on(c.machines()).unwrap()
+        })
+        .unwrap();
+    let mut ids: Vec<&str> = registered.iter().map(|m| m.record.id.as_str()).collect();
+    ids.sort_unstable();
+    assert_eq!(ids, ["node1", "node2", "node3"]);
+    for m in &registered {
+        assert_eq!(m.record.labels.get("herd.io/control-plane").map(String::as_str), Some("true"), "{m:?}");
+        assert_eq!(m.record.labels.get("topology.herd.io/zone").map(String::as_str), Some("a"), "{m:?}");
+        assert_eq!(m.record.rack.as_deref(), Some("vr1"));
+        assert!(m.record.version.as_deref().is_some_and(|v| v.contains("slot a")), "{m:?}");
+        assert!(m.record.memory > 512 << 20, "{m:?}");
+    }
+    for (name, _, _) in &machines {
+        let machine = lab.api(&format!("/api/v1/machines/{name}")).unwrap();
+        assert_eq!(machine["state"], "running", "{machine}");
+        let timeline = lab.api(&format!("/api/v1/machines/{name}/timeline")).unwrap();
+        let events: Vec<String> =
+            timeline.as_array().unwrap().iter().filter_map(|e| e["event"].as_str().map(str::to_owned)).collect();
+        for stage in ["initramfs", "installing", "installed", "configured", "healthy"] {
+            assert!(events.contains(&format!("phone-home:{stage}")), "{name}: no {stage} in {events:?}");
+        }
+    }
+
+    // A global unit, run by each machine's systemd, shows what the config installed there.
+    lab.in_netns(|| {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let _guard = rt.enter();
+        let c = client();
+        rt.block_on(async {
+            c.submit("check.service", CHECK_UNIT, false).await.unwrap();
+            c.set_desired("check.service", Desired::Launched).await.unwrap();
+            c.wait(&["check.service".to_owned()], Some(Desired::Launched), Duration::from_secs(120)).await.unwrap();
+        });
+    })
+    .unwrap();
+    for (i, (name, _, _)) in machines.iter().enumerate() {
+        let (_, line) = lab.vms()[i].wait_for("HERD-CHECK", Duration::from_secs(30)).unwrap();
+        let want = format!("HERD-CHECK host={name} user=herd groups=herd,sudo keys=1 etcd=enabled usr=ro");
+        assert!(line.contains(&want), "{name}: {line}");
+    }
+
+    // Power-cycle node1: it PXE-boots into its installed slot (no reinstall), keeps /etc, and registers again.
+    lab.power_off(0);
+    let disk = lab.dir.join("node1.qcow2");
+    let i =
+        lab.start_vm(VmSpec::new("node1-again", machines[0].1, &machines[0].2).with_disk(&disk).memory(1024)).unwrap();
+    let (took, _) = lab.vms()[i].wait_for(REGISTERED, LIMIT).unwrap();
+    let (_, line) = lab.vms()[i].wait_for(READY, Duration::from_secs(1)).unwrap();
+    let again = report(&line);
+    assert_eq!(again["boot"]["slot"], "a");
+    assert_eq!(again["machine_id"], first[0]["machine_id"], "/etc kept on STATE");
+    assert!(!lab.vms()[i].console().contains("installing to"), "no reinstall");
+    println!("figures: node1 power-cycled -> registered again {:.1} s (no reinstall)", took.as_secs_f64());
 }

@@ -1,0 +1,160 @@
+//! The daemon stage's cluster part: on masters wait for the local etcd member to see a quorum, connect to etcd,
+//! register this machine (id, address, labels, capacity, OS version and slot) under a lease through the unit agent,
+//! run the agent (systemd for `[Service]` units, the Docker Engine — connected on first use — for `[Container]`
+//! units), and on masters also run an engine instance (one of them leads).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use herd_cluster::agent::{Agent, AgentConfig, AgentEvent};
+use herd_cluster::docker::LazyDocker;
+use herd_cluster::engine::{Engine, EngineConfig};
+use herd_cluster::exec::Dispatch;
+use herd_cluster::record::{MachineRecord, now_ms};
+use herd_cluster::store::{Store, TlsFiles};
+use herd_cluster::systemd::SystemdExecutor;
+use herd_inventory::node::NodeConfig;
+use tokio_util::sync::CancellationToken;
+
+use crate::report::SystemReport;
+
+/// How long a master waits for its etcd member to join a quorum.
+const QUORUM_LIMIT: Duration = Duration::from_secs(600);
+/// The agent's lease TTL (the engine's grace period is half of it).
+const TTL: Duration = Duration::from_secs(10);
+/// Where this node keeps its agent instance token (on STATE: it survives reboots, and a cloned disk is caught).
+const INSTANCE: &str = "/var/lib/herd/instance";
+/// The line printed once the machine is registered.
+pub const REGISTERED: &str = "herd-node-init: registered";
+
+/// Waits until the local etcd member reports itself healthy (which needs a leader, so a quorum).
+fn wait_for_quorum() -> Result<Duration, String> {
+    let started = Instant::now();
+    let agent: ureq::Agent = ureq::Agent::config_builder().timeout_global(Some(Duration::from_secs(3))).build().into();
+    let mut said = Instant::now();
+    loop {
+        let health = agent
+            .get("http://127.0.0.1:2379/health")
+            .call()
+            .ok()
+            .and_then(|mut r| r.body_mut().read_json::<serde_json::Value>().ok());
+        if health.as_ref().is_some_and(|h| h["health"] == "true") {
+            return Ok(started.elapsed());
+        }
+        if started.elapsed() > QUORUM_LIMIT {
+            return Err(format!("the local etcd member has no quorum after {} s", QUORUM_LIMIT.as_secs()));
+        }
+        if said.elapsed() > Duration::from_secs(10) {
+            println!("herd-node-init: waiting for etcd to form a quorum ({} s)", started.elapsed().as_secs());
+            said = Instant::now();
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// This node's instance token: read from [`INSTANCE`], or made and stored there.
+fn instance_token() -> Result<String, String> {
+    if let Ok(t) = std::fs::read_to_string(INSTANCE)
+        && !t.trim().is_empty()
+    {
+        return Ok(t.trim().to_owned());
+    }
+    let mut b = [0u8; 16];
+    std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom").map_err(|e| e.to_string())?, &mut b)
+        .map_err(|e| e.to_string())?;
+    let token: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    std::fs::create_dir_all("/var/lib/herd").map_err(|e| e.to_string())?;
+    std::fs::write(INSTANCE, &token).map_err(|e| format!("{INSTANCE}: {e}"))?;
+    Ok(token)
+}
+
+fn memory_bytes() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:")?.trim().strip_suffix("kB")?.trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// The registration of this machine.
+pub fn machine_record(node: &NodeConfig, report: &SystemReport, instance: String) -> MachineRecord {
+    let mut labels: BTreeMap<String, String> = node.labels.clone();
+    labels.entry("rack".into()).or_insert_with(|| node.rack.clone());
+    labels.entry("role".into()).or_insert_with(|| node.role.clone());
+    let version = report.boot.as_ref().map(|b| {
+        let slot = b.slot.map_or("ram".to_owned(), |s| format!("slot {s}"));
+        format!("{} {} ({slot})", b.image, b.release)
+    });
+    MachineRecord {
+        id: node.machine.clone(),
+        hostname: node.machine.clone(),
+        address: node.address.clone(),
+        labels,
+        rack: Some(node.rack.clone()),
+        cpu_millis: std::thread::available_parallelism().map_or(1, |n| n.get() as u64) * 1000,
+        memory: memory_bytes(),
+        instance,
+        reserved: BTreeMap::new(),
+        version,
+        since_ms: now_ms(),
+    }
+}
+
+/// Joins the cluster and runs until the agent stops; `registered` is called once the machine is registered.
+pub fn run(
+    node: &NodeConfig,
+    report: &SystemReport,
+    registered: impl FnOnce(&str) + Send + 'static,
+) -> anyhow::Result<()> {
+    if node.etcd_member {
+        let took = wait_for_quorum().map_err(anyhow::Error::msg)?;
+        println!("herd-node-init: etcd member healthy (quorum) after {:.1} s", took.as_secs_f64());
+    }
+    let instance = instance_token().map_err(anyhow::Error::msg)?;
+    let machine = machine_record(node, report, instance);
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    rt.block_on(async move {
+        let store = loop {
+            match Store::connect(&node.etcd_endpoints, &TlsFiles::default(), Duration::from_secs(5)).await {
+                Ok(s) => break s,
+                Err(e) => {
+                    println!("herd-node-init: etcd at {:?}: {e}; retrying", node.etcd_endpoints);
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                }
+            }
+        };
+        let shutdown = CancellationToken::new();
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            if let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                term.recv().await;
+            }
+            stop.cancel();
+        });
+        if node.etcd_member {
+            let engine = Engine::new(store.clone(), EngineConfig::new(&node.machine));
+            let token = shutdown.clone();
+            tokio::spawn(async move { engine.run(token).await });
+        }
+        let cfg = AgentConfig { machine, ttl: TTL, status_interval: Duration::from_secs(2) };
+        let exec = Arc::new(Dispatch { services: SystemdExecutor::default(), containers: LazyDocker::new(None) });
+        let agent = Agent::new(store, cfg, exec)?;
+        let mut events = agent.events();
+        let id = node.machine.clone();
+        tokio::spawn(async move {
+            while let Ok(e) = events.recv().await {
+                if let AgentEvent::Registered { lease } = e {
+                    let detail = format!("{id} registered in etcd (lease {lease:x})");
+                    println!("{REGISTERED}: {detail}, {} ms after the kernel", crate::initrd::uptime_ms());
+                    registered(&detail);
+                    return;
+                }
+            }
+        });
+        agent.run(shutdown).await.map_err(|e| {
+            eprintln!("herd-node-init: the unit agent stopped: {e}");
+            anyhow::Error::new(e)
+        })
+    })
+}
