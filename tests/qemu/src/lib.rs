@@ -306,6 +306,25 @@ impl Lab {
         handle.join().map_err(|_| anyhow::anyhow!("the namespace thread panicked"))?
     }
 
+    /// Sends a QEMU monitor (HMP) command to VM `index`, e.g. `set_link n0 off` (NIC `i` is netdev `ni`).
+    pub fn monitor(&self, index: usize, command: &str) -> anyhow::Result<String> {
+        use std::io::{Read, Write};
+        let path = self.dir.join(format!("{}.monitor", self.vms[index].spec.name));
+        let mut s = std::os::unix::net::UnixStream::connect(&path).with_context(|| path.display().to_string())?;
+        s.set_read_timeout(Some(Duration::from_millis(500)))?;
+        s.write_all(format!("{command}\n").as_bytes())?;
+        let mut out = Vec::new();
+        let mut buf = [0u8; 4096];
+        // The monitor echoes and answers, then waits at its prompt: read until it goes quiet.
+        while let Ok(n) = s.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            out.extend_from_slice(&buf[..n]);
+        }
+        Ok(String::from_utf8_lossy(&out).into_owned())
+    }
+
     /// Stops VM `index` as a power cut would (its disk stays).
     pub fn power_off(&mut self, index: usize) {
         let vm = &mut self.vms[index];
@@ -400,7 +419,7 @@ impl Lab {
             "-display".into(),
             "none".into(),
             "-monitor".into(),
-            "none".into(),
+            format!("unix:{},server,nowait", self.dir.join(format!("{}.monitor", spec.name)).display()),
             "-serial".into(),
             format!("file:{}", serial.display()),
             "-no-reboot".into(),

@@ -1,7 +1,8 @@
 //! Three machines booted by the provisioner into herd's image form a cluster: PXE (two SeaBIOS, one UEFI), node-init's
 //! network and config stages, install into slot A of each disk, the verified root, the config applied, etcd formed
-//! by the three masters, every machine registered with its labels, a global unit run by systemd on all three, and
-//! a power-cycled machine booting its installed slot without reinstalling. Needs root, QEMU, OVMF, iPXE, and the
+//! by the three masters, every machine registered with its labels, a global unit run by systemd on all three, a
+//! bond losing its active link without the machine losing its etcd session, and a power-cycled machine booting its
+//! installed slot without reinstalling; and a machine whose boot cannot go on stopping with the reason. Needs root, QEMU, OVMF, iPXE, and the
 //! network mirror for the first image build.
 #![allow(clippy::unwrap_used)]
 
@@ -31,6 +32,16 @@ ExecStart=/bin/sh -c 'echo HERD-CHECK host=$(cat /etc/hostname) user=$(id -un he
 keys=$(wc -l < /home/herd/.ssh/authorized_keys) etcd=$(systemctl is-enabled etcd) usr=$(touch /usr/x 2>/dev/null && echo rw || echo ro)'
 [X-Fleet]
 Global=true
+";
+
+/// A unit pinned to node2.
+const PINNED_UNIT: &str = "[Service]
+Type=oneshot
+RemainAfterExit=yes
+StandardOutput=journal+console
+ExecStart=/bin/echo HERD-PINNED on $(hostname)
+[X-Fleet]
+MachineID=node2
 ";
 
 fn qcow2(path: &Path) {
@@ -146,6 +157,29 @@ fn three_machines_install_from_the_provisioner_form_etcd_register_and_run_a_glob
         assert!(line.contains(&want), "{name}: {line}");
     }
 
+    // node2 loses the active link of its active-backup bond: the bond fails over, the machine keeps its etcd
+    // session (no second registration) and still runs what is placed on it.
+    let registrations = |i: usize| lab.vms()[i].console().matches(REGISTERED).count();
+    assert_eq!(registrations(1), 1);
+    let said = lab.monitor(1, "set_link n0 off").unwrap();
+    assert!(!said.contains("not found"), "{said}");
+    lab.in_netns(|| {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let _guard = rt.enter();
+        let c = client();
+        rt.block_on(async {
+            c.submit("pinned.service", PINNED_UNIT, false).await.unwrap();
+            c.set_desired("pinned.service", Desired::Launched).await.unwrap();
+            c.wait(&["pinned.service".to_owned()], Some(Desired::Launched), Duration::from_secs(120)).await.unwrap();
+        });
+    })
+    .unwrap();
+    lab.vms()[1].wait_for("HERD-PINNED", Duration::from_secs(30)).unwrap();
+    assert_eq!(registrations(1), 1, "node2 kept its lease through the link cut");
+    let failovers = lab.vms()[1].console().matches("making interface the new active one").count();
+    assert!(failovers >= 2, "the bond failed over (enslaving makes the first active one)");
+    lab.monitor(1, "set_link n0 on").unwrap();
+
     // Power-cycle node1: it PXE-boots into its installed slot (no reinstall), keeps /etc, and registers again.
     lab.power_off(0);
     let disk = lab.dir.join("node1.qcow2");
@@ -158,4 +192,39 @@ fn three_machines_install_from_the_provisioner_form_etcd_register_and_run_a_glob
     assert_eq!(again["machine_id"], first[0]["machine_id"], "/etc kept on STATE");
     assert!(!lab.vms()[i].console().contains("installing to"), "no reinstall");
     println!("figures: node1 power-cycled -> registered again {:.1} s (no reinstall)", took.as_secs_f64());
+}
+
+#[test]
+fn a_machine_whose_image_is_not_vouched_for_stops_with_the_reason_on_its_console_and_in_the_timeline() {
+    // The inventory gives node1 a kernel argument that trusts another root hash than the image's.
+    let text =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/qemu-3.toml")).unwrap();
+    let zeros = "0".repeat(64);
+    let wrong = text.replacen(
+        "internal = \"10.99.0.11\"",
+        &format!("internal = \"10.99.0.11\"\nkernel_args = [\"herd.verity.roothash={zeros}\"]"),
+        1,
+    );
+    assert_ne!(wrong, text);
+    let scratch = std::env::temp_dir().join(format!("herd-qemu-wrong-{}.toml", std::process::id()));
+    std::fs::write(&scratch, wrong).unwrap();
+    let mut lab = Lab::new(&scratch).unwrap();
+    let image = lab.dir.join("image");
+    herd_os(&image, None).unwrap();
+    lab.boot_assets_image(&image).unwrap();
+    lab.start_provisioner().unwrap();
+    let disk = lab.dir.join("node1.qcow2");
+    qcow2(&disk);
+    let spec = VmSpec::new("node1", Firmware::SeabiosIpxe, &["52:54:00:99:01:01"]).with_disk(&disk).memory(1024);
+    let i = lab.start_vm(spec).unwrap();
+    let (_, line) = lab.vms()[i].wait_for("BOOT STOPPED", LIMIT).unwrap();
+    assert!(line.contains("does not list"), "{line}");
+    assert!(!lab.vms()[i].console().contains("switching to"), "nothing of the root ran");
+    let timeline = lab.api("/api/v1/machines/node1/timeline").unwrap();
+    let failed = timeline.as_array().unwrap().iter().find(|e| e["event"] == "phone-home:failed").cloned();
+    let failed = failed.unwrap_or_else(|| panic!("no phone-home:failed in {timeline}"));
+    assert!(failed.to_string().contains("does not list"), "{failed}");
+    assert_ne!(lab.api("/api/v1/machines/node1").unwrap()["state"], "running");
+    drop(lab);
+    std::fs::remove_file(&scratch).unwrap();
 }
