@@ -191,6 +191,7 @@ fn three_machines_install_from_the_provisioner_form_etcd_register_and_run_a_glob
     assert_eq!(again["boot"]["slot"], "a");
     assert_eq!(again["machine_id"], first[0]["machine_id"], "/etc kept on STATE");
     assert!(!lab.vms()[i].console().contains("installing to"), "no reinstall");
+    assert!(lab.vms()[i].console().contains("herd-initrd: config applied"), "the config applies again at every boot");
     println!("figures: node1 power-cycled -> registered again {:.1} s (no reinstall)", took.as_secs_f64());
 }
 
@@ -225,6 +226,33 @@ fn a_machine_whose_image_is_not_vouched_for_stops_with_the_reason_on_its_console
     let failed = failed.unwrap_or_else(|| panic!("no phone-home:failed in {timeline}"));
     assert!(failed.to_string().contains("does not list"), "{failed}");
     assert_ne!(lab.api("/api/v1/machines/node1").unwrap()["state"], "running");
+    drop(lab);
+    std::fs::remove_file(&scratch).unwrap();
+}
+
+#[test]
+fn a_machine_without_a_disk_runs_the_verified_image_from_ram() {
+    let text =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/qemu-3.toml")).unwrap();
+    let diskless = text.replacen("internal = \"10.99.0.11\"\ndisk = \"/dev/vda\"", "internal = \"10.99.0.11\"", 1);
+    assert_ne!(diskless, text);
+    let scratch = std::env::temp_dir().join(format!("herd-qemu-diskless-{}.toml", std::process::id()));
+    std::fs::write(&scratch, diskless).unwrap();
+    let mut lab = Lab::new(&scratch).unwrap();
+    let image = lab.dir.join("image");
+    let m = herd_os(&image, None).unwrap();
+    lab.boot_assets_image(&image).unwrap();
+    lab.start_provisioner().unwrap();
+    let spec = VmSpec::new("node1", Firmware::SeabiosIpxe, &["52:54:00:99:01:01"]).memory(1024);
+    let i = lab.start_vm(spec).unwrap();
+    let (took, line) = lab.vms()[i].wait_for(READY, LIMIT).unwrap();
+    let r = report(&line);
+    assert!(r["boot"]["source"].as_str().unwrap().starts_with("device /dev/loop"), "{r}");
+    assert_eq!(r["boot"]["state"], "tmpfs", "{r}");
+    assert_eq!(r["boot"]["root_hash"], m.verity.root_hash.as_str());
+    assert_eq!(r["usr_writable"], false, "{r}");
+    assert!(lab.vms()[i].console().contains("running the image from RAM"));
+    println!("figures: diskless node1 power-on -> node-init ready {:.1} s", took.as_secs_f64());
     drop(lab);
     std::fs::remove_file(&scratch).unwrap();
 }
