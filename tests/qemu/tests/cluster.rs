@@ -34,6 +34,14 @@ keys=$(wc -l < /home/herd/.ssh/authorized_keys) etcd=$(systemctl is-enabled etcd
 Global=true
 ";
 
+/// node-init's agent lease TTL.
+const AGENT_TTL: Duration = Duration::from_secs(10);
+
+/// A long-running unit that may run anywhere.
+const MOVER_UNIT: &str = "[Service]
+ExecStart=/bin/sleep infinity
+";
+
 /// A unit pinned to node2.
 const PINNED_UNIT: &str = "[Service]
 Type=oneshot
@@ -193,6 +201,59 @@ fn three_machines_install_from_the_provisioner_form_etcd_register_and_run_a_glob
     assert!(!lab.vms()[i].console().contains("installing to"), "no reinstall");
     assert!(lab.vms()[i].console().contains("herd-initrd: config applied"), "the config applies again at every boot");
     println!("figures: node1 power-cycled -> registered again {:.1} s (no reinstall)", took.as_secs_f64());
+
+    // A machine dies (and with it one of the three etcd members): its unit runs elsewhere within 2 x TTL, scheduled
+    // by the two machines left.
+    let vm_of = |machine: &str| match machine {
+        "node1" => i,
+        "node2" => 1,
+        _ => 2,
+    };
+    let placed_on = lab
+        .in_netns(|| {
+            let rt = tokio::runtime::Runtime::new().unwrap();
+            let _guard = rt.enter();
+            let c = client();
+            rt.block_on(async {
+                c.submit("mover.service", MOVER_UNIT, false).await.unwrap();
+                c.set_desired("mover.service", Desired::Launched).await.unwrap();
+                c.wait(&["mover.service".to_owned()], Some(Desired::Launched), Duration::from_secs(120)).await.unwrap();
+                c.units().await.unwrap().into_iter().find(|u| u.name == "mover.service").unwrap().machines[0]
+                    .machine
+                    .clone()
+            })
+        })
+        .unwrap();
+    lab.power_off(vm_of(&placed_on));
+    let died = std::time::Instant::now();
+    let (moved_to, after) = lab
+        .in_netns(move || {
+            let rt = tokio::runtime::Runtime::new().unwrap();
+            let _guard = rt.enter();
+            let c = client();
+            rt.block_on(async {
+                loop {
+                    let units = c.units().await.unwrap_or_default();
+                    let active = units.iter().find(|u| u.name == "mover.service").and_then(|u| {
+                        u.machines.iter().find(|p| {
+                            p.machine != placed_on && p.state == Some(herd_cluster::record::ActiveState::Active)
+                        })
+                    });
+                    if let Some(p) = active {
+                        return (p.machine.clone(), died.elapsed());
+                    }
+                    assert!(died.elapsed() < Duration::from_secs(120), "mover.service did not move: {units:?}");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            })
+        })
+        .unwrap();
+    println!(
+        "figures: a machine died -> its unit active on {moved_to} after {:.1} s (TTL {} s; etcd down to 2 of 3 members)",
+        after.as_secs_f64(),
+        AGENT_TTL.as_secs()
+    );
+    assert!(after <= 2 * AGENT_TTL, "moved after {after:?}, more than 2 x TTL");
 }
 
 #[test]
