@@ -38,3 +38,21 @@ pub struct NodeConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disk: Option<String>,
 }
+
+/// The bytes of percent-encoded text (the contents of a `data:,` URL, as the provisioner writes config files).
+pub fn percent_decode_bytes(text: &str) -> Result<Vec<u8>, String> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = bytes.get(i + 1..i + 3).and_then(|h| std::str::from_utf8(h).ok());
+            out.push(hex.and_then(|h| u8::from_str_radix(h, 16).ok()).ok_or("bad percent escape in data URL")?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    Ok(out)
+}

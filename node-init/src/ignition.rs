@@ -42,20 +42,7 @@ pub fn data_url(url: &str) -> Result<Vec<u8>, String> {
         use base64::Engine as _;
         return base64::engine::general_purpose::STANDARD.decode(data).map_err(|e| format!("base64: {e}"));
     }
-    let b = data.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' {
-            let hex = b.get(i + 1..i + 3).and_then(|h| std::str::from_utf8(h).ok());
-            out.push(hex.and_then(|h| u8::from_str_radix(h, 16).ok()).ok_or("a bad %-escape in a data: URL")?);
-            i += 3;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    Ok(out)
+    herd_inventory::node::percent_decode_bytes(data)
 }
 
 fn fetch(url: &str) -> Result<Vec<u8>, String> {

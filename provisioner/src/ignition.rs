@@ -258,21 +258,8 @@ pub fn data_url(contents: &str) -> String {
 
 /// The text of a `data:,` URL's percent-encoded contents (the inverse of [`data_url`]'s encoding).
 pub fn percent_decode(text: &str) -> Result<String, String> {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = bytes.get(i + 1..i + 3).and_then(|h| std::str::from_utf8(h).ok());
-            let byte = hex.and_then(|h| u8::from_str_radix(h, 16).ok()).ok_or("bad percent escape in data URL")?;
-            out.push(byte);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).map_err(|_| "data URL is not UTF-8 text".to_owned())
+    let bytes = herd_inventory::node::percent_decode_bytes(text)?;
+    String::from_utf8(bytes).map_err(|_| "data URL is not UTF-8 text".to_owned())
 }
 
 #[cfg(test)]

@@ -67,11 +67,28 @@ fn report(line: &str) -> Value {
     serde_json::from_str(line[line.find(READY).unwrap() + READY.len()..].trim()).unwrap()
 }
 
-fn client() -> ClusterClient {
-    let endpoints: Vec<String> = ENDPOINTS.iter().map(|s| (*s).to_owned()).collect();
-    let rt = tokio::runtime::Handle::current();
-    let store = rt.block_on(Store::connect(&endpoints, &TlsFiles::default(), Duration::from_secs(5))).unwrap();
-    ClusterClient::new(store)
+/// Runs `f` with a client of the VMs' etcd, from inside the lab's network namespace.
+fn with_cluster<T, F>(lab: &Lab, f: impl FnOnce(ClusterClient) -> F + Send + 'static) -> T
+where
+    T: Send + 'static,
+    F: std::future::Future<Output = T>,
+{
+    lab.in_netns(move || {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async move {
+            let endpoints: Vec<String> = ENDPOINTS.iter().map(|s| (*s).to_owned()).collect();
+            let store = Store::connect(&endpoints, &TlsFiles::default(), Duration::from_secs(5)).await.unwrap();
+            f(ClusterClient::new(store)).await
+        })
+    })
+    .unwrap()
+}
+
+/// Submits `text` as `name`, launches it and waits until it is active wherever it is placed.
+async fn launch(c: &ClusterClient, name: &str, text: &str) {
+    c.submit(name, text, false).await.unwrap();
+    c.set_desired(name, Desired::Launched).await.unwrap();
+    c.wait(&[name.to_owned()], Some(Desired::Launched), Duration::from_secs(120)).await.unwrap();
 }
 
 #[test]
@@ -118,14 +135,7 @@ fn three_machines_install_from_the_provisioner_form_etcd_register_and_run_a_glob
     }
 
     // etcd formed by the three masters; every machine registered with its inventory labels.
-    let registered = lab
-        .in_netns(|| {
-            let rt = tokio::runtime::Runtime::new().unwrap();
-            let _guard = rt.enter();
-            let c = client();
-            rt.block_on(c.machines()).unwrap()
-        })
-        .unwrap();
+    let registered = with_cluster(&lab, |c| async move { c.machines().await.unwrap() });
     let mut ids: Vec<&str> = registered.iter().map(|m| m.record.id.as_str()).collect();
     ids.sort_unstable();
     assert_eq!(ids, ["node1", "node2", "node3"]);
@@ -148,17 +158,7 @@ fn three_machines_install_from_the_provisioner_form_etcd_register_and_run_a_glob
     }
 
     // A global unit, run by each machine's systemd, shows what the config installed there.
-    lab.in_netns(|| {
-        let rt = tokio::runtime::Runtime::new().unwrap();
-        let _guard = rt.enter();
-        let c = client();
-        rt.block_on(async {
-            c.submit("check.service", CHECK_UNIT, false).await.unwrap();
-            c.set_desired("check.service", Desired::Launched).await.unwrap();
-            c.wait(&["check.service".to_owned()], Some(Desired::Launched), Duration::from_secs(120)).await.unwrap();
-        });
-    })
-    .unwrap();
+    with_cluster(&lab, |c| async move { launch(&c, "check.service", CHECK_UNIT).await });
     for (i, (name, _, _)) in machines.iter().enumerate() {
         let (_, line) = lab.vms()[i].wait_for("HERD-CHECK", Duration::from_secs(30)).unwrap();
         let want = format!("HERD-CHECK host={name} user=herd groups=herd,sudo keys=1 etcd=enabled usr=ro");
@@ -171,17 +171,7 @@ fn three_machines_install_from_the_provisioner_form_etcd_register_and_run_a_glob
     assert_eq!(registrations(1), 1);
     let said = lab.monitor(1, "set_link n0 off").unwrap();
     assert!(!said.contains("not found"), "{said}");
-    lab.in_netns(|| {
-        let rt = tokio::runtime::Runtime::new().unwrap();
-        let _guard = rt.enter();
-        let c = client();
-        rt.block_on(async {
-            c.submit("pinned.service", PINNED_UNIT, false).await.unwrap();
-            c.set_desired("pinned.service", Desired::Launched).await.unwrap();
-            c.wait(&["pinned.service".to_owned()], Some(Desired::Launched), Duration::from_secs(120)).await.unwrap();
-        });
-    })
-    .unwrap();
+    with_cluster(&lab, |c| async move { launch(&c, "pinned.service", PINNED_UNIT).await });
     lab.vms()[1].wait_for("HERD-PINNED", Duration::from_secs(30)).unwrap();
     assert_eq!(registrations(1), 1, "node2 kept its lease through the link cut");
     let failovers = lab.vms()[1].console().matches("making interface the new active one").count();
@@ -209,45 +199,27 @@ fn three_machines_install_from_the_provisioner_form_etcd_register_and_run_a_glob
         "node2" => 1,
         _ => 2,
     };
-    let placed_on = lab
-        .in_netns(|| {
-            let rt = tokio::runtime::Runtime::new().unwrap();
-            let _guard = rt.enter();
-            let c = client();
-            rt.block_on(async {
-                c.submit("mover.service", MOVER_UNIT, false).await.unwrap();
-                c.set_desired("mover.service", Desired::Launched).await.unwrap();
-                c.wait(&["mover.service".to_owned()], Some(Desired::Launched), Duration::from_secs(120)).await.unwrap();
-                c.units().await.unwrap().into_iter().find(|u| u.name == "mover.service").unwrap().machines[0]
-                    .machine
-                    .clone()
-            })
-        })
-        .unwrap();
+    let placed_on = with_cluster(&lab, |c| async move {
+        launch(&c, "mover.service", MOVER_UNIT).await;
+        c.units().await.unwrap().into_iter().find(|u| u.name == "mover.service").unwrap().machines[0].machine.clone()
+    });
     lab.power_off(vm_of(&placed_on));
     let died = std::time::Instant::now();
-    let (moved_to, after) = lab
-        .in_netns(move || {
-            let rt = tokio::runtime::Runtime::new().unwrap();
-            let _guard = rt.enter();
-            let c = client();
-            rt.block_on(async {
-                loop {
-                    let units = c.units().await.unwrap_or_default();
-                    let active = units.iter().find(|u| u.name == "mover.service").and_then(|u| {
-                        u.machines.iter().find(|p| {
-                            p.machine != placed_on && p.state == Some(herd_cluster::record::ActiveState::Active)
-                        })
-                    });
-                    if let Some(p) = active {
-                        return (p.machine.clone(), died.elapsed());
-                    }
-                    assert!(died.elapsed() < Duration::from_secs(120), "mover.service did not move: {units:?}");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
-            })
-        })
-        .unwrap();
+    let (moved_to, after) = with_cluster(&lab, move |c| async move {
+        loop {
+            let units = c.units().await.unwrap_or_default();
+            let active = units.iter().find(|u| u.name == "mover.service").and_then(|u| {
+                u.machines
+                    .iter()
+                    .find(|p| p.machine != placed_on && p.state == Some(herd_cluster::record::ActiveState::Active))
+            });
+            if let Some(p) = active {
+                return (p.machine.clone(), died.elapsed());
+            }
+            assert!(died.elapsed() < Duration::from_secs(120), "mover.service did not move: {units:?}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
     println!(
         "figures: a machine died -> its unit active on {moved_to} after {:.1} s (TTL {} s; etcd down to 2 of 3 members)",
         after.as_secs_f64(),
