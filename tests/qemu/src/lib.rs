@@ -224,6 +224,13 @@ impl Vm {
     }
 }
 
+impl Vm {
+    /// Like [`Vm::wait_for`], but allows `within` from now rather than from the VM's start.
+    pub fn wait_for_within(&self, marker: &str, within: Duration) -> anyhow::Result<(Duration, String)> {
+        self.wait_for(marker, self.started.elapsed() + within)
+    }
+}
+
 impl Drop for Vm {
     fn drop(&mut self) {
         let _ = self.child.kill();

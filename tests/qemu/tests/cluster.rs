@@ -114,7 +114,7 @@ fn three_machines_install_from_the_provisioner_form_etcd_register_and_run_a_glob
     for (i, (name, firmware, _)) in machines.iter().enumerate() {
         let vm = &lab.vms()[i];
         let (registered_at, _) = vm.wait_for(REGISTERED, LIMIT).unwrap();
-        let (_, line) = vm.wait_for(READY, Duration::from_secs(1)).unwrap();
+        let (_, line) = vm.wait_for_within(READY, Duration::from_secs(1)).unwrap();
         let r = report(&line);
         assert_eq!(r["boot"]["slot"], "a", "{name}: {r}");
         assert_eq!(r["usr_writable"], false, "{name}");
@@ -160,7 +160,7 @@ fn three_machines_install_from_the_provisioner_form_etcd_register_and_run_a_glob
     // A global unit, run by each machine's systemd, shows what the config installed there.
     with_cluster(&lab, |c| async move { launch(&c, "check.service", CHECK_UNIT).await });
     for (i, (name, _, _)) in machines.iter().enumerate() {
-        let (_, line) = lab.vms()[i].wait_for("HERD-CHECK", Duration::from_secs(30)).unwrap();
+        let (_, line) = lab.vms()[i].wait_for_within("HERD-CHECK", Duration::from_secs(30)).unwrap();
         let want = format!("HERD-CHECK host={name} user=herd groups=herd,sudo keys=1 etcd=enabled usr=ro");
         assert!(line.contains(&want), "{name}: {line}");
     }
@@ -172,7 +172,7 @@ fn three_machines_install_from_the_provisioner_form_etcd_register_and_run_a_glob
     let said = lab.monitor(1, "set_link n0 off").unwrap();
     assert!(!said.contains("not found"), "{said}");
     with_cluster(&lab, |c| async move { launch(&c, "pinned.service", PINNED_UNIT).await });
-    lab.vms()[1].wait_for("HERD-PINNED", Duration::from_secs(30)).unwrap();
+    lab.vms()[1].wait_for_within("HERD-PINNED", Duration::from_secs(30)).unwrap();
     assert_eq!(registrations(1), 1, "node2 kept its lease through the link cut");
     let failovers = lab.vms()[1].console().matches("making interface the new active one").count();
     assert!(failovers >= 2, "the bond failed over (enslaving makes the first active one)");
@@ -184,7 +184,7 @@ fn three_machines_install_from_the_provisioner_form_etcd_register_and_run_a_glob
     let i =
         lab.start_vm(VmSpec::new("node1-again", machines[0].1, &machines[0].2).with_disk(&disk).memory(1024)).unwrap();
     let (took, _) = lab.vms()[i].wait_for(REGISTERED, LIMIT).unwrap();
-    let (_, line) = lab.vms()[i].wait_for(READY, Duration::from_secs(1)).unwrap();
+    let (_, line) = lab.vms()[i].wait_for_within(READY, Duration::from_secs(1)).unwrap();
     let again = report(&line);
     assert_eq!(again["boot"]["slot"], "a");
     assert_eq!(again["machine_id"], first[0]["machine_id"], "/etc kept on STATE");
