@@ -65,7 +65,16 @@ fn instance_token() -> Result<String, String> {
         .map_err(|e| e.to_string())?;
     let token: String = b.iter().map(|x| format!("{x:02x}")).collect();
     std::fs::create_dir_all("/var/lib/herd").map_err(|e| e.to_string())?;
-    std::fs::write(INSTANCE, &token).map_err(|e| format!("{INSTANCE}: {e}"))?;
+    // Atomically: a crash leaves the old token or the new one, never half of one.
+    let tmp = format!("{INSTANCE}.tmp");
+    let write = || -> std::io::Result<()> {
+        let mut f = std::fs::File::create(&tmp)?;
+        std::io::Write::write_all(&mut f, token.as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, INSTANCE)?;
+        std::fs::File::open("/var/lib/herd")?.sync_all()
+    };
+    write().map_err(|e| format!("{INSTANCE}: {e}"))?;
     Ok(token)
 }
 
