@@ -137,7 +137,9 @@ impl Vm {
     /// up early when the console shows a line that cannot lead there (iPXE "Nothing to boot").
     pub fn wait_for(&self, marker: &str, limit: Duration) -> anyhow::Result<(Duration, String)> {
         loop {
-            let console = self.console();
+            let mut console = self.console();
+            // Only whole lines: the VM may be in the middle of writing the one with the marker.
+            console.truncate(console.rfind('\n').map_or(0, |i| i + 1));
             if let Some(line) = console.lines().find(|l| l.contains(marker)) {
                 return Ok((self.started.elapsed(), line.to_owned()));
             }
