@@ -281,6 +281,13 @@ impl ClusterClient {
         Ok(self.store.delete(&Key::Cordon(key).path()).await?)
     }
 
+    /// What the engine saw happen to a machine (registered, suspect, dead, back), oldest first.
+    pub async fn machine_events(&self, machine: &str) -> Result<Vec<record::MachineEvent>, ClientError> {
+        let key = MachineKey::new(machine).ok_or_else(|| ClientError::NoMachine(machine.into()))?;
+        let (kvs, _) = self.store.get_prefix(&schema::events_prefix(&key)).await?;
+        Ok(kvs.iter().filter_map(|kv| record::decode(kv.value())).collect())
+    }
+
     /// Adds an image to the cluster-wide pre-warm list.
     pub async fn prewarm_add(&self, image: &str) -> Result<(), ClientError> {
         let key = Key::Prewarm(schema::image_id(image)).path();

@@ -95,6 +95,8 @@ struct View {
     leaving: BTreeMap<UnitName, String>,
     /// Unit → why it is not placed, as written to `unplaced/`.
     unplaced: BTreeMap<UnitName, String>,
+    /// Machine events seen but not yet written to `events/`: (machine, event, detail).
+    events: Vec<(String, &'static str, String)>,
 }
 
 impl Engine {
@@ -267,6 +269,9 @@ impl Engine {
         let mut rounds = 0u64;
         let mut dirty = true;
         loop {
+            if !view.events.is_empty() {
+                self.record_events(&mut view).await;
+            }
             if dirty {
                 rounds += 1;
                 self.reconcile(&mut view, term.epoch, &guard, rounds).await?;
@@ -311,6 +316,8 @@ impl Engine {
                     for m in dead {
                         tracing::info!(machine = %m, "machine dead: moving its units");
                         view.suspects.remove(&m);
+                        let detail = format!("suspect for {:?}: its units move", self.cfg.grace);
+                        view.events.push((m, "dead", detail));
                     }
                     dirty = true;
                 }
@@ -329,11 +336,22 @@ impl Engine {
                     let id = m.to_string();
                     if put {
                         if let Some(r) = record::decode::<MachineRecord>(kv.value()) {
-                            view.suspects.remove(&id);
+                            let detail = [r.address.as_deref(), r.version.as_deref()]
+                                .into_iter()
+                                .flatten()
+                                .collect::<Vec<_>>()
+                                .join(", ");
+                            if view.suspects.remove(&id).is_some() {
+                                view.events.push((id.clone(), "back", detail));
+                            } else if !view.machines.contains_key(&id) {
+                                view.events.push((id.clone(), "registered", detail));
+                            }
                             view.machines.insert(id, r);
                         }
                     } else if let Some(r) = view.machines.remove(&id) {
                         tracing::info!(machine = %id, "registration gone: suspect for {:?}", self.cfg.grace);
+                        let detail = format!("registration gone; its units move after {:?}", self.cfg.grace);
+                        view.events.push((id.clone(), "suspect", detail));
                         view.suspects.insert(id, (r, Instant::now() + self.cfg.grace));
                     }
                 }
@@ -344,6 +362,31 @@ impl Engine {
                     };
                 }
                 _ => {}
+            }
+        }
+    }
+
+    /// Writes the machine events seen since the last call, keeping the last [`schema::EVENTS_KEPT`] per machine.
+    /// Best effort: the events are for people reading a machine's timeline, and nothing depends on them.
+    async fn record_events(&self, view: &mut View) {
+        let mut touched = std::collections::BTreeSet::new();
+        let mut at = record::now_ms();
+        for (machine, event, detail) in std::mem::take(&mut view.events) {
+            let Some(key) = schema::MachineKey::new(&machine) else { continue };
+            let e = record::MachineEvent { at_ms: at, event: event.to_owned(), detail };
+            if let Err(err) = self.store.put(&Key::Event(key.clone(), at).path(), record::encode(&e), None).await {
+                tracing::warn!(machine = %machine, "cannot record machine event {event}: {err}");
+            }
+            // Two events of one round keep their order.
+            at += 1;
+            touched.insert(key);
+        }
+        for key in touched {
+            let Ok((kvs, _)) = self.store.get_prefix(&schema::events_prefix(&key)).await else { continue };
+            for kv in kvs.iter().take(kvs.len().saturating_sub(schema::EVENTS_KEPT)) {
+                if let Ok(k) = kv.key_str() {
+                    let _ = self.store.delete(k).await;
+                }
             }
         }
     }

@@ -143,6 +143,18 @@ pub struct CordonRecord {
     pub since_ms: u64,
 }
 
+/// `events/MACHINE/MS`: something the engine saw happen to a machine.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MachineEvent {
+    /// When, ms since the Unix epoch.
+    pub at_ms: u64,
+    /// `registered`, `suspect` (its registration is gone), `dead` (the grace ran out: its units move), `back`
+    /// (registered again while suspect).
+    pub event: String,
+    /// More about it.
+    pub detail: String,
+}
+
 /// `prewarm/IMAGE`: an image every machine pulls before it becomes schedulable.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PrewarmRecord {

@@ -56,7 +56,13 @@ pub enum Key {
     Cordon(MachineKey),
     /// `unplaced/UNIT`: why the engine could not place the unit (written by the leader, removed once placed).
     Unplaced(UnitName),
+    /// `events/MACHINE/MS`: what the engine saw happen to a machine (registered, suspect, dead, back), at MS ms
+    /// since the Unix epoch (zero-padded, so keys sort by time). The leader keeps the last [`EVENTS_KEPT`].
+    Event(MachineKey, u64),
 }
+
+/// How many events the engine keeps per machine.
+pub const EVENTS_KEPT: usize = 32;
 
 impl Key {
     /// The full key.
@@ -71,6 +77,7 @@ impl Key {
             Key::Prewarm(image) => format!("{ROOT}prewarm/{image}"),
             Key::Cordon(m) => format!("{ROOT}cordon/{m}"),
             Key::Unplaced(u) => format!("{ROOT}unplaced/{u}"),
+            Key::Event(m, ms) => format!("{ROOT}events/{m}/{ms:020}"),
         }
     }
 
@@ -89,6 +96,7 @@ impl Key {
             ["prewarm", image] if !image.is_empty() => Key::Prewarm((*image).to_owned()),
             ["cordon", m] => Key::Cordon(MachineKey::new(m)?),
             ["unplaced", u] => Key::Unplaced(unit(u)?),
+            ["events", m, ms] if ms.len() == 20 => Key::Event(MachineKey::new(m)?, ms.parse().ok()?),
             _ => return None,
         })
     }
@@ -117,6 +125,11 @@ pub fn prefix(kind: &str) -> String {
 /// The prefix of one unit's states on every machine.
 pub fn state_prefix(unit: &UnitName) -> String {
     format!("{ROOT}state/{unit}/")
+}
+
+/// The prefix of one machine's events.
+pub fn events_prefix(machine: &MachineKey) -> String {
+    format!("{ROOT}events/{machine}/")
 }
 
 /// The prefix of every registration.
@@ -148,6 +161,7 @@ mod tests {
             Key::Prewarm(image_id("127.0.0.1:5000/herd/busybox:1")),
             Key::Cordon(m("r01-m02")),
             Key::Unplaced(u("db@2.service")),
+            Key::Event(m("r01-m02"), 1_795_000_000_123),
         ] {
             assert_eq!(Key::parse(&key.path()), Some(key.clone()), "{}", key.path());
         }
@@ -162,11 +176,20 @@ mod tests {
             "/herd/v1/schedule/m1/x/web.service",
             "/herd/v1/engine/other",
             "/herd/v1/prewarm/",
+            "/herd/v1/events/m1/123",
         ] {
             assert_eq!(Key::parse(path), None, "{path}");
         }
         assert!(MachineKey::new("a/b").is_none());
         assert!(MachineKey::new(&"x".repeat(65)).is_none());
+    }
+
+    #[test]
+    fn events_sort_by_time_as_keys() {
+        let early = Key::Event(m("m1"), 999).path();
+        let late = Key::Event(m("m1"), 1_000).path();
+        assert!(early < late, "{early} {late}");
+        assert!(late.starts_with(&events_prefix(&m("m1"))));
     }
 
     #[test]

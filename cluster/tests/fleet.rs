@@ -190,6 +190,13 @@ async fn machine_of_pairs_move_together_a_leaving_machine_moves_exactly_its_unit
     let l = &after.iter().find(|(n, _)| n == "leader.service").unwrap().1;
     let f = &after.iter().find(|(n, _)| n == "follower.service").unwrap().1;
     assert_eq!(l, f, "the MachineOf pair moved together");
+    // The engine recorded what happened to the machines, in order, for their timelines.
+    let client = &lab.client;
+    let events = |m: String| async move {
+        client.machine_events(&m).await.unwrap().into_iter().map(|e| e.event).collect::<Vec<_>>()
+    };
+    assert_eq!(events(leader_on.clone()).await, ["suspect", "dead"], "{leader_on}");
+    assert_eq!(events("m4".into()).await, ["registered"]);
     eprintln!("failover took {took:?} (TTL {TTL:?}, grace {GRACE:?})");
 }
 

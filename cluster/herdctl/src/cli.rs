@@ -340,7 +340,8 @@ pub enum MachineCommand {
         #[arg(long, short = 'o', value_enum, default_value_t)]
         output: Output,
     },
-    /// The machine's boot timeline: every DHCP, TFTP, HTTP and phone-home step, timestamped.
+    /// The machine's boot timeline: every DHCP, TFTP, HTTP and phone-home step, timestamped, and what the cluster
+    /// saw (registered, suspect, dead, back) when etcd can be reached.
     Timeline {
         /// The machine's name.
         name: String,

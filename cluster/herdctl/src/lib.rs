@@ -37,7 +37,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             match command {
                 MachineCommand::List { output } => api.list(output),
                 MachineCommand::Show { name, output } => api.show(&name, output),
-                MachineCommand::Timeline { name, output } => api.timeline(&name, output),
+                MachineCommand::Timeline { name, output } => api.timeline(&name, &cli.cluster, output),
                 MachineCommand::Reprovision { name } => api.reprovision(&name),
                 MachineCommand::Cordon { name } => unit_cmd::Cluster::connect(&cli.cluster)?.cordon(&name, false),
                 MachineCommand::Uncordon { name } => unit_cmd::Cluster::connect(&cli.cluster)?.uncordon(&name),

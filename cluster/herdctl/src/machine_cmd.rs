@@ -1,4 +1,5 @@
-//! `herdctl machine list|show|timeline|reprovision`: the provisioner's JSON API (docs/provisioner-api.md).
+//! `herdctl machine list|show|timeline|reprovision`: the provisioner's JSON API (docs/provisioner-api.md); the
+//! timeline adds the cluster's events of the machine.
 
 use std::process::ExitCode;
 
@@ -6,8 +7,9 @@ use anyhow::Context as _;
 use herd_provisioner::http::MachineSummary;
 use herd_provisioner::machines::TimelineEntry;
 
-use crate::cli::Output;
+use crate::cli::{ClusterArgs, Output};
 use crate::table;
+use crate::unit_cmd::Cluster;
 
 /// A client of one provisioner.
 pub(crate) struct Api {
@@ -64,13 +66,21 @@ impl Api {
         Ok(ExitCode::SUCCESS)
     }
 
-    pub(crate) fn timeline(&self, name: &str, output: Output) -> anyhow::Result<ExitCode> {
+    /// The provisioner's timeline of `name`, merged with what the cluster's engine saw happen to the machine when
+    /// `cluster` can be reached (a note on stderr says when it cannot).
+    pub(crate) fn timeline(&self, name: &str, cluster: &ClusterArgs, output: Output) -> anyhow::Result<ExitCode> {
         let value = self.get(&format!("/api/v1/machines/{name}/timeline"))?;
+        let mut entries: Vec<TimelineEntry> = serde_json::from_value(value)?;
+        match Cluster::connect(cluster).and_then(|c| c.machine_events(name)) {
+            Ok(events) => entries.extend(events),
+            Err(e) => eprintln!("herdctl: the cluster's events of {name} are left out: {e:#}"),
+        }
+        // Stable: entries of the same millisecond keep their source order.
+        entries.sort_by_key(|e| e.at_ms);
         if output == Output::Json {
-            println!("{}", serde_json::to_string_pretty(&value)?);
+            println!("{}", serde_json::to_string_pretty(&entries)?);
             return Ok(ExitCode::SUCCESS);
         }
-        let entries: Vec<TimelineEntry> = serde_json::from_value(value)?;
         let first = entries.first().map_or(0, |e| e.at_ms);
         let rows: Vec<Vec<String>> = entries
             .iter()

@@ -2,6 +2,7 @@
 //! list-unit-files, status, journal), machines of the cluster (list-machines, ssh, cordon, uncordon, drain) and the
 //! pre-warm list. They talk to etcd (`--endpoint`, TLS flags, or `--tunnel` over SSH) and to machines over SSH.
 
+use herd_provisioner::machines::TimelineEntry;
 use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -71,6 +72,15 @@ impl Cluster {
             format!("etcd at {} does not answer; check --endpoint and the TLS flags", args.endpoint.join(","))
         })?;
         Ok(Cluster { rt, client: ClusterClient::new(store), login, _tunnel: tunnel })
+    }
+
+    /// What the engine saw happen to `machine`, as timeline entries (`cluster:registered`, `cluster:dead`, ...).
+    pub(crate) fn machine_events(&self, machine: &str) -> anyhow::Result<Vec<TimelineEntry>> {
+        let events = self.rt.block_on(self.client.machine_events(machine))?;
+        Ok(events
+            .into_iter()
+            .map(|e| TimelineEntry { at_ms: e.at_ms, event: format!("cluster:{}", e.event), detail: e.detail })
+            .collect())
     }
 
     /// Names the units of `args`, submitting those given as files.

@@ -42,7 +42,8 @@ pub const PROVISIONER_IP: &str = "10.99.0.2";
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
-fn ip(args: &[&str]) -> anyhow::Result<()> {
+/// Runs `ip ARGS`; its stderr is the error.
+pub fn ip(args: &[&str]) -> anyhow::Result<()> {
     let out = Command::new("ip").args(args).output().context("cannot run ip (apt install iproute2)")?;
     if !out.status.success() {
         bail!("ip {args:?}: {}", String::from_utf8_lossy(&out.stderr).trim());
@@ -277,22 +278,7 @@ impl Lab {
             mode: Mode::Full,
             hosts: Vec::new(),
         };
-        ip(&["netns", "add", &lab.ns])?;
-        ip(&["-n", &lab.ns, "link", "set", "lo", "up"])?;
-        ip(&["-n", &lab.ns, "link", "add", &lab.bridge, "type", "bridge", "forward_delay", "0"])?;
-        ip(&["-n", &lab.ns, "addr", "add", &format!("{PROVISIONER_IP}/24"), "dev", &lab.bridge])?;
-        ip(&["-n", &lab.ns, "addr", "add", "10.99.0.1/24", "dev", &lab.bridge])?;
-        ip(&["-n", &lab.ns, "link", "set", &lab.bridge, "up"])?;
-        // Packets the namespace's own stack sends through the bridge to a tap otherwise leave with a partial UDP
-        // checksum (offload); QEMU fixes that up only for packets from port 67, so iPXE would drop the
-        // ProxyDHCPACK from port 4011 as corrupt. A physical NIC computes the checksum; here the kernel must.
-        let ethtool = Command::new("ip")
-            .args(["netns", "exec", &lab.ns, "ethtool", "-K", &lab.bridge, "tx", "off"])
-            .output()
-            .context("cannot run ethtool (apt install ethtool)")?;
-        if !ethtool.status.success() {
-            bail!("ethtool -K {} tx off: {}", lab.bridge, String::from_utf8_lossy(&ethtool.stderr).trim());
-        }
+        bridge_netns(&lab.ns, &lab.bridge, &[&format!("{PROVISIONER_IP}/24"), "10.99.0.1/24"])?;
         Ok(lab)
     }
 
@@ -405,69 +391,16 @@ impl Lab {
     fn tap(&mut self) -> anyhow::Result<String> {
         self.taps += 1;
         let tap = format!("tap{}", self.taps);
-        ip(&["-n", &self.ns, "tuntap", "add", &tap, "mode", "tap"])?;
-        ip(&["-n", &self.ns, "link", "set", &tap, "master", &self.bridge])?;
-        ip(&["-n", &self.ns, "link", "set", &tap, "up"])?;
+        add_tap(&self.ns, &self.bridge, &tap)?;
         Ok(tap)
     }
 
     /// Starts a VM on the bridge; returns its index in [`Lab::vms`].
     pub fn start_vm(&mut self, spec: VmSpec) -> anyhow::Result<usize> {
         let serial = self.dir.join(format!("{}.serial.log", spec.name));
-        let mut args: Vec<String> = vec![
-            "netns".into(),
-            "exec".into(),
-            self.ns.clone(),
-            "qemu-system-x86_64".into(),
-            "-accel".into(),
-            "tcg".into(),
-            "-smp".into(),
-            "1".into(),
-            "-m".into(),
-            spec.memory_mb.to_string(),
-            "-display".into(),
-            "none".into(),
-            "-monitor".into(),
-            format!("unix:{},server,nowait", self.dir.join(format!("{}.monitor", spec.name)).display()),
-            "-serial".into(),
-            format!("file:{}", serial.display()),
-            "-no-reboot".into(),
-            // Entropy from the host: TCG's CPU has no RDRAND, and the kernel's pool would take minutes.
-            "-device".into(),
-            "virtio-rng-pci".into(),
-        ];
-        match spec.firmware {
-            Firmware::SeabiosIpxe => args.extend(["-machine".into(), "pc,graphics=off".into()]),
-            Firmware::OvmfIpxeRom | Firmware::OvmfNativePxe => {
-                let vars = self.dir.join(format!("{}.vars.fd", spec.name));
-                std::fs::copy(OVMF_VARS, &vars).with_context(|| format!("no {OVMF_VARS} (apt install ovmf)"))?;
-                args.extend([
-                    "-machine".into(),
-                    "q35".into(),
-                    "-nodefaults".into(),
-                    "-drive".into(),
-                    format!("if=pflash,format=raw,readonly=on,file={OVMF_CODE}"),
-                    "-drive".into(),
-                    format!("if=pflash,format=raw,file={}", vars.display()),
-                ]);
-            }
-        }
-        for (i, mac) in spec.macs.iter().enumerate() {
-            let tap = self.tap()?;
-            args.extend(["-netdev".into(), format!("tap,id=n{i},ifname={tap},script=no,downscript=no")]);
-            let mut device = format!("virtio-net-pci,netdev=n{i},mac={mac}");
-            if i == spec.boot_nic {
-                device.push_str(",bootindex=1");
-            }
-            if spec.firmware == Firmware::OvmfNativePxe {
-                device.push_str(",romfile=");
-            }
-            args.extend(["-device".into(), device]);
-        }
-        if let Some(disk) = &spec.disk {
-            let format = if herd_images::slot::is_qcow2(disk) { "qcow2" } else { "raw" };
-            args.extend(["-drive".into(), format!("file={},format={format},if=virtio", disk.display())]);
-        }
+        let taps = spec.macs.iter().map(|_| self.tap()).collect::<anyhow::Result<Vec<_>>>()?;
+        let mut args: Vec<String> = vec!["netns".into(), "exec".into(), self.ns.clone(), "qemu-system-x86_64".into()];
+        args.extend(pxe_qemu_args(&spec, &self.dir, &taps)?);
         let log = std::fs::File::create(self.dir.join(format!("{}.qemu.log", spec.name)))?;
         let child = Command::new("ip")
             .args(&args)
@@ -531,6 +464,93 @@ impl Lab {
         }
         Ok(serde_json::from_slice(&out.stdout)?)
     }
+}
+
+/// Creates network namespace `ns` with loopback up and a bridge `bridge` carrying the addresses `cidrs`.
+pub fn bridge_netns(ns: &str, bridge: &str, cidrs: &[&str]) -> anyhow::Result<()> {
+    ip(&["netns", "add", ns])?;
+    ip(&["-n", ns, "link", "set", "lo", "up"])?;
+    ip(&["-n", ns, "link", "add", bridge, "type", "bridge", "forward_delay", "0"])?;
+    for cidr in cidrs {
+        ip(&["-n", ns, "addr", "add", cidr, "dev", bridge])?;
+    }
+    ip(&["-n", ns, "link", "set", bridge, "up"])?;
+    // Packets the namespace's own stack sends through the bridge to a tap otherwise leave with a partial UDP
+    // checksum (offload); QEMU fixes that up only for packets from port 67, so iPXE would drop the
+    // ProxyDHCPACK from port 4011 as corrupt. A physical NIC computes the checksum; here the kernel must.
+    let ethtool = Command::new("ip")
+        .args(["netns", "exec", ns, "ethtool", "-K", bridge, "tx", "off"])
+        .output()
+        .context("cannot run ethtool (apt install ethtool)")?;
+    if !ethtool.status.success() {
+        bail!("ethtool -K {bridge} tx off: {}", String::from_utf8_lossy(&ethtool.stderr).trim());
+    }
+    Ok(())
+}
+
+/// Adds tap device `tap` to `bridge` in namespace `ns`, up.
+pub fn add_tap(ns: &str, bridge: &str, tap: &str) -> anyhow::Result<()> {
+    ip(&["-n", ns, "tuntap", "add", tap, "mode", "tap"])?;
+    ip(&["-n", ns, "link", "set", tap, "master", bridge])?;
+    ip(&["-n", ns, "link", "set", tap, "up"])
+}
+
+/// The arguments of `qemu-system-x86_64` for a TCG VM that boots from the network: one NIC per MAC of `spec` on
+/// the tap of the same index, console to `dir/NAME.serial.log`, HMP monitor on `dir/NAME.monitor`, the OVMF
+/// variable store copied to `dir/NAME.vars.fd`.
+pub fn pxe_qemu_args(spec: &VmSpec, dir: &Path, taps: &[String]) -> anyhow::Result<Vec<String>> {
+    let serial = dir.join(format!("{}.serial.log", spec.name));
+    let mut args: Vec<String> = vec![
+        "-accel".into(),
+        "tcg".into(),
+        "-smp".into(),
+        "1".into(),
+        "-m".into(),
+        spec.memory_mb.to_string(),
+        "-display".into(),
+        "none".into(),
+        "-monitor".into(),
+        format!("unix:{},server,nowait", dir.join(format!("{}.monitor", spec.name)).display()),
+        "-serial".into(),
+        format!("file:{}", serial.display()),
+        "-no-reboot".into(),
+        // Entropy from the host: TCG's CPU has no RDRAND, and the kernel's pool would take minutes.
+        "-device".into(),
+        "virtio-rng-pci".into(),
+    ];
+    match spec.firmware {
+        Firmware::SeabiosIpxe => args.extend(["-machine".into(), "pc,graphics=off".into()]),
+        Firmware::OvmfIpxeRom | Firmware::OvmfNativePxe => {
+            let vars = dir.join(format!("{}.vars.fd", spec.name));
+            std::fs::copy(OVMF_VARS, &vars).with_context(|| format!("no {OVMF_VARS} (apt install ovmf)"))?;
+            args.extend([
+                "-machine".into(),
+                "q35".into(),
+                "-nodefaults".into(),
+                "-drive".into(),
+                format!("if=pflash,format=raw,readonly=on,file={OVMF_CODE}"),
+                "-drive".into(),
+                format!("if=pflash,format=raw,file={}", vars.display()),
+            ]);
+        }
+    }
+    for (i, mac) in spec.macs.iter().enumerate() {
+        let tap = taps.get(i).with_context(|| format!("no tap for NIC {i}"))?;
+        args.extend(["-netdev".into(), format!("tap,id=n{i},ifname={tap},script=no,downscript=no")]);
+        let mut device = format!("virtio-net-pci,netdev=n{i},mac={mac}");
+        if i == spec.boot_nic {
+            device.push_str(",bootindex=1");
+        }
+        if spec.firmware == Firmware::OvmfNativePxe {
+            device.push_str(",romfile=");
+        }
+        args.extend(["-device".into(), device]);
+    }
+    if let Some(disk) = &spec.disk {
+        let format = if herd_images::slot::is_qcow2(disk) { "qcow2" } else { "raw" };
+        args.extend(["-drive".into(), format!("file={},format={format},if=virtio", disk.display())]);
+    }
+    Ok(args)
 }
 
 impl Drop for Lab {
