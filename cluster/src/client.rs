@@ -35,6 +35,16 @@ pub enum ClientError {
     /// Templates are not run themselves.
     #[error("{0} is a template; start an instance of it, e.g. {1}")]
     Template(UnitName, String),
+    /// A unit being launched failed on a machine.
+    #[error("{unit} failed on {machine}: {detail}; see herdctl status {unit}")]
+    Failed {
+        /// The unit.
+        unit: String,
+        /// Where.
+        machine: String,
+        /// What its agent reported.
+        detail: String,
+    },
     /// Waiting ran out of time.
     #[error("timed out after {after:?} waiting for {what}")]
     Timeout {
@@ -322,6 +332,16 @@ impl ClusterClient {
                 .collect();
             if pending.is_empty() {
                 return Ok(());
+            }
+            // Launching: a failure reported by an agent ends the wait (it would not go away by waiting).
+            if target == Some(Desired::Launched) {
+                let failed = units.iter().filter(|u| pending.contains(&&u.name)).find_map(|u| {
+                    let p = u.machines.iter().find(|p| p.state == Some(ActiveState::Failed))?;
+                    Some((u.name.clone(), p.machine.clone(), p.detail.clone().unwrap_or_default()))
+                });
+                if let Some((unit, machine, detail)) = failed {
+                    return Err(ClientError::Failed { unit, machine, detail });
+                }
             }
             if tokio::time::Instant::now() >= deadline {
                 let what = pending.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ");

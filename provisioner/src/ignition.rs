@@ -202,10 +202,12 @@ pub fn has_install_section(contents: &str) -> bool {
     contents.lines().any(|l| l.trim() == "[Install]")
 }
 
+/// The admin user (`herd`, as CoreOS's `core`): in `sudo`, and in the groups that read every journal (`adm`,
+/// `systemd-journal`) and drive the Docker Engine (`docker`), so `herdctl status/journal` work over SSH.
 fn admin_user(keys: Vec<String>) -> ign::User {
     ign::User {
         gecos: Some("herd admin".to_owned()),
-        groups: Some(vec!["sudo".to_owned()]),
+        groups: Some(["sudo", "adm", "systemd-journal", "docker"].map(str::to_owned).to_vec()),
         home_dir: None,
         name: ADMIN_USER.to_owned(),
         no_create_home: None,

@@ -166,6 +166,20 @@ pub enum Command {
         #[command(subcommand)]
         command: ImageCommand,
     },
+    /// A QEMU cluster on this host, booted by the provisioner: `herdctl demo` brings it up (image, network
+    /// namespace, provisioner, registry, three machines that PXE-boot, install, form etcd and register, a web
+    /// container and a global unit), `herdctl demo down` removes all of it. Needs root.
+    Demo {
+        /// up (the default), down, power-off NAME, power-on NAME.
+        #[command(subcommand)]
+        command: Option<DemoCommand>,
+        /// Where the demo keeps its files.
+        #[command(flatten)]
+        args: DemoArgs,
+        /// Print progress and tables, or a JSON summary.
+        #[arg(long, short = 'o', value_enum, default_value_t, global = true)]
+        output: Output,
+    },
     /// Benchmarks with hollow machines (the real agent code, a recording executor) against a real etcd.
     Bench {
         /// Which benchmark.
@@ -428,6 +442,57 @@ pub enum Output {
     Text,
     /// JSON for scripts.
     Json,
+}
+
+/// `herdctl demo ...`
+#[derive(Debug, Subcommand)]
+pub enum DemoCommand {
+    /// Bring the demo up (the default).
+    Up,
+    /// Stop the VMs, the provisioner and the registry; remove the namespace and the demo's files.
+    Down,
+    /// Cut a machine's power (its disk stays): watch its units move.
+    PowerOff {
+        /// The machine, e.g. node2.
+        name: String,
+    },
+    /// Power a machine on again: it PXE-boots into its installed slot and rejoins.
+    PowerOn {
+        /// The machine.
+        name: String,
+    },
+}
+
+/// What the demo runs and where it keeps its files.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DemoArgs {
+    /// The demo's files: state, disks, serial consoles, logs, SSH key.
+    #[arg(long, global = true, env = "HERD_DEMO_DIR", default_value = "/var/tmp/herd-demo", value_name = "DIR")]
+    pub dir: PathBuf,
+    /// The inventory of the demo's machines.
+    #[arg(long, global = true, default_value = "examples/qemu-3.toml", value_name = "FILE")]
+    pub inventory: PathBuf,
+    /// The image manifest.
+    #[arg(long, global = true, default_value = "images/herd-os.toml", value_name = "FILE")]
+    pub manifest: PathBuf,
+    /// The image build cache.
+    #[arg(long, global = true, env = "HERD_IMAGE_CACHE", default_value = "/var/cache/herd/images", value_name = "DIR")]
+    pub image_cache: PathBuf,
+    /// Timestamp of every file in the image.
+    #[arg(long, global = true, env = "SOURCE_DATE_EPOCH", default_value_t = 1_767_225_600)]
+    pub source_date_epoch: u64,
+    /// The static node-init the image carries (scripts/build-node-init.sh builds it).
+    #[arg(
+        long,
+        global = true,
+        env = "HERD_NODE_INIT",
+        default_value = "target/x86_64-unknown-linux-gnu/release/node-init",
+        value_name = "FILE"
+    )]
+    pub node_init: PathBuf,
+    /// The provisioner binary [default: `provisioner` next to herdctl].
+    #[arg(long, global = true, value_name = "FILE")]
+    pub provisioner_bin: Option<PathBuf>,
 }
 
 /// `herdctl inventory ...`

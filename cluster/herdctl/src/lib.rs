@@ -9,6 +9,7 @@
 mod bench_cmd;
 pub mod cli;
 mod config_cmd;
+mod demo;
 mod image_cmd;
 mod inventory_cmd;
 mod machine_cmd;
@@ -18,7 +19,7 @@ mod unit_cmd;
 
 use std::process::ExitCode;
 
-use cli::{Cli, Command, ConfigCommand, InventoryCommand, MachineCommand, PrewarmCommand};
+use cli::{Cli, Command, ConfigCommand, DemoCommand, InventoryCommand, MachineCommand, PrewarmCommand};
 use herd_cluster::record::Desired;
 
 /// Runs one parsed command line; the exit code follows the command (1 = the input has problems).
@@ -53,6 +54,18 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         },
         Command::Bench { command } => bench_cmd::run(&cli.cluster, command),
         Command::Image { command } => image_cmd::run(command),
+        Command::Demo { command, mut args, output } => {
+            if args.provisioner_bin.is_none() {
+                let exe = std::env::current_exe()?;
+                args.provisioner_bin = exe.parent().map(|d| d.join("provisioner"));
+            }
+            match command.unwrap_or(DemoCommand::Up) {
+                DemoCommand::Up => demo::up(&args, output),
+                DemoCommand::Down => demo::down(&args.dir),
+                DemoCommand::PowerOff { name } => demo::power_off(&args.dir, &name),
+                DemoCommand::PowerOn { name } => demo::power_on(&args.dir, &name, output),
+            }
+        }
         command => cluster_command(&cli.cluster, command),
     }
 }
@@ -84,7 +97,8 @@ fn cluster_command(args: &cli::ClusterArgs, command: Command) -> anyhow::Result<
         | Command::Machine { .. }
         | Command::Config { .. }
         | Command::Bench { .. }
-        | Command::Image { .. } => {
+        | Command::Image { .. }
+        | Command::Demo { .. } => {
             unreachable!("handled by run")
         }
     }

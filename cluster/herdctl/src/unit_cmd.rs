@@ -2,7 +2,6 @@
 //! list-unit-files, status, journal), machines of the cluster (list-machines, ssh, cordon, uncordon, drain) and the
 //! pre-warm list. They talk to etcd (`--endpoint`, TLS flags, or `--tunnel` over SSH) and to machines over SSH.
 
-use herd_provisioner::machines::TimelineEntry;
 use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -13,6 +12,7 @@ use herd_cluster::docker::container_name;
 use herd_cluster::record::Desired;
 use herd_cluster::store::{Store, TlsFiles};
 use herd_cluster::unit::Unit;
+use herd_provisioner::machines::TimelineEntry;
 
 use crate::cli::{ClusterArgs, Output, Targets};
 use crate::ssh::{self, Login};
@@ -418,4 +418,27 @@ fn describe(name: &str, unit: Option<&UnitStatus>) -> String {
         })
         .collect();
     format!("{name}: {} on {}", u.desired, places.join(", "))
+}
+
+impl Cluster {
+    /// Submits `text` as `name` (replacing a different one), starts it and waits until it is active.
+    pub(crate) fn launch(&self, name: &str, text: &str, within: Duration) -> anyhow::Result<()> {
+        let waited = self.rt.block_on(async {
+            self.client.submit(name, text, true).await?;
+            self.client.set_desired(name, Desired::Launched).await?;
+            self.client.wait(&[name.to_owned()], Some(Desired::Launched), within).await
+        });
+        if let Err(e) = waited {
+            let units = self.rt.block_on(self.client.units()).unwrap_or_default();
+            bail!("{e}; now {}", describe(name, units.iter().find(|u| u.name == name)));
+        }
+        Ok(())
+    }
+
+    /// The machine `unit` is placed on.
+    pub(crate) fn placed_on(&self, unit: &str) -> anyhow::Result<String> {
+        let units = self.rt.block_on(self.client.units())?;
+        let u = units.iter().find(|u| u.name == unit).with_context(|| format!("{unit} is not submitted"))?;
+        u.machines.first().map(|p| p.machine.clone()).with_context(|| format!("{unit} is not placed"))
+    }
 }

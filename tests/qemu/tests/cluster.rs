@@ -28,7 +28,7 @@ Description=prints what the machine's config installed
 Type=oneshot
 RemainAfterExit=yes
 StandardOutput=journal+console
-ExecStart=/bin/sh -c 'echo HERD-CHECK host=$(cat /etc/hostname) user=$(id -un herd) groups=$(id -Gn herd | tr \" \" ,) \
+ExecStart=/bin/sh -c 'echo HERD-CHECK host=$(cat /etc/hostname) user=$(id -un herd) groups=$(id -Gn herd | xargs -n1 | sort | xargs | tr \" \" ,) \
 keys=$(wc -l < /home/herd/.ssh/authorized_keys) etcd=$(systemctl is-enabled etcd) usr=$(touch /usr/x 2>/dev/null && echo rw || echo ro)'
 [X-Fleet]
 Global=true
@@ -161,7 +161,9 @@ fn three_machines_install_from_the_provisioner_form_etcd_register_and_run_a_glob
     with_cluster(&lab, |c| async move { launch(&c, "check.service", CHECK_UNIT).await });
     for (i, (name, _, _)) in machines.iter().enumerate() {
         let (_, line) = lab.vms()[i].wait_for_within("HERD-CHECK", Duration::from_secs(30)).unwrap();
-        let want = format!("HERD-CHECK host={name} user=herd groups=herd,sudo keys=1 etcd=enabled usr=ro");
+        let want = format!(
+            "HERD-CHECK host={name} user=herd groups=adm,docker,herd,sudo,systemd-journal keys=1 etcd=enabled usr=ro"
+        );
         assert!(line.contains(&want), "{name}: {line}");
     }
 

@@ -1,0 +1,217 @@
+//! The demo, end to end, through the real `herdctl` binary: `herdctl demo` brings up three machines (BIOS and UEFI)
+//! booted by the provisioner; the web container answers from this host; the global unit runs on all three;
+//! `herdctl journal/status` reach a machine over SSH; a machine losing power (an etcd member with it) has its
+//! unit running elsewhere within 2 x TTL and its timeline shows the death; powered on again it boots its installed
+//! slot and rejoins; `herdctl demo down` leaves nothing running. Needs root, QEMU, OVMF, iPXE, docker-registry.
+#![allow(clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use herd_qemu::image::{node_init, workspace};
+use serde_json::Value;
+
+/// node-init's agent lease TTL.
+const AGENT_TTL: Duration = Duration::from_secs(10);
+
+/// `herdctl` (and the provisioner next to it), built for this test's profile.
+fn herdctl() -> PathBuf {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let status = Command::new(cargo)
+        .args(["build", "-q", "-p", "herdctl", "-p", "herd-provisioner", "--bins"])
+        .current_dir(workspace())
+        .status()
+        .unwrap();
+    assert!(status.success(), "building herdctl and the provisioner");
+    // target/PROFILE/deps/demo-HASH -> target/PROFILE/herdctl
+    let exe = std::env::current_exe().unwrap();
+    exe.parent().unwrap().parent().unwrap().join("herdctl")
+}
+
+/// A demo in its own directory, taken down when dropped (also when the test fails).
+struct Demo {
+    herdctl: PathBuf,
+    dir: PathBuf,
+    env: Vec<(String, String)>,
+}
+
+impl Demo {
+    fn run(&self, args: &[&str]) -> Output {
+        let out = Command::new(&self.herdctl)
+            .args(args)
+            .env("HERD_DEMO_DIR", &self.dir)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .current_dir(workspace())
+            .output()
+            .unwrap();
+        if !out.status.success() {
+            eprintln!("herdctl {args:?} failed:\n{}", String::from_utf8_lossy(&out.stderr));
+        }
+        out
+    }
+
+    fn json(&self, args: &[&str]) -> Value {
+        let out = self.run(args);
+        assert!(out.status.success(), "herdctl {args:?}");
+        serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{args:?}: {e}: {}", String::from_utf8_lossy(&out.stdout)))
+    }
+}
+
+impl Drop for Demo {
+    fn drop(&mut self) {
+        let out = self.run(&["demo", "down"]);
+        if !out.status.success() {
+            eprintln!("herdctl demo down: {}", String::from_utf8_lossy(&out.stderr));
+        }
+    }
+}
+
+fn curl(url: &str) -> Option<String> {
+    let out = Command::new("curl").args(["-sf", "-m", "3", url]).output().ok()?;
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn units(demo: &Demo) -> Vec<Value> {
+    demo.json(&["list-units", "-o", "json"]).as_array().unwrap().clone()
+}
+
+fn active_on(units: &[Value], name: &str) -> Vec<String> {
+    let Some(u) = units.iter().find(|u| u["name"] == name) else { return Vec::new() };
+    u["machines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["state"] == "active")
+        .map(|p| p["machine"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+fn events(timeline: &Value) -> Vec<String> {
+    timeline.as_array().unwrap().iter().map(|e| e["event"].as_str().unwrap().to_owned()).collect()
+}
+
+fn pid_alive(pid: u64) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+#[test]
+fn the_demo_comes_up_serves_http_survives_a_power_cut_and_goes_down_cleanly() {
+    let dir = std::env::temp_dir().join(format!("herd-qemu-demo-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut demo = Demo {
+        herdctl: herdctl(),
+        dir: dir.clone(),
+        env: vec![("HERD_NODE_INIT".into(), node_init().unwrap().display().to_string())],
+    };
+
+    let started = Instant::now();
+    let up = demo.json(&["demo", "-o", "json"]);
+    let wall = started.elapsed();
+    let machines = up["machines"].as_array().unwrap();
+    assert_eq!(machines.len(), 3, "{up}");
+    let firmware: Vec<&str> = machines.iter().map(|m| m["firmware"].as_str().unwrap()).collect();
+    assert!(firmware.contains(&"bios") && firmware.contains(&"uefi"), "one cluster, both firmwares: {firmware:?}");
+    for m in machines {
+        println!("figures: demo {} ({}) power-on -> registered {:.1} s", m["name"], m["firmware"], m["registered_s"]);
+    }
+    println!("figures: herdctl demo up {:.1} s wall (image from the cache when warm)", wall.as_secs_f64());
+
+    // The web container answers this host (the host namespace, through the demo's veth pair).
+    let url = up["web"]["url"].as_str().unwrap().to_owned();
+    assert_eq!(curl(&url).as_deref(), Some("hello from herd's demo: herd/web:1\n"), "{url}");
+    demo.env.extend([
+        (
+            "HERD_ENDPOINT".into(),
+            up["endpoints"].as_array().unwrap().iter().map(|e| e.as_str().unwrap()).collect::<Vec<_>>().join(","),
+        ),
+        ("HERD_PROVISIONER".into(), up["provisioner"].as_str().unwrap().to_owned()),
+        ("HERD_SSH_IDENTITY".into(), up["ssh_identity"].as_str().unwrap().to_owned()),
+    ]);
+
+    // The global unit runs on all three; the registered machines are the inventory's.
+    let now = units(&demo);
+    let mut hello = active_on(&now, "hello.service");
+    hello.sort();
+    assert_eq!(hello, ["node1", "node2", "node3"]);
+    let listed = demo.json(&["list-machines", "-o", "json"]);
+    assert_eq!(listed.as_array().unwrap().len(), 3, "{listed}");
+
+    // journal and status of a systemd unit, over SSH with the demo's key, as the admin user.
+    let journal = demo.run(&["journal", "hello.service", "--lines", "20"]);
+    let text = String::from_utf8_lossy(&journal.stdout);
+    assert!(journal.status.success() && text.contains("placed by herd"), "herdctl journal: {text}");
+    let status = demo.run(&["status", "hello.service"]);
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(status.status.success() && text.contains("active (exited)"), "herdctl status: {text}");
+    let status = demo.run(&["status", "web.service"]);
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(status.status.success() && text.contains("\"Running\":true"), "herdctl status of a container: {text}");
+
+    // A power cut on web.service's machine (one of the three etcd members): the two left reschedule it.
+    let victim = up["web"]["machine"].as_str().unwrap().to_owned();
+    let cut = Instant::now();
+    assert!(demo.run(&["demo", "power-off", &victim]).status.success());
+    let moved_to = loop {
+        let now = units(&demo);
+        let on = active_on(&now, "web.service");
+        if on.len() == 1 && on[0] != victim {
+            break on[0].clone();
+        }
+        assert!(cut.elapsed() < Duration::from_secs(120), "web.service did not move off {victim}: {now:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let took = cut.elapsed();
+    println!(
+        "figures: demo power cut on {victim} -> web.service active on {moved_to} after {:.1} s",
+        took.as_secs_f64()
+    );
+    assert!(took <= 2 * AGENT_TTL, "moved after {took:?}, more than 2 x TTL");
+    let address = listed.as_array().unwrap().iter().find(|m| m["id"] == moved_to.as_str()).unwrap()["address"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let body = (0..40).find_map(|_| {
+        curl(&format!("http://{address}:8080/")).or_else(|| {
+            std::thread::sleep(Duration::from_millis(250));
+            None
+        })
+    });
+    assert_eq!(body.as_deref(), Some("hello from herd's demo: herd/web:1\n"), "web.service answers on {moved_to}");
+
+    // The victim's timeline shows it booting, becoming healthy, then dying.
+    let timeline = demo.json(&["machine", "timeline", &victim, "-o", "json"]);
+    let seen = events(&timeline);
+    let healthy = seen.iter().position(|e| e == "phone-home:healthy").unwrap_or_else(|| panic!("{seen:?}"));
+    let suspect = seen.iter().position(|e| e == "cluster:suspect").unwrap_or_else(|| panic!("{seen:?}"));
+    let dead = seen.iter().position(|e| e == "cluster:dead").unwrap_or_else(|| panic!("{seen:?}"));
+    assert!(healthy < suspect && suspect < dead, "{seen:?}");
+
+    // Powered on again: it PXE-boots into its installed slot, no reinstall, and rejoins.
+    let again = demo.json(&["demo", "power-on", &victim, "-o", "json"]);
+    assert_eq!(again["reinstalled"], false, "{again}");
+    println!("figures: demo {victim} powered on again -> registered {:.1} s", again["registered_s"]);
+    let seen = events(&demo.json(&["machine", "timeline", &victim, "-o", "json"]));
+    let back = seen.iter().rposition(|e| e == "cluster:registered").unwrap_or_else(|| panic!("{seen:?}"));
+    assert!(back > dead, "registered again after its death: {seen:?}");
+    let hello = loop {
+        let on = active_on(&units(&demo), "hello.service");
+        if on.len() == 3 || cut.elapsed() > Duration::from_secs(600) {
+            break on;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert_eq!(hello.len(), 3, "the global unit runs on the machine that came back: {hello:?}");
+
+    // down: nothing left running, no namespace, no files.
+    let state: Value = serde_json::from_slice(&std::fs::read(dir.join("demo.json")).unwrap()).unwrap();
+    let pids: Vec<u64> = state["procs"].as_array().unwrap().iter().map(|p| p["pid"].as_u64().unwrap()).collect();
+    assert_eq!(pids.len(), 5, "provisioner, registry, 3 VMs: {state}");
+    assert!(demo.run(&["demo", "down"]).status.success());
+    assert!(!Path::new("/run/netns/herd-demo").exists(), "the namespace is gone");
+    assert!(!dir.exists(), "the demo's files are gone");
+    for pid in pids {
+        assert!(!pid_alive(pid), "pid {pid} still runs after demo down");
+    }
+}
