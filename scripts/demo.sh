@@ -1,31 +1,15 @@
 #!/usr/bin/env bash
-# herd's demo. Until the QEMU cluster lands (issue #7), it shows the inventory tooling on the examples:
-# check, show, generate a 5,000-machine fleet, and the plan for a change.
+# herd's demo: a QEMU cluster on this host, booted by the provisioner (see README.md, "What the demo shows").
+#   scripts/demo.sh              bring it up (builds what it needs; the image is cached after the first run)
+#   scripts/demo.sh down         stop everything and remove it
+#   scripts/demo.sh power-off node2 / power-on node2
+# Needs root for namespaces and taps (it uses sudo when not root).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 scripts/setup-host.sh >/dev/null
-cargo build --quiet --release -p herdctl
-herdctl=target/release/herdctl
-work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
-
-step() { printf '\n\033[1m$ %s\033[0m\n' "$*"; "$@"; }
-
-step "$herdctl" inventory check examples/site-450.toml examples/qemu-3.toml
-step "$herdctl" inventory show examples/qemu-3.toml
-
-"$herdctl" inventory gen --machines 5000 --masters 5 > "$work/fleet-5000.toml"
-printf '\n\033[1m$ herdctl inventory gen --machines 5000 --masters 5 > fleet-5000.toml\033[0m\n'
-step "$herdctl" inventory check "$work/fleet-5000.toml"
-
-# A change an admin might make: move a worker's address and relabel a rack.
-sed -e 's/^internal = "10.20.2.15"$/internal = "10.20.2.115"/' \
-    -e '0,/labels = { "topology.herd.io\/zone" = "a" }/s//labels = { "topology.herd.io\/zone" = "a", power = "feed-b" }/' \
-    examples/site-450.toml > "$work/site-450-changed.toml"
-step "$herdctl" inventory diff examples/site-450.toml "$work/site-450-changed.toml"
-
-# A mistake: the same MAC on two machines, and an address inside the DHCP pool.
-sed -e '0,/"0c:c4:7a:00:00:0c"/s//"0c:c4:7a:00:00:08"/' -e 's/^internal = "10.20.3.11"$/internal = "10.20.250.7"/' \
-    examples/site-450.toml > "$work/site-450-broken.toml"
-step "$herdctl" inventory check "$work/site-450-broken.toml" || echo "(exit status $?: nothing was applied)"
+cargo build --quiet --release -p herdctl -p herd-provisioner
+node_init=$(scripts/build-node-init.sh)
+sudo=""
+[ "$(id -u)" -eq 0 ] || sudo="sudo --preserve-env=HERD_DEMO_DIR"
+exec $sudo "${CARGO_TARGET_DIR:-target}/release/herdctl" demo --node-init "$node_init" "$@"

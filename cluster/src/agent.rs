@@ -10,7 +10,7 @@
 //!   renewal gets through again they start again (if still scheduled here).
 //! - Every unit has its own worker task, so a slow image pull never delays keep-alives or other units.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -155,7 +155,18 @@ impl<E: Executor> Agent<E> {
 
     /// Runs until `shutdown` (units keep running: a restarted agent picks them up) or a fatal error.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), AgentError> {
-        self.prewarm(&shutdown).await;
+        let (warm, revision) = self.prewarm(&shutdown).await;
+        // Images added to the list later are pulled in the background, without holding anything up.
+        let follower = tokio::spawn(follow_prewarm(
+            self.store.clone(),
+            self.exec.clone(),
+            self.key.clone(),
+            self.events.clone(),
+            warm,
+            revision,
+            shutdown.clone(),
+        ));
+        let _follower = AbortOnDrop(follower);
         let (report_tx, mut report_rx) = mpsc::unbounded_channel::<Report>();
         // None: no lease we trust; Some(t): at-most-once units may run until t.
         let (valid_tx, valid_rx) = watch::channel::<Option<Instant>>(None);
@@ -282,34 +293,28 @@ impl<E: Executor> Agent<E> {
         }
     }
 
-    async fn prewarm(&self, shutdown: &CancellationToken) {
-        let images = loop {
+    /// Pulls every image of the pre-warm list before the machine registers (so it is schedulable only once warm);
+    /// returns the images seen and the revision read at.
+    async fn prewarm(&self, shutdown: &CancellationToken) -> (BTreeSet<String>, i64) {
+        let (images, revision) = loop {
             match self.store.get_prefix(&schema::prefix("prewarm")).await {
-                Ok((kvs, _)) => {
-                    break kvs.iter().filter_map(|kv| record::decode::<PrewarmRecord>(kv.value())).collect::<Vec<_>>();
+                Ok((kvs, revision)) => {
+                    let images = kvs.iter().filter_map(|kv| record::decode::<PrewarmRecord>(kv.value()));
+                    break (images.map(|p| p.image).collect::<BTreeSet<_>>(), revision);
                 }
                 Err(e) => {
                     tracing::warn!(machine = %self.key, "reading the pre-warm list: {e}");
                     tokio::select! {
-                        () = shutdown.cancelled() => return,
+                        () = shutdown.cancelled() => return (BTreeSet::new(), 0),
                         () = tokio::time::sleep(Duration::from_secs(1)) => {}
                     }
                 }
             }
         };
-        for p in images {
-            let mut ok = false;
-            for _ in 0..3 {
-                match self.exec.pull(&p.image).await {
-                    Ok(()) => {
-                        ok = true;
-                        break;
-                    }
-                    Err(e) => tracing::warn!(machine = %self.key, image = %p.image, "pre-warm pull: {e}"),
-                }
-            }
-            self.emit(AgentEvent::Prewarmed { image: p.image, ok });
+        for image in &images {
+            pull_prewarm(&*self.exec, &self.key, image, &self.events).await;
         }
+        (images, revision)
     }
 
     async fn register(&self, valid: &watch::Sender<Option<Instant>>) -> Result<Session, RegisterError> {
@@ -510,6 +515,75 @@ async fn lapsed(session: &mut Option<Session>) -> Option<()> {
     match session {
         Some(s) => s.lapsed.recv().await,
         None => std::future::pending().await,
+    }
+}
+
+/// Pulls a pre-warm image (three tries) and says how it went.
+async fn pull_prewarm<E: Executor>(exec: &E, key: &MachineKey, image: &str, events: &broadcast::Sender<AgentEvent>) {
+    let mut ok = false;
+    for _ in 0..3 {
+        match exec.pull(image).await {
+            Ok(()) => {
+                ok = true;
+                break;
+            }
+            Err(e) => tracing::warn!(machine = %key, image = %image, "pre-warm pull: {e}"),
+        }
+    }
+    let _ = events.send(AgentEvent::Prewarmed { image: image.to_owned(), ok });
+}
+
+/// Watches the pre-warm list from `revision` on and pulls each image added to it that is not in `warm`; after a
+/// broken watch, reads the list again. One watch on a prefix that rarely changes: an idle cluster's traffic does
+/// not grow with it.
+async fn follow_prewarm<E: Executor>(
+    store: Store,
+    exec: Arc<E>,
+    key: MachineKey,
+    events: broadcast::Sender<AgentEvent>,
+    mut warm: BTreeSet<String>,
+    mut revision: i64,
+    shutdown: CancellationToken,
+) {
+    let prefix = schema::prefix("prewarm");
+    loop {
+        let options = WatchOptions::new().with_prefix().with_start_revision(revision + 1);
+        let watched = store.client().watch(prefix.as_str(), Some(options)).await;
+        if let Ok(mut stream) = watched {
+            loop {
+                let msg = tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    m = stream.message() => m,
+                };
+                let Ok(Some(resp)) = msg else { break };
+                store.stats().watched(resp.events().len() as u64);
+                for ev in resp.events() {
+                    let Some(kv) = ev.kv() else { continue };
+                    revision = revision.max(kv.mod_revision());
+                    if ev.event_type() != EventType::Put {
+                        continue;
+                    }
+                    if let Some(p) = record::decode::<PrewarmRecord>(kv.value())
+                        && warm.insert(p.image.clone())
+                    {
+                        pull_prewarm(&*exec, &key, &p.image, &events).await;
+                    }
+                }
+            }
+        }
+        // The watch broke (etcd restarting, compaction): read the list again after a pause.
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+        if let Ok((kvs, now)) = store.get_prefix(&prefix).await {
+            revision = now;
+            for p in kvs.iter().filter_map(|kv| record::decode::<PrewarmRecord>(kv.value())) {
+                if warm.insert(p.image.clone()) {
+                    pull_prewarm(&*exec, &key, &p.image, &events).await;
+                }
+            }
+        }
     }
 }
 

@@ -44,6 +44,20 @@ async fn a_container_unit_pulls_from_the_registry_runs_and_publishes_its_port_an
     assert!(registered_after_prewarm, "pre-warm finished before registering: {seen:?}");
     assert!(docker.cli(&["image", "inspect", &tools]).unwrap().status.success(), "the pre-warm image is local");
 
+    // An image added to the list once the machine runs is pulled there too, in the background.
+    let late = docker.publish("herd/late:1", &lab.dir).unwrap();
+    assert!(!docker.cli(&["image", "inspect", &late]).unwrap().status.success());
+    lab.client.prewarm_add(&late).await.unwrap();
+    poll(WAIT, "the late pre-warm image pulled", || {
+        while let Ok(e) = m.events.try_recv() {
+            seen.push(e);
+        }
+        let pulled = seen.iter().any(|e| matches!(e, AgentEvent::Prewarmed { image, ok: true } if *image == late));
+        async move { pulled.then_some(()) }
+    })
+    .await;
+    assert!(docker.cli(&["image", "inspect", &late]).unwrap().status.success(), "the late image is local");
+
     // A container unit: pulled (the image is not local), created, started; its port answers.
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let unit = format!(

@@ -101,6 +101,18 @@ pub(crate) fn shell_quote(words: &[String]) -> String {
 }
 
 /// Runs `command` on the session, copying its stdout and stderr to ours; returns its exit status.
+/// Runs `command` and returns its exit status, discarding its output.
+pub(crate) fn run_quiet(session: &Session, command: &str) -> anyhow::Result<i32> {
+    use std::io::Read as _;
+    let mut channel = session.channel_session()?;
+    channel.exec(command).with_context(|| format!("running {command:?}"))?;
+    let mut sink = Vec::new();
+    channel.read_to_end(&mut sink)?;
+    channel.stderr().read_to_end(&mut sink)?;
+    channel.wait_close()?;
+    Ok(channel.exit_status()?)
+}
+
 pub(crate) fn run(session: &Session, command: &str) -> anyhow::Result<i32> {
     let mut channel = session.channel_session()?;
     channel.exec(command).with_context(|| format!("running {command:?}"))?;

@@ -435,6 +435,20 @@ impl Cluster {
         Ok(())
     }
 
+    /// Adds `image` to the cluster-wide pre-warm list.
+    pub(crate) fn prewarm(&self, image: &str) -> anyhow::Result<()> {
+        Ok(self.rt.block_on(self.client.prewarm_add(image))?)
+    }
+
+    /// Whether `machine` has `image` in its Docker Engine (asked over SSH).
+    pub(crate) fn has_image(&self, machine: &str, image: &str) -> anyhow::Result<bool> {
+        let address = self.address_of(machine)?;
+        let (user, host, port) = ssh::parse_target(&address, &self.login);
+        let session = ssh::connect(&host, port, &user, self.login.identity.as_deref())?;
+        let command = format!("docker image inspect --format . {}", ssh::shell_quote(&[image.to_owned()]));
+        Ok(ssh::run_quiet(&session, &command)? == 0)
+    }
+
     /// The machine `unit` is placed on.
     pub(crate) fn placed_on(&self, unit: &str) -> anyhow::Result<String> {
         let units = self.rt.block_on(self.client.units())?;
