@@ -126,6 +126,27 @@ pub struct SlotState {
     pub size: u64,
 }
 
+/// A machine's slot table as node-init reports it to the provisioner (phone-home `configured` and `healthy`): the
+/// disk, the slot it booted, and both slots' flags and contents. The provisioner keeps the last one per machine
+/// and boots the machine with the kernel of the slot it will pick, trusting the root hashes of its slots.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SlotReport {
+    /// The disk, e.g. `/dev/vda`.
+    pub disk: String,
+    /// The slot this boot runs.
+    pub booted: Slot,
+    /// Both slots as the disk has them now.
+    pub slots: Vec<SlotState>,
+}
+
+impl SlotReport {
+    /// The slot the machine's next boot picks (as node-init's initramfs does), and what it holds.
+    pub fn next(&self) -> Option<&SlotState> {
+        let first = *boot_order(&self.slots).first()?;
+        self.slots.iter().find(|s| s.slot == first)
+    }
+}
+
 /// A failed disk operation.
 #[derive(Debug, thiserror::Error)]
 pub enum SlotError {

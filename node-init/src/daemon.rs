@@ -13,11 +13,13 @@ use crate::report::SystemReport;
 pub const READY: &str = "herd-node-init: ready";
 
 /// Marks the booted slot successful: it reached multi-user with node-init running, so it stays the slot to boot.
-fn commit_slot(report: &SystemReport) -> Result<Option<String>, String> {
+/// Returns the slot table as it is now, for the provisioner.
+fn commit_slot(report: &SystemReport) -> Result<Option<slot::SlotReport>, String> {
     let Some(boot) = &report.boot else { return Ok(None) };
     let (Some(disk), Some(s)) = (&boot.disk, boot.slot) else { return Ok(None) };
-    slot::update(Path::new(disk), |t| slot::mark_good(t, s)).map_err(|e| format!("committing slot {s}: {e}"))?;
-    Ok(Some(format!("slot {s} of {disk} marked good")))
+    let slots =
+        slot::update(Path::new(disk), |t| slot::mark_good(t, s)).map_err(|e| format!("committing slot {s}: {e}"))?;
+    Ok(Some(slot::SlotReport { disk: disk.clone(), booted: s, slots }))
 }
 
 /// The line printed once systemd finished starting the system.
@@ -49,10 +51,10 @@ fn report_boot_complete() {
 
 /// Tells the provisioner this machine is healthy (which commits its slot there), retrying while the machine's
 /// network (systemd-networkd, from its config) comes up.
-fn report_healthy(p: &crate::provision::Provisioner, detail: &str) {
+fn report_healthy(p: &crate::provision::Provisioner, detail: &str, slots: Option<&slot::SlotReport>) {
     let deadline = std::time::Instant::now() + HEALTHY_LIMIT;
     loop {
-        match p.try_phone("healthy", detail) {
+        match p.try_phone_slots("healthy", detail, slots) {
             Ok(()) => {
                 println!("herd-node-init: reported healthy to {}", p.url);
                 return;
@@ -88,14 +90,20 @@ pub fn run() -> anyhow::Result<()> {
     let committed = report.clone();
     let healthy = move |detail: &str| {
         // The slot that got this far stays the one to boot.
-        match commit_slot(&committed) {
-            Ok(Some(msg)) => println!("herd-node-init: {msg}"),
-            Ok(None) => {}
-            Err(e) => eprintln!("herd-node-init: {e}"),
-        }
+        let slots = match commit_slot(&committed) {
+            Ok(Some(r)) => {
+                println!("herd-node-init: slot {} of {} marked good", r.booted, r.disk);
+                Some(r)
+            }
+            Ok(None) => None,
+            Err(e) => {
+                eprintln!("herd-node-init: {e}");
+                None
+            }
+        };
         if let Some(p) = prov {
             let detail = detail.to_owned();
-            std::thread::spawn(move || report_healthy(&p, &detail));
+            std::thread::spawn(move || report_healthy(&p, &detail, slots.as_ref()));
         }
     };
     let slot = report.boot.as_ref().and_then(|b| b.slot).map_or("none (RAM)".to_owned(), |s| s.to_string());

@@ -340,7 +340,14 @@ fn boot(cmd: &Cmdline, prov: Option<&Provisioner>, started: Instant) -> Result<(
             done.files, done.directories, done.links, done.users, done.units
         );
         say(&format!("config applied: {detail}"));
-        p.phone("configured", &detail);
+        // With the slot table as the slot choice left it (a try spent, a bad slot marked).
+        let slots = report.disk.as_deref().zip(report.slot).and_then(|(disk, booted)| {
+            let (_, slots) = slot::read_slots(&mut File::open(disk).ok()?).ok()?;
+            Some(slot::SlotReport { disk: disk.to_owned(), booted, slots })
+        });
+        if let Err(e) = p.try_phone_slots("configured", &detail, slots.as_ref()) {
+            eprintln!("node-init: could not report configured to the provisioner: {e}");
+        }
     }
     if let Some(l) = &link {
         // systemd-networkd builds the machine's network (the bond) from its config, on clean links.

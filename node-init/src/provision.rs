@@ -78,8 +78,13 @@ impl Provisioner {
 
     /// Reports a stage to the provisioner's timeline.
     pub fn try_phone(&self, stage: &str, detail: &str) -> Result<(), String> {
+        self.try_phone_slots(stage, detail, None)
+    }
+
+    /// Reports a stage with the disk's slot table (the provisioner keeps it to boot the right slot's kernel).
+    pub fn try_phone_slots(&self, stage: &str, detail: &str, slots: Option<&slot::SlotReport>) -> Result<(), String> {
         let url = format!("{}/phone-home/{}?token={}", self.url, self.mac, self.token);
-        let body = serde_json::json!({ "stage": stage, "detail": detail });
+        let body = serde_json::json!({ "stage": stage, "detail": detail, "slots": slots });
         self.agent.post(&url).send_json(&body).map(drop).map_err(|e| e.to_string())
     }
 

@@ -12,6 +12,7 @@ use axum::extract::{ConnectInfo, Path, Query, Request, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use herd_images::slot::SlotReport;
 use herd_inventory::{Inventory, Mac};
 use serde::{Deserialize, Serialize};
 use tower::ServiceExt as _;
@@ -141,21 +142,66 @@ async fn script(State(s): State<HttpState>, Path(file): Path<String>) -> Respons
             }
         ),
     ];
-    // The image's own command line (console, `ro`, and the verity root hash node-init trusts).
-    args.extend(image_cmdline(&s.assets));
+    // Which image's kernel boots, and the image's own command line (console, `ro`, the root hashes node-init
+    // trusts): the served image's, or for a machine booting its installed slot, the image in the slot it will
+    // pick, vouching for every slot that holds an image this provisioner served (so a fallback boots too).
+    let served = crate::images::keep_served(&s.assets);
+    let slots = match mode {
+        BootMode::Local => s.by_address.machines.get(&name).await.and_then(|r| r.slots),
+        BootMode::Install => None,
+    };
+    let (files, note) = boot_files(&s.assets, served.as_deref(), slots.as_ref());
+    args.extend(files_cmdline(&s.assets, &files, served.as_deref(), slots.as_ref()));
     if let Some(role) = s.inv.role_of(machine) {
         args.extend(role.kernel_args.iter().cloned());
     }
     args.extend(machine.kernel_args.iter().cloned());
     let dashed = mac.to_string().replace(':', "-");
     let body = format!(
-        "#!ipxe\n# herd: {name} ({mode:?})\nkernel {assets}/assets/vmlinuz {args}\ninitrd {assets}/assets/initramfs\n\
-         boot || goto failed\n:failed\necho herd: boot failed; retrying in 10 s\nsleep 10\nchain {base}/boot/{dashed}.ipxe\n",
+        "#!ipxe\n# herd: {name} ({mode:?}{note})\nkernel {assets}/assets/{files}vmlinuz {args}\n\
+         initrd {assets}/assets/{files}initramfs\nboot || goto failed\n:failed\necho herd: boot failed; retrying in 10 s\nsleep 10\nchain {base}/boot/{dashed}.ipxe\n",
         assets = s.assets_base,
         base = s.base,
         args = args.join(" "),
     );
     text(StatusCode::OK, body)
+}
+
+/// Where the kernel and initramfs come from, relative to the assets directory (`""`: the served image;
+/// `images/HASH/`: a kept one), and a note for the script's comment line.
+fn boot_files(assets: &std::path::Path, served: Option<&str>, slots: Option<&SlotReport>) -> (String, String) {
+    let Some(next) = slots.and_then(SlotReport::next) else { return (String::new(), String::new()) };
+    let Some(h) = &next.header else { return (String::new(), String::new()) };
+    let note = format!(", slot {}: {} {}", next.slot, h.name, h.release);
+    if served != Some(h.root_hash.as_str()) && crate::images::kept(assets, &h.root_hash) {
+        (format!("{}/{}/", crate::images::DIR, h.root_hash), note)
+    } else {
+        (String::new(), note)
+    }
+}
+
+/// The image command line of the boot files in `files` (see [`boot_files`]), its `herd.verity.roothash=` listing
+/// the served image and every slot's image that was served (kept).
+fn files_cmdline(
+    assets: &std::path::Path,
+    files: &str,
+    served: Option<&str>,
+    slots: Option<&SlotReport>,
+) -> Vec<String> {
+    let mut args = image_cmdline(&assets.join(files));
+    let Some(report) = slots else { return args };
+    let mut trusted: Vec<String> = served.map(str::to_owned).into_iter().collect();
+    for h in report.slots.iter().filter_map(|x| x.header.as_ref()) {
+        if !trusted.contains(&h.root_hash) && crate::images::kept(assets, &h.root_hash) {
+            trusted.push(h.root_hash.clone());
+        }
+    }
+    if trusted.is_empty() {
+        return args;
+    }
+    args.retain(|a| !a.starts_with("herd.verity.roothash="));
+    args.push(format!("herd.verity.roothash={}", trusted.join(",")));
+    args
 }
 
 /// The kernel command line of the image in the assets directory (`manifest.json` from `herdctl image build`),
@@ -312,6 +358,9 @@ struct PhoneHome {
     stage: String,
     #[serde(default)]
     detail: String,
+    /// The disk's slot table (node-init sends it with `configured` and `healthy`).
+    #[serde(default)]
+    slots: Option<SlotReport>,
 }
 
 async fn phone_home(
@@ -334,7 +383,7 @@ async fn phone_home(
     }
     let stage: String = body.stage.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-').take(32).collect();
     let detail: String = body.detail.chars().take(512).collect();
-    match s.by_address.machines.phone_home(&name, &stage, &detail).await {
+    match s.by_address.machines.phone_home(&name, &stage, &detail, body.slots).await {
         Ok(state) => axum::Json(serde_json::json!({ "machine": name, "state": state })).into_response(),
         Err(e) => text(StatusCode::NOT_FOUND, format!("{e}\n")),
     }
@@ -420,7 +469,81 @@ async fn reprovision(State(s): State<HttpState>, Path(name): Path<String>) -> Re
 
 #[cfg(test)]
 mod tests {
-    use super::byte_range;
+    use super::{SlotReport, boot_files, byte_range, files_cmdline};
+    use herd_images::gpt::SlotFlags;
+    use herd_images::slot::{MAGIC, Slot, SlotHeader, SlotState};
+
+    fn image(dir: &std::path::Path, hash: &str, kernel: &str) {
+        std::fs::create_dir_all(dir).unwrap();
+        let manifest =
+            format!(r#"{{"verity":{{"root_hash":"{hash}"}},"cmdline":"console=ttyS0 herd.verity.roothash={hash}"}}"#);
+        std::fs::write(dir.join("manifest.json"), manifest).unwrap();
+        std::fs::write(dir.join("vmlinuz"), kernel).unwrap();
+        std::fs::write(dir.join("initramfs"), kernel).unwrap();
+    }
+
+    fn slot(slot: Slot, hash: &str, priority: u8, successful: bool) -> SlotState {
+        let header = SlotHeader {
+            magic: MAGIC.into(),
+            name: "herd-os".into(),
+            release: hash[..4].into(),
+            key: String::new(),
+            kernel_version: "6.12".into(),
+            root_hash: hash.into(),
+            data_bytes: 0,
+            hash_offset: 0,
+        };
+        SlotState {
+            slot,
+            flags: SlotFlags { priority, tries: 0, successful },
+            header: Some(header),
+            offset: 0,
+            size: 0,
+        }
+    }
+
+    #[test]
+    fn a_local_boot_gets_its_next_slots_kernel_and_both_kept_root_hashes() {
+        let assets = std::env::temp_dir().join(format!("herd-http-slots-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&assets);
+        let (old, new, foreign) = ("a".repeat(64), "b".repeat(64), "c".repeat(64));
+        // The old release was served first (and kept), the new one is served now.
+        image(&assets, &old, "old kernel");
+        assert_eq!(crate::images::keep_served(&assets).as_deref(), Some(old.as_str()));
+        image(&assets, &new, "new kernel");
+        let served = crate::images::keep_served(&assets);
+        assert_eq!(served.as_deref(), Some(new.as_str()));
+
+        // Slot A (old, good, higher priority) boots next; B holds an image this provisioner never served.
+        let report = SlotReport {
+            disk: "/dev/vda".into(),
+            booted: Slot::A,
+            slots: vec![slot(Slot::A, &old, 2, true), slot(Slot::B, &foreign, 1, true)],
+        };
+        let (files, note) = boot_files(&assets, served.as_deref(), Some(&report));
+        assert_eq!(files, format!("images/{old}/"));
+        assert!(note.contains("slot a"), "{note}");
+        assert_eq!(std::fs::read_to_string(assets.join(&files).join("vmlinuz")).unwrap(), "old kernel");
+        let args = files_cmdline(&assets, &files, served.as_deref(), Some(&report));
+        let trusted: Vec<&String> = args.iter().filter(|a| a.starts_with("herd.verity.roothash=")).collect();
+        assert_eq!(trusted, [&format!("herd.verity.roothash={new},{old}")], "never the foreign hash: {args:?}");
+
+        // The new release in B, to be tried first: the served files, both hashes.
+        let report = SlotReport {
+            disk: "/dev/vda".into(),
+            booted: Slot::A,
+            slots: vec![slot(Slot::A, &old, 1, true), slot(Slot::B, &new, 2, false)],
+        };
+        let mut tried = report.clone();
+        tried.slots[1].flags.tries = 1;
+        let (files, _) = boot_files(&assets, served.as_deref(), Some(&tried));
+        assert_eq!(files, "", "the served image's own files");
+        // Without a table (an install, or nothing reported yet): the served image only.
+        assert_eq!(boot_files(&assets, served.as_deref(), None).0, "");
+        let args = files_cmdline(&assets, "", served.as_deref(), None);
+        assert!(args.contains(&format!("herd.verity.roothash={new}")), "{args:?}");
+        std::fs::remove_dir_all(&assets).unwrap();
+    }
 
     #[test]
     fn byte_ranges() {

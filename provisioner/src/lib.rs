@@ -14,6 +14,7 @@ pub mod dhcp;
 pub mod files;
 pub mod http;
 pub mod ignition;
+pub mod images;
 pub mod lint;
 pub mod machines;
 pub mod metrics;

@@ -19,6 +19,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use std::net::Ipv4Addr;
 
+use herd_images::slot::SlotReport;
 use herd_inventory::{Inventory, Mac};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
@@ -82,6 +83,9 @@ pub struct MachineRecord {
     /// Boot timeline, oldest first.
     #[serde(default)]
     pub timeline: Vec<TimelineEntry>,
+    /// The machine's A/B slots as node-init last reported them (installed machines).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slots: Option<SlotReport>,
 }
 
 /// How a machine's next boot goes.
@@ -105,7 +109,13 @@ pub enum Command {
     /// Is this the current token of this machine?
     CheckToken { machine: String, token: String, reply: oneshot::Sender<bool> },
     /// A phone-home from node-init.
-    PhoneHome { machine: String, stage: String, detail: String, reply: oneshot::Sender<Result<MachineState, String>> },
+    PhoneHome {
+        machine: String,
+        stage: String,
+        detail: String,
+        slots: Option<SlotReport>,
+        reply: oneshot::Sender<Result<MachineState, String>>,
+    },
     /// Force the next boot to install.
     Reprovision { machine: String, reply: oneshot::Sender<Result<MachineState, String>> },
     /// Read one machine.
@@ -184,11 +194,18 @@ impl Machines {
     }
 
     /// Records a phone-home and applies its state transition.
-    pub async fn phone_home(&self, machine: &str, stage: &str, detail: &str) -> Result<MachineState, String> {
+    pub async fn phone_home(
+        &self,
+        machine: &str,
+        stage: &str,
+        detail: &str,
+        slots: Option<SlotReport>,
+    ) -> Result<MachineState, String> {
         self.ask(|reply| Command::PhoneHome {
             machine: machine.to_owned(),
             stage: stage.to_owned(),
             detail: detail.to_owned(),
+            slots,
             reply,
         })
         .await
@@ -317,11 +334,15 @@ impl Task {
                 let ok = self.records.get(&machine).and_then(|r| r.token.as_deref()) == Some(token.as_str());
                 let _ = reply.send(ok);
             }
-            Command::PhoneHome { machine, stage, detail, reply } => {
+            Command::PhoneHome { machine, stage, detail, slots, reply } => {
                 let has_disk = self.disk.get(&machine).copied().unwrap_or(false);
                 let result = match self.records.get_mut(&machine) {
                     Some(r) => {
                         Self::push(r, &format!("phone-home:{stage}"), detail);
+                        if let Some(report) = slots {
+                            Self::push(r, "slots", describe_slots(&report));
+                            r.slots = Some(report);
+                        }
                         match stage.as_str() {
                             "installed" if has_disk => Self::set_state(r, MachineState::Installed),
                             "healthy" => Self::set_state(r, MachineState::Running),
@@ -356,9 +377,30 @@ impl Task {
     }
 }
 
-/// The timeline event for fetching a boot asset (`vmlinuz` → `kernel`, `initramfs`), if it is one.
+/// One line for a slot table: `booted a; a: herd-os 1 good; b: herd-os 2 tries 1`.
+fn describe_slots(r: &SlotReport) -> String {
+    let slots: Vec<String> = r
+        .slots
+        .iter()
+        .map(|s| {
+            let what = s.header.as_ref().map_or("empty".to_owned(), |h| format!("{} {}", h.name, h.release));
+            let how = if s.flags.successful {
+                "good".to_owned()
+            } else if s.flags.priority == 0 {
+                "bad".to_owned()
+            } else {
+                format!("tries {}", s.flags.tries)
+            };
+            format!("{}: {what} {how}", s.slot)
+        })
+        .collect();
+    format!("booted {}; {}", r.booted, slots.join("; "))
+}
+
+/// The timeline event for fetching a boot asset (`vmlinuz` → `kernel`, `initramfs`), if it is one (also from an
+/// image kept by root hash, `images/HASH/vmlinuz`).
 pub fn asset_event(path: &str) -> Option<&'static str> {
-    match path {
+    match path.rsplit('/').next().unwrap_or(path) {
         "vmlinuz" => Some("kernel"),
         "initramfs" => Some("initramfs"),
         _ => None,

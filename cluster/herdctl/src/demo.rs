@@ -226,9 +226,16 @@ fn spawn_in_netns(dir: &Path, state: &mut State, role: &str, argv: &[String], lo
     Ok(child.id())
 }
 
+/// Whether a recorded process still runs: it exists, is not a zombie (an exited child not yet reaped), and is
+/// what was started (its command line names it; empty while `ip netns exec` is between exec calls).
 fn alive(p: &Proc) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{}/stat", p.pid)) else { return false };
+    let state = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next());
+    if state == Some("Z") {
+        return false;
+    }
     std::fs::read(format!("/proc/{}/cmdline", p.pid))
-        .is_ok_and(|c| c.split(|b| *b == 0).any(|w| String::from_utf8_lossy(w).ends_with(&p.exe)))
+        .is_ok_and(|c| c.is_empty() || c.split(|b| *b == 0).any(|w| String::from_utf8_lossy(w).ends_with(&p.exe)))
 }
 
 fn kill(pid: u32, signal: &str) {
@@ -303,7 +310,16 @@ pub(crate) fn up(args: &DemoArgs, output: Output) -> anyhow::Result<ExitCode> {
     let dir = args.dir.clone();
     std::thread::spawn(move || {
         let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
-        if rt.block_on(tokio::signal::ctrl_c()).is_ok() {
+        let signalled = rt.block_on(async {
+            let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) else {
+                return tokio::signal::ctrl_c().await.is_ok();
+            };
+            tokio::select! {
+                r = tokio::signal::ctrl_c() => r.is_ok(),
+                t = term.recv() => t.is_some(),
+            }
+        });
+        if signalled {
             eprintln!("\nherdctl demo: interrupted; stopping everything it started");
             let _ = teardown(&dir, true);
             std::process::exit(130);

@@ -1,0 +1,128 @@
+//! A/B slots through the provisioner: a machine installed with one release gets a newer one written into slot B
+//! (to be tried once) while the provisioner starts serving that release; it boots B, which node-init commits and
+//! reports; then B is damaged, and the machine falls back to A in the same boot, which it may do only because the
+//! provisioner vouches for the root hashes of both of its slots (it kept the older release's boot files). Needs
+//! root, QEMU and iPXE.
+#![allow(clippy::unwrap_used)]
+
+use std::path::Path;
+use std::time::Duration;
+
+use herd_images::slot::{self, Slot};
+use herd_qemu::image::herd_os;
+use herd_qemu::{Firmware, Lab, VmSpec};
+use serde_json::Value;
+
+const READY: &str = "herd-node-init: ready";
+const HEALTHY: &str = "herd-node-init: reported healthy";
+const LIMIT: Duration = Duration::from_secs(600);
+const MACS: [&str; 2] = ["52:54:00:99:01:01", "52:54:00:99:01:02"];
+
+fn report(line: &str) -> Value {
+    serde_json::from_str(line[line.find(READY).unwrap() + READY.len()..].trim()).unwrap()
+}
+
+/// Boots node1 (again) from the network with its disk and waits until it reported healthy; returns its report.
+fn boot(lab: &mut Lab, name: &str, disk: &Path) -> (usize, Value) {
+    let i = lab.start_vm(VmSpec::new(name, Firmware::SeabiosIpxe, &MACS).with_disk(disk).memory(1024)).unwrap();
+    let (took, _) = lab.vms()[i].wait_for(HEALTHY, LIMIT).unwrap();
+    let (_, line) = lab.vms()[i].wait_for_within(READY, Duration::from_secs(1)).unwrap();
+    println!("figures: {name}: power-on -> reported healthy {:.1} s", took.as_secs_f64());
+    (i, report(&line))
+}
+
+/// The slot table the provisioner keeps for node1.
+fn kept_slots(lab: &Lab) -> Value {
+    lab.api("/api/v1/machines/node1").unwrap()["slots"].clone()
+}
+
+#[test]
+fn a_machine_boots_its_new_slot_through_the_provisioner_and_falls_back_to_the_old_one_it_vouches_for() {
+    // One master alone: a one-member etcd, so the machine registers and reports healthy by itself.
+    let text =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/qemu-3.toml")).unwrap();
+    let second = text.match_indices("[[machines]]").nth(1).unwrap().0;
+    let scratch = std::env::temp_dir().join(format!("herd-qemu-upgrade-{}.toml", std::process::id()));
+    std::fs::write(&scratch, &text[..second]).unwrap();
+    let mut lab = Lab::new(&scratch).unwrap();
+    let (old, new) = (lab.dir.join("image-old"), lab.dir.join("image-new"));
+    let a = herd_os(&old, None).unwrap();
+    let b = herd_os(&new, Some("2026.11.99")).unwrap();
+    assert_ne!(a.verity.root_hash, b.verity.root_hash);
+    lab.boot_assets_image(&old).unwrap();
+    lab.start_provisioner().unwrap();
+    let disk = lab.dir.join("node1.qcow2");
+    let created = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&disk)
+        .arg("4G")
+        .status()
+        .unwrap();
+    assert!(created.success());
+
+    // Installed with the old release, slot A: the provisioner learns the slot table.
+    let (i, first) = boot(&mut lab, "install", &disk);
+    assert_eq!(
+        (first["boot"]["slot"].as_str(), first["boot"]["release"].as_str()),
+        (Some("a"), Some(a.release.as_str()))
+    );
+    let slots = kept_slots(&lab);
+    assert_eq!(slots["booted"], "a", "{slots}");
+    assert_eq!(slots["slots"][0]["flags"]["successful"], true, "{slots}");
+    lab.power_off(i);
+
+    // The newer release goes into slot B, to be tried once, and the provisioner now serves it.
+    let staged = slot::on_raw(&disk, |raw| slot::install(raw, Slot::B, &new, slot::DEFAULT_SLOT_BYTES)).unwrap();
+    assert_eq!((staged.flags.tries, staged.flags.successful), (1, false));
+    lab.boot_assets_image(&new).unwrap();
+    let (i, second) = boot(&mut lab, "slot-b", &disk);
+    assert_eq!((second["boot"]["slot"].as_str(), second["boot"]["release"].as_str()), (Some("b"), Some("2026.11.99")));
+    assert!(!lab.vms()[i].console().contains("installing to"), "no reinstall");
+    let slots = kept_slots(&lab);
+    assert_eq!(slots["booted"], "b", "{slots}");
+    let b_state = slots["slots"].as_array().unwrap().iter().find(|s| s["slot"] == "b").unwrap().clone();
+    assert_eq!(b_state["flags"]["successful"], true, "B committed: {slots}");
+    lab.power_off(i);
+
+    // B is damaged: verity refuses it and node-init falls back to A in the same boot, because the provisioner's
+    // command line vouches for both slots' images.
+    let offset = b_state["offset"].as_u64().unwrap();
+    slot::on_raw(&disk, |raw| {
+        use std::io::{Read, Seek, SeekFrom, Write};
+        let mut f = std::fs::OpenOptions::new().read(true).write(true).open(raw)?;
+        let mut byte = [0u8; 1];
+        f.seek(SeekFrom::Start(offset + 1000))?;
+        f.read_exact(&mut byte)?;
+        f.seek(SeekFrom::Start(offset + 1000))?;
+        f.write_all(&[byte[0] ^ 0xff])?;
+        Ok(())
+    })
+    .unwrap();
+    let (i, third) = boot(&mut lab, "fallback", &disk);
+    assert_eq!(
+        (third["boot"]["slot"].as_str(), third["boot"]["release"].as_str()),
+        (Some("a"), Some(a.release.as_str()))
+    );
+    let passed = third["boot"]["failed_slots"].to_string();
+    assert!(passed.contains("slot b") && passed.contains("dm-verity"), "{passed}");
+    let console = lab.vms()[i].console();
+    let cmdline = console.lines().find(|l| l.contains("Kernel command line:")).unwrap();
+    let vouched = format!("herd.verity.roothash={},{}", b.verity.root_hash, a.verity.root_hash);
+    assert!(cmdline.contains(&vouched), "the served image's hash and the kept one's: {cmdline}");
+    let slots = kept_slots(&lab);
+    assert_eq!(slots["booted"], "a", "{slots}");
+    let timeline = lab.api("/api/v1/machines/node1/timeline").unwrap();
+    let reported: Vec<&str> = timeline
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["event"] == "slots")
+        .filter_map(|e| e["detail"].as_str())
+        .collect();
+    assert!(
+        reported.last().is_some_and(|d| d.contains("booted a") && d.contains("b: herd-os 2026.11.99 bad")),
+        "{reported:?}"
+    );
+    drop(lab);
+    std::fs::remove_file(&scratch).unwrap();
+}
