@@ -19,7 +19,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::plan::{self, MachineView, Snapshot};
-use crate::record::{self, CordonRecord, Desired, MachineRecord, ScheduleEntry, UnitRecord};
+use crate::record::{self, ActiveState, CordonRecord, Desired, MachineRecord, ScheduleEntry, UnitRecord};
 use crate::schema::{self, Key};
 use crate::store::{KeepAlive, Store, StoreError};
 use crate::unit::{Unit, UnitName};
@@ -81,6 +81,17 @@ pub struct Engine {
     reconciled: watch::Sender<Reconciled>,
 }
 
+/// A unit warming on its next machine before it leaves a draining one.
+struct Warming {
+    from: String,
+    to: String,
+    since: Instant,
+}
+
+/// How long a drained unit waits for its next machine to load it before it moves anyway (it then starts there
+/// once its image is pulled).
+const WARM_LIMIT: Duration = Duration::from_secs(120);
+
 /// The leader's view of the cluster.
 #[derive(Default)]
 struct View {
@@ -95,6 +106,9 @@ struct View {
     leaving: BTreeMap<UnitName, String>,
     /// Unit → why it is not placed, as written to `unplaced/`.
     unplaced: BTreeMap<UnitName, String>,
+    /// Container units moving off a draining machine, warming on their new one first: they keep running where
+    /// they are while the new machine loads them (pulls the image, creates the container), then move.
+    warming: BTreeMap<UnitName, Warming>,
     /// Machine events seen but not yet written to `events/`: (machine, event, detail).
     events: Vec<(String, &'static str, String)>,
 }
@@ -279,7 +293,7 @@ impl Engine {
             }
             let next_suspect = view.suspects.values().map(|(_, t)| *t).min();
             // While at-most-once units wait for their old machine to stop them, look again shortly.
-            let next_suspect = if view.leaving.is_empty() {
+            let next_suspect = if view.leaving.is_empty() && view.warming.is_empty() {
                 next_suspect
             } else {
                 let soon = Instant::now() + Duration::from_millis(200);
@@ -424,6 +438,10 @@ impl Engine {
         for (m, u) in view.schedule.keys() {
             current.insert(u.clone(), m.clone());
         }
+        // A warming unit is where it is going: the planner keeps it there.
+        for (u, w) in &view.warming {
+            current.insert(u.clone(), w.to.clone());
+        }
         let started = Instant::now();
         let snapshot = Snapshot { machines, units, current };
         // Planning 50,000 units takes a few hundred ms of CPU: keep it off the async workers when there are others.
@@ -456,9 +474,47 @@ impl Engine {
             }
         }
         view.leaving = still_leaving;
+        // Warming units: done once their next machine loaded them (or failed, or took too long), or when the plan
+        // or the machines changed under them.
+        let mut still_warming = BTreeMap::new();
+        for (unit, w) in std::mem::take(&mut view.warming) {
+            if !wanted.contains_key(&(w.to.clone(), unit.clone())) || !view.machines.contains_key(&w.from) {
+                continue;
+            }
+            let state = self.store.get(&Key::UnitState(unit.clone(), self.machine_key(&w.to)?).path()).await?;
+            let state = state.and_then(|kv| record::decode::<record::StateRecord>(kv.value())).map(|r| r.state);
+            let done = matches!(state, Some(ActiveState::Loaded | ActiveState::Active | ActiveState::Failed));
+            if !done && w.since.elapsed() < WARM_LIMIT {
+                still_warming.insert(unit, w);
+            } else {
+                tracing::info!(unit = %unit, from = %w.from, to = %w.to, "warm after {:?}: moving", w.since.elapsed());
+            }
+        }
+        view.warming = still_warming;
+        // Container units starting to move off a draining machine that is alive warm up first.
+        for (from, unit) in view.schedule.keys() {
+            if wanted.contains_key(&(from.clone(), unit.clone())) || view.warming.contains_key(unit) {
+                continue;
+            }
+            let draining = view.machines.contains_key(from) && view.cordons.get(from).is_some_and(|c| c.drain);
+            let container = view.units.get(unit).is_some_and(|(r, u)| {
+                r.desired == Desired::Launched && u.as_ref().is_some_and(|u| u.container.is_some())
+            });
+            let to = wanted.keys().find(|(m, u)| u == unit && m != from).map(|(m, _)| m.clone());
+            if let (true, true, Some(to)) = (draining, container, to)
+                && !view.schedule.contains_key(&(to.clone(), unit.clone()))
+            {
+                tracing::info!(unit = %unit, from = %from, to = %to, "warming on the next machine before moving");
+                view.warming.insert(unit.clone(), Warming { from: from.clone(), to, since: Instant::now() });
+            }
+        }
         let mut ops = Vec::new();
         let mut removed = Vec::new();
         for key in view.schedule.keys() {
+            if view.warming.get(&key.1).is_some_and(|w| w.from == key.0) {
+                // Keeps running here until its next machine has loaded it.
+                continue;
+            }
             if !wanted.contains_key(key) {
                 ops.push(TxnOp::delete(self.schedule_key(key), None));
                 removed.push(key.clone());
@@ -477,9 +533,15 @@ impl Engine {
                 // Break before make: it starts on its new machine only after the old one stopped it.
                 continue;
             }
-            if view.schedule.get(key) != Some(entry) {
-                ops.push(TxnOp::put(self.schedule_key(key), record::encode(entry), None));
-                added.push((key.clone(), entry.clone()));
+            let entry = if view.warming.get(&key.1).is_some_and(|w| w.to == key.0) {
+                // Loaded, not started: the image is pulled and the container created while the old one runs.
+                ScheduleEntry { desired: Desired::Loaded, ..entry.clone() }
+            } else {
+                entry.clone()
+            };
+            if view.schedule.get(key) != Some(&entry) {
+                ops.push(TxnOp::put(self.schedule_key(key), record::encode(&entry), None));
+                added.push((key.clone(), entry));
             }
         }
         let writes = ops.len();

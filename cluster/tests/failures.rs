@@ -10,7 +10,9 @@ use common::{Lab, TTL, machine_record, poll, sleeper};
 use herd_cluster::agent::AgentEvent;
 use herd_cluster::client::UnitStatus;
 use herd_cluster::engine::EngineStatus;
+use herd_cluster::exec::{ExecError, Executor};
 use herd_cluster::record::{ActiveState, Desired};
+use herd_cluster::unit::Unit;
 use tokio::sync::broadcast;
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -193,4 +195,87 @@ async fn draining_moves_an_at_most_once_unit_only_after_it_stopped() {
         .expect("the other machine started it");
     let gap = started.duration_since(stopped).expect("stopped before it started elsewhere: no overlap");
     eprintln!("drain: stopped {gap:?} before it started elsewhere");
+}
+
+/// An executor whose containers take [`PULL`] to load (as an image pull would), for the drain warm-up test.
+#[derive(Debug, Default)]
+struct SlowPull {
+    states: std::sync::Mutex<std::collections::HashMap<String, ActiveState>>,
+}
+
+const PULL: Duration = Duration::from_secs(1);
+
+impl SlowPull {
+    fn set(&self, unit: &Unit, state: Option<ActiveState>) {
+        let mut states = self.states.lock().unwrap();
+        match state {
+            Some(s) => states.insert(unit.name.to_string(), s),
+            None => states.remove(unit.name.as_str()),
+        };
+    }
+
+    fn get(&self, unit: &Unit) -> Option<ActiveState> {
+        self.states.lock().unwrap().get(unit.name.as_str()).copied()
+    }
+}
+
+impl Executor for SlowPull {
+    async fn pull(&self, _image: &str) -> Result<(), ExecError> {
+        tokio::time::sleep(PULL).await;
+        Ok(())
+    }
+    async fn load(&self, unit: &Unit) -> Result<(), ExecError> {
+        if self.get(unit).is_none() {
+            tokio::time::sleep(PULL).await;
+            self.set(unit, Some(ActiveState::Loaded));
+        }
+        Ok(())
+    }
+    async fn start(&self, unit: &Unit) -> Result<(), ExecError> {
+        self.set(unit, Some(ActiveState::Active));
+        Ok(())
+    }
+    async fn stop(&self, unit: &Unit) -> Result<(), ExecError> {
+        if self.get(unit).is_some() {
+            self.set(unit, Some(ActiveState::Loaded));
+        }
+        Ok(())
+    }
+    async fn unload(&self, unit: &Unit) -> Result<(), ExecError> {
+        self.set(unit, None);
+        Ok(())
+    }
+    async fn state(&self, unit: &Unit) -> ActiveState {
+        self.get(unit).unwrap_or(ActiveState::Inactive)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn draining_loads_a_container_on_its_next_machine_before_stopping_it() {
+    let mut lab = Lab::start("warm", 1).await;
+    for id in ["m1", "m2"] {
+        let m = lab.spawn_agent(machine_record(id, "r1", &[]), std::sync::Arc::new(SlowPull::default())).await;
+        lab.machines.insert(id.to_owned(), m);
+    }
+    poll(WAIT, "2 machines", || async { (lab.client.machines().await.ok()?.len() == 2).then_some(()) }).await;
+    let web = "[Container]\nImage=registry.invalid/web:1\n";
+    let first = launch(&lab, "web.service", web).await;
+    let other = if first == "m1" { "m2" } else { "m1" };
+    drain(&mut lab.machines.get_mut(other).unwrap().events);
+    drain(&mut lab.machines.get_mut(&first).unwrap().events);
+
+    lab.client.cordon(&first, true).await.unwrap();
+    poll(WAIT, "web.service active on the other machine", || async {
+        (on(&lab, "web.service").await.as_deref() == Some(other)).then_some(())
+    })
+    .await;
+    let there = drain(&mut lab.machines.get_mut(other).unwrap().events);
+    let loaded = action_at(&there, "web.service", "load").expect("the next machine loaded it");
+    let started = action_at(&there, "web.service", "start").expect("the next machine started it");
+    let stopped = action_at(&drain(&mut lab.machines.get_mut(&first).unwrap().events), "web.service", "stop")
+        .expect("the drained machine stopped it");
+    let early = stopped.duration_since(loaded).expect("loaded (image pulled) before the old copy stopped");
+    let gap = started.duration_since(stopped).unwrap_or_default();
+    eprintln!("drain: loaded {early:?} before the old copy stopped, started {gap:?} after");
+    assert!(gap < PULL, "the move did not wait for a pull after stopping ({gap:?})");
 }
