@@ -261,6 +261,14 @@ impl Engine {
 
     async fn lead(&self, term: &Term, shutdown: &CancellationToken) -> Result<(), StoreError> {
         let (mut view, revision) = self.load().await?;
+        // Machines whose registration went while no engine led (the old leader died with them, or during the
+        // hand-over): their units move now; their timelines say so.
+        let gone: std::collections::BTreeSet<String> =
+            view.schedule.keys().map(|(m, _)| m.clone()).filter(|m| !view.machines.contains_key(m)).collect();
+        for m in gone {
+            let detail = "not registered when this engine took the lead: its units move".to_owned();
+            view.events.push((m, "dead", detail));
+        }
         let mut stream = {
             self.store.stats().request(1);
             let mut client = self.store.client();

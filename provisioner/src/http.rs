@@ -449,6 +449,7 @@ async fn show_machine(State(s): State<HttpState>, Path(name): Path<String>) -> R
         "address": m.internal.get_ref().to_string(),
         "leased": m.macs().find_map(|x| s.by_address.leases.of(x)).map(|ip| ip.to_string()),
         "timeline_entries": record.timeline.len(),
+        "slots": record.slots,
     }))
     .into_response()
 }

@@ -378,7 +378,7 @@ impl Task {
 }
 
 /// One line for a slot table: `booted a; a: herd-os 1 good; b: herd-os 2 tries 1`.
-fn describe_slots(r: &SlotReport) -> String {
+pub fn describe_slots(r: &SlotReport) -> String {
     let slots: Vec<String> = r
         .slots
         .iter()

@@ -161,8 +161,30 @@ fn an_installed_machine_boots_locally_until_reprovisioned_and_its_timeline_shows
     assert_eq!(code, 200, "{reply}");
     assert!(reply.contains("\"installed\""), "{reply}");
 
+    // node-init reports its slot table with `configured` and `healthy`: the provisioner keeps it.
+    let slots = serde_json::json!({
+        "disk": "/dev/vda",
+        "booted": "a",
+        "slots": [
+            {"slot": "a", "flags": {"priority": 2, "tries": 0, "successful": true}, "offset": 1048576, "size": 1024,
+             "header": {"magic": "herd-slot/1", "name": "herd-os", "release": "1", "key": "k", "kernel_version": "6.12",
+                        "root_hash": "ab".repeat(32), "data_bytes": 0, "hash_offset": 0}},
+            {"slot": "b", "flags": {"priority": 0, "tries": 0, "successful": false}, "offset": 2048, "size": 1024,
+             "header": null},
+        ],
+    });
+    let body = serde_json::json!({"stage": "healthy", "detail": "registered", "slots": slots}).to_string();
+    let post = ["-X", "POST", "-H", "content-type: application/json", "-d", &body];
+    let healthy_url = format!("http://10.99.0.2/phone-home/{NODE1_DASHED}?token={token}");
+    let (code, reply) = curl(&lab, &[&post[..], &[healthy_url.as_str()]].concat());
+    assert_eq!(code, 200, "{reply}");
+    let (_, shown) = curl(&lab, &["http://10.99.0.2/api/v1/machines/node1"]);
+    let shown: serde_json::Value = serde_json::from_str(&shown).unwrap();
+    assert_eq!(shown["slots"], slots, "kept as reported");
+
     let (_, script) = curl(&lab, &[&script_url]);
     assert!(script.contains("herd.mode=local"), "an installed machine is not installed again:\n{script}");
+    assert!(script.contains("slot a: herd-os 1"), "the slot it will boot:\n{script}");
     let (code, _) = curl(&lab, &["-X", "POST", "http://10.99.0.2/api/v1/machines/node1/reprovision"]);
     assert_eq!(code, 200);
     let (_, script) = curl(&lab, &[&script_url]);
@@ -174,9 +196,18 @@ fn an_installed_machine_boots_locally_until_reprovisioned_and_its_timeline_shows
         .iter()
         .map(|e| e["event"].as_str().unwrap().to_owned())
         .collect();
-    for expected in
-        ["dhcp-offer", "dhcp-ack", "script", "kernel", "config", "phone-home:installed", "reprovision", "state"]
-    {
+    for expected in [
+        "dhcp-offer",
+        "dhcp-ack",
+        "script",
+        "kernel",
+        "config",
+        "phone-home:installed",
+        "phone-home:healthy",
+        "slots",
+        "reprovision",
+        "state",
+    ] {
         assert!(events.iter().any(|e| e == expected), "missing {expected} in {events:?}");
     }
     let (_, list) = curl(&lab, &["http://10.99.0.2/api/v1/machines"]);

@@ -60,7 +60,13 @@ impl Api {
             println!("{}", serde_json::to_string_pretty(&value)?);
         } else if let Some(map) = value.as_object() {
             for (k, v) in map {
-                println!("{k:<18} {}", v.as_str().map_or_else(|| v.to_string(), str::to_owned));
+                let shown = match (k.as_str(), v) {
+                    (_, serde_json::Value::Null) => "-".to_owned(),
+                    ("slots", v) => serde_json::from_value(v.clone())
+                        .map_or_else(|_| v.to_string(), |r| herd_provisioner::machines::describe_slots(&r)),
+                    (_, v) => v.as_str().map_or_else(|| v.to_string(), str::to_owned),
+                };
+                println!("{k:<18} {shown}");
             }
         }
         Ok(ExitCode::SUCCESS)

@@ -388,6 +388,18 @@ impl Lab {
         }
     }
 
+    /// Stops the provisioner, as a crash or a restart would (its state stays in the lab's directory).
+    pub fn stop_provisioner(&mut self) -> anyhow::Result<()> {
+        if let Some((cancel, handle)) = self.provisioner.take() {
+            cancel.cancel();
+            match handle.join() {
+                Ok(r) => r?,
+                Err(_) => bail!("the provisioner thread panicked"),
+            }
+        }
+        Ok(())
+    }
+
     fn tap(&mut self) -> anyhow::Result<String> {
         self.taps += 1;
         let tap = format!("tap{}", self.taps);

@@ -1,8 +1,14 @@
-//! A/B slots through the provisioner: a machine installed with one release gets a newer one written into slot B
-//! (to be tried once) while the provisioner starts serving that release; it boots B, which node-init commits and
-//! reports; then B is damaged, and the machine falls back to A in the same boot, which it may do only because the
-//! provisioner vouches for the root hashes of both of its slots (it kept the older release's boot files). Needs
-//! root, QEMU and iPXE.
+//! The provisioner's part in a machine's life beyond the first install.
+//!
+//! A/B slots: a machine installed with one release gets a newer one written into slot B (to be tried once) while
+//! the provisioner starts serving that release; it boots B, which node-init commits and reports; then B is
+//! damaged, and the machine falls back to A in the same boot, which it may do only because the provisioner
+//! vouches for the root hashes of both of its slots (it kept the older release's boot files).
+//!
+//! A provisioner restart in the middle of a boot: the machine, already in its initramfs, rides it out (DHCP and
+//! the config fetch retry) and boots once the provisioner is back, with the per-boot token it was given before.
+//!
+//! Needs root, QEMU and iPXE.
 #![allow(clippy::unwrap_used)]
 
 use std::path::Path;
@@ -31,6 +37,16 @@ fn boot(lab: &mut Lab, name: &str, disk: &Path) -> (usize, Value) {
     (i, report(&line))
 }
 
+/// examples/qemu-3.toml cut to its first machine (one master: a one-member etcd), changed by `edit`.
+fn one_machine(name: &str, edit: impl Fn(String) -> String) -> std::path::PathBuf {
+    let text =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/qemu-3.toml")).unwrap();
+    let second = text.match_indices("[[machines]]").nth(1).unwrap().0;
+    let scratch = std::env::temp_dir().join(format!("herd-qemu-{name}-{}.toml", std::process::id()));
+    std::fs::write(&scratch, edit(text[..second].to_owned())).unwrap();
+    scratch
+}
+
 /// The slot table the provisioner keeps for node1.
 fn kept_slots(lab: &Lab) -> Value {
     lab.api("/api/v1/machines/node1").unwrap()["slots"].clone()
@@ -39,11 +55,7 @@ fn kept_slots(lab: &Lab) -> Value {
 #[test]
 fn a_machine_boots_its_new_slot_through_the_provisioner_and_falls_back_to_the_old_one_it_vouches_for() {
     // One master alone: a one-member etcd, so the machine registers and reports healthy by itself.
-    let text =
-        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/qemu-3.toml")).unwrap();
-    let second = text.match_indices("[[machines]]").nth(1).unwrap().0;
-    let scratch = std::env::temp_dir().join(format!("herd-qemu-upgrade-{}.toml", std::process::id()));
-    std::fs::write(&scratch, &text[..second]).unwrap();
+    let scratch = one_machine("slots", |t| t);
     let mut lab = Lab::new(&scratch).unwrap();
     let (old, new) = (lab.dir.join("image-old"), lab.dir.join("image-new"));
     let a = herd_os(&old, None).unwrap();
@@ -123,6 +135,48 @@ fn a_machine_boots_its_new_slot_through_the_provisioner_and_falls_back_to_the_ol
         reported.last().is_some_and(|d| d.contains("booted a") && d.contains("b: herd-os 2026.11.99 bad")),
         "{reported:?}"
     );
+    drop(lab);
+    std::fs::remove_file(&scratch).unwrap();
+}
+
+#[test]
+fn a_machine_in_its_initramfs_rides_out_a_provisioner_restart() {
+    // Diskless: the shortest way from the initramfs to a running system.
+    let scratch = one_machine("outage", |t| t.replacen("disk = \"/dev/vda\"\n", "", 1));
+    let mut lab = Lab::new(&scratch).unwrap();
+    let image = lab.dir.join("image");
+    herd_os(&image, None).unwrap();
+    lab.boot_assets_image(&image).unwrap();
+    lab.start_provisioner().unwrap();
+    let i = lab.start_vm(VmSpec::new("node1", Firmware::SeabiosIpxe, &MACS).memory(1024)).unwrap();
+
+    // Once the kernel runs (kernel and initramfs fetched; node-init's DHCP is seconds away), the provisioner goes
+    // away: DHCP, TFTP, HTTP, all of it, for OUTAGE, then comes back on the same state (leases, tokens).
+    lab.vms()[i].wait_for("Linux version", LIMIT).unwrap();
+    lab.stop_provisioner().unwrap();
+    const OUTAGE: Duration = Duration::from_secs(15);
+    // The outage's length is what is tested, not a wait for an event.
+    std::thread::sleep(OUTAGE);
+    lab.start_provisioner().unwrap();
+
+    let (took, line) = lab.vms()[i].wait_for(READY, LIMIT).unwrap();
+    let r = report(&line);
+    let b = &r["boot"];
+    let waited = b["network_ms"].as_u64().unwrap() - b["modules_loaded_ms"].as_u64().unwrap();
+    println!(
+        "figures: a provisioner restart ({} s down) during the initramfs: the machine got its lease {:.1} s after \
+         its modules, node-init ready {:.1} s after power-on",
+        OUTAGE.as_secs(),
+        waited as f64 / 1000.0,
+        took.as_secs_f64()
+    );
+    assert!(waited >= OUTAGE.as_millis() as u64 / 2, "DHCP waited for the provisioner ({waited} ms)");
+    assert!(!lab.vms()[i].console().contains("BOOT STOPPED"));
+    let timeline = lab.api("/api/v1/machines/node1/timeline").unwrap();
+    let events: Vec<&str> = timeline.as_array().unwrap().iter().filter_map(|e| e["event"].as_str()).collect();
+    for stage in ["phone-home:initramfs", "phone-home:configured"] {
+        assert!(events.contains(&stage), "{stage} recorded after the restart: {events:?}");
+    }
     drop(lab);
     std::fs::remove_file(&scratch).unwrap();
 }
