@@ -96,6 +96,8 @@ pub struct MachineStatus {
     pub cordon: Option<CordonRecord>,
     /// Units scheduled there.
     pub units: usize,
+    /// Whether the engine instance leading the cluster runs on this machine (its id is the leader key's value).
+    pub engine_leader: bool,
 }
 
 /// herdctl's handle on the cluster.
@@ -250,6 +252,8 @@ impl ClusterClient {
         let (machines, _) = self.store.get_prefix(&schema::prefix("machines")).await?;
         let (cordons, _) = self.store.get_prefix(&schema::prefix("cordon")).await?;
         let (schedule, _) = self.store.get_prefix(&schema::prefix("schedule")).await?;
+        let leader = self.store.get(&Key::EngineLeader.path()).await?;
+        let leader = leader.map(|kv| String::from_utf8_lossy(kv.value()).into_owned());
         let mut counts: BTreeMap<String, usize> = BTreeMap::new();
         for kv in &schedule {
             if let Some(Key::Schedule(m, _)) = kv.key_str().ok().and_then(Key::parse) {
@@ -269,6 +273,7 @@ impl ClusterClient {
             .map(|record| MachineStatus {
                 cordon: cordons.get(&record.id).cloned(),
                 units: counts.get(&record.id).copied().unwrap_or(0),
+                engine_leader: leader.as_deref() == Some(record.id.as_str()),
                 record,
             })
             .collect())

@@ -149,6 +149,14 @@ impl Drop for LocalEtcd {
     }
 }
 
+/// The configuration of Debian's docker-registry storing under `root` and listening on `addr` (`IP:PORT`).
+pub fn registry_config(root: &std::path::Path, addr: &str) -> String {
+    format!(
+        "version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n",
+        root.display()
+    )
+}
+
 /// A Docker Engine (Debian's docker.io) and a registry (Debian's docker-registry), each with its own state under
 /// a scratch dir; both stopped on drop. Only one such dockerd at a time per host (it manages docker0).
 #[derive(Debug)]
@@ -169,13 +177,7 @@ impl LocalDocker {
         let port = free_port()?;
         let registry = format!("127.0.0.1:{port}");
         let config = dir.join("registry.yml");
-        std::fs::write(
-            &config,
-            format!(
-                "version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {registry}\n",
-                dir.join("registry").display()
-            ),
-        )?;
+        std::fs::write(&config, registry_config(&dir.join("registry"), &registry))?;
         let log = |name: &str| std::fs::File::create(dir.join(name));
         let registry_proc = std::process::Command::new("docker-registry")
             .arg("serve")

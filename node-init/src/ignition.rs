@@ -90,9 +90,20 @@ fn write_file(path: &Path, bytes: &[u8], mode: u32) -> Result<(), String> {
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     }
     let tmp = path.with_extension("herd-tmp");
-    std::fs::write(&tmp, bytes).map_err(|e| format!("{}: {e}", path.display()))?;
-    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode)).map_err(|e| e.to_string())?;
-    std::fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))
+    let err = |e: std::io::Error| format!("{}: {e}", path.display());
+    let mut f = std::fs::File::create(&tmp).map_err(err)?;
+    std::io::Write::write_all(&mut f, bytes).map_err(err)?;
+    f.set_permissions(std::fs::Permissions::from_mode(mode)).map_err(err)?;
+    // On disk before it takes the old file's place, and the rename on disk before we go on: a power cut right
+    // after the boot must not leave an empty /etc/passwd (ext4 does not flush a new file renamed over one that
+    // only a lower overlay layer had).
+    f.sync_all().map_err(err)?;
+    drop(f);
+    std::fs::rename(&tmp, path).map_err(err)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(err)?;
+    }
+    Ok(())
 }
 
 /// Applies `config` under `root`.

@@ -441,13 +441,7 @@ fn bring_up(args: &DemoArgs, output: Output) -> anyhow::Result<ExitCode> {
     bar.set_prefix("registry");
     let registry = format!("{SERVICES_IP}:5000");
     let config = dir.join("registry.yml");
-    std::fs::write(
-        &config,
-        format!(
-            "version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {registry}\n",
-            dir.join("registry").display()
-        ),
-    )?;
+    std::fs::write(&config, herd_cluster::local::registry_config(&dir.join("registry"), &registry))?;
     let argv = vec!["docker-registry".to_owned(), "serve".into(), config.display().to_string()];
     spawn_in_netns(&dir, &mut state, "registry", &argv, "registry.log")?;
     poll(Duration::from_secs(20), "the registry", || {
@@ -634,7 +628,7 @@ fn tail(path: &Path) -> String {
 fn power_on_machine(dir: &Path, state: &mut State, m: &DemoMachine) -> anyhow::Result<()> {
     let disk = dir.join(format!("{}.qcow2", m.name));
     if !disk.exists() {
-        run("qemu-img", &["create", "-q", "-f", "qcow2", &disk.display().to_string(), "4G"])?;
+        herd_qemu::qcow2(&disk)?;
     }
     let mut taps = Vec::new();
     for i in 0..m.macs.len() {

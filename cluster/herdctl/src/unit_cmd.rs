@@ -230,6 +230,7 @@ impl Cluster {
                     Some(_) => "cordoned",
                     None => "ready",
                 };
+                let status = if m.engine_leader { format!("{status}, leader") } else { status.to_owned() };
                 let labels = r.labels.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",");
                 vec![
                     r.id.clone(),
@@ -238,7 +239,7 @@ impl Cluster {
                     m.units.to_string(),
                     format!("{}m", r.cpu_millis),
                     format!("{}Mi", r.memory >> 20),
-                    status.into(),
+                    status,
                     labels,
                 ]
             })

@@ -478,6 +478,20 @@ impl Lab {
     }
 }
 
+/// Creates an empty 4 GiB qcow2 disk (the size the install layout needs) at `path`.
+pub fn qcow2(path: &Path) -> anyhow::Result<()> {
+    let out = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(path)
+        .arg("4G")
+        .output()
+        .context("cannot run qemu-img (apt install qemu-utils)")?;
+    if !out.status.success() {
+        bail!("qemu-img create {}: {}", path.display(), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
+}
+
 /// Creates network namespace `ns` with loopback up and a bridge `bridge` carrying the addresses `cidrs`.
 pub fn bridge_netns(ns: &str, bridge: &str, cidrs: &[&str]) -> anyhow::Result<()> {
     ip(&["netns", "add", ns])?;

@@ -13,7 +13,7 @@ use herd_cluster::client::ClusterClient;
 use herd_cluster::record::Desired;
 use herd_cluster::store::{Store, TlsFiles};
 use herd_qemu::image::herd_os;
-use herd_qemu::{Firmware, Lab, VmSpec};
+use herd_qemu::{Firmware, Lab, VmSpec, qcow2};
 use serde_json::Value;
 
 const READY: &str = "herd-node-init: ready";
@@ -51,17 +51,6 @@ ExecStart=/bin/echo HERD-PINNED on $(hostname)
 [X-Fleet]
 MachineID=node2
 ";
-
-fn qcow2(path: &Path) {
-    let ok = std::process::Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2"])
-        .arg(path)
-        .arg("4G")
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok);
-}
 
 fn report(line: &str) -> Value {
     serde_json::from_str(line[line.find(READY).unwrap() + READY.len()..].trim()).unwrap()
@@ -106,7 +95,7 @@ fn three_machines_install_from_the_provisioner_form_etcd_register_and_run_a_glob
     ];
     for (name, firmware, macs) in &machines {
         let disk = lab.dir.join(format!("{name}.qcow2"));
-        qcow2(&disk);
+        qcow2(&disk).unwrap();
         lab.start_vm(VmSpec::new(name, *firmware, macs).with_disk(&disk).memory(1024)).unwrap();
     }
 
@@ -250,7 +239,7 @@ fn a_machine_whose_image_is_not_vouched_for_stops_with_the_reason_on_its_console
     lab.boot_assets_image(&image).unwrap();
     lab.start_provisioner().unwrap();
     let disk = lab.dir.join("node1.qcow2");
-    qcow2(&disk);
+    qcow2(&disk).unwrap();
     let spec = VmSpec::new("node1", Firmware::SeabiosIpxe, &["52:54:00:99:01:01"]).with_disk(&disk).memory(1024);
     let i = lab.start_vm(spec).unwrap();
     let (_, line) = lab.vms()[i].wait_for("BOOT STOPPED", LIMIT).unwrap();

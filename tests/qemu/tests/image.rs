@@ -143,13 +143,7 @@ fn an_installed_disk_boots_its_slot_tries_a_new_one_and_falls_back_when_it_is_co
     let b = herd_os(&out_b, Some("2026.11.99")).unwrap();
     assert_ne!(a.verity.root_hash, b.verity.root_hash);
     let disk = s.0.join("disk.qcow2");
-    let created = std::process::Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2"])
-        .arg(&disk)
-        .arg("4G")
-        .status()
-        .unwrap();
-    assert!(created.success());
+    herd_qemu::qcow2(&disk).unwrap();
     let install = |slot: Slot, image: &Path| {
         slot::on_raw(&disk, |raw| slot::install(raw, slot, image, slot::DEFAULT_SLOT_BYTES)).unwrap()
     };

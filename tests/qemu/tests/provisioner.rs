@@ -64,13 +64,7 @@ fn a_machine_boots_its_new_slot_through_the_provisioner_and_falls_back_to_the_ol
     lab.boot_assets_image(&old).unwrap();
     lab.start_provisioner().unwrap();
     let disk = lab.dir.join("node1.qcow2");
-    let created = std::process::Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2"])
-        .arg(&disk)
-        .arg("4G")
-        .status()
-        .unwrap();
-    assert!(created.success());
+    herd_qemu::qcow2(&disk).unwrap();
 
     // Installed with the old release, slot A: the provisioner learns the slot table.
     let (i, first) = boot(&mut lab, "install", &disk);
