@@ -641,6 +641,11 @@ fn power_on_machine(dir: &Path, state: &mut State, m: &DemoMachine) -> anyhow::R
     let firmware = if m.uefi { Firmware::OvmfIpxeRom } else { Firmware::SeabiosIpxe };
     let macs: Vec<&str> = m.macs.iter().map(String::as_str).collect();
     let spec = VmSpec::new(&m.name, firmware, &macs).with_disk(&disk).memory(1024);
+    // The console of the boot before is kept aside: this boot's must not be read as if it had already happened.
+    let serial = dir.join(format!("{}.serial.log", m.name));
+    if serial.exists() {
+        std::fs::rename(&serial, dir.join(format!("{}.serial.before.log", m.name)))?;
+    }
     let mut argv = vec!["qemu-system-x86_64".to_owned()];
     argv.extend(herd_qemu::pxe_qemu_args(&spec, dir, &taps)?);
     state.procs.retain(|p| p.role != format!("vm:{}", m.name));
