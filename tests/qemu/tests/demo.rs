@@ -251,8 +251,11 @@ fn the_demo_comes_up_serves_http_survives_a_power_cut_and_goes_down_cleanly() {
         if leader_died { "; a leader (engine or etcd) died with it" } else { "" }
     );
     // The cluster moves the units of a dead machine within 2 x TTL; a container then needs its start on the new
-    // machine (seconds under TCG; a [Service] unit's whole move is bounded by 2 x TTL in cluster.rs).
-    assert!(at(dead) <= (2 * AGENT_TTL).as_secs_f64(), "declared dead after {:.1} s, more than 2 x TTL", at(dead));
+    // machine (seconds under TCG; a [Service] unit's whole move is bounded by 2 x TTL in cluster.rs). When the
+    // engine lost its term with the machine (its lease renewals went to the dead etcd member), the next leader
+    // takes over once that lease ran out and finds the machine gone: up to one TTL more.
+    let bound = if leader_died { 3 * AGENT_TTL } else { 2 * AGENT_TTL };
+    assert!(at(dead) <= bound.as_secs_f64(), "declared dead after {:.1} s, more than {bound:?}", at(dead));
 
     // Powered on again: it PXE-boots into its installed slot, no reinstall, and rejoins.
     let again = demo.json(&["demo", "power-on", &victim, "-o", "json"]);
