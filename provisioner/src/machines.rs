@@ -383,7 +383,8 @@ pub fn describe_slots(r: &SlotReport) -> String {
         .slots
         .iter()
         .map(|s| {
-            let what = s.header.as_ref().map_or("empty".to_owned(), |h| format!("{} {}", h.name, h.release));
+            let Some(h) = &s.header else { return format!("{}: empty", s.slot) };
+            let what = format!("{} {}", h.name, h.release);
             let how = if s.flags.successful {
                 "good".to_owned()
             } else if s.flags.priority == 0 {

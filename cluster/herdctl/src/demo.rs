@@ -593,7 +593,7 @@ fn bring_up(args: &DemoArgs, output: Output) -> anyhow::Result<ExitCode> {
         "\nTry next (as root, from this host):\n  \
          export HERD_ENDPOINT={endpoint} HERD_PROVISIONER={provisioner} HERD_SSH_IDENTITY={}\n  \
          herdctl list-units; herdctl journal hello.service; herdctl status web.service\n  \
-         herdctl demo power-off {web_machine}    # a power cut: web.service moves within 2 x TTL (20 s)\n  \
+         herdctl demo power-off {web_machine}    # a power cut: web.service moves once the machine is declared dead\n  \
          herdctl machine timeline {web_machine}  # shows the death; herdctl demo power-on {web_machine} brings it back\n  \
          herdctl demo down                  # stops everything and removes {}",
         key.display(),

@@ -110,8 +110,10 @@ fn raft(endpoints: &str) -> (u64, Vec<(String, u64)>) {
     (leader, members)
 }
 
+/// Whether a process runs (a zombie waiting for init to reap it does not).
 fn pid_alive(pid: u64) -> bool {
-    Path::new(&format!("/proc/{pid}")).exists()
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .is_ok_and(|stat| stat.rsplit_once(')').is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z')))
 }
 
 #[test]
