@@ -25,8 +25,22 @@ pub struct LocalEtcd {
     cluster: String,
 }
 
+/// A port nothing listens on, below Linux's ephemeral range (32768-60999): a port the kernel handed out for
+/// `bind(0)` could be taken by some outgoing connection's local end before etcd binds it ("address already in
+/// use", seen when many labs ran at once). Each process starts at its own offset and counts on.
 fn free_port() -> std::io::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOW: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let start = (std::process::id() % 600) * 20;
+    for _ in 0..SPAN {
+        let port = (LOW + (start + NEXT.fetch_add(1, Ordering::Relaxed)) % SPAN) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    Err(std::io::Error::other("no free port in 20000-31999"))
 }
 
 impl LocalEtcd {
