@@ -79,9 +79,15 @@ pub struct RecordingExecutor {
     states: Mutex<HashMap<UnitName, ActiveState>>,
     actions: std::sync::atomic::AtomicU64,
     active: std::sync::atomic::AtomicU64,
+    install_delay: std::time::Duration,
 }
 
 impl RecordingExecutor {
+    /// One whose loading of a unit it has not installed yet takes `delay` (as an image pull would).
+    pub fn with_install_delay(delay: std::time::Duration) -> RecordingExecutor {
+        RecordingExecutor { install_delay: delay, ..RecordingExecutor::default() }
+    }
+
     /// How many actions (load, start, stop, unload, pull) it was asked for.
     pub fn actions(&self) -> u64 {
         self.actions.load(std::sync::atomic::Ordering::Relaxed)
@@ -118,6 +124,10 @@ impl Executor for RecordingExecutor {
         Ok(())
     }
     async fn load(&self, unit: &Unit) -> Result<(), ExecError> {
+        let installed = self.states.lock().unwrap_or_else(|p| p.into_inner()).contains_key(&unit.name);
+        if !installed && !self.install_delay.is_zero() {
+            tokio::time::sleep(self.install_delay).await;
+        }
         self.set(unit, Some(ActiveState::Loaded));
         Ok(())
     }

@@ -10,9 +10,8 @@ use common::{Lab, TTL, machine_record, poll, sleeper};
 use herd_cluster::agent::AgentEvent;
 use herd_cluster::client::UnitStatus;
 use herd_cluster::engine::EngineStatus;
-use herd_cluster::exec::{ExecError, Executor};
+use herd_cluster::exec::RecordingExecutor;
 use herd_cluster::record::{ActiveState, Desired};
-use herd_cluster::unit::Unit;
 use tokio::sync::broadcast;
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -197,64 +196,15 @@ async fn draining_moves_an_at_most_once_unit_only_after_it_stopped() {
     eprintln!("drain: stopped {gap:?} before it started elsewhere");
 }
 
-/// An executor whose containers take [`PULL`] to load (as an image pull would), for the drain warm-up test.
-#[derive(Debug, Default)]
-struct SlowPull {
-    states: std::sync::Mutex<std::collections::HashMap<String, ActiveState>>,
-}
-
+/// How long loading a unit takes on a machine that does not have it yet (an image pull).
 const PULL: Duration = Duration::from_secs(1);
-
-impl SlowPull {
-    fn set(&self, unit: &Unit, state: Option<ActiveState>) {
-        let mut states = self.states.lock().unwrap();
-        match state {
-            Some(s) => states.insert(unit.name.to_string(), s),
-            None => states.remove(unit.name.as_str()),
-        };
-    }
-
-    fn get(&self, unit: &Unit) -> Option<ActiveState> {
-        self.states.lock().unwrap().get(unit.name.as_str()).copied()
-    }
-}
-
-impl Executor for SlowPull {
-    async fn pull(&self, _image: &str) -> Result<(), ExecError> {
-        tokio::time::sleep(PULL).await;
-        Ok(())
-    }
-    async fn load(&self, unit: &Unit) -> Result<(), ExecError> {
-        if self.get(unit).is_none() {
-            tokio::time::sleep(PULL).await;
-            self.set(unit, Some(ActiveState::Loaded));
-        }
-        Ok(())
-    }
-    async fn start(&self, unit: &Unit) -> Result<(), ExecError> {
-        self.set(unit, Some(ActiveState::Active));
-        Ok(())
-    }
-    async fn stop(&self, unit: &Unit) -> Result<(), ExecError> {
-        if self.get(unit).is_some() {
-            self.set(unit, Some(ActiveState::Loaded));
-        }
-        Ok(())
-    }
-    async fn unload(&self, unit: &Unit) -> Result<(), ExecError> {
-        self.set(unit, None);
-        Ok(())
-    }
-    async fn state(&self, unit: &Unit) -> ActiveState {
-        self.get(unit).unwrap_or(ActiveState::Inactive)
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn draining_loads_a_container_on_its_next_machine_before_stopping_it() {
     let mut lab = Lab::start("warm", 1).await;
     for id in ["m1", "m2"] {
-        let m = lab.spawn_agent(machine_record(id, "r1", &[]), std::sync::Arc::new(SlowPull::default())).await;
+        let exec = std::sync::Arc::new(RecordingExecutor::with_install_delay(PULL));
+        let m = lab.spawn_agent(machine_record(id, "r1", &[]), exec).await;
         lab.machines.insert(id.to_owned(), m);
     }
     poll(WAIT, "2 machines", || async { (lab.client.machines().await.ok()?.len() == 2).then_some(()) }).await;
