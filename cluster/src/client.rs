@@ -136,7 +136,9 @@ impl ClusterClient {
         let value = record::encode(&UnitRecord { text: text.to_owned(), desired });
         let txn = Txn::new().when([guard]).and_then([TxnOp::put(key, value, None)]);
         if !self.store.txn(txn).await?.succeeded() {
-            return Err(ClientError::Exists(unit.name));
+            // Changed under us, or an earlier attempt of this very write landed before its answer was lost: look
+            // again (our own text is a success, another one a conflict or a replace).
+            return Box::pin(self.submit(name, text, replace)).await;
         }
         Ok(())
     }

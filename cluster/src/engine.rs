@@ -162,6 +162,9 @@ impl Engine {
             }
             if let Err(e) = result {
                 tracing::warn!(engine = %self.cfg.id, "lost leadership: {e}");
+                // Give the lease back (best effort) so that the next leader, maybe this engine, need not wait out
+                // its TTL.
+                let _ = self.store.revoke(term.lease).await;
             }
         }
     }
@@ -187,6 +190,9 @@ impl Engine {
                 return Ok(Term { lease, leader_rev: revision, epoch, lost, renewer });
             }
             let _ = self.store.revoke(lease).await;
+            if let Some(term) = self.reclaim(&resp).await? {
+                return Ok(term);
+            }
             // Wait until the leader key goes (its holder resigned or its lease expired).
             self.store.stats().request(1);
             let options = WatchOptions::new().with_start_revision(revision + 1);
@@ -199,6 +205,30 @@ impl Engine {
                 }
             }
         }
+    }
+
+    /// Takes the lead back when the leader key is still this engine's under a lease that is still alive: it
+    /// stepped down because it could not renew for most of a TTL (an etcd leader election, its member dying), but
+    /// etcd kept the lease (a new etcd leader extends every lease), so no other engine can have led meanwhile.
+    /// Waiting out the TTL instead would leave the cluster without an engine for as long.
+    async fn reclaim(&self, resp: &etcd_client::TxnResponse) -> Result<Option<Term>, StoreError> {
+        let held = resp.op_responses().into_iter().find_map(|op| match op {
+            etcd_client::TxnOpResponse::Get(mut g) => g.take_kvs().into_iter().next(),
+            _ => None,
+        });
+        let Some(kv) = held.filter(|kv| kv.value() == self.cfg.id.as_bytes() && kv.lease() != 0) else {
+            return Ok(None);
+        };
+        let mut ka = KeepAlive::new(&self.store, kv.lease());
+        let ttl = match ka.renew().await {
+            Ok(left) if !left.is_zero() => left,
+            _ => return Ok(None),
+        };
+        let epoch = self.bump_epoch().await?;
+        tracing::info!(engine = %self.cfg.id, "leader lease {:x} still alive: leading again", kv.lease());
+        let (lost_tx, lost) = watch::channel(false);
+        let renewer = tokio::spawn(keep_leading(ka, ttl, lost_tx));
+        Ok(Some(Term { lease: kv.lease(), leader_rev: kv.create_revision(), epoch, lost, renewer }))
     }
 
     async fn bump_epoch(&self) -> Result<u64, StoreError> {
@@ -269,23 +299,7 @@ impl Engine {
             let detail = "not registered when this engine took the lead: its units move".to_owned();
             view.events.push((m, "dead", detail));
         }
-        let mut stream = {
-            self.store.stats().request(1);
-            let mut client = self.store.client();
-            let options = |p: &str| {
-                WatchOptions::new()
-                    .with_range(crate::store::prefix_end(p.as_bytes()))
-                    .with_start_revision(revision + 1)
-                    .with_prev_key()
-            };
-            let units = schema::prefix("units");
-            let mut s = client.watch(units.as_str(), Some(options(&units))).await?;
-            for kind in ["machines", "cordon"] {
-                let p = schema::prefix(kind);
-                s.watch(p.as_str(), Some(options(&p))).await?;
-            }
-            s
-        };
+        let mut stream = ViewWatch::open(&self.store, revision).await?;
         let guard = [Compare::create_revision(Key::EngineLeader.path(), CompareOp::Equal, term.leader_rev)];
         let mut lost = term.lost.clone();
         let mut rounds = 0u64;
@@ -315,18 +329,13 @@ impl Engine {
                         return Err(StoreError::Fenced("leader lease lost".into()));
                     }
                 }
-                msg = stream.message() => {
-                    let Some(resp) = msg? else {
-                        return Err(StoreError::Fenced("watch closed".into()));
-                    };
-                    self.apply(&mut view, &resp);
+                msg = stream.next() => {
+                    self.apply(&mut view, &msg?);
                     // Gather whatever else arrives while changes keep coming (bounded), then plan once.
                     let until = Instant::now() + self.cfg.settle * 10;
                     while Instant::now() < until {
-                        match tokio::time::timeout(self.cfg.settle, stream.message()).await {
-                            Ok(Ok(Some(more))) => self.apply(&mut view, &more),
-                            Ok(Ok(None)) => return Err(StoreError::Fenced("watch closed".into())),
-                            Ok(Err(e)) => return Err(e.into()),
+                        match tokio::time::timeout(self.cfg.settle, stream.next()).await {
+                            Ok(more) => self.apply(&mut view, &more?),
                             Err(_) => break,
                         }
                     }
@@ -615,6 +624,70 @@ impl View {
 }
 
 /// One term of leadership.
+/// The engine's watch on what its view is made of (units, machines, cordons). A stream that breaks (the etcd
+/// member behind it died) is opened again from the revision after the last event applied for each prefix, so the
+/// view misses nothing and the engine keeps its term; a watch etcd cancels (history compacted) ends the term.
+struct ViewWatch {
+    store: Store,
+    /// Each prefix and the revision of the last event applied under it.
+    last: Vec<(String, i64)>,
+    stream: Option<etcd_client::WatchStream>,
+}
+
+impl ViewWatch {
+    /// Watches from the revision after `revision` (the one the view was loaded at).
+    async fn open(store: &Store, revision: i64) -> Result<ViewWatch, StoreError> {
+        let last = ["units", "machines", "cordon"].iter().map(|k| (schema::prefix(k), revision)).collect();
+        let mut w = ViewWatch { store: store.clone(), last, stream: None };
+        w.connect().await?;
+        Ok(w)
+    }
+
+    async fn connect(&mut self) -> Result<&mut etcd_client::WatchStream, StoreError> {
+        if self.stream.is_none() {
+            let from: Vec<(String, i64)> = self.last.iter().map(|(p, r)| (p.clone(), r + 1)).collect();
+            self.stream = Some(self.store.watch_prefixes(&from, true).await?);
+        }
+        self.stream.as_mut().ok_or_else(|| StoreError::Fenced("no watch".into()))
+    }
+
+    /// The next response with events. Cancel-safe.
+    async fn next(&mut self) -> Result<etcd_client::WatchResponse, StoreError> {
+        let mut failures = 0u64;
+        loop {
+            let msg = self.connect().await?.message().await;
+            match msg {
+                Ok(Some(resp)) if resp.canceled() => {
+                    return Err(StoreError::Fenced(format!(
+                        "etcd cancelled the engine's watch (compacted at revision {}): {}",
+                        resp.compact_revision(),
+                        resp.cancel_reason()
+                    )));
+                }
+                Ok(Some(resp)) if resp.events().is_empty() => {}
+                Ok(Some(resp)) => {
+                    for ev in resp.events() {
+                        let Some(kv) = ev.kv() else { continue };
+                        if let Some((_, last)) = self.last.iter_mut().find(|(p, _)| kv.key().starts_with(p.as_bytes()))
+                        {
+                            *last = (*last).max(kv.mod_revision());
+                        }
+                    }
+                    return Ok(resp);
+                }
+                Ok(None) | Err(_) if failures < 5 => {
+                    failures += 1;
+                    tracing::debug!("engine watch broke ({msg:?}): watching again");
+                    self.stream = None;
+                    tokio::time::sleep(Duration::from_millis(100 * failures)).await;
+                }
+                Ok(None) => return Err(StoreError::Fenced("watch closed".into())),
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+}
+
 struct Term {
     lease: i64,
     leader_rev: i64,
@@ -633,16 +706,22 @@ impl Drop for Term {
 async fn keep_leading(mut ka: KeepAlive, ttl: Duration, lost: watch::Sender<bool>) {
     let every = (ttl / 3).max(Duration::from_millis(200));
     let mut last_ok = Instant::now();
+    let mut wait = every;
     loop {
-        tokio::time::sleep(every).await;
+        tokio::time::sleep(wait).await;
         let sent = Instant::now();
         match tokio::time::timeout(every, ka.renew()).await {
-            Ok(Ok(left)) if !left.is_zero() => last_ok = sent,
+            Ok(Ok(left)) if !left.is_zero() => {
+                last_ok = sent;
+                wait = every;
+            }
             Ok(Ok(_)) => {
                 lost.send_replace(true);
                 return;
             }
             Ok(Err(_)) | Err(_) => {
+                // The stream's member may have died: a new stream goes to another one; try again soon.
+                wait = (every / 8).max(Duration::from_millis(100));
                 // Step down before the lease can have expired on the server.
                 if Instant::now() >= last_ok + ttl * 3 / 4 {
                     lost.send_replace(true);

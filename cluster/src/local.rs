@@ -133,6 +133,22 @@ impl LocalEtcd {
         }
     }
 
+    /// The index of the member that is the raft leader, as member 0..n see it (the first that answers).
+    pub async fn leader(&self) -> Option<usize> {
+        for i in 0..self.members.len() {
+            let Ok(store) = Store::connect(&[self.endpoint(i)], &TlsFiles::default(), Duration::from_secs(2)).await
+            else {
+                continue;
+            };
+            let Ok(status) = store.client().status().await else { continue };
+            let leader = status.leader();
+            let members = store.client().member_list().await.ok()?;
+            let urls = members.members().iter().find(|m| m.id() == leader)?.client_urls().to_vec();
+            return (0..self.members.len()).find(|&j| urls.contains(&self.endpoint(j)));
+        }
+        None
+    }
+
     /// Kills member `i` with SIGKILL.
     pub fn kill(&mut self, i: usize) {
         if let Some(mut child) = self.members[i].child.take() {

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use etcd_client::{
     Certificate, Client, Compare, ConnectOptions, GetOptions, Identity, KeyValue, PutOptions, TlsOptions, Txn, TxnOp,
+    WatchOptions, WatchStream,
 };
 
 /// etcd refuses transactions with more operations than this (its `--max-txn-ops` default).
@@ -113,30 +114,45 @@ pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
     vec![0]
 }
 
-/// Whether a failed request may be sent again: the connection was refused or reset before the request reached a
-/// member (a dead member behind the balanced channel). Reads retry on any unavailability.
-fn retryable(e: &etcd_client::Error, read: bool) -> bool {
+/// Whether a failed request may be sent again.
+///
+/// Any unavailability (a member refusing it for want of a leader, `--require-leader`, proposes nothing) and any
+/// failure on the client's side of the connection (a status carrying the transport error that made it: refused,
+/// reset, broken pipe, a request dropped unsent from a closed connection, the request's own timeout), which is
+/// what a dead member behind the balanced channel, or a member still following a leader that just died, looks
+/// like. Statuses etcd itself sent (no source) are final.
+///
+/// Writes are retried too, though one that timed out may have landed: every write herd makes is either
+/// idempotent (put, delete, a guard-less batch) or guarded by a revision compare, so a retry of a write that did
+/// land fails its guard instead of applying twice (callers that care read back: see `ClusterClient::submit`).
+fn retryable(e: &etcd_client::Error) -> bool {
     match e {
-        etcd_client::Error::GRpcStatus(s) if s.code() == tonic::Code::Unavailable => {
-            read || s.message().contains("connect")
+        etcd_client::Error::GRpcStatus(s) => {
+            s.code() == tonic::Code::Unavailable || std::error::Error::source(s).is_some()
         }
         etcd_client::Error::TransportError(_) => true,
         _ => false,
     }
 }
 
-/// Runs `op` again (a few times, briefly spaced) while it fails with a [`retryable`] error.
-async fn retry<T, F, Fut>(read: bool, mut op: F) -> Result<T, etcd_client::Error>
+/// How long a request is retried for: long enough to ride out an etcd leader election (1 s election timeout by
+/// default, a few rounds when votes split) on top of the request's own bound.
+const RETRY_FOR: Duration = Duration::from_secs(4);
+
+/// Runs `op` again (spaced 50 ms, 100 ms, ... up to 400 ms) while it fails with a [`retryable`] error, for at most
+/// [`RETRY_FOR`].
+async fn retry<T, F, Fut>(mut op: F) -> Result<T, etcd_client::Error>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
 {
-    let mut attempt = 0u32;
+    let started = tokio::time::Instant::now();
+    let mut attempt = 0u64;
     loop {
         match op().await {
-            Err(e) if attempt < 4 && retryable(&e, read) => {
+            Err(e) if started.elapsed() < RETRY_FOR && retryable(&e) => {
                 attempt += 1;
-                tokio::time::sleep(Duration::from_millis(50 * u64::from(attempt))).await;
+                tokio::time::sleep(Duration::from_millis(50 * attempt.min(8))).await;
             }
             other => return other,
         }
@@ -203,7 +219,7 @@ impl Store {
         loop {
             self.stats.request(1);
             let options = GetOptions::new().with_range(end.clone()).with_limit(PAGE).with_revision(revision);
-            let mut resp = retry(true, || {
+            let mut resp = retry(|| {
                 let (mut c, from, options) = (client.clone(), from.clone(), options.clone());
                 async move { c.get(from, Some(options)).await }
             })
@@ -228,7 +244,7 @@ impl Store {
     pub async fn count(&self, prefix: &str) -> Result<i64, StoreError> {
         self.stats.request(1);
         let end = prefix_end(prefix.as_bytes());
-        let resp = retry(true, || {
+        let resp = retry(|| {
             let (mut c, end) = (self.client.clone(), end.clone());
             async move { c.get(prefix, Some(GetOptions::new().with_range(end).with_count_only())).await }
         })
@@ -239,7 +255,7 @@ impl Store {
     /// One key's value and mod revision.
     pub async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
         self.stats.request(1);
-        let mut resp = retry(true, || {
+        let mut resp = retry(|| {
             let mut c = self.client.clone();
             async move { c.get(key, None).await }
         })
@@ -251,7 +267,7 @@ impl Store {
     pub async fn put(&self, key: &str, value: Vec<u8>, lease: Option<i64>) -> Result<(), StoreError> {
         self.stats.request(1);
         let options = lease.map(|l| PutOptions::new().with_lease(l));
-        retry(false, || {
+        retry(|| {
             let (mut c, value, options) = (self.client.clone(), value.clone(), options.clone());
             async move { c.put(key, value, options).await }
         })
@@ -263,7 +279,7 @@ impl Store {
     pub async fn delete_prefix(&self, prefix: &str) -> Result<i64, StoreError> {
         self.stats.request(1);
         let end = prefix_end(prefix.as_bytes());
-        let resp = retry(false, || {
+        let resp = retry(|| {
             let (mut c, end) = (self.client.clone(), end.clone());
             async move { c.delete(prefix, Some(etcd_client::DeleteOptions::new().with_range(end))).await }
         })
@@ -274,7 +290,7 @@ impl Store {
     /// Deletes one key; true if it existed.
     pub async fn delete(&self, key: &str) -> Result<bool, StoreError> {
         self.stats.request(1);
-        Ok(retry(false, || {
+        Ok(retry(|| {
             let mut c = self.client.clone();
             async move { c.delete(key, None).await }
         })
@@ -298,7 +314,7 @@ impl Store {
                 let txn = Txn::new().when(guard.to_vec()).and_then(batch);
                 async move {
                     self.stats.request(1);
-                    let resp = retry(false, || {
+                    let resp = retry(|| {
                         let (mut c, txn) = (self.client.clone(), txn.clone());
                         async move { c.txn(txn).await }
                     })
@@ -316,9 +332,33 @@ impl Store {
     /// Runs one transaction.
     pub async fn txn(&self, txn: Txn) -> Result<etcd_client::TxnResponse, StoreError> {
         self.stats.request(1);
-        Ok(retry(false, || {
+        Ok(retry(|| {
             let (mut c, txn) = (self.client.clone(), txn.clone());
             async move { c.txn(txn).await }
+        })
+        .await?)
+    }
+
+    /// Opens one watch stream on every `(prefix, start revision)` (events with their previous value if `prev_kv`),
+    /// retrying as other requests do.
+    pub async fn watch_prefixes(&self, from: &[(String, i64)], prev_kv: bool) -> Result<WatchStream, StoreError> {
+        self.stats.request(from.len() as u64);
+        let options = |prefix: &str, start: i64| {
+            let o = WatchOptions::new().with_range(prefix_end(prefix.as_bytes())).with_start_revision(start);
+            if prev_kv { o.with_prev_key() } else { o }
+        };
+        Ok(retry(|| {
+            let mut c = self.client.clone();
+            async move {
+                let mut stream: Option<WatchStream> = None;
+                for (prefix, start) in from {
+                    match stream.as_mut() {
+                        None => stream = Some(c.watch(prefix.as_str(), Some(options(prefix, *start))).await?),
+                        Some(s) => s.watch(prefix.as_str(), Some(options(prefix, *start))).await?,
+                    }
+                }
+                stream.ok_or_else(|| etcd_client::Error::WatchError("nothing to watch".into()))
+            }
         })
         .await?)
     }
@@ -327,7 +367,7 @@ impl Store {
     pub async fn grant(&self, ttl: Duration) -> Result<(i64, Duration), StoreError> {
         self.stats.request(1);
         let secs = ttl.as_secs().max(1) as i64;
-        let resp = retry(false, || {
+        let resp = retry(|| {
             let mut c = self.client.clone();
             async move { c.lease_grant(secs, None).await }
         })

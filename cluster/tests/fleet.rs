@@ -195,7 +195,14 @@ async fn machine_of_pairs_move_together_a_leaving_machine_moves_exactly_its_unit
     let events = |m: String| async move {
         client.machine_events(&m).await.unwrap().into_iter().map(|e| e.event).collect::<Vec<_>>()
     };
-    assert_eq!(events(leader_on.clone()).await, ["suspect", "dead"], "{leader_on}");
+    // (Whether m1..m3 have a "registered" first depends on whether they registered before or after the engine
+    // loaded its view at start.)
+    let died_events = events(leader_on.clone()).await;
+    assert_eq!(
+        died_events.iter().filter(|e| *e != "registered").collect::<Vec<_>>(),
+        ["suspect", "dead"],
+        "{leader_on}"
+    );
     assert_eq!(events("m4".into()).await, ["registered"]);
     eprintln!("failover took {took:?} (TTL {TTL:?}, grace {GRACE:?})");
 }
