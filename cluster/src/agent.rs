@@ -679,7 +679,9 @@ async fn worker<E: Executor>(
                 let _ = reports.send(Report { unit: unit.clone(), state: Some(record) });
             }
         };
-        let act = |unit: &UnitName, action: &'static str, ok: bool| {
+        let act = |unit: &UnitName, action: &'static str, ok: bool, since: Instant| {
+            let took_ms = since.elapsed().as_millis() as u64;
+            tracing::info!(unit = %unit, action, ok, took_ms, "unit {action} {}", if ok { "done" } else { "failed" });
             let _ = events.send(AgentEvent::Action { unit: unit.clone(), action, at: SystemTime::now(), ok });
         };
         // A different unit file (or removal): take the old one down first.
@@ -687,10 +689,12 @@ async fn worker<E: Executor>(
             && t.as_ref().is_none_or(|t| t.unit.file != old.file)
         {
             let old = old.clone();
+            let since = Instant::now();
             let stopped = exec.stop(&old).await;
-            act(&old.name, "stop", stopped.is_ok());
+            act(&old.name, "stop", stopped.is_ok(), since);
+            let since = Instant::now();
             let unloaded = exec.unload(&old).await;
-            act(&old.name, "unload", unloaded.is_ok());
+            act(&old.name, "unload", unloaded.is_ok(), since);
             installed = None;
         }
         let Some(t) = t else {
@@ -704,13 +708,14 @@ async fn worker<E: Executor>(
             if t.unit.container.is_some() {
                 report(ActiveState::Preparing, t.epoch, None);
             }
+            let since = Instant::now();
             match exec.load(&t.unit).await {
                 Ok(()) => {
-                    act(&t.unit.name, "load", true);
+                    act(&t.unit.name, "load", true, since);
                     installed = Some((t.unit.clone(), ActiveState::Loaded));
                 }
                 Err(e) => {
-                    act(&t.unit.name, "load", false);
+                    act(&t.unit.name, "load", false, since);
                     report(ActiveState::Failed, t.epoch, Some(e.to_string()));
                 }
             }
@@ -718,6 +723,7 @@ async fn worker<E: Executor>(
         if let Some((unit, state)) = installed.as_mut() {
             let run = t.desired == Desired::Launched && !(fenced && unit.placement.at_most_once);
             let mut detail = None;
+            let since = Instant::now();
             if run && *state != ActiveState::Active {
                 match exec.start(unit).await {
                     Ok(()) => *state = ActiveState::Active,
@@ -726,10 +732,10 @@ async fn worker<E: Executor>(
                         detail = Some(e.to_string());
                     }
                 }
-                act(&unit.name, "start", detail.is_none());
+                act(&unit.name, "start", detail.is_none(), since);
             } else if !run && *state == ActiveState::Active {
                 let r = exec.stop(unit).await;
-                act(&unit.name, "stop", r.is_ok());
+                act(&unit.name, "stop", r.is_ok(), since);
                 *state = ActiveState::Loaded;
             }
             report(*state, t.epoch, detail);

@@ -295,7 +295,7 @@ pub async fn scheduler(cfg: &BenchConfig, progress: Progress<'_>) -> anyhow::Res
 /// Spreads `cfg.units` units over the hollow machines, then kills one machine at a time (its agent dies without a
 /// word, as a machine losing power) and measures how long until every unit it ran runs elsewhere.
 pub async fn failover(cfg: &BenchConfig, trials: usize, progress: Progress<'_>) -> anyhow::Result<FailoverReport> {
-    let grace = cfg.ttl / 2;
+    let grace = crate::engine::default_grace(cfg.ttl);
     let mut cluster = BenchCluster::start(cfg, grace, progress).await?;
     cluster.submit_units(0, cfg.units).await?;
     while cluster.active() < cfg.units as u64 {

@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use etcd_client::{Compare, CompareOp, EventType, TxnOp, WatchOptions};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -38,15 +38,19 @@ pub struct EngineConfig {
 }
 
 impl EngineConfig {
-    /// Defaults for `id`: 10 s lease, grace half of it, 20 ms settle.
+    /// Defaults for `id`: 10 s lease, the [`default_grace`] of agents with the same TTL, 20 ms settle.
     pub fn new(id: &str) -> EngineConfig {
-        EngineConfig {
-            id: id.to_owned(),
-            ttl: Duration::from_secs(10),
-            grace: Duration::from_secs(5),
-            settle: Duration::from_millis(20),
-        }
+        let ttl = Duration::from_secs(10);
+        EngineConfig { id: id.to_owned(), ttl, grace: default_grace(ttl), settle: Duration::from_millis(20) }
     }
+}
+
+/// The grace period for machines whose agents hold leases of `agent_ttl`: a quarter of it. A registration goes
+/// only when its lease expires, a whole TTL after the last renewal etcd acknowledged (three renewals missed): the
+/// lease is already the failure detector's patience. The grace covers an agent that lost its lease to a passing
+/// fault and registers again as soon as it reaches etcd, so its units do not move for nothing.
+pub fn default_grace(agent_ttl: Duration) -> Duration {
+    agent_ttl / 4
 }
 
 /// What an engine instance is doing.
@@ -300,13 +304,23 @@ impl Engine {
             view.events.push((m, "dead", detail));
         }
         let mut stream = ViewWatch::open(&self.store, revision).await?;
+        let (recorder, events) = mpsc::unbounded_channel();
+        // Ends once the term's queue is written (the sender goes with this function).
+        tokio::spawn(Self::record_events(self.store.clone(), events));
         let guard = [Compare::create_revision(Key::EngineLeader.path(), CompareOp::Equal, term.leader_rev)];
         let mut lost = term.lost.clone();
         let mut rounds = 0u64;
         let mut dirty = true;
         loop {
             if !view.events.is_empty() {
-                self.record_events(&mut view).await;
+                let at = record::now_ms();
+                for (i, (machine, event, detail)) in std::mem::take(&mut view.events).into_iter().enumerate() {
+                    // Two events of one round keep their order.
+                    let _ = recorder.send((
+                        machine,
+                        record::MachineEvent { at_ms: at + i as u64, event: event.to_owned(), detail },
+                    ));
+                }
             }
             if dirty {
                 rounds += 1;
@@ -397,26 +411,21 @@ impl Engine {
         }
     }
 
-    /// Writes the machine events seen since the last call, keeping the last [`schema::EVENTS_KEPT`] per machine.
-    /// Best effort: the events are for people reading a machine's timeline, and nothing depends on them.
-    async fn record_events(&self, view: &mut View) {
-        let mut touched = std::collections::BTreeSet::new();
-        let mut at = record::now_ms();
-        for (machine, event, detail) in std::mem::take(&mut view.events) {
+    /// Writes machine events in order, keeping the last [`schema::EVENTS_KEPT`] per machine, until the sender goes.
+    /// Best effort: the events are for people reading a machine's timeline, nothing depends on them, and the
+    /// engine's loop never waits for them (a write stuck on a dead etcd member must not delay a machine's death).
+    async fn record_events(store: Store, mut events: mpsc::UnboundedReceiver<(String, record::MachineEvent)>) {
+        while let Some((machine, e)) = events.recv().await {
             let Some(key) = schema::MachineKey::new(&machine) else { continue };
-            let e = record::MachineEvent { at_ms: at, event: event.to_owned(), detail };
-            if let Err(err) = self.store.put(&Key::Event(key.clone(), at).path(), record::encode(&e), None).await {
+            let event = e.event.clone();
+            if let Err(err) = store.put(&Key::Event(key.clone(), e.at_ms).path(), record::encode(&e), None).await {
                 tracing::warn!(machine = %machine, "cannot record machine event {event}: {err}");
+                continue;
             }
-            // Two events of one round keep their order.
-            at += 1;
-            touched.insert(key);
-        }
-        for key in touched {
-            let Ok((kvs, _)) = self.store.get_prefix(&schema::events_prefix(&key)).await else { continue };
+            let Ok((kvs, _)) = store.get_prefix(&schema::events_prefix(&key)).await else { continue };
             for kv in kvs.iter().take(kvs.len().saturating_sub(schema::EVENTS_KEPT)) {
                 if let Ok(k) = kv.key_str() {
-                    let _ = self.store.delete(k).await;
+                    let _ = store.delete(k).await;
                 }
             }
         }

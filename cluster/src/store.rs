@@ -165,8 +165,9 @@ impl Store {
         let mut options = ConnectOptions::new()
             .with_connect_timeout(timeout)
             .with_timeout(timeout)
-            // etcd answers pings more often than every 5 s (--grpc-keepalive-min-time) with GOAWAY.
-            .with_keep_alive(Duration::from_secs(10), timeout)
+            // A member that died without closing its connections (a power cut) is found by the HTTP/2 pings; etcd
+            // answers pings more often than every 5 s (--grpc-keepalive-min-time) with GOAWAY.
+            .with_keep_alive(Duration::from_secs(6), timeout.min(Duration::from_secs(3)))
             .with_keep_alive_while_idle(true)
             .with_require_leader(true);
         if tls.ca.is_some() || tls.cert.is_some() {

@@ -197,12 +197,14 @@ async fn machine_of_pairs_move_together_a_leaving_machine_moves_exactly_its_unit
     };
     // (Whether m1..m3 have a "registered" first depends on whether they registered before or after the engine
     // loaded its view at start.)
-    let died_events = events(leader_on.clone()).await;
-    assert_eq!(
-        died_events.iter().filter(|e| *e != "registered").collect::<Vec<_>>(),
-        ["suspect", "dead"],
-        "{leader_on}"
-    );
+    // (They are written behind the engine's back, so look until they are there.)
+    let want = ["suspect", "dead"];
+    let died_events = poll(WAIT, "the dead machine's events", || async {
+        let seen = events(leader_on.clone()).await;
+        (seen.iter().filter(|e| *e != "registered").count() >= want.len()).then_some(seen)
+    })
+    .await;
+    assert_eq!(died_events.iter().filter(|e| *e != "registered").collect::<Vec<_>>(), want, "{leader_on}");
     assert_eq!(events("m4".into()).await, ["registered"]);
     eprintln!("failover took {took:?} (TTL {TTL:?}, grace {GRACE:?})");
 }

@@ -123,7 +123,7 @@ pub fn closure(moddir: &Path, wanted: &[String]) -> Result<Vec<String>, String> 
 
 /// Reads a module file, decompressing `.xz`/`.zst`/`.gz` (the kernel would, but loading plain files keeps node-init
 /// independent of the kernel's decompression options).
-fn module_bytes(path: &Path) -> Result<Vec<u8>, String> {
+pub fn module_bytes(path: &Path) -> Result<Vec<u8>, String> {
     let name = path.to_string_lossy();
     let tool = if name.ends_with(".xz") {
         Some("xz")

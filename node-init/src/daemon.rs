@@ -63,11 +63,7 @@ fn report_healthy(p: &crate::provision::Provisioner, detail: &str, slots: Option
                 std::thread::sleep(std::time::Duration::from_millis(500));
             }
             Err(e) => {
-                eprintln!(
-                    "herd-node-init: could not report healthy to {} for {} s: {e}",
-                    p.url,
-                    HEALTHY_LIMIT.as_secs()
-                );
+                tracing::warn!(provisioner = %p.url, error = %e, "could not report healthy for {} s", HEALTHY_LIMIT.as_secs());
                 return;
             }
         }
@@ -79,9 +75,10 @@ const HEALTHY_LIMIT: std::time::Duration = std::time::Duration::from_secs(300);
 
 /// Runs the daemon stage until stopped.
 pub fn run() -> anyhow::Result<()> {
+    crate::log::init();
     let report = SystemReport::probe();
     if report.usr_writable {
-        eprintln!("herd-node-init: WARNING: /usr is writable; this system is not running from a verified root");
+        tracing::warn!("/usr is writable: this system is not running from a verified root");
     }
     let cmd = crate::cmdline::Cmdline::parse(&std::fs::read_to_string("/proc/cmdline").unwrap_or_default());
     let prov = cmd.map(|c| crate::provision::Provisioner::from_cmdline(&c)).unwrap_or(Ok(None)).unwrap_or(None);
@@ -97,7 +94,7 @@ pub fn run() -> anyhow::Result<()> {
             }
             Ok(None) => None,
             Err(e) => {
-                eprintln!("herd-node-init: {e}");
+                tracing::warn!(error = %e, "cannot mark the booted slot good");
                 None
             }
         };

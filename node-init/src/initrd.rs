@@ -17,6 +17,8 @@ use crate::report::{BOOT_REPORT, BootReport};
 
 const NEWROOT: &str = "/sysroot";
 const STATE: &str = "/run/herd/state";
+/// STATE directories bind-mounted into the new root beside the /var overlay: (directory on STATE, mount point).
+const DIRECT_STATE: [(&str, &str); 1] = [("docker", "var/lib/docker")];
 /// How long block devices get to appear after their drivers load.
 const DEVICE_WAIT: Duration = Duration::from_secs(20);
 
@@ -330,6 +332,15 @@ fn boot(cmd: &Cmdline, prov: Option<&Provisioner>, started: Instant) -> Result<(
             Some(format!("lowerdir={lower},upperdir={upper},workdir={work}").as_str()),
         )
         .map_err(|e| format!("overlay on /{dir}: {e}"))?;
+    }
+    // Directories of programs that stack their own overlays (dockerd's overlay2 graph driver) live on STATE
+    // directly: an overlay's upper directory cannot be on another overlay, and dockerd falls back to copying
+    // every layer (the vfs driver) when /var/lib/docker is on one.
+    for (dir, at) in DIRECT_STATE {
+        let src = format!("{STATE}/{dir}");
+        std::fs::create_dir_all(&src).map_err(|e| format!("mkdir {src}: {e}"))?;
+        let target = format!("{NEWROOT}/{at}");
+        mount_fs(&src, &target, "none", MsFlags::MS_BIND, None).map_err(|e| format!("{e}: {at} on STATE"))?;
     }
     // Scratch space: systemd's sandboxing (PrivateDevices=, PrivateTmp=) makes its directories in /tmp.
     mount_fs("tmpfs", &format!("{NEWROOT}/tmp"), "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=1777"))?;

@@ -8,6 +8,7 @@ pub mod dhcp;
 pub mod dm;
 pub mod ignition;
 pub mod initrd;
+pub mod log;
 pub mod member;
 pub mod net;
 pub mod provision;

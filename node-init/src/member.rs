@@ -21,7 +21,7 @@ use crate::report::SystemReport;
 
 /// How long a master waits for its etcd member to join a quorum.
 const QUORUM_LIMIT: Duration = Duration::from_secs(600);
-/// The agent's lease TTL (the engine's grace period is half of it).
+/// The agent's lease TTL (the engine's grace period is a quarter of it: `default_grace`).
 const TTL: Duration = Duration::from_secs(10);
 /// Where this node keeps its agent instance token (on STATE: it survives reboots, and a cloned disk is caught).
 const INSTANCE: &str = "/var/lib/herd/instance";
@@ -125,10 +125,12 @@ pub fn run(
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(async move {
         let store = loop {
-            match Store::connect(&node.etcd_endpoints, &TlsFiles::default(), Duration::from_secs(5)).await {
+            // Requests bounded by 2 s (etcd answers in milliseconds): one that went to a member that just died is
+            // sent again to another soon, and the engine's view of the cluster does not lag by a long timeout.
+            match Store::connect(&node.etcd_endpoints, &TlsFiles::default(), Duration::from_secs(2)).await {
                 Ok(s) => break s,
                 Err(e) => {
-                    println!("herd-node-init: etcd at {:?}: {e}; retrying", node.etcd_endpoints);
+                    tracing::warn!(endpoints = ?node.etcd_endpoints, error = %e, "cannot reach etcd; retrying");
                     tokio::time::sleep(Duration::from_secs(2)).await;
                 }
             }
@@ -162,7 +164,7 @@ pub fn run(
             }
         });
         agent.run(shutdown).await.map_err(|e| {
-            eprintln!("herd-node-init: the unit agent stopped: {e}");
+            tracing::error!(error = %e, "the unit agent stopped");
             anyhow::Error::new(e)
         })
     })

@@ -13,8 +13,11 @@ use serde_json::Value;
 
 use crate::cmdline::Cmdline;
 
-/// How long the config may take to arrive before the boot stops.
+/// How long the config may take to arrive before the boot stops (`herd.config_wait=SECONDS` changes it).
 const CONFIG_LIMIT: Duration = Duration::from_secs(180);
+/// How many times a refused config fetch (HTTP 4xx) is tried before the boot stops: a refusal is the provisioner's
+/// answer for this boot (token, MAC or address), not an outage, so it is not retried for long.
+const REFUSALS: u32 = 3;
 /// How long DHCP may take.
 const DHCP_LIMIT: Duration = Duration::from_secs(60);
 
@@ -40,6 +43,8 @@ pub struct Provisioner {
     pub token: String,
     /// `herd.mode=`.
     pub mode: Mode,
+    /// How long the config may take to arrive (`herd.config_wait=`).
+    pub config_wait: Duration,
     agent: ureq::Agent,
 }
 
@@ -64,14 +69,27 @@ impl Provisioner {
             Some("local") | None => Mode::Local,
             Some(other) => return Err(format!("herd.mode={other}: use install or local")),
         };
-        let agent: ureq::Agent =
-            ureq::Agent::config_builder().timeout_global(Some(Duration::from_secs(30))).build().into();
+        let config_wait = match c.all.get("config_wait") {
+            None => CONFIG_LIMIT,
+            Some(s) => s
+                .parse::<u64>()
+                .ok()
+                .filter(|&n| n > 0)
+                .map(Duration::from_secs)
+                .ok_or_else(|| format!("herd.config_wait={s}: give a number of seconds"))?,
+        };
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .timeout_global(Some(Duration::from_secs(30)))
+            .http_status_as_error(false)
+            .build()
+            .into();
         Ok(Some(Provisioner {
             url: url.trim_end_matches('/').to_owned(),
             machine: c.all.get("machine").cloned().unwrap_or_default(),
             mac: need("mac")?,
             token: need("token")?,
             mode,
+            config_wait,
             agent,
         }))
     }
@@ -85,7 +103,8 @@ impl Provisioner {
     pub fn try_phone_slots(&self, stage: &str, detail: &str, slots: Option<&slot::SlotReport>) -> Result<(), String> {
         let url = format!("{}/phone-home/{}?token={}", self.url, self.mac, self.token);
         let body = serde_json::json!({ "stage": stage, "detail": detail, "slots": slots });
-        self.agent.post(&url).send_json(&body).map(drop).map_err(|e| e.to_string())
+        let r = self.agent.post(&url).send_json(&body).map_err(|e| e.to_string())?;
+        if r.status().is_success() { Ok(()) } else { Err(format!("HTTP {}", r.status())) }
     }
 
     /// Reports a stage, best effort: a report that cannot be sent is logged.
@@ -115,26 +134,43 @@ impl Provisioner {
         Ok(Link { ifname, lease })
     }
 
-    /// This machine's Ignition config, retried with backoff for [`CONFIG_LIMIT`].
+    /// This machine's Ignition config, retried with backoff for [`Provisioner::config_wait`] while the provisioner
+    /// cannot be reached or fails; a refusal (HTTP 4xx) ends it after [`REFUSALS`] tries.
     pub fn config(&self) -> Result<Value, String> {
         let url = format!("{}/config/{}?token={}", self.url, self.mac, self.token);
-        let deadline = Instant::now() + CONFIG_LIMIT;
+        let deadline = Instant::now() + self.config_wait;
         let mut wait = Duration::from_secs(1);
+        let mut refusals = 0;
         loop {
-            let result = self
-                .agent
-                .get(&url)
-                .call()
-                .map_err(|e| e.to_string())
-                .and_then(|mut r| r.body_mut().read_json::<Value>().map_err(|e| e.to_string()));
+            let result = self.agent.get(&url).call().map_err(|e| e.to_string()).and_then(|mut r| {
+                let status = r.status();
+                if status.is_success() {
+                    return r.body_mut().read_json::<Value>().map_err(|e| format!("the config is not JSON: {e}"));
+                }
+                let body = r.body_mut().read_to_string().unwrap_or_default();
+                if status.is_client_error() {
+                    refusals += 1;
+                }
+                Err(format!("HTTP {status}: {}", body.trim()))
+            });
             match result {
                 Ok(v) => return Ok(v),
+                Err(e) if refusals >= REFUSALS => {
+                    return Err(format!(
+                        "the provisioner at {} refused this machine's config ({e}): this boot's token, MAC or address \
+                         is not what it handed out; its timeline for the machine says which. Power-cycle the machine \
+                         to PXE-boot again",
+                        self.url
+                    ));
+                }
                 Err(e) if Instant::now() + wait < deadline => {
                     eprintln!("herd-initrd: config from {}: {e}; retrying in {} s", self.url, wait.as_secs());
                     std::thread::sleep(wait);
                     wait = (wait * 2).min(Duration::from_secs(15));
                 }
-                Err(e) => return Err(format!("no config from {} within {} s: {e}", self.url, CONFIG_LIMIT.as_secs())),
+                Err(e) => {
+                    return Err(format!("no config from {} within {} s: {e}", self.url, self.config_wait.as_secs()));
+                }
             }
         }
     }

@@ -305,7 +305,7 @@ pub enum BenchCommand {
         /// Machines, units, racks, connections, etcd.
         #[command(flatten)]
         args: BenchArgs,
-        /// Agent lease TTL in seconds (the engine's grace period is half of it).
+        /// Agent lease TTL in seconds (the engine's grace period is a quarter of it).
         #[arg(long, default_value_t = 5)]
         ttl: u64,
         /// Machines to kill, one after another.

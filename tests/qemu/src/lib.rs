@@ -15,6 +15,7 @@
 //! (`scripts/setup-host.sh` installs them all).
 
 pub mod image;
+pub mod switch;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -77,6 +78,23 @@ pub struct VmSpec {
     pub memory_mb: u32,
     /// A virtio disk (raw or qcow2), if any.
     pub disk: Option<PathBuf>,
+    /// What each NIC is plugged into (by index; NICs beyond the list are on the bridge).
+    pub links: Vec<Link>,
+}
+
+/// What a NIC is plugged into.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Link {
+    /// A tap on the lab's bridge.
+    Bridge,
+    /// A point-to-point cable to one NIC of another VM: QEMU's `-netdev dgram`, Ethernet frames in UDP datagrams
+    /// on the namespace's loopback, from `local` to `remote` (the other end swaps the two ports).
+    Cable {
+        /// This end's UDP port.
+        local: u16,
+        /// The other end's UDP port.
+        remote: u16,
+    },
 }
 
 impl VmSpec {
@@ -89,7 +107,22 @@ impl VmSpec {
             boot_nic: 0,
             memory_mb: 256,
             disk: None,
+            links: Vec::new(),
         }
+    }
+
+    /// With NIC `index` on a cable instead of the bridge.
+    pub fn cable(mut self, index: usize, local: u16, remote: u16) -> Self {
+        if self.links.len() <= index {
+            self.links.resize(index + 1, Link::Bridge);
+        }
+        self.links[index] = Link::Cable { local, remote };
+        self
+    }
+
+    /// What NIC `index` is plugged into.
+    pub fn link(&self, index: usize) -> Link {
+        self.links.get(index).copied().unwrap_or(Link::Bridge)
     }
 
     /// With a virtio disk.
@@ -400,7 +433,7 @@ impl Lab {
         Ok(())
     }
 
-    fn tap(&mut self) -> anyhow::Result<String> {
+    pub(crate) fn tap(&mut self) -> anyhow::Result<String> {
         self.taps += 1;
         let tap = format!("tap{}", self.taps);
         add_tap(&self.ns, &self.bridge, &tap)?;
@@ -410,7 +443,9 @@ impl Lab {
     /// Starts a VM on the bridge; returns its index in [`Lab::vms`].
     pub fn start_vm(&mut self, spec: VmSpec) -> anyhow::Result<usize> {
         let serial = self.dir.join(format!("{}.serial.log", spec.name));
-        let taps = spec.macs.iter().map(|_| self.tap()).collect::<anyhow::Result<Vec<_>>>()?;
+        let taps = (0..spec.macs.len())
+            .map(|i| if spec.link(i) == Link::Bridge { self.tap() } else { Ok(String::new()) })
+            .collect::<anyhow::Result<Vec<_>>>()?;
         let mut args: Vec<String> = vec!["netns".into(), "exec".into(), self.ns.clone(), "qemu-system-x86_64".into()];
         args.extend(pxe_qemu_args(&spec, &self.dir, &taps)?);
         let log = std::fs::File::create(self.dir.join(format!("{}.qemu.log", spec.name)))?;
@@ -561,8 +596,14 @@ pub fn pxe_qemu_args(spec: &VmSpec, dir: &Path, taps: &[String]) -> anyhow::Resu
         }
     }
     for (i, mac) in spec.macs.iter().enumerate() {
-        let tap = taps.get(i).with_context(|| format!("no tap for NIC {i}"))?;
-        args.extend(["-netdev".into(), format!("tap,id=n{i},ifname={tap},script=no,downscript=no")]);
+        let netdev = match spec.link(i) {
+            Link::Bridge => {
+                let tap = taps.get(i).with_context(|| format!("no tap for NIC {i}"))?;
+                format!("tap,id=n{i},ifname={tap},script=no,downscript=no")
+            }
+            Link::Cable { local, remote } => cable_netdev(&format!("n{i}"), local, remote),
+        };
+        args.extend(["-netdev".into(), netdev]);
         let mut device = format!("virtio-net-pci,netdev=n{i},mac={mac}");
         if i == spec.boot_nic {
             device.push_str(",bootindex=1");
@@ -577,6 +618,14 @@ pub fn pxe_qemu_args(spec: &VmSpec, dir: &Path, taps: &[String]) -> anyhow::Resu
         args.extend(["-drive".into(), format!("file={},format={format},if=virtio", disk.display())]);
     }
     Ok(args)
+}
+
+/// The `-netdev` value of a cable end (see [`Link::Cable`]).
+pub(crate) fn cable_netdev(id: &str, local: u16, remote: u16) -> String {
+    format!(
+        "dgram,id={id},local.type=inet,local.host=127.0.0.1,local.port={local},\
+         remote.type=inet,remote.host=127.0.0.1,remote.port={remote}"
+    )
 }
 
 impl Drop for Lab {

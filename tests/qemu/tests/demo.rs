@@ -229,8 +229,41 @@ fn the_demo_comes_up_serves_http_survives_a_power_cut_and_goes_down_cleanly() {
     });
     assert_eq!(body.as_deref(), Some("hello from herd's demo: herd/web:1\n"), "web.service answers on {moved_to}");
 
+    // The new machine's node-init logged the unit's load and start as structured journal records.
+    let journal = demo.run(&[
+        "ssh",
+        &moved_to,
+        "--",
+        "journalctl",
+        "-u",
+        "herd-node-init",
+        "HERD_UNIT=web.service",
+        "-o",
+        "json",
+    ]);
+    let records: Vec<Value> =
+        String::from_utf8_lossy(&journal.stdout).lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    assert!(journal.status.success(), "herdctl ssh journalctl: {}", String::from_utf8_lossy(&journal.stderr));
+    let took_ms = |action: &str| {
+        let r = records.iter().rev().find(|r| r["HERD_ACTION"] == action && r["HERD_OK"] == "true");
+        let r = r.unwrap_or_else(|| panic!("no {action} record for web.service on {moved_to}: {records:?}"));
+        r["HERD_TOOK_MS"].as_str().and_then(|t| t.parse::<u64>().ok()).unwrap()
+    };
+    println!(
+        "figures: demo web.service on {moved_to}: container create {} ms, start {} ms (node-init's journal)",
+        took_ms("load"),
+        took_ms("start")
+    );
+
     // The victim's timeline shows it booting, becoming healthy, then dying.
-    let timeline = demo.json(&["machine", "timeline", &victim, "-o", "json"]);
+    let waited = Instant::now();
+    let timeline = loop {
+        let timeline = demo.json(&["machine", "timeline", &victim, "-o", "json"]);
+        if events(&timeline).iter().any(|e| e == "cluster:dead") || waited.elapsed() > Duration::from_secs(30) {
+            break timeline;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
     let seen = events(&timeline);
     let healthy = seen.iter().position(|e| e == "phone-home:healthy").unwrap_or_else(|| panic!("{seen:?}"));
     let dead = seen.iter().position(|e| e == "cluster:dead").unwrap_or_else(|| panic!("{seen:?}"));

@@ -1,0 +1,135 @@
+//! A top-of-rack switch for 802.3ad tests: a small VM (herd's kernel, static busybox) whose first two NICs form
+//! an LACP port-channel (the Linux bonding driver in 802.3ad mode, as a switch's LAG) bridged with its third NIC,
+//! which sits on the lab's bridge. A machine cabled to the first two reaches the lab through it, and the switch's
+//! console reports its active aggregator (`SWITCH-LACP ...` whenever it changes).
+//!
+//! The host's kernel has no bonding driver here, so the partner has to be a VM; it is the same driver a machine's
+//! bond runs, speaking LACP on real (virtual) links.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use anyhow::{Context as _, bail};
+use herd_images::initramfs::{Cpio, closure, module_bytes, module_name};
+
+use crate::{Lab, Link, Vm, VmSpec, cable_netdev};
+
+/// Printed once the port-channel and the bridge are up.
+pub const SWITCH_READY: &str = "SWITCH-READY";
+/// Prefix of the active aggregator's line: `SWITCH-LACP Number of ports: N Partner Mac Address: MAC`.
+pub const SWITCH_LACP: &str = "SWITCH-LACP";
+
+const INIT: &str = r#"#!/bin/busybox sh
+/bin/busybox --install -s /bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+for m in $(cat /modules/order); do insmod /modules/$m || echo "SWITCH-ERROR insmod $m"; done
+# eth0 + eth1: the port-channel (802.3ad, fast LACP, MII monitoring); eth2: the uplink.
+echo 802.3ad > /sys/class/net/bond0/bonding/mode
+echo fast > /sys/class/net/bond0/bonding/lacp_rate
+echo 100 > /sys/class/net/bond0/bonding/miimon
+echo +eth0 > /sys/class/net/bond0/bonding/slaves
+echo +eth1 > /sys/class/net/bond0/bonding/slaves
+brctl addbr br0
+brctl stp br0 off
+brctl setfd br0 0
+brctl addif br0 bond0
+brctl addif br0 eth2
+ip link set eth2 up
+ip link set bond0 up
+ip link set br0 up
+echo SWITCH-READY
+last=""
+while true; do
+  now=$(grep -A6 "Active Aggregator Info" /proc/net/bonding/bond0 | grep -E "Number of ports|Partner Mac" | tr -s '\t\n' '  ')
+  if [ "$now" != "$last" ]; then echo "SWITCH-LACP $now"; last="$now"; fi
+  sleep 1
+done
+"#;
+
+/// Builds the switch's initramfs at `out` from a built herd OS image directory (its kernel's modules: virtio
+/// networking, bonding, bridge, decompressed, in dependency order).
+pub fn build_initramfs(image: &Path, scratch: &Path, out: &Path) -> anyhow::Result<()> {
+    let _ = std::fs::remove_dir_all(scratch);
+    let st = Command::new("unsquashfs")
+        .args(["-q", "-n", "-d"])
+        .arg(scratch)
+        .arg(image.join("root.squashfs"))
+        .arg("usr/lib/modules")
+        .stdout(Stdio::null())
+        .status()
+        .context("cannot run unsquashfs (apt install squashfs-tools)")?;
+    if !st.success() {
+        bail!("unsquashfs of {} failed", image.display());
+    }
+    let moddir = std::fs::read_dir(scratch.join("usr/lib/modules"))?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| p.join("modules.dep").exists())
+        .context("no kernel modules in the image")?;
+    let wanted: Vec<String> = ["virtio_pci", "virtio_net", "bonding", "bridge"].map(str::to_owned).to_vec();
+    let order = closure(&moddir, &wanted).map_err(anyhow::Error::msg)?;
+    let mut cpio = Cpio::new(0);
+    for d in ["bin", "dev", "modules", "proc", "sys"] {
+        cpio.dir(d);
+    }
+    cpio.file("bin/busybox", 0o755, &std::fs::read("/bin/busybox").context("no /bin/busybox (busybox-static)")?);
+    cpio.file("init", 0o755, INIT.as_bytes());
+    let mut names = Vec::new();
+    for rel in &order {
+        let file = format!("{}.ko", module_name(rel));
+        cpio.file(&format!("modules/{file}"), 0o644, &module_bytes(&moddir.join(rel)).map_err(anyhow::Error::msg)?);
+        names.push(file);
+    }
+    cpio.file("modules/order", 0o644, format!("{}\n", names.join("\n")).as_bytes());
+    std::fs::write(out, cpio.finish()?)?;
+    let _ = std::fs::remove_dir_all(scratch);
+    Ok(())
+}
+
+impl Lab {
+    /// Starts the switch (kernel `kernel`, initramfs from [`build_initramfs`]) with its port-channel on the two
+    /// cables `ports` (each `(local, remote)` UDP ports, the machine's ends swapped) and its uplink on the bridge.
+    /// Returns its index in [`Lab::vms`]; its monitor is `NAME.monitor` as for any VM.
+    pub fn start_switch(
+        &mut self,
+        name: &str,
+        kernel: &Path,
+        initrd: &Path,
+        ports: [(u16, u16); 2],
+    ) -> anyhow::Result<usize> {
+        let serial = self.dir.join(format!("{name}.serial.log"));
+        let monitor = self.dir.join(format!("{name}.monitor"));
+        let uplink = self.tap()?;
+        let mut args: Vec<String> = vec!["netns".into(), "exec".into(), self.ns.clone(), "qemu-system-x86_64".into()];
+        for a in
+            ["-accel", "tcg", "-smp", "1", "-m", "256", "-machine", "pc,graphics=off", "-display", "none", "-no-reboot"]
+        {
+            args.push(a.into());
+        }
+        args.extend(["-monitor".into(), format!("unix:{},server,nowait", monitor.display())]);
+        args.extend(["-serial".into(), format!("file:{}", serial.display())]);
+        args.extend(["-kernel".into(), kernel.display().to_string(), "-initrd".into(), initrd.display().to_string()]);
+        args.extend(["-append".into(), "console=ttyS0 panic=-1 quiet".into()]);
+        for (i, (local, remote)) in ports.iter().enumerate() {
+            args.extend(["-netdev".into(), cable_netdev(&format!("p{i}"), *local, *remote)]);
+            args.extend(["-device".into(), format!("virtio-net-pci,netdev=p{i},mac=52:54:00:5e:00:0{}", i + 1)]);
+        }
+        args.extend(["-netdev".into(), format!("tap,id=up,ifname={uplink},script=no,downscript=no")]);
+        args.extend(["-device".into(), "virtio-net-pci,netdev=up,mac=52:54:00:5e:00:09".into()]);
+        let log = std::fs::File::create(self.dir.join(format!("{name}.qemu.log")))?;
+        let child = Command::new("ip")
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("cannot start qemu-system-x86_64")?;
+        let mut spec = VmSpec::new(name, crate::Firmware::SeabiosIpxe, &[]);
+        spec.links = ports.iter().map(|&(local, remote)| Link::Cable { local, remote }).collect();
+        self.vms.push(Vm { spec, serial, child, started: Instant::now() });
+        Ok(self.vms.len() - 1)
+    }
+}
