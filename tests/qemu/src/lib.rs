@@ -605,6 +605,10 @@ pub fn pxe_qemu_args(spec: &VmSpec, dir: &Path, taps: &[String]) -> anyhow::Resu
         };
         args.extend(["-netdev".into(), netdev]);
         let mut device = format!("virtio-net-pci,netdev=n{i},mac={mac}");
+        if spec.link(i) != Link::Bridge {
+            // The bonding driver aggregates only ports with a known speed and duplex (802.3ad keys on them).
+            device.push_str(CABLE_SPEED);
+        }
         if i == spec.boot_nic {
             device.push_str(",bootindex=1");
         }
@@ -619,6 +623,9 @@ pub fn pxe_qemu_args(spec: &VmSpec, dir: &Path, taps: &[String]) -> anyhow::Resu
     }
     Ok(args)
 }
+
+/// The `virtio-net-pci` properties of a cabled NIC: 10GbE, full duplex (virtio reports neither by default).
+pub(crate) const CABLE_SPEED: &str = ",speed=10000,duplex=full";
 
 /// The `-netdev` value of a cable end (see [`Link::Cable`]).
 pub(crate) fn cable_netdev(id: &str, local: u16, remote: u16) -> String {

@@ -3,6 +3,11 @@
 //! which sits on the lab's bridge. A machine cabled to the first two reaches the lab through it, and the switch's
 //! console reports its active aggregator (`SWITCH-LACP ...` whenever it changes).
 //!
+//! Linux's bonding driver sends nothing on 802.3ad ports without an LACP partner, and firmware and initramfs
+//! speak no LACP, so the switch starts in "LACP fallback" (port 1 forwarding on its own, as datacenter switches
+//! offer for PXE) and forms the port-channel when told ([`Lab::switch_to_lag`]), e.g. once the machine's root
+//! is up and its own bond about to start.
+//!
 //! The host's kernel has no bonding driver here, so the partner has to be a VM; it is the same driver a machine's
 //! bond runs, speaking LACP on real (virtual) links.
 
@@ -13,10 +18,12 @@ use std::time::Instant;
 use anyhow::{Context as _, bail};
 use herd_images::initramfs::{Cpio, closure, module_bytes, module_name};
 
-use crate::{Lab, Link, Vm, VmSpec, cable_netdev};
+use crate::{CABLE_SPEED, Lab, Link, Vm, VmSpec, cable_netdev};
 
-/// Printed once the port-channel and the bridge are up.
+/// Printed once the bridge is up (port 1 forwarding on its own: the LACP fallback).
 pub const SWITCH_READY: &str = "SWITCH-READY";
+/// Printed once the two ports form the port-channel.
+pub const SWITCH_LAG: &str = "SWITCH-LAG";
 /// Prefix of the active aggregator's line: `SWITCH-LACP Number of ports: N Partner Mac Address: MAC`.
 pub const SWITCH_LACP: &str = "SWITCH-LACP";
 
@@ -26,21 +33,29 @@ mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
 for m in $(cat /modules/order); do insmod /modules/$m || echo "SWITCH-ERROR insmod $m"; done
-# eth0 + eth1: the port-channel (802.3ad, fast LACP, MII monitoring); eth2: the uplink.
+# LACP fallback, as top-of-rack switches offer it for PXE: until told "lag", port 1 (eth0) forwards on its own
+# (a machine's firmware and initramfs speak no LACP); then eth0 + eth1 form the port-channel (802.3ad, fast LACP,
+# MII monitoring). eth2 is the uplink.
 echo 802.3ad > /sys/class/net/bond0/bonding/mode
 echo fast > /sys/class/net/bond0/bonding/lacp_rate
 echo 100 > /sys/class/net/bond0/bonding/miimon
-echo +eth0 > /sys/class/net/bond0/bonding/slaves
-echo +eth1 > /sys/class/net/bond0/bonding/slaves
 brctl addbr br0
-brctl stp br0 off
-brctl setfd br0 0
-brctl addif br0 bond0
+brctl addif br0 eth0
 brctl addif br0 eth2
+ip link set eth0 up
 ip link set eth2 up
-ip link set bond0 up
 ip link set br0 up
 echo SWITCH-READY
+while read -r cmd; do
+  if [ "$cmd" = lag ]; then break; fi
+done
+brctl delif br0 eth0
+ip link set eth0 down
+echo +eth0 > /sys/class/net/bond0/bonding/slaves
+echo +eth1 > /sys/class/net/bond0/bonding/slaves
+brctl addif br0 bond0
+ip link set bond0 up
+echo SWITCH-LAG
 last=""
 while true; do
   now=$(grep -A6 "Active Aggregator Info" /proc/net/bonding/bond0 | grep -E "Number of ports|Partner Mac" | tr -s '\t\n' '  ')
@@ -90,6 +105,16 @@ pub fn build_initramfs(image: &Path, scratch: &Path, out: &Path) -> anyhow::Resu
 }
 
 impl Lab {
+    /// Tells switch `index` (from [`Lab::start_switch`]) to end its LACP fallback: its two ports form the
+    /// port-channel from now on (`SWITCH-LAG` on its console).
+    pub fn switch_to_lag(&self, index: usize) -> anyhow::Result<()> {
+        use std::io::Write as _;
+        let path = self.dir.join(format!("{}.console", self.vms[index].spec.name));
+        let mut s = std::os::unix::net::UnixStream::connect(&path).with_context(|| path.display().to_string())?;
+        s.write_all(b"lag\r\n")?;
+        Ok(())
+    }
+
     /// Starts the switch (kernel `kernel`, initramfs from [`build_initramfs`]) with its port-channel on the two
     /// cables `ports` (each `(local, remote)` UDP ports, the machine's ends swapped) and its uplink on the bridge.
     /// Returns its index in [`Lab::vms`]; its monitor is `NAME.monitor` as for any VM.
@@ -110,12 +135,22 @@ impl Lab {
             args.push(a.into());
         }
         args.extend(["-monitor".into(), format!("unix:{},server,nowait", monitor.display())]);
-        args.extend(["-serial".into(), format!("file:{}", serial.display())]);
+        // The console: logged to the file, and its input on a socket (the test's "lag" command).
+        let socket = self.dir.join(format!("{name}.console"));
+        args.extend([
+            "-chardev".into(),
+            format!("socket,id=console,path={},server=on,wait=off,logfile={}", socket.display(), serial.display()),
+            "-serial".into(),
+            "chardev:console".into(),
+        ]);
         args.extend(["-kernel".into(), kernel.display().to_string(), "-initrd".into(), initrd.display().to_string()]);
         args.extend(["-append".into(), "console=ttyS0 panic=-1 quiet".into()]);
         for (i, (local, remote)) in ports.iter().enumerate() {
             args.extend(["-netdev".into(), cable_netdev(&format!("p{i}"), *local, *remote)]);
-            args.extend(["-device".into(), format!("virtio-net-pci,netdev=p{i},mac=52:54:00:5e:00:0{}", i + 1)]);
+            args.extend([
+                "-device".into(),
+                format!("virtio-net-pci,netdev=p{i},mac=52:54:00:5e:00:0{}{CABLE_SPEED}", i + 1),
+            ]);
         }
         args.extend(["-netdev".into(), format!("tap,id=up,ifname={uplink},script=no,downscript=no")]);
         args.extend(["-device".into(), "virtio-net-pci,netdev=up,mac=52:54:00:5e:00:09".into()]);

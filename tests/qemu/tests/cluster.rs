@@ -13,6 +13,7 @@ use herd_cluster::client::ClusterClient;
 use herd_cluster::record::Desired;
 use herd_cluster::store::{Store, TlsFiles};
 use herd_qemu::image::herd_os;
+use herd_qemu::switch::{SWITCH_LACP, SWITCH_LAG, SWITCH_READY};
 use herd_qemu::{Firmware, Lab, VmSpec, qcow2};
 use serde_json::Value;
 
@@ -62,10 +63,19 @@ where
     T: Send + 'static,
     F: std::future::Future<Output = T>,
 {
+    with_etcd(lab, &ENDPOINTS, f)
+}
+
+/// [`with_cluster`] on the etcd at `endpoints`.
+fn with_etcd<T, F>(lab: &Lab, endpoints: &[&str], f: impl FnOnce(ClusterClient) -> F + Send + 'static) -> T
+where
+    T: Send + 'static,
+    F: std::future::Future<Output = T>,
+{
+    let endpoints: Vec<String> = endpoints.iter().map(|s| (*s).to_owned()).collect();
     lab.in_netns(move || {
         let rt = tokio::runtime::Runtime::new().unwrap();
         rt.block_on(async move {
-            let endpoints: Vec<String> = ENDPOINTS.iter().map(|s| (*s).to_owned()).collect();
             let store = Store::connect(&endpoints, &TlsFiles::default(), Duration::from_secs(5)).await.unwrap();
             f(ClusterClient::new(store)).await
         })
@@ -220,17 +230,23 @@ fn three_machines_install_from_the_provisioner_form_etcd_register_and_run_a_glob
 }
 
 #[test]
-fn a_machine_whose_image_is_not_vouched_for_stops_with_the_reason_on_its_console_and_in_the_timeline() {
-    // The inventory gives node1 a kernel argument that trusts another root hash than the image's.
+fn machines_with_an_unvouched_image_a_refused_or_an_unreachable_config_stop_with_the_reason() {
+    // Through the inventory's per-machine kernel arguments (they come after the provisioner's, and the last of a
+    // parameter wins): node1 trusts another root hash than the image's; node2 presents another boot token than
+    // the one the provisioner handed out; node3 looks for its config where nothing answers, for 10 s.
     let text =
         std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/qemu-3.toml")).unwrap();
     let zeros = "0".repeat(64);
-    let wrong = text.replacen(
-        "internal = \"10.99.0.11\"",
-        &format!("internal = \"10.99.0.11\"\nkernel_args = [\"herd.verity.roothash={zeros}\"]"),
-        1,
-    );
-    assert_ne!(wrong, text);
+    let mut wrong = text.clone();
+    for (address, args) in [
+        ("10.99.0.11", format!("\"herd.verity.roothash={zeros}\"")),
+        ("10.99.0.12", "\"herd.token=forged\"".to_owned()),
+        ("10.99.0.13", "\"herd.provisioner=http://10.99.0.2:9\", \"herd.config_wait=10\"".to_owned()),
+    ] {
+        let line = format!("internal = \"{address}\"");
+        wrong = wrong.replacen(&line, &format!("{line}\nkernel_args = [{args}]"), 1);
+    }
+    assert_eq!(wrong.matches("kernel_args = [\"herd.").count(), 3);
     let scratch = std::env::temp_dir().join(format!("herd-qemu-wrong-{}.toml", std::process::id()));
     std::fs::write(&scratch, wrong).unwrap();
     let mut lab = Lab::new(&scratch).unwrap();
@@ -238,18 +254,43 @@ fn a_machine_whose_image_is_not_vouched_for_stops_with_the_reason_on_its_console
     herd_os(&image, None).unwrap();
     lab.boot_assets_image(&image).unwrap();
     lab.start_provisioner().unwrap();
-    let disk = lab.dir.join("node1.qcow2");
-    qcow2(&disk).unwrap();
-    let spec = VmSpec::new("node1", Firmware::SeabiosIpxe, &["52:54:00:99:01:01"]).with_disk(&disk).memory(1024);
-    let i = lab.start_vm(spec).unwrap();
-    let (_, line) = lab.vms()[i].wait_for("BOOT STOPPED", LIMIT).unwrap();
-    assert!(line.contains("does not list"), "{line}");
-    assert!(!lab.vms()[i].console().contains("switching to"), "nothing of the root ran");
-    let timeline = lab.api("/api/v1/machines/node1/timeline").unwrap();
-    let failed = timeline.as_array().unwrap().iter().find(|e| e["event"] == "phone-home:failed").cloned();
-    let failed = failed.unwrap_or_else(|| panic!("no phone-home:failed in {timeline}"));
+    for (name, mac) in [("node1", "52:54:00:99:01:01"), ("node2", "52:54:00:99:02:01"), ("node3", "52:54:00:99:03:01")]
+    {
+        let disk = lab.dir.join(format!("{name}.qcow2"));
+        qcow2(&disk).unwrap();
+        lab.start_vm(VmSpec::new(name, Firmware::SeabiosIpxe, &[mac]).with_disk(&disk).memory(1024)).unwrap();
+    }
+    let stopped = |i: usize| {
+        let (took, line) = lab.vms()[i].wait_for("BOOT STOPPED", LIMIT).unwrap();
+        assert!(!lab.vms()[i].console().contains("switching to"), "nothing of the root ran: {line}");
+        println!("figures: node{} stopped {:.1} s after power-on: {line}", i + 1, took.as_secs_f64());
+        line
+    };
+    let events = |name: &str| {
+        let timeline = lab.api(&format!("/api/v1/machines/{name}/timeline")).unwrap();
+        timeline.as_array().unwrap().clone()
+    };
+
+    // An image the command line does not vouch for: nothing of it runs; the reason reaches the timeline.
+    assert!(stopped(0).contains("does not list"));
+    let failed = events("node1").into_iter().find(|e| e["event"] == "phone-home:failed");
+    let failed = failed.unwrap_or_else(|| panic!("no phone-home:failed for node1"));
     assert!(failed.to_string().contains("does not list"), "{failed}");
     assert_ne!(lab.api("/api/v1/machines/node1").unwrap()["state"], "running");
+
+    // A refused config: the boot stops at once (not after the 3 minutes an outage gets), and the provisioner's
+    // timeline says why it refused.
+    let line = stopped(1);
+    assert!(line.contains("refused this machine's config") && line.contains("403"), "{line}");
+    let refused = events("node2").into_iter().find(|e| e["event"] == "config-refused");
+    assert!(refused.is_some_and(|e| e.to_string().contains("wrong token")), "node2's timeline names the refusal");
+
+    // An unreachable config: retried with backoff until the wait is over, then the reason on the console. (The
+    // provisioner it cannot reach cannot be told; its timeline ends with the boot files it served.)
+    let line = stopped(2);
+    assert!(line.contains("no config from http://10.99.0.2:9 within 10 s"), "{line}");
+    assert!(lab.vms()[2].console().contains("retrying in"), "it retried first");
+    assert!(!events("node3").iter().any(|e| e["event"] == "config"), "node3 got no config");
     drop(lab);
     std::fs::remove_file(&scratch).unwrap();
 }
@@ -280,3 +321,87 @@ fn a_machine_without_a_disk_runs_the_verified_image_from_ram() {
     drop(lab);
     std::fs::remove_file(&scratch).unwrap();
 }
+
+/// Waits (bounded) for a console line of VM `i` after its first `after` lines that contains every one of `parts`;
+/// returns its index and the line.
+fn line_after(lab: &Lab, i: usize, after: usize, parts: &[&str], within: Duration) -> (usize, String) {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        let console = lab.vms()[i].console();
+        let found = console.lines().enumerate().skip(after).find(|(_, l)| parts.iter().all(|p| l.contains(p)));
+        if let Some((n, l)) = found {
+            return (n, l.to_owned());
+        }
+        let tail: Vec<&str> = console.lines().rev().take(10).collect();
+        assert!(std::time::Instant::now() < deadline, "no console line with {parts:?} within {within:?}: {tail:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn an_802_3ad_bond_forms_a_two_port_aggregator_with_its_switch_and_rides_out_a_link_cut() {
+    // node1 alone (a one-member etcd), its two NICs in an 802.3ad bond cabled to a switch VM whose port-channel
+    // is bridged to the lab: PXE, install and everything after go through the switch.
+    let text =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/qemu-3.toml")).unwrap();
+    let one = &text[..text.find("[[machines]]\nname = \"node2\"").unwrap()];
+    let lacp = one.replacen("bond = { mode = \"active-backup\"", "bond = { mode = \"802.3ad\"", 1);
+    assert!(lacp.contains("802.3ad"));
+    let scratch = std::env::temp_dir().join(format!("herd-qemu-lacp-{}.toml", std::process::id()));
+    std::fs::write(&scratch, lacp).unwrap();
+    let mut lab = Lab::new(&scratch).unwrap();
+    let image = lab.dir.join("image");
+    herd_os(&image, None).unwrap();
+    lab.boot_assets_image(&image).unwrap();
+    lab.start_provisioner().unwrap();
+    let initrd = lab.dir.join("switch.cpio");
+    herd_qemu::switch::build_initramfs(&image, &lab.dir.join("switch-modules"), &initrd).unwrap();
+    // Cables: switch port i <-> node1 NIC i (UDP ports on the lab namespace's loopback).
+    let sw = lab.start_switch("tor", &image.join("vmlinuz"), &initrd, [(7101, 7201), (7102, 7202)]).unwrap();
+    lab.vms()[sw].wait_for(SWITCH_READY, Duration::from_secs(120)).unwrap();
+    let disk = lab.dir.join("node1.qcow2");
+    qcow2(&disk).unwrap();
+    let macs = ["52:54:00:99:01:01", "52:54:00:99:01:02"];
+    let spec = VmSpec::new("node1", Firmware::SeabiosIpxe, &macs)
+        .with_disk(&disk)
+        .memory(1024)
+        .cable(0, 7201, 7101)
+        .cable(1, 7202, 7102);
+    let node = lab.start_vm(spec).unwrap();
+    // Firmware and initramfs go through the switch's fallback port; once the root is up (networkd about to
+    // build the bond), the switch forms its port-channel.
+    lab.vms()[node].wait_for("switching to", LIMIT).unwrap();
+    lab.switch_to_lag(sw).unwrap();
+    lab.vms()[sw].wait_for_within(SWITCH_LAG, Duration::from_secs(30)).unwrap();
+    let (took, _) = lab.vms()[node].wait_for(REGISTERED, LIMIT).unwrap();
+    println!("figures: node1 behind an LACP switch power-on -> registered {:.1} s", took.as_secs_f64());
+
+    // The switch's port-channel aggregates both ports with node1's bond (its MAC is the boot NIC's) as partner.
+    let both = [SWITCH_LACP, "Number of ports: 2", "Partner Mac Address: 52:54:00:99:01:01"];
+    let (formed, line) = line_after(&lab, sw, 0, &both, Duration::from_secs(60));
+    println!("switch: {line}");
+
+    // One cable cut: the aggregator goes down to one port, node1 keeps its etcd session and runs what lands there.
+    let said = lab.monitor(node, "set_link n1 off").unwrap();
+    assert!(!said.contains("not found"), "{said}");
+    let one_port = [SWITCH_LACP, "Number of ports: 1", "Partner Mac Address: 52:54:00:99:01:01"];
+    let (cut, line) = line_after(&lab, sw, formed + 1, &one_port, Duration::from_secs(30));
+    println!("switch after the cut: {line}");
+    with_etcd(&lab, &ENDPOINTS[..1], |c| async move { launch(&c, "lacp.service", LACP_UNIT).await });
+    lab.vms()[node].wait_for_within("HERD-LACP on node1", Duration::from_secs(30)).unwrap();
+    assert_eq!(lab.vms()[node].console().matches(REGISTERED).count(), 1, "node1 kept its lease through the cut");
+
+    // The cable back: both ports again.
+    lab.monitor(node, "set_link n1 on").unwrap();
+    line_after(&lab, sw, cut + 1, &both, Duration::from_secs(30));
+    drop(lab);
+    std::fs::remove_file(&scratch).unwrap();
+}
+
+/// A unit that says where it runs, on the console.
+const LACP_UNIT: &str = "[Service]
+Type=oneshot
+RemainAfterExit=yes
+StandardOutput=journal+console
+ExecStart=/bin/sh -c 'echo HERD-LACP on $(hostname)'
+";
