@@ -285,12 +285,13 @@ fn the_demo_comes_up_serves_http_survives_a_power_cut_and_goes_down_cleanly() {
         AGENT_TTL.as_secs(),
         if leader_died { "; a leader (engine or etcd) died with it" } else { "" }
     );
-    // The cluster moves the units of a dead machine within 2 x TTL; a container then needs its start on the new
-    // machine (seconds under TCG; a [Service] unit's whole move is bounded by 2 x TTL in cluster.rs). When the
-    // engine lost its term with the machine (its lease renewals went to the dead etcd member), the next leader
-    // takes over once that lease ran out and finds the machine gone: up to one TTL more.
+    // The machine's units run elsewhere within 2 x TTL: its lease expires at most one TTL after the power cut,
+    // the grace is a quarter of it, and the container's create and start take ~5 s under TCG. When a leader died
+    // with it (the engine's: the next one takes over once its lease ran out; etcd's: the new raft leader extends
+    // every lease by a TTL), up to one TTL more.
     let bound = if leader_died { 3 * AGENT_TTL } else { 2 * AGENT_TTL };
-    assert!(at(dead) <= bound.as_secs_f64(), "declared dead after {:.1} s, more than {bound:?}", at(dead));
+    // (Measured on this host's clock, as the test saw it: the VMs' clocks drift.)
+    assert!(took <= bound, "web.service seen active elsewhere after {took:?}, more than {bound:?}");
 
     // Powered on again: it PXE-boots into its installed slot, no reinstall, and rejoins.
     let again = demo.json(&["demo", "power-on", &victim, "-o", "json"]);
