@@ -442,15 +442,21 @@ impl Lab {
 
     /// Starts a VM on the bridge; returns its index in [`Lab::vms`].
     pub fn start_vm(&mut self, spec: VmSpec) -> anyhow::Result<usize> {
-        let serial = self.dir.join(format!("{}.serial.log", spec.name));
         let taps = (0..spec.macs.len())
             .map(|i| if spec.link(i) == Link::Bridge { self.tap() } else { Ok(String::new()) })
             .collect::<anyhow::Result<Vec<_>>>()?;
-        let mut args: Vec<String> = vec!["netns".into(), "exec".into(), self.ns.clone(), "qemu-system-x86_64".into()];
-        args.extend(pxe_qemu_args(&spec, &self.dir, &taps)?);
+        let args = pxe_qemu_args(&spec, &self.dir, &taps)?;
+        self.spawn_vm(spec, &args)
+    }
+
+    /// Runs `qemu-system-x86_64 ARGS` in the lab's namespace as VM `spec` (console in `NAME.serial.log`, QEMU's own
+    /// output in `NAME.qemu.log`); returns its index in [`Lab::vms`].
+    pub(crate) fn spawn_vm(&mut self, spec: VmSpec, qemu_args: &[String]) -> anyhow::Result<usize> {
+        let serial = self.dir.join(format!("{}.serial.log", spec.name));
         let log = std::fs::File::create(self.dir.join(format!("{}.qemu.log", spec.name)))?;
         let child = Command::new("ip")
-            .args(&args)
+            .args(["netns", "exec", &self.ns, "qemu-system-x86_64"])
+            .args(qemu_args)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

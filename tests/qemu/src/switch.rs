@@ -13,12 +13,11 @@
 
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::Instant;
 
 use anyhow::{Context as _, bail};
 use herd_images::initramfs::{Cpio, closure, module_bytes, module_name};
 
-use crate::{CABLE_SPEED, Lab, Link, Vm, VmSpec, cable_netdev};
+use crate::{CABLE_SPEED, Lab, Link, VmSpec, cable_netdev};
 
 /// Printed once the bridge is up (port 1 forwarding on its own: the LACP fallback).
 pub const SWITCH_READY: &str = "SWITCH-READY";
@@ -128,7 +127,7 @@ impl Lab {
         let serial = self.dir.join(format!("{name}.serial.log"));
         let monitor = self.dir.join(format!("{name}.monitor"));
         let uplink = self.tap()?;
-        let mut args: Vec<String> = vec!["netns".into(), "exec".into(), self.ns.clone(), "qemu-system-x86_64".into()];
+        let mut args: Vec<String> = Vec::new();
         for a in
             ["-accel", "tcg", "-smp", "1", "-m", "256", "-machine", "pc,graphics=off", "-display", "none", "-no-reboot"]
         {
@@ -154,17 +153,8 @@ impl Lab {
         }
         args.extend(["-netdev".into(), format!("tap,id=up,ifname={uplink},script=no,downscript=no")]);
         args.extend(["-device".into(), "virtio-net-pci,netdev=up,mac=52:54:00:5e:00:09".into()]);
-        let log = std::fs::File::create(self.dir.join(format!("{name}.qemu.log")))?;
-        let child = Command::new("ip")
-            .args(&args)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("cannot start qemu-system-x86_64")?;
         let mut spec = VmSpec::new(name, crate::Firmware::SeabiosIpxe, &[]);
         spec.links = ports.iter().map(|&(local, remote)| Link::Cable { local, remote }).collect();
-        self.vms.push(Vm { spec, serial, child, started: Instant::now() });
-        Ok(self.vms.len() - 1)
+        self.spawn_vm(spec, &args)
     }
 }

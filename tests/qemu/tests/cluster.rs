@@ -202,7 +202,19 @@ fn three_machines_install_from_the_provisioner_form_etcd_register_and_run_a_glob
     };
     let placed_on = with_cluster(&lab, |c| async move {
         launch(&c, "mover.service", MOVER_UNIT).await;
-        c.units().await.unwrap().into_iter().find(|u| u.name == "mover.service").unwrap().machines[0].machine.clone()
+        let mut on = active_machine(&c, "mover.service", None).await;
+        // Not on a leader's machine: this measures a machine's death, not also a leader election (the engine's
+        // successor waits out its lease; a new etcd raft leader extends every lease by a TTL).
+        let machines = c.machines().await.unwrap();
+        if machines.iter().any(|m| m.engine_leader && m.record.id == on) {
+            c.cordon(&on, true).await.unwrap();
+            let from = on.clone();
+            on = active_machine(&c, "mover.service", Some(&from)).await;
+            c.uncordon(&from).await.unwrap();
+        }
+        let address = machines.iter().find(|m| m.record.id == on).and_then(|m| m.record.address.clone()).unwrap();
+        move_raft_leader_off(&format!("http://{address}:2379")).await;
+        on
     });
     lab.power_off(vm_of(&placed_on));
     let died = std::time::Instant::now();
@@ -320,6 +332,40 @@ fn a_machine_without_a_disk_runs_the_verified_image_from_ram() {
     println!("figures: diskless node1 power-on -> node-init ready {:.1} s", took.as_secs_f64());
     drop(lab);
     std::fs::remove_file(&scratch).unwrap();
+}
+
+/// The machine where `unit` is active (other than `not`), waiting (bounded) for one.
+async fn active_machine(c: &ClusterClient, unit: &str, not: Option<&str>) -> String {
+    let started = std::time::Instant::now();
+    loop {
+        let units = c.units().await.unwrap_or_default();
+        let on = units.iter().find(|u| u.name == unit).and_then(|u| {
+            u.machines
+                .iter()
+                .find(|p| Some(p.machine.as_str()) != not && p.state == Some(herd_cluster::record::ActiveState::Active))
+        });
+        if let Some(p) = on {
+            return p.machine.clone();
+        }
+        assert!(started.elapsed() < Duration::from_secs(120), "{unit} not active (off {not:?}): {units:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Moves etcd's raft leadership to another member if the member at `endpoint` has it.
+async fn move_raft_leader_off(endpoint: &str) {
+    let store = Store::connect(&[endpoint.to_owned()], &TlsFiles::default(), Duration::from_secs(5)).await.unwrap();
+    let mut client = store.client();
+    let status = client.status().await.unwrap();
+    let me = status.header().unwrap().member_id();
+    if status.leader() != me {
+        return;
+    }
+    let members = client.member_list().await.unwrap();
+    let other = members.members().iter().find(|m| m.id() != me).unwrap().id();
+    client.move_leader(other).await.unwrap();
+    let now = client.status().await.unwrap().leader();
+    assert_ne!(now, me, "etcd's leadership moved off {endpoint}");
 }
 
 /// Waits (bounded) for a console line of VM `i` after its first `after` lines that contains every one of `parts`;
