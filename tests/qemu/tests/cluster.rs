@@ -2,8 +2,10 @@
 //! network and config stages, install into slot A of each disk, the verified root, the config applied, etcd formed
 //! by the three masters, every machine registered with its labels, a global unit run by systemd on all three, a
 //! bond losing its active link without the machine losing its etcd session, and a power-cycled machine booting its
-//! installed slot without reinstalling; and a machine whose boot cannot go on stopping with the reason. Needs root, QEMU, OVMF, iPXE, and the
-//! network mirror for the first image build.
+//! installed slot without reinstalling; machines whose boot cannot go on (an image not vouched for, a refused or an
+//! unreachable config) stopping with the reason; a diskless machine running from RAM; and an 802.3ad bond forming a
+//! two-port aggregator with a switch VM over `-netdev dgram` cables. Needs root, QEMU, OVMF, iPXE, and the network
+//! mirror for the first image build.
 #![allow(clippy::unwrap_used)]
 
 use std::path::Path;
