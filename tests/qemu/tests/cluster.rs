@@ -8,12 +8,13 @@
 //! mirror for the first image build.
 #![allow(clippy::unwrap_used)]
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use herd_cluster::client::ClusterClient;
 use herd_cluster::record::Desired;
 use herd_cluster::store::{Store, TlsFiles};
+use herd_images::build::ImageManifest;
 use herd_qemu::image::herd_os;
 use herd_qemu::switch::{SWITCH_LACP, SWITCH_LAG, SWITCH_READY};
 use herd_qemu::{Firmware, Lab, VmSpec, qcow2};
@@ -59,6 +60,25 @@ fn report(line: &str) -> Value {
     serde_json::from_str(line[line.find(READY).unwrap() + READY.len()..].trim()).unwrap()
 }
 
+/// examples/qemu-3.toml, the inventory the tests start from.
+fn example_inventory() -> String {
+    std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/qemu-3.toml")).unwrap()
+}
+
+/// A lab whose provisioner serves herd's image (in `LAB/image`) to the machines of `inventory` (TOML, written to a
+/// scratch file named for `tag`: remove it once the lab is dropped). Returns the lab, the image's manifest and the
+/// scratch file.
+fn serving(tag: &str, inventory: &str) -> (Lab, ImageManifest, PathBuf) {
+    let scratch = std::env::temp_dir().join(format!("herd-qemu-{tag}-{}.toml", std::process::id()));
+    std::fs::write(&scratch, inventory).unwrap();
+    let mut lab = Lab::new(&scratch).unwrap();
+    let image = lab.dir.join("image");
+    let manifest = herd_os(&image, None).unwrap();
+    lab.boot_assets_image(&image).unwrap();
+    lab.start_provisioner().unwrap();
+    (lab, manifest, scratch)
+}
+
 /// Runs `f` with a client of the VMs' etcd, from inside the lab's network namespace.
 fn with_cluster<T, F>(lab: &Lab, f: impl FnOnce(ClusterClient) -> F + Send + 'static) -> T
 where
@@ -94,12 +114,7 @@ async fn launch(c: &ClusterClient, name: &str, text: &str) {
 
 #[test]
 fn three_machines_install_from_the_provisioner_form_etcd_register_and_run_a_global_unit() {
-    let inventory = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/qemu-3.toml");
-    let mut lab = Lab::new(&inventory).unwrap();
-    let image = lab.dir.join("image");
-    herd_os(&image, None).unwrap();
-    lab.boot_assets_image(&image).unwrap();
-    lab.start_provisioner().unwrap();
+    let (mut lab, _, scratch) = serving("three", &example_inventory());
     let machines = [
         ("node1", Firmware::SeabiosIpxe, ["52:54:00:99:01:01", "52:54:00:99:01:02"]),
         ("node2", Firmware::SeabiosIpxe, ["52:54:00:99:02:01", "52:54:00:99:02:02"]),
@@ -241,6 +256,8 @@ fn three_machines_install_from_the_provisioner_form_etcd_register_and_run_a_glob
         AGENT_TTL.as_secs()
     );
     assert!(after <= 2 * AGENT_TTL, "moved after {after:?}, more than 2 x TTL");
+    drop(lab);
+    std::fs::remove_file(&scratch).unwrap();
 }
 
 #[test]
@@ -248,8 +265,7 @@ fn machines_with_an_unvouched_image_a_refused_or_an_unreachable_config_stop_with
     // Through the inventory's per-machine kernel arguments (they come after the provisioner's, and the last of a
     // parameter wins): node1 trusts another root hash than the image's; node2 presents another boot token than
     // the one the provisioner handed out; node3 looks for its config where nothing answers, for 10 s.
-    let text =
-        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/qemu-3.toml")).unwrap();
+    let text = example_inventory();
     let zeros = "0".repeat(64);
     let mut wrong = text.clone();
     for (address, args) in [
@@ -261,13 +277,7 @@ fn machines_with_an_unvouched_image_a_refused_or_an_unreachable_config_stop_with
         wrong = wrong.replacen(&line, &format!("{line}\nkernel_args = [{args}]"), 1);
     }
     assert_eq!(wrong.matches("kernel_args = [\"herd.").count(), 3);
-    let scratch = std::env::temp_dir().join(format!("herd-qemu-wrong-{}.toml", std::process::id()));
-    std::fs::write(&scratch, wrong).unwrap();
-    let mut lab = Lab::new(&scratch).unwrap();
-    let image = lab.dir.join("image");
-    herd_os(&image, None).unwrap();
-    lab.boot_assets_image(&image).unwrap();
-    lab.start_provisioner().unwrap();
+    let (mut lab, _, scratch) = serving("wrong", &wrong);
     for (name, mac) in [("node1", "52:54:00:99:01:01"), ("node2", "52:54:00:99:02:01"), ("node3", "52:54:00:99:03:01")]
     {
         let disk = lab.dir.join(format!("{name}.qcow2"));
@@ -311,17 +321,10 @@ fn machines_with_an_unvouched_image_a_refused_or_an_unreachable_config_stop_with
 
 #[test]
 fn a_machine_without_a_disk_runs_the_verified_image_from_ram() {
-    let text =
-        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/qemu-3.toml")).unwrap();
+    let text = example_inventory();
     let diskless = text.replacen("internal = \"10.99.0.11\"\ndisk = \"/dev/vda\"", "internal = \"10.99.0.11\"", 1);
     assert_ne!(diskless, text);
-    let scratch = std::env::temp_dir().join(format!("herd-qemu-diskless-{}.toml", std::process::id()));
-    std::fs::write(&scratch, diskless).unwrap();
-    let mut lab = Lab::new(&scratch).unwrap();
-    let image = lab.dir.join("image");
-    let m = herd_os(&image, None).unwrap();
-    lab.boot_assets_image(&image).unwrap();
-    lab.start_provisioner().unwrap();
+    let (mut lab, m, scratch) = serving("diskless", &diskless);
     let spec = VmSpec::new("node1", Firmware::SeabiosIpxe, &["52:54:00:99:01:01"]).memory(1024);
     let i = lab.start_vm(spec).unwrap();
     let (took, line) = lab.vms()[i].wait_for(READY, LIMIT).unwrap();
@@ -390,18 +393,12 @@ fn line_after(lab: &Lab, i: usize, after: usize, parts: &[&str], within: Duratio
 fn an_802_3ad_bond_forms_a_two_port_aggregator_with_its_switch_and_rides_out_a_link_cut() {
     // node1 alone (a one-member etcd), its two NICs in an 802.3ad bond cabled to a switch VM whose port-channel
     // is bridged to the lab: PXE, install and everything after go through the switch.
-    let text =
-        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/qemu-3.toml")).unwrap();
+    let text = example_inventory();
     let one = &text[..text.find("[[machines]]\nname = \"node2\"").unwrap()];
     let lacp = one.replacen("bond = { mode = \"active-backup\"", "bond = { mode = \"802.3ad\"", 1);
     assert!(lacp.contains("802.3ad"));
-    let scratch = std::env::temp_dir().join(format!("herd-qemu-lacp-{}.toml", std::process::id()));
-    std::fs::write(&scratch, lacp).unwrap();
-    let mut lab = Lab::new(&scratch).unwrap();
+    let (mut lab, _, scratch) = serving("lacp", &lacp);
     let image = lab.dir.join("image");
-    herd_os(&image, None).unwrap();
-    lab.boot_assets_image(&image).unwrap();
-    lab.start_provisioner().unwrap();
     let initrd = lab.dir.join("switch.cpio");
     herd_qemu::switch::build_initramfs(&image, &lab.dir.join("switch-modules"), &initrd).unwrap();
     // Cables: switch port i <-> node1 NIC i (UDP ports on the lab namespace's loopback).
