@@ -14,7 +14,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use etcd_client::{Compare, CompareOp, EventType, TxnOp, WatchOptions, WatchStream};
+use etcd_client::{Compare, CompareOp, EventType, TxnOp, WatchStream};
 use tokio::sync::{broadcast, mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -155,18 +155,13 @@ impl<E: Executor> Agent<E> {
 
     /// Runs until `shutdown` (units keep running: a restarted agent picks them up) or a fatal error.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), AgentError> {
-        let (warm, revision) = self.prewarm(&shutdown).await;
-        // Images added to the list later are pulled in the background, without holding anything up.
-        let follower = tokio::spawn(follow_prewarm(
-            self.store.clone(),
-            self.exec.clone(),
-            self.key.clone(),
-            self.events.clone(),
-            warm,
-            revision,
-            shutdown.clone(),
-        ));
-        let _follower = AbortOnDrop(follower);
+        let warm = self.prewarm(&shutdown).await;
+        // Images added to the list later arrive on the schedule's watch stream and are pulled in the background,
+        // without holding anything up.
+        let (prewarm_tx, prewarm_rx) = mpsc::unbounded_channel::<String>();
+        let puller =
+            tokio::spawn(pull_added(self.exec.clone(), self.key.clone(), self.events.clone(), warm, prewarm_rx));
+        let _puller = AbortOnDrop(puller);
         let (report_tx, mut report_rx) = mpsc::unbounded_channel::<Report>();
         // None: no lease we trust; Some(t): at-most-once units may run until t.
         let (valid_tx, valid_rx) = watch::channel::<Option<Instant>>(None);
@@ -212,7 +207,7 @@ impl<E: Executor> Agent<E> {
                 }
             }
             if session.is_some() && stream.is_none() && Instant::now() >= retry_at {
-                match self.sync(&mut workers, &mut epochs, &report_tx, &fence_rx).await {
+                match self.sync(&mut workers, &mut epochs, &report_tx, &fence_rx, &prewarm_tx).await {
                     Ok(s) => {
                         stream = Some(s);
                         synced_tx.send_replace(true);
@@ -253,12 +248,21 @@ impl<E: Executor> Agent<E> {
                         self.store.stats().watched(resp.events().len() as u64);
                         for ev in resp.events() {
                             let Some(kv) = ev.kv() else { continue };
-                            let Some(Key::Schedule(_, unit)) = kv.key_str().ok().and_then(Key::parse) else { continue };
-                            let entry = match ev.event_type() {
-                                EventType::Put => record::decode::<ScheduleEntry>(kv.value()),
-                                EventType::Delete => None,
-                            };
-                            self.assign(unit, entry, &mut workers, &mut epochs, &report_tx, &fence_rx);
+                            match kv.key_str().ok().and_then(Key::parse) {
+                                Some(Key::Schedule(_, unit)) => {
+                                    let entry = match ev.event_type() {
+                                        EventType::Put => record::decode::<ScheduleEntry>(kv.value()),
+                                        EventType::Delete => None,
+                                    };
+                                    self.assign(unit, entry, &mut workers, &mut epochs, &report_tx, &fence_rx);
+                                }
+                                Some(Key::Prewarm(_)) if ev.event_type() == EventType::Put => {
+                                    if let Some(p) = record::decode::<PrewarmRecord>(kv.value()) {
+                                        let _ = prewarm_tx.send(p.image);
+                                    }
+                                }
+                                _ => {}
+                            }
                         }
                     }
                     Ok(None) | Err(_) => {
@@ -294,18 +298,15 @@ impl<E: Executor> Agent<E> {
     }
 
     /// Pulls every image of the pre-warm list before the machine registers (so it is schedulable only once warm);
-    /// returns the images seen and the revision read at.
-    async fn prewarm(&self, shutdown: &CancellationToken) -> (BTreeSet<String>, i64) {
-        let (images, revision) = loop {
+    /// returns the images seen.
+    async fn prewarm(&self, shutdown: &CancellationToken) -> BTreeSet<String> {
+        let images = loop {
             match self.store.get_prefix(&schema::prefix("prewarm")).await {
-                Ok((kvs, revision)) => {
-                    let images = kvs.iter().filter_map(|kv| record::decode::<PrewarmRecord>(kv.value()));
-                    break (images.map(|p| p.image).collect::<BTreeSet<_>>(), revision);
-                }
+                Ok((kvs, _)) => break prewarm_images(&kvs).collect::<BTreeSet<_>>(),
                 Err(e) => {
                     tracing::warn!(machine = %self.key, "reading the pre-warm list: {e}");
                     tokio::select! {
-                        () = shutdown.cancelled() => return (BTreeSet::new(), 0),
+                        () = shutdown.cancelled() => return BTreeSet::new(),
                         () = tokio::time::sleep(Duration::from_secs(1)) => {}
                     }
                 }
@@ -314,7 +315,7 @@ impl<E: Executor> Agent<E> {
         for image in &images {
             pull_prewarm(&*self.exec, &self.key, image, &self.events).await;
         }
-        (images, revision)
+        images
     }
 
     async fn register(&self, valid: &watch::Sender<Option<Instant>>) -> Result<Session, RegisterError> {
@@ -360,16 +361,24 @@ impl<E: Executor> Agent<E> {
         Ok(Session { lease, lapsed, renewer })
     }
 
-    /// Reads the whole schedule and converges to it; returns a watch from just after that read.
+    /// Reads the whole schedule and converges to it, and the pre-warm list at the same revision (images it has not
+    /// pulled go to `prewarm`); returns one watch stream on both from just after that read. One stream per machine,
+    /// not two: at thousands of machines, etcd's memory and garbage collection grow with its streams.
     async fn sync(
         &self,
         workers: &mut HashMap<UnitName, watch::Sender<Option<Target>>>,
         epochs: &mut HashMap<UnitName, u64>,
         reports: &mpsc::UnboundedSender<Report>,
         fence: &watch::Receiver<bool>,
+        prewarm: &mpsc::UnboundedSender<String>,
     ) -> Result<WatchStream, StoreError> {
         let prefix = schema::schedule_prefix(&self.key);
         let (kvs, revision) = self.store.get_prefix(&prefix).await?;
+        let warm_prefix = schema::prefix("prewarm");
+        let (warm, _) = self.store.get_prefix_at(&warm_prefix, revision).await?;
+        for image in prewarm_images(&warm) {
+            let _ = prewarm.send(image);
+        }
         let mut seen = std::collections::HashSet::new();
         for kv in &kvs {
             let Some(Key::Schedule(_, unit)) = kv.key_str().ok().and_then(Key::parse) else { continue };
@@ -382,9 +391,7 @@ impl<E: Executor> Agent<E> {
         for unit in gone {
             self.assign(unit, None, workers, epochs, reports, fence);
         }
-        self.store.stats().request(1);
-        let options = WatchOptions::new().with_prefix().with_start_revision(revision + 1);
-        Ok(self.store.client().watch(prefix, Some(options)).await?)
+        self.store.watch_prefixes(&[(prefix, revision + 1), (warm_prefix, revision + 1)]).await
     }
 
     /// Points a unit's worker at a schedule entry (None: remove the unit).
@@ -465,19 +472,21 @@ async fn writer(
             lease = l;
             pending.extend(batch);
         }
-        let ops: Vec<TxnOp> = pending
-            .iter()
-            .map(|(unit, state)| {
+        let written = match pending.len() {
+            // One change (the usual case: units land one by one) is a plain put or delete, not a transaction: etcd
+            // 3.4 opens a read view for every transaction's comparisons that copies its whole pending write
+            // buffer, so thousands of one-op transactions a second cost it more CPU than the writes themselves.
+            1 => {
+                let (unit, state) = pending.iter().next().expect("one");
                 let key = Key::UnitState(unit.clone(), machine.clone()).path();
                 match state {
-                    Some(s) => {
-                        TxnOp::put(key, record::encode(s), Some(etcd_client::PutOptions::new().with_lease(lease)))
-                    }
-                    None => TxnOp::delete(key, None),
+                    Some(s) => store.put(&key, record::encode(s), Some(lease)).await,
+                    None => store.delete(&key).await.map(|_| ()),
                 }
-            })
-            .collect();
-        match store.apply(ops, &[]).await {
+            }
+            _ => store.apply(state_ops(&machine, lease, &pending), &[]).await,
+        };
+        match written {
             Ok(()) => pending.clear(),
             Err(e) if e.lease_gone() => {
                 // The agent registers again and sends every state anew under the new lease.
@@ -490,6 +499,20 @@ async fn writer(
             }
         }
     }
+}
+
+/// The writes for a batch of state changes (a put under `lease` or a delete per unit).
+fn state_ops(machine: &MachineKey, lease: i64, changes: &HashMap<UnitName, Option<StateRecord>>) -> Vec<TxnOp> {
+    changes
+        .iter()
+        .map(|(unit, state)| {
+            let key = Key::UnitState(unit.clone(), machine.clone()).path();
+            match state {
+                Some(s) => TxnOp::put(key, record::encode(s), Some(etcd_client::PutOptions::new().with_lease(lease))),
+                None => TxnOp::delete(key, None),
+            }
+        })
+        .collect()
 }
 
 enum RegisterError {
@@ -533,56 +556,23 @@ async fn pull_prewarm<E: Executor>(exec: &E, key: &MachineKey, image: &str, even
     let _ = events.send(AgentEvent::Prewarmed { image: image.to_owned(), ok });
 }
 
-/// Watches the pre-warm list from `revision` on and pulls each image added to it that is not in `warm`; after a
-/// broken watch, reads the list again. One watch on a prefix that rarely changes: an idle cluster's traffic does
-/// not grow with it.
-async fn follow_prewarm<E: Executor>(
-    store: Store,
+/// The images of pre-warm list entries.
+fn prewarm_images(kvs: &[etcd_client::KeyValue]) -> impl Iterator<Item = String> + '_ {
+    kvs.iter().filter_map(|kv| record::decode::<PrewarmRecord>(kv.value())).map(|p| p.image)
+}
+
+/// Pulls each image added to the pre-warm list (sent by the agent's loop, from its watch or a full read) that is not
+/// in `warm` yet, one at a time.
+async fn pull_added<E: Executor>(
     exec: Arc<E>,
     key: MachineKey,
     events: broadcast::Sender<AgentEvent>,
     mut warm: BTreeSet<String>,
-    mut revision: i64,
-    shutdown: CancellationToken,
+    mut added: mpsc::UnboundedReceiver<String>,
 ) {
-    let prefix = schema::prefix("prewarm");
-    loop {
-        let options = WatchOptions::new().with_prefix().with_start_revision(revision + 1);
-        let watched = store.client().watch(prefix.as_str(), Some(options)).await;
-        if let Ok(mut stream) = watched {
-            loop {
-                let msg = tokio::select! {
-                    () = shutdown.cancelled() => return,
-                    m = stream.message() => m,
-                };
-                let Ok(Some(resp)) = msg else { break };
-                store.stats().watched(resp.events().len() as u64);
-                for ev in resp.events() {
-                    let Some(kv) = ev.kv() else { continue };
-                    revision = revision.max(kv.mod_revision());
-                    if ev.event_type() != EventType::Put {
-                        continue;
-                    }
-                    if let Some(p) = record::decode::<PrewarmRecord>(kv.value())
-                        && warm.insert(p.image.clone())
-                    {
-                        pull_prewarm(&*exec, &key, &p.image, &events).await;
-                    }
-                }
-            }
-        }
-        // The watch broke (etcd restarting, compaction): read the list again after a pause.
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            () = tokio::time::sleep(Duration::from_secs(1)) => {}
-        }
-        if let Ok((kvs, now)) = store.get_prefix(&prefix).await {
-            revision = now;
-            for p in kvs.iter().filter_map(|kv| record::decode::<PrewarmRecord>(kv.value())) {
-                if warm.insert(p.image.clone()) {
-                    pull_prewarm(&*exec, &key, &p.image, &events).await;
-                }
-            }
+    while let Some(image) = added.recv().await {
+        if warm.insert(image.clone()) {
+            pull_prewarm(&*exec, &key, &image, &events).await;
         }
     }
 }

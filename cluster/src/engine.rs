@@ -655,7 +655,7 @@ impl ViewWatch {
     async fn connect(&mut self) -> Result<&mut etcd_client::WatchStream, StoreError> {
         if self.stream.is_none() {
             let from: Vec<(String, i64)> = self.last.iter().map(|(p, r)| (p.clone(), r + 1)).collect();
-            self.stream = Some(self.store.watch_prefixes(&from, true).await?);
+            self.stream = Some(self.store.watch_prefixes(&from).await?);
         }
         self.stream.as_mut().ok_or_else(|| StoreError::Fenced("no watch".into()))
     }
