@@ -476,6 +476,20 @@ fn customize(tree: &Path, manifest: &Manifest, opts: &BuildOptions, version: &st
             std::fs::remove_dir_all(&p)?;
         }
     }
+    for r in &manifest.root.remove {
+        let p = tree.join(r);
+        if p.is_dir() && !p.is_symlink() {
+            std::fs::remove_dir_all(&p)?;
+        } else if p.symlink_metadata().is_ok() {
+            std::fs::remove_file(&p)?;
+        }
+    }
+    if !manifest.kernel.blacklist.is_empty() {
+        let dir = tree.join("usr/lib/modprobe.d");
+        std::fs::create_dir_all(&dir)?;
+        let lines: String = manifest.kernel.blacklist.iter().map(|m| format!("blacklist {m}\n")).collect();
+        std::fs::write(dir.join("herd-blacklist.conf"), format!("# herd-os.toml [kernel] blacklist\n{lines}"))?;
+    }
     if !manifest.kernel.trim.is_empty() {
         // The root's own depmod (kmod is in every herd root), so the host needs no kmod.
         tool(Stage::Customize, Command::new("chroot").arg(tree).args(["/usr/sbin/depmod", version]))?;

@@ -50,6 +50,10 @@ pub struct Root {
     /// says so, or they are socket-activated).
     #[serde(default)]
     pub disable: Vec<String>,
+    /// Paths (relative to the root) removed once the packages are installed: files no node uses that would only
+    /// make every install longer (translations, manuals, the packages' debugging tools).
+    #[serde(default)]
+    pub remove: Vec<String>,
 }
 
 /// `[kernel]`.
@@ -70,6 +74,11 @@ pub struct Kernel {
     /// Module directories (under `/usr/lib/modules/VERSION/`) left out of the root: hardware no server has.
     #[serde(default)]
     pub trim: Vec<String>,
+    /// Modules udev must not load for a device it finds (`blacklist` lines in
+    /// `/usr/lib/modprobe.d/herd-blacklist.conf`): hardware a container host does not use, whose drivers only
+    /// slow the boot. `modprobe NAME` still loads them.
+    #[serde(default)]
+    pub blacklist: Vec<String>,
 }
 
 /// A manifest problem.
@@ -132,6 +141,20 @@ pub fn parse(file: &str, text: &str) -> Result<Manifest, ManifestError> {
     }
     if manifest.kernel.package.is_empty() {
         problem("[kernel]", "kernel.package is missing: an image needs a kernel (e.g. linux-image-amd64)".into());
+    }
+    for r in &manifest.root.remove {
+        let escapes = r.split('/').any(|c| c == ".." || c == ".");
+        if r.is_empty() || r.starts_with('/') || escapes {
+            problem(
+                &format!("\"{r}\""),
+                format!("root.remove: {r:?} must be a path inside the root, e.g. usr/share/man"),
+            );
+        }
+    }
+    for m in &manifest.kernel.blacklist {
+        if m.is_empty() || !m.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') {
+            problem(&format!("\"{m}\""), format!("kernel.blacklist: {m:?} is not a module name"));
+        }
     }
     if !manifest.debian.mirror.starts_with("http://") && !manifest.debian.mirror.starts_with("https://") {
         problem("mirror", "debian.mirror must be an http:// or https:// URL".into());
@@ -204,6 +227,19 @@ mod tests {
         let empty = GOOD.replace("package = \"linux-image-amd64\"", "package = \"\"");
         let err = parse("m.toml", &empty).unwrap_err().to_string();
         assert!(err.contains("an image needs a kernel"), "{err}");
+    }
+
+    #[test]
+    fn removals_stay_inside_the_root_and_blacklist_entries_are_module_names() {
+        let m = parse("m.toml", GOOD).unwrap();
+        assert!(m.kernel.blacklist.iter().any(|b| b == "floppy"), "{:?}", m.kernel.blacklist);
+        assert!(m.root.remove.iter().any(|r| r == "usr/share/locale"), "{:?}", m.root.remove);
+        let bad = GOOD.replace("\"usr/share/locale\"", "\"../etc\"").replace("\"floppy\"", "\"floppy; rm\"");
+        let err = parse("m.toml", &bad).unwrap_err().to_string();
+        let line = bad.lines().position(|l| l.contains("../etc")).unwrap() + 1;
+        assert!(err.contains(&format!("m.toml:{line}:")), "{err}");
+        assert!(err.contains("root.remove: \"../etc\" must be a path inside the root"), "{err}");
+        assert!(err.contains("kernel.blacklist: \"floppy; rm\" is not a module name"), "{err}");
     }
 
     #[test]
