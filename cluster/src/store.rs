@@ -341,8 +341,7 @@ impl Store {
     }
 
     /// Opens one watch stream on every `(prefix, start revision)`, retrying as other requests do. Events come
-    /// without their previous value: etcd 3.4 reads each one in a transaction that copies its whole pending write
-    /// buffer, which under a burst of writes cost the cluster more CPU than the writes themselves.
+    /// without their previous value: nothing in herd reads it, and etcd would read it back for every event.
     pub async fn watch_prefixes(&self, from: &[(String, i64)]) -> Result<WatchStream, StoreError> {
         self.stats.request(from.len() as u64);
         let options = |prefix: &str, start: i64| {
