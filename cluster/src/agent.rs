@@ -362,8 +362,8 @@ impl<E: Executor> Agent<E> {
     }
 
     /// Reads the whole schedule and converges to it, and the pre-warm list at the same revision (images it has not
-    /// pulled go to `prewarm`); returns one watch stream on both from just after that read. One stream per machine,
-    /// not two: at thousands of machines, etcd's memory and garbage collection grow with its streams.
+    /// pulled go to `prewarm`); returns one watch stream on both from just after that read (one stream per machine
+    /// for etcd to keep, not two).
     async fn sync(
         &self,
         workers: &mut HashMap<UnitName, watch::Sender<Option<Target>>>,
