@@ -286,7 +286,7 @@ fn the_demo_comes_up_serves_http_survives_a_power_cut_and_goes_down_cleanly() {
         if leader_died { "; a leader (engine or etcd) died with it" } else { "" }
     );
     // The machine's units run elsewhere within 2 x TTL, but for the Docker Engine's own time to create and start
-    // the container on the new machine (4.5-7.3 s under TCG, measured above from its journal; a [Service] unit's
+    // the container on the new machine (4.3-7.9 s under TCG, measured above from its journal; a [Service] unit's
     // whole move is asserted within 2 x TTL in cluster.rs): its lease expires at most one TTL after the power cut
     // and the grace is a quarter of it. When a leader died with it (the engine's: the next one takes over once its
     // lease ran out; etcd's: the new raft leader extends every lease by a TTL), up to one TTL more. Measured on
