@@ -407,15 +407,51 @@ ExecStartPre=/bin/sh -c 'test -e /etc/ssh/ssh_host_ed25519_key || \\
 ExecStartPre=/usr/sbin/sshd -t
 ";
 
-/// etcd.service drop-in: a member starts once the node's network (the bond and its address) is configured, and
-/// comes back after any failure (a peer not up yet, a full disk freed).
-const ETCD_DROPIN: &str = "[Unit]
-After=network-online.target
+/// herd's etcd.service, in place of the package's: the same service (Debian's settings, `/etc/default/etcd` from
+/// the node's Ignition), started as soon as its data is mounted and the kernel settings apply. The package orders
+/// etcd after network.target, which waits for sysinit.target (udev's coldplug, name resolution: seconds under
+/// emulation), and herd waited for network-online too; the whole cluster join waited for both. A member needs
+/// neither: it listens on the node's address before networkd has configured it (see [`NONLOCAL_BIND`]), reads its
+/// data and elects itself (a one-member cluster) or reaches its peers as soon as the bond carries the address.
+/// It comes back after any failure (a peer not up yet, a full disk freed).
+const ETCD_UNIT: &str = "[Unit]
+Description=etcd - highly-available key value store
+Documentation=https://etcd.io/docs man:etcd
+DefaultDependencies=no
+After=local-fs.target systemd-sysctl.service systemd-sysusers.service systemd-tmpfiles-setup.service
+Conflicts=shutdown.target
+Before=shutdown.target
 Wants=network-online.target
 
 [Service]
+Environment=DAEMON_ARGS=
+Environment=ETCD_NAME=%H
+Environment=ETCD_DATA_DIR=/var/lib/etcd/default
+EnvironmentFile=-/etc/default/%p
+Type=notify
+User=etcd
+ExecStart=/usr/bin/etcd $DAEMON_ARGS
 Restart=always
 RestartSec=2
+LimitNOFILE=65536
+
+[Install]
+WantedBy=multi-user.target
+Alias=etcd2.service
+";
+
+/// sysctl.d: a service may listen on an address the node's network has not configured yet. etcd listens on the
+/// node's internal address; without this it could start only once networkd had built the bond and given it the
+/// address (seconds into the boot under emulation), and the whole cluster join waited for it.
+const NONLOCAL_BIND: &str = "# herd: etcd starts before networkd has given the bond its address (images/src/build.rs)
+net.ipv4.ip_nonlocal_bind = 1
+net.ipv6.ip_nonlocal_bind = 1
+";
+
+/// A `[root] background` service's drop-in: it gets a tenth of a default service's CPU share while the machine
+/// boots.
+const BACKGROUND_DROPIN: &str = "[Service]
+StartupCPUWeight=10
 ";
 
 /// Makes the tree a herd root: node-init and its unit (enabled in /usr, since /etc is the node's), the writable
@@ -458,9 +494,6 @@ fn customize(tree: &Path, manifest: &Manifest, opts: &BuildOptions, version: &st
                 std::fs::remove_file(e.path())?;
             }
         }
-        let etcd = units.join("etcd.service.d");
-        std::fs::create_dir_all(&etcd)?;
-        std::fs::write(etcd.join("herd.conf"), ETCD_DROPIN)?;
         let dropin = units.join("ssh.service.d");
         std::fs::create_dir_all(&dropin)?;
         std::fs::write(dropin.join("herd-host-keys.conf"), SSH_HOST_KEYS)?;
@@ -483,6 +516,17 @@ fn customize(tree: &Path, manifest: &Manifest, opts: &BuildOptions, version: &st
         } else if p.symlink_metadata().is_ok() {
             std::fs::remove_file(&p)?;
         }
+    }
+    if units.join("etcd.service").exists() {
+        std::fs::write(units.join("etcd.service"), ETCD_UNIT)?;
+    }
+    let sysctl = tree.join("usr/lib/sysctl.d");
+    std::fs::create_dir_all(&sysctl)?;
+    std::fs::write(sysctl.join("50-herd-nonlocal-bind.conf"), NONLOCAL_BIND)?;
+    for unit in &manifest.root.background {
+        let dir = units.join(format!("{unit}.d"));
+        std::fs::create_dir_all(&dir)?;
+        std::fs::write(dir.join("herd-background.conf"), BACKGROUND_DROPIN)?;
     }
     if !manifest.kernel.blacklist.is_empty() {
         let dir = tree.join("usr/lib/modprobe.d");

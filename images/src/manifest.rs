@@ -54,6 +54,11 @@ pub struct Root {
     /// make every install longer (translations, manuals, the packages' debugging tools).
     #[serde(default)]
     pub remove: Vec<String>,
+    /// Services that yield the CPU while the machine boots (`StartupCPUWeight=` drop-ins; a template such as
+    /// `getty@.service` covers its instances): what the machine needs to join the cluster (udev, networkd, etcd,
+    /// node-init) runs first, logins and name resolution fill the gaps. Once booted they share the CPU equally.
+    #[serde(default)]
+    pub background: Vec<String>,
 }
 
 /// `[kernel]`.
@@ -156,6 +161,13 @@ pub fn parse(file: &str, text: &str) -> Result<Manifest, ManifestError> {
             problem(&format!("\"{m}\""), format!("kernel.blacklist: {m:?} is not a module name"));
         }
     }
+    for u in &manifest.root.background {
+        let name = u.strip_suffix(".service").unwrap_or("");
+        let valid = name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.@:".contains(&b));
+        if name.is_empty() || !valid || name.matches('@').count() > 1 {
+            problem(&format!("\"{u}\""), format!("root.background: {u:?} is not a service name, e.g. ssh.service"));
+        }
+    }
     if !manifest.debian.mirror.starts_with("http://") && !manifest.debian.mirror.starts_with("https://") {
         problem("mirror", "debian.mirror must be an http:// or https:// URL".into());
     }
@@ -240,6 +252,18 @@ mod tests {
         assert!(err.contains(&format!("m.toml:{line}:")), "{err}");
         assert!(err.contains("root.remove: \"../etc\" must be a path inside the root"), "{err}");
         assert!(err.contains("kernel.blacklist: \"floppy; rm\" is not a module name"), "{err}");
+    }
+
+    #[test]
+    fn background_entries_are_service_names() {
+        let m = parse("m.toml", GOOD).unwrap();
+        assert!(m.root.background.iter().any(|u| u == "ssh.service"), "{:?}", m.root.background);
+        for bad in ["ssh", "../ssh.service", "a@b@.service", ".service", "ssh.socket"] {
+            let text = GOOD.replace("\"ssh.service\", \"systemd-logind", &format!("{bad:?}, \"systemd-logind"));
+            assert!(text.contains(&format!("{bad:?}")), "{bad}");
+            let err = parse("m.toml", &text).unwrap_err().to_string();
+            assert!(err.contains(&format!("root.background: {bad:?} is not a service name")), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -25,6 +25,8 @@ const QUORUM_LIMIT: Duration = Duration::from_secs(600);
 const TTL: Duration = Duration::from_secs(10);
 /// Where this node keeps its agent instance token (on STATE: it survives reboots, and a cloned disk is caught).
 const INSTANCE: &str = "/var/lib/herd/instance";
+/// The local etcd member's client URL (the provisioner's config has every member listen there too).
+const LOCAL_MEMBER: &str = "http://127.0.0.1:2379";
 /// The line printed once the machine is registered.
 pub const REGISTERED: &str = "herd-node-init: registered";
 
@@ -35,7 +37,7 @@ fn wait_for_quorum() -> Result<Duration, String> {
     let mut said = Instant::now();
     loop {
         let health = agent
-            .get("http://127.0.0.1:2379/health")
+            .get(format!("{LOCAL_MEMBER}/health"))
             .call()
             .ok()
             .and_then(|mut r| r.body_mut().read_json::<serde_json::Value>().ok());
@@ -49,8 +51,25 @@ fn wait_for_quorum() -> Result<Duration, String> {
             println!("herd-node-init: waiting for etcd to form a quorum ({} s)", started.elapsed().as_secs());
             said = Instant::now();
         }
-        std::thread::sleep(Duration::from_millis(500));
+        std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// Where this node reaches etcd: a master through its own member on the loopback first (it answers before
+/// networkd has given the bond the node's address, and needs no network at all in a one-member cluster), then
+/// every other member; other nodes through every member.
+fn endpoints(node: &NodeConfig) -> Vec<String> {
+    if !node.etcd_member {
+        return node.etcd_endpoints.clone();
+    }
+    let own = node.address.as_deref().map(|a| a.split('/').next().unwrap_or(a));
+    let host = |url: &str| {
+        let rest = url.split_once("://").map_or(url, |(_, r)| r);
+        rest.rsplit_once(':').map_or(rest, |(h, _)| h).trim_matches(['[', ']']).to_owned()
+    };
+    let mut out = vec![LOCAL_MEMBER.to_owned()];
+    out.extend(node.etcd_endpoints.iter().filter(|e| Some(host(e).as_str()) != own).cloned());
+    out
 }
 
 /// This node's instance token: read from [`INSTANCE`], or made and stored there.
@@ -122,15 +141,16 @@ pub fn run(
     }
     let instance = instance_token().map_err(anyhow::Error::msg)?;
     let machine = machine_record(node, report, instance);
+    let endpoints = endpoints(node);
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(async move {
         let store = loop {
             // Requests bounded by 2 s (etcd answers in milliseconds): one that went to a member that just died is
             // sent again to another soon, and the engine's view of the cluster does not lag by a long timeout.
-            match Store::connect(&node.etcd_endpoints, &TlsFiles::default(), Duration::from_secs(2)).await {
+            match Store::connect(&endpoints, &TlsFiles::default(), Duration::from_secs(2)).await {
                 Ok(s) => break s,
                 Err(e) => {
-                    tracing::warn!(endpoints = ?node.etcd_endpoints, error = %e, "cannot reach etcd; retrying");
+                    tracing::warn!(?endpoints, error = %e, "cannot reach etcd; retrying");
                     tokio::time::sleep(Duration::from_secs(2)).await;
                 }
             }
@@ -168,4 +188,29 @@ pub fn run(
             anyhow::Error::new(e)
         })
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(member: bool, address: &str) -> NodeConfig {
+        let text = format!(
+            r#"{{"version": 1, "machine": "m1", "fqdn": "m1.example", "role": "r", "rack": "r1",
+               "provisioner_url": "http://10.0.0.2", "etcd_member": {member}, "labels": {{}},
+               "etcd_endpoints": ["http://10.0.0.11:2379", "http://10.0.0.12:2379", "http://10.0.0.13:2379"],
+               "address": "{address}"}}"#
+        );
+        serde_json::from_str(&text).unwrap()
+    }
+
+    #[test]
+    fn a_master_reaches_etcd_through_its_own_member_on_the_loopback_first() {
+        let m = endpoints(&node(true, "10.0.0.12"));
+        assert_eq!(m, [LOCAL_MEMBER, "http://10.0.0.11:2379", "http://10.0.0.13:2379"]);
+        let with_prefix = endpoints(&node(true, "10.0.0.11/24"));
+        assert_eq!(with_prefix, [LOCAL_MEMBER, "http://10.0.0.12:2379", "http://10.0.0.13:2379"]);
+        let worker = endpoints(&node(false, "10.0.0.21"));
+        assert_eq!(worker, ["http://10.0.0.11:2379", "http://10.0.0.12:2379", "http://10.0.0.13:2379"]);
+    }
 }

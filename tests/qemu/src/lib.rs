@@ -656,7 +656,7 @@ impl Drop for Lab {
             let _ = handle.join();
         }
         let _ = Command::new("ip").args(["netns", "del", &self.ns]).status();
-        if std::thread::panicking() {
+        if std::thread::panicking() || std::env::var_os("HERD_QEMU_KEEP").is_some() {
             eprintln!("QEMU lab kept for inspection: {} (serial logs, provisioner state)", self.dir.display());
         } else {
             let _ = std::fs::remove_dir_all(&self.dir);
