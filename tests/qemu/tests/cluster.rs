@@ -60,6 +60,40 @@ fn report(line: &str) -> Value {
     serde_json::from_str(line[line.find(READY).unwrap() + READY.len()..].trim()).unwrap()
 }
 
+/// The kernel timestamp (ms since the kernel started) of the first console line containing `marker`.
+fn kernel_ms(console: &str, marker: &str) -> Option<u64> {
+    let line = console.lines().find(|l| l.contains(marker))?;
+    let stamp = line[line.find('[')? + 1..line.find(']')?].trim();
+    stamp.parse::<f64>().ok().map(|s| (s * 1000.0) as u64)
+}
+
+/// A machine's boot, stage by stage: power-on -> registered (`took`), the firmware's share (power-on -> kernel,
+/// iPXE's downloads included), then each stage's end in ms after the kernel started, from the boot report
+/// (`report`: node-init's `ready` line) and the console's milestones.
+fn stages(console: &str, took: Duration, report: &Value) -> String {
+    let registered_ms: u64 = console
+        .lines()
+        .find(|l| l.contains(REGISTERED))
+        .and_then(|l| l.split(" ms after the kernel").next()?.rsplit(' ').next()?.parse().ok())
+        .unwrap();
+    let firmware = took.as_secs_f64() - registered_ms as f64 / 1000.0;
+    let b = &report["boot"];
+    let etcd = kernel_ms(console, "etcd member healthy").map_or("-".to_owned(), |ms| ms.to_string());
+    format!(
+        "power-on -> registered {:.1} s: firmware and iPXE {firmware:.1} s; then after the kernel started (ms): \
+         initramfs {}, network {}, config {}, installed {}, verified root {}, switch_root {}, systemd to node-init {}, \
+         etcd quorum {etcd}, registered {registered_ms}",
+        took.as_secs_f64(),
+        b["initrd_started_ms"],
+        b["network_ms"],
+        b["config_ms"],
+        b["installed_ms"],
+        b["root_mounted_ms"],
+        b["switch_root_ms"],
+        kernel_ms(console, READY).unwrap(),
+    )
+}
+
 /// examples/qemu-3.toml, the inventory the tests start from.
 fn example_inventory() -> String {
     std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/qemu-3.toml")).unwrap()
@@ -135,18 +169,7 @@ fn three_machines_install_from_the_provisioner_form_etcd_register_and_run_a_glob
         assert_eq!(r["boot"]["slot"], "a", "{name}: {r}");
         assert_eq!(r["usr_writable"], false, "{name}");
         assert!(vm.console().contains("herd-initrd: installed"), "{name}: the first boot installs");
-        let b = &r["boot"];
-        println!(
-            "figures: {name} ({firmware:?}) power-on -> registered {:.1} s; after the kernel started: initramfs {} ms, \
-             network {} ms, config {} ms, installed {} ms, verified root {} ms, switch_root {} ms",
-            registered_at.as_secs_f64(),
-            b["initrd_started_ms"],
-            b["network_ms"],
-            b["config_ms"],
-            b["installed_ms"],
-            b["root_mounted_ms"],
-            b["switch_root_ms"],
-        );
+        println!("figures: {name} ({firmware:?}) {}", stages(&vm.console(), registered_at, &r));
         first.push(r);
     }
 
@@ -419,7 +442,9 @@ fn an_802_3ad_bond_forms_a_two_port_aggregator_with_its_switch_and_rides_out_a_l
     lab.switch_to_lag(sw).unwrap();
     lab.vms()[sw].wait_for_within(SWITCH_LAG, Duration::from_secs(30)).unwrap();
     let (took, _) = lab.vms()[node].wait_for(REGISTERED, LIMIT).unwrap();
-    println!("figures: node1 behind an LACP switch power-on -> registered {:.1} s", took.as_secs_f64());
+    let (_, ready) = lab.vms()[node].wait_for_within(READY, Duration::from_secs(1)).unwrap();
+    let console = lab.vms()[node].console();
+    println!("figures: node1 behind an LACP switch {}", stages(&console, took, &report(&ready)));
 
     // The switch's port-channel aggregates both ports with node1's bond (its MAC is the boot NIC's) as partner.
     let both = [SWITCH_LACP, "Number of ports: 2", "Partner Mac Address: 52:54:00:99:01:01"];
