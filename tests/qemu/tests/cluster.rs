@@ -94,6 +94,20 @@ fn stages(console: &str, took: Duration, report: &Value) -> String {
     )
 }
 
+/// The tests of this file boot their VMs at the same time on the host's cores, except the one that measures a
+/// single machine's boot against the per-machine goal: it runs alone (it waits for the others, or they for it).
+static HOST: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
+/// For a test that shares the host with the others.
+fn shared_host() -> std::sync::RwLockReadGuard<'static, ()> {
+    HOST.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// For the test that has the host to itself.
+fn host_alone() -> std::sync::RwLockWriteGuard<'static, ()> {
+    HOST.write().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// examples/qemu-3.toml, the inventory the tests start from.
 fn example_inventory() -> String {
     std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/qemu-3.toml")).unwrap()
@@ -148,6 +162,7 @@ async fn launch(c: &ClusterClient, name: &str, text: &str) {
 
 #[test]
 fn three_machines_install_from_the_provisioner_form_etcd_register_and_run_a_global_unit() {
+    let _host = shared_host();
     let (mut lab, _, scratch) = serving("three", &example_inventory());
     let machines = [
         ("node1", Firmware::SeabiosIpxe, ["52:54:00:99:01:01", "52:54:00:99:01:02"]),
@@ -285,6 +300,7 @@ fn three_machines_install_from_the_provisioner_form_etcd_register_and_run_a_glob
 
 #[test]
 fn machines_with_an_unvouched_image_a_refused_or_an_unreachable_config_stop_with_the_reason() {
+    let _host = shared_host();
     // Through the inventory's per-machine kernel arguments (they come after the provisioner's, and the last of a
     // parameter wins): node1 trusts another root hash than the image's; node2 presents another boot token than
     // the one the provisioner handed out; node3 looks for its config where nothing answers, for 10 s.
@@ -344,6 +360,7 @@ fn machines_with_an_unvouched_image_a_refused_or_an_unreachable_config_stop_with
 
 #[test]
 fn a_machine_without_a_disk_runs_the_verified_image_from_ram() {
+    let _host = shared_host();
     let text = example_inventory();
     let diskless = text.replacen("internal = \"10.99.0.11\"\ndisk = \"/dev/vda\"", "internal = \"10.99.0.11\"", 1);
     assert_ne!(diskless, text);
@@ -414,6 +431,8 @@ fn line_after(lab: &Lab, i: usize, after: usize, parts: &[&str], within: Duratio
 
 #[test]
 fn an_802_3ad_bond_forms_a_two_port_aggregator_with_its_switch_and_rides_out_a_link_cut() {
+    // Alone on the host: its boot is the per-machine figure (goal <= 30 s under TCG).
+    let _host = host_alone();
     // node1 alone (a one-member etcd), its two NICs in an 802.3ad bond cabled to a switch VM whose port-channel
     // is bridged to the lab: PXE, install and everything after go through the switch.
     let text = example_inventory();
