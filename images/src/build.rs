@@ -13,7 +13,7 @@ use sha2::{Digest, Sha256};
 use crate::manifest::{self, Manifest};
 
 /// Bumped when the pipeline changes what it produces (invalidates caches).
-const PIPELINE: &str = "herd-images/2";
+const PIPELINE: &str = "herd-images/3";
 
 /// The stages, for progress reporting.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -421,7 +421,6 @@ DefaultDependencies=no
 After=local-fs.target systemd-sysctl.service systemd-sysusers.service systemd-tmpfiles-setup.service
 Conflicts=shutdown.target
 Before=shutdown.target
-Wants=network-online.target
 
 [Service]
 Environment=DAEMON_ARGS=

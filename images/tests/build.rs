@@ -20,6 +20,7 @@ mirror = "http://deb.debian.org/debian"
 
 [root]
 packages = ["systemd", "systemd-sysv"]
+background = ["getty@.service"]
 
 [kernel]
 package = "linux-image-amd64"
@@ -88,6 +89,8 @@ fn a_small_image_verifies_rebuilds_identically_comes_from_the_cache_and_detects_
     assert!(!listing.lines().any(|l| l.contains("/boot/vmlinuz")), "the kernel is outside the root");
     assert!(listing.lines().any(|l| l.ends_with("/usr/bin/node-init")), "node-init is in the root");
     assert!(listing.lines().any(|l| l.ends_with("/usr/lib/systemd/system/herd-node-init.service")));
+    assert!(listing.lines().any(|l| l.ends_with("/usr/lib/systemd/system/getty@.service.d/herd-background.conf")));
+    assert!(listing.lines().any(|l| l.ends_with("/usr/lib/sysctl.d/50-herd-nonlocal-bind.conf")));
     // The initramfs: node-init as /init, gzip'd newc that cpio lists.
     let gz = std::fs::read(dir.join("out1/initramfs")).unwrap();
     let mut raw = Vec::new();
