@@ -94,8 +94,9 @@ fn stages(console: &str, took: Duration, report: &Value) -> String {
     )
 }
 
-/// The tests of this file boot their VMs at the same time on the host's cores, except the one that measures a
-/// single machine's boot against the per-machine goal: it runs alone (it waits for the others, or they for it).
+/// The tests of this file boot their VMs at the same time on the host's cores, except the two whose boot figures
+/// are measured against the goals (one machine alone <= 30 s, three in parallel <= 60 s): each of those has the
+/// host to itself (it waits for the others, or they for it).
 static HOST: std::sync::RwLock<()> = std::sync::RwLock::new(());
 
 /// For a test that shares the host with the others.
@@ -103,7 +104,7 @@ fn shared_host() -> std::sync::RwLockReadGuard<'static, ()> {
     HOST.read().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// For the test that has the host to itself.
+/// For a test that has the host to itself.
 fn host_alone() -> std::sync::RwLockWriteGuard<'static, ()> {
     HOST.write().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
@@ -162,7 +163,8 @@ async fn launch(c: &ClusterClient, name: &str, text: &str) {
 
 #[test]
 fn three_machines_install_from_the_provisioner_form_etcd_register_and_run_a_global_unit() {
-    let _host = shared_host();
+    // Alone on the host: its three boots are the three-in-parallel figure (goal <= 60 s under TCG).
+    let _host = host_alone();
     let (mut lab, _, scratch) = serving("three", &example_inventory());
     let machines = [
         ("node1", Firmware::SeabiosIpxe, ["52:54:00:99:01:01", "52:54:00:99:01:02"]),
