@@ -271,11 +271,16 @@ fn three_machines_install_from_the_provisioner_form_etcd_register_and_run_a_glob
         }
         let address = machines.iter().find(|m| m.record.id == on).and_then(|m| m.record.address.clone()).unwrap();
         move_raft_leader_off(&format!("http://{address}:2379")).await;
-        on
+        let survivor = ["node1", "node2", "node3"].into_iter().find(|m| *m != on).unwrap();
+        let survivor = machines.iter().find(|m| m.record.id == survivor).unwrap().record.address.clone().unwrap();
+        let survivor = format!("http://{survivor}:2379");
+        let term = raft_term(&survivor).await;
+        (on, survivor, term)
     });
+    let (placed_on, survivor, term) = placed_on;
     lab.power_off(vm_of(&placed_on));
     let died = std::time::Instant::now();
-    let (moved_to, after) = with_cluster(&lab, move |c| async move {
+    let (moved_to, after, elections) = with_cluster(&lab, move |c| async move {
         loop {
             let units = c.units().await.unwrap_or_default();
             let active = units.iter().find(|u| u.name == "mover.service").and_then(|u| {
@@ -284,14 +289,16 @@ fn three_machines_install_from_the_provisioner_form_etcd_register_and_run_a_glob
                     .find(|p| p.machine != placed_on && p.state == Some(herd_cluster::record::ActiveState::Active))
             });
             if let Some(p) = active {
-                return (p.machine.clone(), died.elapsed());
+                let after = died.elapsed();
+                return (p.machine.clone(), after, raft_term(&survivor).await - term);
             }
             assert!(died.elapsed() < Duration::from_secs(120), "mover.service did not move: {units:?}");
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     });
     println!(
-        "figures: a machine died -> its unit active on {moved_to} after {:.1} s (TTL {} s; etcd down to 2 of 3 members)",
+        "figures: a machine died -> its unit active on {moved_to} after {:.1} s (TTL {} s; etcd down to 2 of 3 members; \
+         raft elections since the power cut: {elections})",
         after.as_secs_f64(),
         AGENT_TTL.as_secs()
     );
@@ -397,6 +404,12 @@ async fn active_machine(c: &ClusterClient, unit: &str, not: Option<&str>) -> Str
         assert!(started.elapsed() < Duration::from_secs(120), "{unit} not active (off {not:?}): {units:?}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// The raft term the etcd member at `endpoint` is in (it grows with every election).
+async fn raft_term(endpoint: &str) -> u64 {
+    let store = Store::connect(&[endpoint.to_owned()], &TlsFiles::default(), Duration::from_secs(5)).await.unwrap();
+    store.client().status().await.unwrap().header().unwrap().raft_term()
 }
 
 /// Moves etcd's raft leadership to another member if the member at `endpoint` has it.
