@@ -55,8 +55,9 @@ pub struct Root {
     #[serde(default)]
     pub remove: Vec<String>,
     /// Services that yield the CPU while the machine boots (`StartupCPUWeight=` drop-ins; a template such as
-    /// `getty@.service` covers its instances): what the machine needs to join the cluster (udev, networkd, etcd,
-    /// node-init) runs first, logins and name resolution fill the gaps. Once booted they share the CPU equally.
+    /// `getty@.service` covers its instances): what the machine needs to join the cluster (etcd, node-init) runs
+    /// first, logins and D-Bus fill the gaps. Nothing sysinit.target waits for belongs here (it would hold up
+    /// everything after it). Once booted they share the CPU equally.
     #[serde(default)]
     pub background: Vec<String>,
 }
