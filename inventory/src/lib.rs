@@ -26,7 +26,7 @@ pub use diag::{Diagnostic, Diagnostics, Rule};
 pub use diff::{InventoryDiff, diff};
 pub use generate::{FleetSpec, GenError, generate};
 pub use model::{
-    Addressing, Bond, BondMode, EtcdRole, External, FORMAT_VERSION, Inventory, Labels, Machine, Network, Networks,
+    Addressing, Bond, BondMode, BondSetting, EtcdRole, External, FORMAT_VERSION, Inventory, Labels, Machine, Network, Networks,
     Pool, Rack, Role, RoleFile, Site, Spanned,
 };
 pub use parse::{LoadError, load, parse, parse_in};

@@ -259,6 +259,43 @@ impl fmt::Display for BondMode {
     }
 }
 
+/// One bonding driver setting, spelled for both places that apply it: systemd-networkd's `[Bond]` section, and the
+/// kernel's `/sys/class/net/BOND/bonding/` attribute node-init writes when it builds the bond in the initramfs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BondSetting {
+    /// networkd key and value.
+    pub networkd: (&'static str, &'static str),
+    /// sysfs attribute and value.
+    pub sysfs: (&'static str, &'static str),
+}
+
+const fn setting(networkd: (&'static str, &'static str), sysfs: (&'static str, &'static str)) -> BondSetting {
+    BondSetting { networkd, sysfs }
+}
+
+impl BondMode {
+    /// The driver settings herd gives a bond of this mode, the mode first (the kernel takes the others only once
+    /// the mode is set): link checks every 100 ms; LACP at the fast rate, hashing on addresses and ports;
+    /// active-backup back on the primary NIC as soon as its link returns.
+    pub fn settings(self) -> &'static [BondSetting] {
+        const LACP: [BondSetting; 4] = [
+            setting(("Mode", "802.3ad"), ("mode", "802.3ad")),
+            setting(("MIIMonitorSec", "100ms"), ("miimon", "100")),
+            setting(("LACPTransmitRate", "fast"), ("lacp_rate", "fast")),
+            setting(("TransmitHashPolicy", "layer3+4"), ("xmit_hash_policy", "layer3+4")),
+        ];
+        const ACTIVE_BACKUP: [BondSetting; 3] = [
+            setting(("Mode", "active-backup"), ("mode", "active-backup")),
+            setting(("MIIMonitorSec", "100ms"), ("miimon", "100")),
+            setting(("PrimaryReselectPolicy", "always"), ("primary_reselect", "always")),
+        ];
+        match self {
+            BondMode::Lacp => &LACP,
+            BondMode::ActiveBackup => &ACTIVE_BACKUP,
+        }
+    }
+}
+
 /// A machine's bond: the internal address lives on it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -37,6 +37,36 @@ pub struct NodeConfig {
     /// The disk herd installs to (`USR-A`, `USR-B`, `STATE`); none: diskless, the image runs from RAM.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disk: Option<String>,
+    /// The bond node-init builds in the initramfs, so the machine's address works from `switch_root` on;
+    /// systemd-networkd (whose files say the same) takes it over once udev has seen the NICs. Only for a static
+    /// address: a DHCP bond is left to networkd.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bond: Option<EarlyBond>,
+}
+
+/// A bond as node-init builds it before systemd starts (see [`NodeConfig::bond`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EarlyBond {
+    /// Interface name (`bond0`).
+    pub name: String,
+    /// Bonding mode; its driver settings are [`crate::BondMode::settings`].
+    pub mode: crate::BondMode,
+    /// The bond's MAC (the boot NIC's, as networkd's `MACAddress=`).
+    pub mac: String,
+    /// Member NICs by permanent MAC, in the inventory's order.
+    pub members: Vec<String>,
+    /// The active-backup primary, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub primary: Option<String>,
+    /// MTU of the bond and its members.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtu: Option<u32>,
+    /// The internal address with its prefix length (`10.0.0.11/24`).
+    pub address: String,
+    /// The default gateway, when the bond carries the default route.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<String>,
 }
 
 /// The bytes of percent-encoded text (the contents of a `data:,` URL, as the provisioner writes config files).

@@ -100,8 +100,11 @@ fn load_modules() -> usize {
     let mut loaded = 0;
     for name in list.lines().filter(|l| !l.is_empty()) {
         let path = dir.join(name);
+        // The bonding driver makes no bond of its own (bond0 in balance-rr mode by default): node-init or networkd
+        // creates the one the config describes.
+        let params = if name == "bonding.ko" { c"max_bonds=0" } else { c"" };
         let result = File::open(&path).map_err(|e| e.to_string()).and_then(|f| {
-            nix::kmod::finit_module(&f, c"", nix::kmod::ModuleInitFlags::empty()).map_err(|e| e.to_string())
+            nix::kmod::finit_module(&f, params, nix::kmod::ModuleInitFlags::empty()).map_err(|e| e.to_string())
         });
         match result {
             Ok(()) => loaded += 1,
@@ -361,9 +364,10 @@ fn boot(cmd: &Cmdline, prov: Option<&Provisioner>, started: Instant) -> Result<(
         }
     }
     if let Some(l) = &link {
-        // systemd-networkd builds the machine's network (the bond) from its config, on clean links.
+        // The boot NIC's DHCP address goes: the machine's network is the bond (or networkd's config of this NIC).
         crate::net::release(&l.ifname)?;
     }
+    early_bond(&mut report);
     report.initrd_ms = started.elapsed().as_millis() as u64;
     report.switch_root_ms = uptime_ms();
     let json = serde_json::to_string(&report).map_err(|e| e.to_string())?;
@@ -371,6 +375,27 @@ fn boot(cmd: &Cmdline, prov: Option<&Provisioner>, started: Instant) -> Result<(
     std::fs::write(BOOT_REPORT, &json).map_err(|e| format!("{BOOT_REPORT}: {e}"))?;
     say(&format!("root verified and mounted ({}); switching to {}", report.source, cmd.init));
     Ok(())
+}
+
+/// Builds the bond of the node config (`/etc/herd/node-init.json` in the new root, just written by the config or
+/// kept from an earlier boot), if it has one. Best effort: if it cannot be built, systemd-networkd builds it later,
+/// as it would without this.
+fn early_bond(report: &mut BootReport) {
+    let path = Path::new(NEWROOT).join(herd_inventory::node::NODE_CONFIG_PATH.trim_start_matches('/'));
+    let Some(node) = std::fs::read_to_string(&path)
+        .ok()
+        .and_then(|t| serde_json::from_str::<herd_inventory::node::NodeConfig>(&t).ok())
+    else {
+        return;
+    };
+    let Some(b) = node.bond else { return };
+    match crate::bond::build(&b) {
+        Ok(detail) => {
+            report.bond_ms = Some(uptime_ms());
+            say(&format!("bond up: {detail} ({} ms after the kernel)", report.bond_ms.unwrap_or_default()));
+        }
+        Err(e) => say(&format!("{} not built in the initramfs ({e}); systemd-networkd will build it", b.name)),
+    }
 }
 
 /// A device path, or `PARTLABEL=NAME`, once it exists.

@@ -2,6 +2,7 @@
 //! verify and mount the root from an A/B slot or a device, overlay /etc and /var, switch_root into systemd), then
 //! as a systemd service ([`daemon`]: report, commit the slot; etcd, registration and the unit agent next).
 
+pub mod bond;
 pub mod cmdline;
 pub mod daemon;
 pub mod dhcp;

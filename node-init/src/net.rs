@@ -14,6 +14,10 @@ const SIOCSIFFLAGS: u64 = 0x8914;
 const SIOCSIFADDR: u64 = 0x8916;
 const SIOCSIFNETMASK: u64 = 0x891c;
 const SIOCADDRT: u64 = 0x890b;
+const SIOCSIFMTU: u64 = 0x8922;
+const SIOCSIFHWADDR: u64 = 0x8924;
+/// `ARPHRD_ETHER`, the hardware address family of an Ethernet `sockaddr`.
+const ARPHRD_ETHER: u16 = 1;
 const IFF_UP: i16 = 0x1;
 const AF_INET: u16 = 2;
 /// `sizeof(struct ifreq)`.
@@ -100,6 +104,29 @@ pub fn add_default_route(gateway: Ipv4Addr) -> Result<(), String> {
     let flags: u16 = 0x1 | 0x2; // RTF_UP | RTF_GATEWAY
     rt[56..58].copy_from_slice(&flags.to_ne_bytes());
     ioctl(&fd, SIOCADDRT, &mut rt).map_err(|e| format!("default route via {gateway}: {e}"))
+}
+
+/// Takes `name` down.
+pub fn link_down(name: &str) -> Result<(), String> {
+    set_up(name, false)
+}
+
+/// Sets the MTU of `name`.
+pub fn set_mtu(name: &str, mtu: u32) -> Result<(), String> {
+    let fd = ctl_socket()?;
+    let mut req = ifreq(name)?;
+    let mtu = i32::try_from(mtu).map_err(|_| format!("MTU {mtu} is out of range"))?;
+    req[16..20].copy_from_slice(&mtu.to_ne_bytes());
+    ioctl(&fd, SIOCSIFMTU, &mut req).map_err(|e| format!("{name}: MTU {mtu}: {e}"))
+}
+
+/// Sets the hardware address of `name` (which must be down, or a bond).
+pub fn set_mac(name: &str, mac: [u8; 6]) -> Result<(), String> {
+    let fd = ctl_socket()?;
+    let mut req = ifreq(name)?;
+    req[16..18].copy_from_slice(&ARPHRD_ETHER.to_ne_bytes());
+    req[18..24].copy_from_slice(&mac);
+    ioctl(&fd, SIOCSIFHWADDR, &mut req).map_err(|e| format!("{name}: hardware address: {e}"))
 }
 
 /// Removes the address (and with it its routes) and takes `name` down, so networkd starts from a clean link.

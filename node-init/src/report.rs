@@ -44,6 +44,9 @@ pub struct BootReport {
     pub installed_ms: Option<u64>,
     /// ... when the verified root was mounted.
     pub root_mounted_ms: u64,
+    /// ... when the bond had its address (when the node config has one and it could be built).
+    #[serde(default)]
+    pub bond_ms: Option<u64>,
     /// ... at switch_root.
     pub switch_root_ms: u64,
     /// Time spent in the initramfs stage.

@@ -62,7 +62,7 @@ pub enum RenderError {
     },
 }
 
-pub use herd_inventory::node::NodeConfig;
+pub use herd_inventory::node::{EarlyBond, NodeConfig};
 
 /// Renders the Ignition config of the machine named `name`.
 pub fn render_machine(inv: &Inventory, name: &str) -> Result<ign::Config, RenderError> {
@@ -99,6 +99,7 @@ pub fn render(inv: &Inventory, machine: &Machine) -> Result<ign::Config, RenderE
         labels: inv.labels_of(machine).into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
         disk: machine.disk.as_ref().map(|d| d.as_str().to_owned()),
         address: Some(machine.internal.get_ref().to_string()),
+        bond: early_bond(inv, machine),
     };
     // Serializing a struct of strings, bools and maps with string keys cannot fail.
     let node_json = serde_json::to_string(&node).unwrap_or_default() + "\n";
@@ -276,6 +277,29 @@ fn mac_id(mac: Mac) -> String {
     mac.to_string().replace(':', "")
 }
 
+/// The bond node-init builds in the initramfs: the same interface, settings and static address as the networkd
+/// files of [`networkd`] (none for a DHCP address, or a machine without a bond).
+fn early_bond(inv: &Inventory, machine: &Machine) -> Option<EarlyBond> {
+    let bond = machine.bond.as_ref()?;
+    let net = &inv.network.internal;
+    if net.addressing != Addressing::Static {
+        return None;
+    }
+    let has_external = machine.external.is_some() && inv.network.external.is_some();
+    let members: Vec<Mac> = bond.members.get_ref().iter().map(|m| *m.get_ref()).collect();
+    let boot = machine.boot_mac()?;
+    Some(EarlyBond {
+        name: BOND.to_owned(),
+        mode: bond.mode,
+        mac: boot.to_string(),
+        members: members.iter().map(Mac::to_string).collect(),
+        primary: (bond.mode == BondMode::ActiveBackup && members.contains(&boot)).then(|| boot.to_string()),
+        mtu: net.mtu.map(u32::from),
+        address: format!("{}/{}", machine.internal.get_ref(), net.cidr.get_ref().prefix()),
+        gateway: if has_external { None } else { net.gateway.as_ref().map(|g| g.get_ref().to_string()) },
+    })
+}
+
 /// systemd-networkd files: the bond and its members (or the boot NIC), and the external interface.
 fn networkd(inv: &Inventory, machine: &Machine, files: &mut Vec<ign::File>) {
     let internal_net = &inv.network.internal;
@@ -321,13 +345,8 @@ fn networkd(inv: &Inventory, machine: &Machine, files: &mut Vec<ign::File>) {
                 netdev.push_str(&format!("MTUBytes={m}\n"));
             }
             netdev.push_str("\n[Bond]\n");
-            match bond.mode {
-                BondMode::Lacp => netdev.push_str(
-                    "Mode=802.3ad\nMIIMonitorSec=100ms\nLACPTransmitRate=fast\nTransmitHashPolicy=layer3+4\n",
-                ),
-                BondMode::ActiveBackup => {
-                    netdev.push_str("Mode=active-backup\nMIIMonitorSec=100ms\nPrimaryReselectPolicy=always\n")
-                }
+            for s in bond.mode.settings() {
+                netdev.push_str(&format!("{}={}\n", s.networkd.0, s.networkd.1));
             }
             files.push(file(&format!("/etc/systemd/network/10-{BOND}.netdev"), &netdev, 0o644));
             let boot = machine.boot_mac();
@@ -339,6 +358,12 @@ fn networkd(inv: &Inventory, machine: &Machine, files: &mut Vec<ign::File>) {
                 }
                 unit.push_str(&link);
                 files.push(file(&format!("/etc/systemd/network/20-{BOND}-{}.network", mac_id(mac)), &unit, 0o644));
+            }
+            let mut network = network.clone();
+            if internal_net.addressing == Addressing::Static {
+                // node-init built this bond with this address in the initramfs (NodeConfig::bond): networkd takes
+                // it over as it is rather than dropping the address and route it finds.
+                network = network.replacen("[Network]\n", "[Network]\nKeepConfiguration=static\n", 1);
             }
             let unit = format!("[Match]\nName={BOND}\n\n{network}");
             files.push(file(&format!("/etc/systemd/network/30-{BOND}.network"), &unit, 0o644));

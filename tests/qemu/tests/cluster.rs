@@ -81,14 +81,15 @@ fn stages(console: &str, took: Duration, report: &Value) -> String {
     let etcd = kernel_ms(console, "etcd member healthy").map_or("-".to_owned(), |ms| ms.to_string());
     format!(
         "power-on -> registered {:.1} s: firmware and iPXE {firmware:.1} s; then after the kernel started (ms): \
-         initramfs {}, network {}, config {}, installed {}, verified root {}, switch_root {}, systemd to node-init {}, \
-         etcd quorum {etcd}, registered {registered_ms}",
+         initramfs {}, network {}, config {}, installed {}, verified root {}, bond {}, switch_root {}, systemd to \
+         node-init {}, etcd quorum {etcd}, registered {registered_ms}",
         took.as_secs_f64(),
         b["initrd_started_ms"],
         b["network_ms"],
         b["config_ms"],
         b["installed_ms"],
         b["root_mounted_ms"],
+        b["bond_ms"],
         b["switch_root_ms"],
         kernel_ms(console, READY).unwrap(),
     )
