@@ -26,8 +26,8 @@ pub use diag::{Diagnostic, Diagnostics, Rule};
 pub use diff::{InventoryDiff, diff};
 pub use generate::{FleetSpec, GenError, generate};
 pub use model::{
-    Addressing, Bond, BondMode, BondSetting, EtcdRole, External, FORMAT_VERSION, Inventory, Labels, Machine, Network, Networks,
-    Pool, Rack, Role, RoleFile, Site, Spanned,
+    Addressing, Bond, BondMode, BondSetting, EtcdRole, External, FORMAT_VERSION, Inventory, Labels, Machine, Network,
+    Networks, Pool, Rack, Role, RoleFile, Site, Spanned,
 };
 pub use parse::{LoadError, load, parse, parse_in};
 pub use types::{Address, Cidr, DevicePath, DomainName, Hostname, LabelKey, Mac, Name, ValueError};

@@ -44,6 +44,12 @@ pub struct NodeConfig {
     pub bond: Option<EarlyBond>,
 }
 
+/// The name of the systemd-networkd file that makes the NIC with MAC `mac` a member of bond `bond`: the
+/// provisioner writes it, node-init adds a runtime drop-in to it when it built the bond itself.
+pub fn bond_member_network(bond: &str, mac: &str) -> String {
+    format!("20-{bond}-{}.network", mac.replace(':', ""))
+}
+
 /// A bond as node-init builds it before systemd starts (see [`NodeConfig::bond`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

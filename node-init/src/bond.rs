@@ -61,14 +61,27 @@ pub fn build(b: &EarlyBond) -> Result<String, String> {
         let _ = write_sysfs(&format!("{SYSFS_NET}/bonding_masters"), &format!("-{}", b.name));
     }
     built?;
-    Ok(format!(
-        "{} ({}) over {} with {}/{}",
-        b.name,
-        b.mode,
-        nics.join(", "),
-        plan.address,
-        plan.prefix
-    ))
+    keep_members(b)?;
+    Ok(format!("{} ({}) over {} with {}/{}", b.name, b.mode, nics.join(", "), plan.address, plan.prefix))
+}
+
+/// Where networkd reads runtime drop-ins (this boot only: /run moves into the new root).
+const NETWORKD_RUNTIME: &str = "/run/systemd/network";
+
+/// Tells networkd, for this boot, to leave each member in the bond node-init put it in (`KeepMaster=`): to enslave
+/// a NIC itself it takes the link down and up again, a blip on the bond and, with LACP, a renegotiation with the
+/// switch. Boots where node-init did not build the bond have no drop-in, and networkd enslaves as usual.
+fn keep_members(b: &EarlyBond) -> Result<(), String> {
+    for m in &b.members {
+        let dir = format!("{NETWORKD_RUNTIME}/{}.d", herd_inventory::node::bond_member_network(&b.name, m));
+        std::fs::create_dir_all(&dir).map_err(|e| format!("mkdir {dir}: {e}"))?;
+        let text = format!(
+            "# Written by node-init: it made this NIC a member of {} in the initramfs.\n[Network]\nKeepMaster=yes\n",
+            b.name
+        );
+        std::fs::write(format!("{dir}/50-herd-early-bond.conf"), text).map_err(|e| format!("{dir}: {e}"))?;
+    }
+    Ok(())
 }
 
 fn enslave(b: &EarlyBond, plan: &Plan, nics: &[String]) -> Result<(), String> {
@@ -135,7 +148,8 @@ mod tests {
 
     #[test]
     fn a_bond_that_cannot_be_built_as_written_is_refused_before_anything_is_touched() {
-        let cases: [(&str, fn(&mut EarlyBond)); 6] = [
+        type Spoil = fn(&mut EarlyBond);
+        let cases: [(&str, Spoil); 6] = [
             ("no /prefix", |b| b.address = "10.99.0.11".into()),
             ("is not IPv4", |b| b.address = "fd00::1/64".into()),
             ("prefix of", |b| b.address = "10.99.0.11/33".into()),

@@ -273,10 +273,6 @@ pub(crate) mod tests_support {
     }
 }
 
-fn mac_id(mac: Mac) -> String {
-    mac.to_string().replace(':', "")
-}
-
 /// The bond node-init builds in the initramfs: the same interface, settings and static address as the networkd
 /// files of [`networkd`] (none for a DHCP address, or a machine without a bond).
 fn early_bond(inv: &Inventory, machine: &Machine) -> Option<EarlyBond> {
@@ -357,7 +353,8 @@ fn networkd(inv: &Inventory, machine: &Machine, files: &mut Vec<ign::File>) {
                     unit.push_str("PrimarySlave=true\n");
                 }
                 unit.push_str(&link);
-                files.push(file(&format!("/etc/systemd/network/20-{BOND}-{}.network", mac_id(mac)), &unit, 0o644));
+                let name = herd_inventory::node::bond_member_network(BOND, &mac.to_string());
+                files.push(file(&format!("/etc/systemd/network/{name}"), &unit, 0o644));
             }
             let mut network = network.clone();
             if internal_net.addressing == Addressing::Static {
@@ -480,10 +477,29 @@ mod tests {
         let bond = file_text(&config, "/etc/systemd/network/30-bond0.network");
         assert!(bond.contains("Address=10.20.1.12/16\nGateway=10.20.0.1\n"), "{bond}");
         for mac in m.macs() {
-            let member = file_text(&config, &format!("/etc/systemd/network/20-bond0-{}.network", mac_id(mac)));
+            let member = file_text(
+                &config,
+                &format!("/etc/systemd/network/20-bond0-{}.network", mac.to_string().replace(':', "")),
+            );
             assert!(member.contains(&format!("PermanentMACAddress={mac}")) && member.contains("Bond=bond0"));
         }
         assert_eq!(file_text(&config, "/etc/modprobe.d/herd-bonding.conf"), "options bonding max_bonds=0\n");
+        // The bond node-init builds in the initramfs is the one of the networkd files, and networkd keeps it.
+        assert!(bond.contains("[Network]\nKeepConfiguration=static\n"), "{bond}");
+        let node: NodeConfig = serde_json::from_str(&file_text(&config, NODE_CONFIG_PATH)).unwrap();
+        let early = node.bond.expect("a static bond is built early");
+        assert_eq!(early.name, "bond0");
+        assert_eq!(early.mode, BondMode::Lacp);
+        assert_eq!(early.mac, m.boot_mac().unwrap().to_string());
+        assert_eq!(early.members, m.macs().map(|m| m.to_string()).collect::<Vec<_>>());
+        assert_eq!(early.primary, None);
+        assert_eq!(
+            (early.mtu, early.address.as_str(), early.gateway.as_deref()),
+            (Some(9000), "10.20.1.12/16", Some("10.20.0.1"))
+        );
+        for s in BondMode::Lacp.settings() {
+            assert!(netdev.contains(&format!("{}={}\n", s.networkd.0, s.networkd.1)), "{netdev}");
+        }
     }
 
     #[test]
@@ -495,8 +511,11 @@ mod tests {
         let netdev = file_text(&config, "/etc/systemd/network/10-bond0.netdev");
         assert!(netdev.contains("Mode=active-backup"), "{netdev}");
         let boot = m.boot_mac().unwrap();
-        let primary = file_text(&config, &format!("/etc/systemd/network/20-bond0-{}.network", mac_id(boot)));
+        let primary =
+            file_text(&config, &format!("/etc/systemd/network/20-bond0-{}.network", boot.to_string().replace(':', "")));
         assert!(primary.contains("PrimarySlave=true"));
+        let node: NodeConfig = serde_json::from_str(&file_text(&config, NODE_CONFIG_PATH)).unwrap();
+        assert_eq!(node.bond.unwrap().primary, Some(boot.to_string()));
     }
 
     #[test]
@@ -508,6 +527,8 @@ mod tests {
         assert!(ext.contains("Address=198.51.100.11/24\nGateway=198.51.100.1\n"), "{ext}");
         let bond = file_text(&config, "/etc/systemd/network/30-bond0.network");
         assert!(!bond.contains("Gateway="), "one default route only: {bond}");
+        let node: NodeConfig = serde_json::from_str(&file_text(&config, NODE_CONFIG_PATH)).unwrap();
+        assert_eq!(node.bond.unwrap().gateway, None, "the early bond has no default route either");
     }
 
     #[test]
@@ -532,6 +553,9 @@ mod tests {
         let config = render(&inv, worker).unwrap();
         let bond = file_text(&config, "/etc/systemd/network/30-bond0.network");
         assert!(bond.contains("DHCP=ipv4\n") && !bond.contains("Address="), "{bond}");
+        assert!(!bond.contains("KeepConfiguration="), "{bond}");
+        let node: NodeConfig = serde_json::from_str(&file_text(&config, NODE_CONFIG_PATH)).unwrap();
+        assert_eq!(node.bond, None, "a DHCP bond is networkd's alone");
         let netdev = file_text(&config, "/etc/systemd/network/10-bond0.netdev");
         assert!(netdev.contains(&format!("MACAddress={}\n", worker.boot_mac().unwrap())), "{netdev}");
         let master = render(&inv, inv.etcd_members().next().unwrap()).unwrap();
