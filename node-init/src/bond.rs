@@ -61,8 +61,9 @@ pub fn build(b: &EarlyBond) -> Result<String, String> {
         let _ = write_sysfs(&format!("{SYSFS_NET}/bonding_masters"), &format!("-{}", b.name));
     }
     built?;
-    keep_members(b)?;
-    Ok(format!("{} ({}) over {} with {}/{}", b.name, b.mode, nics.join(", "), plan.address, plan.prefix))
+    let kept = keep_members(b).err().map(|e| format!("; networkd will enslave the NICs again ({e})"));
+    let (name, mode, over) = (&b.name, b.mode, nics.join(", "));
+    Ok(format!("{name} ({mode}) over {over} with {}/{}{}", plan.address, plan.prefix, kept.unwrap_or_default()))
 }
 
 /// Where networkd reads runtime drop-ins (this boot only: /run moves into the new root).

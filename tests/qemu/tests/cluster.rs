@@ -26,14 +26,19 @@ const LIMIT: Duration = Duration::from_secs(600);
 const ENDPOINTS: [&str; 3] = ["http://10.99.0.11:2379", "http://10.99.0.12:2379", "http://10.99.0.13:2379"];
 
 /// A global unit that prints, on each machine's console, what the config put there.
+/// It runs once networkd has configured every link (network-online), so `link-failures` counts any blip networkd's
+/// takeover of the bond node-init built in the initramfs caused.
 const CHECK_UNIT: &str = "[Unit]
 Description=prints what the machine's config installed
+Wants=network-online.target
+After=network-online.target
 [Service]
 Type=oneshot
 RemainAfterExit=yes
 StandardOutput=journal+console
 ExecStart=/bin/sh -c 'echo HERD-CHECK host=$(cat /etc/hostname) user=$(id -un herd) groups=$(id -Gn herd | xargs -n1 | sort | xargs | tr \" \" ,) \
-keys=$(wc -l < /home/herd/.ssh/authorized_keys) etcd=$(systemctl is-enabled etcd) usr=$(touch /usr/x 2>/dev/null && echo rw || echo ro)'
+keys=$(wc -l < /home/herd/.ssh/authorized_keys) etcd=$(systemctl is-enabled etcd) usr=$(touch /usr/x 2>/dev/null && echo rw || echo ro) \
+link-failures=$(grep \"Link Failure Count\" /proc/net/bonding/bond0 | grep -cv \": 0\")'
 [X-Fleet]
 Global=true
 ";
@@ -187,6 +192,7 @@ fn three_machines_install_from_the_provisioner_form_etcd_register_and_run_a_glob
         assert_eq!(r["boot"]["slot"], "a", "{name}: {r}");
         assert_eq!(r["usr_writable"], false, "{name}");
         assert!(vm.console().contains("herd-initrd: installed"), "{name}: the first boot installs");
+        assert!(r["boot"]["bond_ms"].is_u64(), "{name}: node-init built the bond in the initramfs: {r}");
         println!("figures: {name} ({firmware:?}) {}", stages(&vm.console(), registered_at, &r));
         first.push(r);
     }
@@ -219,7 +225,8 @@ fn three_machines_install_from_the_provisioner_form_etcd_register_and_run_a_glob
     for (i, (name, _, _)) in machines.iter().enumerate() {
         let (_, line) = lab.vms()[i].wait_for_within("HERD-CHECK", Duration::from_secs(30)).unwrap();
         let want = format!(
-            "HERD-CHECK host={name} user=herd groups=adm,docker,herd,sudo,systemd-journal keys=1 etcd=enabled usr=ro"
+            "HERD-CHECK host={name} user=herd groups=adm,docker,herd,sudo,systemd-journal keys=1 etcd=enabled usr=ro \
+             link-failures=0"
         );
         assert!(line.contains(&want), "{name}: {line}");
     }
