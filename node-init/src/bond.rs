@@ -46,52 +46,69 @@ pub fn plan(b: &EarlyBond) -> Result<Plan, String> {
     Ok(Plan { mac, address, prefix, gateway })
 }
 
+/// A member NIC: its permanent MAC (the config's name for it) and its interface.
+struct Nic {
+    mac: String,
+    ifname: String,
+}
+
 /// Builds the bond and gives it its address and default route; returns a line for the console. On failure the
 /// bond is removed again (its NICs stay down), so networkd starts from clean links as it would without this.
+///
+/// Members whose NIC is not there (a dead card, a driver the initramfs lacks) are left out: networkd enslaves them
+/// when they appear. Their drivers loaded with the others well before this (the boot NIC has been up since DHCP),
+/// so nothing is waited for.
 pub fn build(b: &EarlyBond) -> Result<String, String> {
     let plan = plan(b)?;
     // Every member's interface before the first is enslaved: an active-backup bond gives its members its own MAC.
-    let mut nics = Vec::new();
-    for m in &b.members {
-        let nic = crate::initrd::wait_for(&format!("the NIC with MAC {m}"), || crate::net::interface_by_mac(m))?;
-        nics.push(nic);
+    let (nics, missing): (Vec<_>, Vec<_>) =
+        b.members.iter().map(|m| (m, crate::net::interface_by_mac(m))).partition(|(_, ifname)| ifname.is_some());
+    let nics: Vec<Nic> = nics.into_iter().filter_map(|(m, i)| Some(Nic { mac: m.clone(), ifname: i? })).collect();
+    if nics.is_empty() {
+        return Err(format!("none of its NICs ({}) is present", b.members.join(", ")));
     }
     let built = enslave(b, &plan, &nics);
     if built.is_err() && Path::new(&format!("{SYSFS_NET}/{}", b.name)).exists() {
         let _ = write_sysfs(&format!("{SYSFS_NET}/bonding_masters"), &format!("-{}", b.name));
     }
     built?;
-    let kept = keep_members(b).err().map(|e| format!("; networkd will enslave the NICs again ({e})"));
-    let (name, mode, over) = (&b.name, b.mode, nics.join(", "));
-    Ok(format!("{name} ({mode}) over {over} with {}/{}{}", plan.address, plan.prefix, kept.unwrap_or_default()))
+    let mut notes = String::new();
+    if !missing.is_empty() {
+        let macs: Vec<&str> = missing.iter().map(|(m, _)| m.as_str()).collect();
+        notes.push_str(&format!("; not present: {} (networkd adds them when they appear)", macs.join(", ")));
+    }
+    if let Err(e) = keep_members(&b.name, &nics) {
+        notes.push_str(&format!("; networkd will enslave the NICs again ({e})"));
+    }
+    let over: Vec<&str> = nics.iter().map(|n| n.ifname.as_str()).collect();
+    Ok(format!("{} ({}) over {} with {}/{}{notes}", b.name, b.mode, over.join(", "), plan.address, plan.prefix))
 }
 
 /// Where networkd reads runtime drop-ins (this boot only: /run moves into the new root).
 const NETWORKD_RUNTIME: &str = "/run/systemd/network";
 
-/// Tells networkd, for this boot, to leave each member in the bond node-init put it in (`KeepMaster=`): to enslave
-/// a NIC itself it takes the link down and up again, a blip on the bond and, with LACP, a renegotiation with the
-/// switch. Boots where node-init did not build the bond have no drop-in, and networkd enslaves as usual.
-fn keep_members(b: &EarlyBond) -> Result<(), String> {
-    for m in &b.members {
-        let dir = format!("{NETWORKD_RUNTIME}/{}.d", herd_inventory::node::bond_member_network(&b.name, m));
+/// Tells networkd, for this boot, to leave each NIC in the bond node-init put it in (`KeepMaster=`): to enslave a
+/// NIC itself it takes the link down and up again, a blip on the bond and, with LACP, a renegotiation with the
+/// switch. NICs node-init did not enslave have no drop-in, and networkd enslaves them as usual.
+fn keep_members(bond: &str, nics: &[Nic]) -> Result<(), String> {
+    for n in nics {
+        let dir = format!("{NETWORKD_RUNTIME}/{}.d", herd_inventory::node::bond_member_network(bond, &n.mac));
         std::fs::create_dir_all(&dir).map_err(|e| format!("mkdir {dir}: {e}"))?;
         let text = format!(
-            "# Written by node-init: it made this NIC a member of {} in the initramfs.\n[Network]\nKeepMaster=yes\n",
-            b.name
+            "# Written by node-init: it made this NIC a member of {bond} in the initramfs.\n[Network]\nKeepMaster=yes\n"
         );
         std::fs::write(format!("{dir}/50-herd-early-bond.conf"), text).map_err(|e| format!("{dir}: {e}"))?;
     }
     Ok(())
 }
 
-fn enslave(b: &EarlyBond, plan: &Plan, nics: &[String]) -> Result<(), String> {
+fn enslave(b: &EarlyBond, plan: &Plan, nics: &[Nic]) -> Result<(), String> {
     let masters = format!("{SYSFS_NET}/bonding_masters");
     if !Path::new(&masters).exists() {
         return Err(format!("{masters} is missing: the bonding driver is not loaded"));
     }
-    for nic in nics {
-        crate::net::link_down(nic)?;
+    for n in nics {
+        crate::net::link_down(&n.ifname)?;
     }
     if !Path::new(&format!("{SYSFS_NET}/{}", b.name)).exists() {
         write_sysfs(&masters, &format!("+{}", b.name))?;
@@ -104,13 +121,11 @@ fn enslave(b: &EarlyBond, plan: &Plan, nics: &[String]) -> Result<(), String> {
     if let Some(mtu) = b.mtu {
         crate::net::set_mtu(&b.name, mtu)?;
     }
-    for nic in nics {
-        write_sysfs(&format!("{dir}/slaves"), &format!("+{nic}"))?;
+    for n in nics {
+        write_sysfs(&format!("{dir}/slaves"), &format!("+{}", n.ifname))?;
     }
-    if let Some(p) = &b.primary
-        && let Some(i) = b.members.iter().position(|m| m == p)
-    {
-        write_sysfs(&format!("{dir}/primary"), &nics[i])?;
+    if let Some(primary) = nics.iter().find(|n| b.primary.as_ref() == Some(&n.mac)) {
+        write_sysfs(&format!("{dir}/primary"), &primary.ifname)?;
     }
     crate::net::link_up(&b.name)?;
     crate::net::set_address(&b.name, plan.address, plan.prefix)?;
