@@ -37,10 +37,24 @@ pub struct NodeConfig {
     /// The disk herd installs to (`USR-A`, `USR-B`, `STATE`); none: diskless, the image runs from RAM.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disk: Option<String>,
-    /// The bond node-init builds in the initramfs, so the machine's address works from `switch_root` on;
-    /// systemd-networkd (whose files say the same) takes it over once udev has seen the NICs. Only for a static
-    /// address: a DHCP bond is left to networkd.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+}
+
+/// Where the provisioner writes [`BondConfig`]. A file of its own rather than a field of node-init.json: a
+/// node-init older than it refuses unknown fields there, and a machine not yet upgraded must still boot the
+/// configs the provisioner renders now; an older node-init just installs this file and ignores it.
+pub const BOND_CONFIG_PATH: &str = "/etc/herd/bond.json";
+
+/// The bond node-init builds in the initramfs (`/etc/herd/bond.json`), so the machine's address works from
+/// `switch_root` on; systemd-networkd, whose files say the same, takes it over once udev has seen the NICs.
+/// Written for every machine, `bond: null` when there is nothing to build early (no bond, or a DHCP address,
+/// which is left to networkd): each boot rewrites it, so a config that stops describing a bond stops it being
+/// built.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BondConfig {
+    /// Format version (1).
+    pub version: u32,
+    /// The bond, if node-init is to build one.
     pub bond: Option<EarlyBond>,
 }
 
@@ -50,7 +64,7 @@ pub fn bond_member_network(bond: &str, mac: &str) -> String {
     format!("20-{bond}-{}.network", mac.replace(':', ""))
 }
 
-/// A bond as node-init builds it before systemd starts (see [`NodeConfig::bond`]).
+/// A bond as node-init builds it before systemd starts (see [`BondConfig`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EarlyBond {

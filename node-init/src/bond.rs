@@ -1,8 +1,8 @@
-//! The machine's bond, built in the initramfs just before `switch_root` (from [`EarlyBond`] in the node config):
-//! the bonding driver's sysfs files and the socket ioctls of [`crate::net`]. The node's address then works from
-//! the first moment of the real root, so etcd's members find each other while udev is still working through its
-//! coldplug queue; systemd-networkd, whose files describe the same bond, takes it over as it is
-//! (`KeepConfiguration=static`) once udev has seen the NICs.
+//! The machine's bond, built in the initramfs just before `switch_root` from `/etc/herd/bond.json`
+//! ([`herd_inventory::node::BondConfig`]): the bonding driver's sysfs files and the socket ioctls of [`crate::net`].
+//! The node's address then works from the first moment of the real root, so etcd's members find each other while
+//! udev is still working through its coldplug queue; systemd-networkd, whose files describe the same bond, takes it
+//! over as it is (`KeepConfiguration=static`) once udev has seen the NICs.
 //!
 //! Without this, the bond appears only when networkd creates it, and its udev event waits behind the whole coldplug:
 //! 10-15 s under QEMU TCG with three machines on two host cores.
@@ -27,7 +27,7 @@ pub struct Plan {
     gateway: Option<Ipv4Addr>,
 }
 
-/// Checks the node config's bond: MACs, address and gateway must parse.
+/// Checks the bond of bond.json: MACs, address and gateway must parse.
 pub fn plan(b: &EarlyBond) -> Result<Plan, String> {
     let mac = crate::dhcp::parse_mac(&b.mac).ok_or_else(|| format!("bond MAC {:?} is not a MAC", b.mac))?;
     if let Some(m) = b.members.iter().find(|m| crate::dhcp::parse_mac(m).is_none()) {

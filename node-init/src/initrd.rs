@@ -377,18 +377,24 @@ fn boot(cmd: &Cmdline, prov: Option<&Provisioner>, started: Instant) -> Result<(
     Ok(())
 }
 
-/// Builds the bond of the node config (`/etc/herd/node-init.json` in the new root, just written by the config or
-/// kept from an earlier boot), if it has one. Best effort: if it cannot be built, systemd-networkd builds it later,
-/// as it would without this.
+/// Builds the bond of `/etc/herd/bond.json` in the new root (just written by the config, or kept from an earlier
+/// boot), if it describes one. Best effort: if it cannot be built, systemd-networkd builds it later, as it would
+/// without this.
 fn early_bond(report: &mut BootReport) {
-    let path = Path::new(NEWROOT).join(herd_inventory::node::NODE_CONFIG_PATH.trim_start_matches('/'));
-    let Some(node) = std::fs::read_to_string(&path)
-        .ok()
-        .and_then(|t| serde_json::from_str::<herd_inventory::node::NodeConfig>(&t).ok())
-    else {
-        return;
+    let path = Path::new(NEWROOT).join(herd_inventory::node::BOND_CONFIG_PATH.trim_start_matches('/'));
+    let Ok(text) = std::fs::read_to_string(&path) else { return };
+    let b = match serde_json::from_str::<herd_inventory::node::BondConfig>(&text) {
+        Ok(c) if c.version == 1 => c.bond,
+        Ok(c) => {
+            return say(&format!(
+                "{}: version {} is not 1; systemd-networkd builds the bond",
+                path.display(),
+                c.version
+            ));
+        }
+        Err(e) => return say(&format!("{}: {e}; systemd-networkd builds the bond", path.display())),
     };
-    let Some(b) = node.bond else { return };
+    let Some(b) = b else { return };
     match crate::bond::build(&b) {
         Ok(detail) => {
             report.bond_ms = Some(uptime_ms());

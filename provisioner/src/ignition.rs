@@ -22,6 +22,8 @@ pub const SPEC_VERSION: &str = "3.3.0";
 pub const ADMIN_USER: &str = "herd";
 /// Where node-init reads its config on the machine.
 pub const NODE_CONFIG_PATH: &str = herd_inventory::node::NODE_CONFIG_PATH;
+/// Where the bond node-init builds in the initramfs is described.
+pub const BOND_CONFIG_PATH: &str = herd_inventory::node::BOND_CONFIG_PATH;
 /// etcd's client and peer ports.
 pub const ETCD_CLIENT_PORT: u16 = 2379;
 /// etcd's peer port.
@@ -62,7 +64,7 @@ pub enum RenderError {
     },
 }
 
-pub use herd_inventory::node::{EarlyBond, NodeConfig};
+pub use herd_inventory::node::{BondConfig, EarlyBond, NodeConfig};
 
 /// Renders the Ignition config of the machine named `name`.
 pub fn render_machine(inv: &Inventory, name: &str) -> Result<ign::Config, RenderError> {
@@ -99,11 +101,13 @@ pub fn render(inv: &Inventory, machine: &Machine) -> Result<ign::Config, RenderE
         labels: inv.labels_of(machine).into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
         disk: machine.disk.as_ref().map(|d| d.as_str().to_owned()),
         address: Some(machine.internal.get_ref().to_string()),
-        bond: early_bond(inv, machine),
     };
     // Serializing a struct of strings, bools and maps with string keys cannot fail.
     let node_json = serde_json::to_string(&node).unwrap_or_default() + "\n";
     files.push(file(NODE_CONFIG_PATH, &node_json, 0o644));
+    let bond = BondConfig { version: 1, bond: early_bond(inv, machine) };
+    let bond_json = serde_json::to_string(&bond).unwrap_or_default() + "\n";
+    files.push(file(BOND_CONFIG_PATH, &bond_json, 0o644));
 
     let mut units = vec![enabled_unit("systemd-networkd.service"), enabled_unit("herd-node-init.service")];
     if etcd_member {
@@ -358,7 +362,7 @@ fn networkd(inv: &Inventory, machine: &Machine, files: &mut Vec<ign::File>) {
             }
             let mut network = network.clone();
             if internal_net.addressing == Addressing::Static {
-                // node-init built this bond with this address in the initramfs (NodeConfig::bond): networkd takes
+                // node-init built this bond with this address in the initramfs (BondConfig): networkd takes
                 // it over as it is rather than dropping the address and route it finds.
                 network = network.replacen("[Network]\n", "[Network]\nKeepConfiguration=static\n", 1);
             }
@@ -426,6 +430,13 @@ mod tests {
         decode(f.contents.as_ref().unwrap().source.as_ref().unwrap())
     }
 
+    /// The bond node-init is to build in the initramfs, from the config's bond.json.
+    fn early(config: &ign::Config) -> Option<EarlyBond> {
+        let c: BondConfig = serde_json::from_str(&file_text(config, BOND_CONFIG_PATH)).unwrap();
+        assert_eq!(c.version, 1);
+        c.bond
+    }
+
     fn decode(url: &str) -> String {
         percent_decode(url.strip_prefix("data:,").unwrap()).unwrap()
     }
@@ -486,8 +497,7 @@ mod tests {
         assert_eq!(file_text(&config, "/etc/modprobe.d/herd-bonding.conf"), "options bonding max_bonds=0\n");
         // The bond node-init builds in the initramfs is the one of the networkd files, and networkd keeps it.
         assert!(bond.contains("[Network]\nKeepConfiguration=static\n"), "{bond}");
-        let node: NodeConfig = serde_json::from_str(&file_text(&config, NODE_CONFIG_PATH)).unwrap();
-        let early = node.bond.expect("a static bond is built early");
+        let early = early(&config).expect("a static bond is built early");
         assert_eq!(early.name, "bond0");
         assert_eq!(early.mode, BondMode::Lacp);
         assert_eq!(early.mac, m.boot_mac().unwrap().to_string());
@@ -514,8 +524,7 @@ mod tests {
         let primary =
             file_text(&config, &format!("/etc/systemd/network/20-bond0-{}.network", boot.to_string().replace(':', "")));
         assert!(primary.contains("PrimarySlave=true"));
-        let node: NodeConfig = serde_json::from_str(&file_text(&config, NODE_CONFIG_PATH)).unwrap();
-        assert_eq!(node.bond.unwrap().primary, Some(boot.to_string()));
+        assert_eq!(early(&config).unwrap().primary, Some(boot.to_string()));
     }
 
     #[test]
@@ -527,8 +536,7 @@ mod tests {
         assert!(ext.contains("Address=198.51.100.11/24\nGateway=198.51.100.1\n"), "{ext}");
         let bond = file_text(&config, "/etc/systemd/network/30-bond0.network");
         assert!(!bond.contains("Gateway="), "one default route only: {bond}");
-        let node: NodeConfig = serde_json::from_str(&file_text(&config, NODE_CONFIG_PATH)).unwrap();
-        assert_eq!(node.bond.unwrap().gateway, None, "the early bond has no default route either");
+        assert_eq!(early(&config).unwrap().gateway, None, "the early bond has no default route either");
     }
 
     #[test]
@@ -554,8 +562,7 @@ mod tests {
         let bond = file_text(&config, "/etc/systemd/network/30-bond0.network");
         assert!(bond.contains("DHCP=ipv4\n") && !bond.contains("Address="), "{bond}");
         assert!(!bond.contains("KeepConfiguration="), "{bond}");
-        let node: NodeConfig = serde_json::from_str(&file_text(&config, NODE_CONFIG_PATH)).unwrap();
-        assert_eq!(node.bond, None, "a DHCP bond is networkd's alone");
+        assert_eq!(early(&config), None, "a DHCP bond is networkd's alone");
         let netdev = file_text(&config, "/etc/systemd/network/10-bond0.netdev");
         assert!(netdev.contains(&format!("MACAddress={}\n", worker.boot_mac().unwrap())), "{netdev}");
         let master = render(&inv, inv.etcd_members().next().unwrap()).unwrap();
