@@ -447,6 +447,12 @@ net.ipv4.ip_nonlocal_bind = 1
 net.ipv6.ip_nonlocal_bind = 1
 ";
 
+/// sudoers.d: members of group `sudo` (the config's `herd` user) become root without a password, as Fedora CoreOS's
+/// `core` user does: they log in with SSH keys only and have no password to give.
+const SUDO_GROUP: &str = "# herd: the admin user logs in with SSH keys and has no password (images/src/build.rs)
+%sudo ALL=(ALL:ALL) NOPASSWD: ALL
+";
+
 /// A `[root] background` service's drop-in: it gets a tenth of a default service's CPU share while the machine
 /// boots.
 const BACKGROUND_DROPIN: &str = "[Service]
@@ -522,6 +528,13 @@ fn customize(tree: &Path, manifest: &Manifest, opts: &BuildOptions, version: &st
     let sysctl = tree.join("usr/lib/sysctl.d");
     std::fs::create_dir_all(&sysctl)?;
     std::fs::write(sysctl.join("50-herd-nonlocal-bind.conf"), NONLOCAL_BIND)?;
+    let sudoers = tree.join("etc/sudoers.d");
+    if sudoers.is_dir() {
+        let path = sudoers.join("herd-sudo-group");
+        std::fs::write(&path, SUDO_GROUP)?;
+        // sudo ignores a sudoers file that others may read or anyone but root may write.
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o440))?;
+    }
     for unit in &manifest.root.background {
         let dir = units.join(format!("{unit}.d"));
         std::fs::create_dir_all(&dir)?;

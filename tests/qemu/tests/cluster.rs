@@ -38,7 +38,8 @@ RemainAfterExit=yes
 StandardOutput=journal+console
 ExecStart=/bin/sh -c 'echo HERD-CHECK host=$(cat /etc/hostname) user=$(id -un herd) groups=$(id -Gn herd | xargs -n1 | sort | xargs | tr \" \" ,) \
 keys=$(wc -l < /home/herd/.ssh/authorized_keys) etcd=$(systemctl is-enabled etcd) usr=$(touch /usr/x 2>/dev/null && echo rw || echo ro) \
-link-failures=$(grep \"Link Failure Count\" /proc/net/bonding/bond0 | grep -cv \": 0\")'
+link-failures=$(grep \"Link Failure Count\" /proc/net/bonding/bond0 | grep -cv \": 0\") \
+sudo=$(runuser -u herd -- sudo -n true 2>/dev/null && echo yes || echo no)'
 [X-Fleet]
 Global=true
 ";
@@ -226,7 +227,7 @@ fn three_machines_install_from_the_provisioner_form_etcd_register_and_run_a_glob
         let (_, line) = lab.vms()[i].wait_for_within("HERD-CHECK", Duration::from_secs(30)).unwrap();
         let want = format!(
             "HERD-CHECK host={name} user=herd groups=adm,docker,herd,sudo,systemd-journal keys=1 etcd=enabled usr=ro \
-             link-failures=0"
+             link-failures=0 sudo=yes"
         );
         assert!(line.contains(&want), "{name}: {line}");
     }
