@@ -277,6 +277,11 @@ pub(crate) mod tests_support {
     }
 }
 
+/// Whether the machine has an external interface, which then carries the default route (the internal one none).
+fn has_external(inv: &Inventory, machine: &Machine) -> bool {
+    machine.external.is_some() && inv.network.external.is_some()
+}
+
 /// The bond node-init builds in the initramfs: the same interface, settings and static address as the networkd
 /// files of [`networkd`] (none for a DHCP address, or a machine without a bond).
 fn early_bond(inv: &Inventory, machine: &Machine) -> Option<EarlyBond> {
@@ -285,7 +290,7 @@ fn early_bond(inv: &Inventory, machine: &Machine) -> Option<EarlyBond> {
     if net.addressing != Addressing::Static {
         return None;
     }
-    let has_external = machine.external.is_some() && inv.network.external.is_some();
+    let has_external = has_external(inv, machine);
     let members: Vec<Mac> = bond.members.get_ref().iter().map(|m| *m.get_ref()).collect();
     let boot = machine.boot_mac()?;
     Some(EarlyBond {
@@ -306,7 +311,7 @@ fn networkd(inv: &Inventory, machine: &Machine, files: &mut Vec<ign::File>) {
     let cidr = internal_net.cidr.get_ref();
     let address = format!("{}/{}", machine.internal.get_ref(), cidr.prefix());
     let mtu = internal_net.mtu;
-    let has_external = machine.external.is_some() && inv.network.external.is_some();
+    let has_external = has_external(inv, machine);
 
     let mut network = String::from("[Network]\n");
     match internal_net.addressing {
