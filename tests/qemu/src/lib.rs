@@ -38,6 +38,20 @@ pub const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
 pub const TEST_MARKER: &str = "HERD-TEST-INIT";
 /// Prefix of each kernel argument the test initramfs prints, one per line.
 pub const TEST_ARG: &str = "HERD-TEST-ARG";
+/// What node-init's daemon stage prints, followed by its report as JSON, once the system is up.
+pub const NODE_INIT_READY: &str = "herd-node-init: ready";
+
+/// The report on a console line with [`NODE_INIT_READY`]. The console is shared with the kernel and systemd, whose
+/// messages can land on the same line after the report (seen in CI), so anything after the first JSON value is
+/// ignored.
+pub fn ready_report(line: &str) -> anyhow::Result<serde_json::Value> {
+    let at = line.find(NODE_INIT_READY).with_context(|| format!("no {NODE_INIT_READY:?} in {line:?}"))?;
+    serde_json::Deserializer::from_str(&line[at + NODE_INIT_READY.len()..])
+        .into_iter::<serde_json::Value>()
+        .next()
+        .with_context(|| format!("no report after {NODE_INIT_READY:?} in {line:?}"))?
+        .with_context(|| format!("the report in {line:?}"))
+}
 /// The provisioner's address on the lab bridge (as in examples/qemu-3.toml).
 pub const PROVISIONER_IP: &str = "10.99.0.2";
 
@@ -688,4 +702,19 @@ pub fn build_test_initramfs(root: &Path, out: &Path) -> anyhow::Result<()> {
         bail!("building the test initramfs failed (apt install cpio)");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_ready_report_is_read_past_console_noise_on_its_line() {
+        let r = ready_report(
+            r#"[  OK  ] herd-node-init: ready {"usr_writable":false,"slot":"a"}[   14.2] random: crng init done"#,
+        );
+        assert_eq!(r.unwrap()["slot"], "a");
+        assert!(ready_report("herd-node-init: ready {\"usr_writable\":").is_err());
+        assert!(ready_report("herd-node-init: started").is_err());
+    }
 }

@@ -20,7 +20,7 @@ use herd_qemu::switch::{SWITCH_LACP, SWITCH_LAG, SWITCH_READY};
 use herd_qemu::{Firmware, Lab, VmSpec, qcow2};
 use serde_json::Value;
 
-const READY: &str = "herd-node-init: ready";
+const READY: &str = herd_qemu::NODE_INIT_READY;
 const REGISTERED: &str = "herd-node-init: registered";
 const LIMIT: Duration = Duration::from_secs(600);
 const ENDPOINTS: [&str; 3] = ["http://10.99.0.11:2379", "http://10.99.0.12:2379", "http://10.99.0.13:2379"];
@@ -63,7 +63,7 @@ MachineID=node2
 ";
 
 fn report(line: &str) -> Value {
-    serde_json::from_str(line[line.find(READY).unwrap() + READY.len()..].trim()).unwrap()
+    herd_qemu::ready_report(line).unwrap()
 }
 
 /// The kernel timestamp (ms since the kernel started) of the first console line containing `marker`.

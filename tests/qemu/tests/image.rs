@@ -13,7 +13,7 @@ use herd_qemu::image::herd_os;
 use herd_qemu::{DirectBoot, Drive, Vm};
 use serde_json::Value;
 
-const READY: &str = "herd-node-init: ready";
+const READY: &str = herd_qemu::NODE_INIT_READY;
 /// node-init's line once systemd finished the boot.
 const BOOT_COMPLETE: &str = "herd-node-init: boot complete:";
 const BOOT_LIMIT: Duration = Duration::from_secs(150);
@@ -54,8 +54,7 @@ fn boot(dir: &Path, name: &str, image: &Path, append: String, drives: Vec<Drive>
 /// The JSON the daemon stage prints once the system is up.
 fn ready_report(vm: &Vm) -> (Duration, Value) {
     let (at, line) = vm.wait_for(READY, BOOT_LIMIT).unwrap();
-    let json = &line[line.find(READY).unwrap() + READY.len()..];
-    (at, serde_json::from_str(json.trim()).unwrap())
+    (at, herd_qemu::ready_report(&line).unwrap())
 }
 
 #[test]

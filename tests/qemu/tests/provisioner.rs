@@ -19,13 +19,13 @@ use herd_qemu::image::herd_os;
 use herd_qemu::{Firmware, Lab, VmSpec};
 use serde_json::Value;
 
-const READY: &str = "herd-node-init: ready";
+const READY: &str = herd_qemu::NODE_INIT_READY;
 const HEALTHY: &str = "herd-node-init: reported healthy";
 const LIMIT: Duration = Duration::from_secs(600);
 const MACS: [&str; 2] = ["52:54:00:99:01:01", "52:54:00:99:01:02"];
 
 fn report(line: &str) -> Value {
-    serde_json::from_str(line[line.find(READY).unwrap() + READY.len()..].trim()).unwrap()
+    herd_qemu::ready_report(line).unwrap()
 }
 
 /// Boots node1 (again) from the network with its disk and waits until it reported healthy; returns its report.
