@@ -89,13 +89,15 @@ const NETWORKD_RUNTIME: &str = "/run/systemd/network";
 
 /// Tells networkd, for this boot, to leave each NIC in the bond node-init put it in (`KeepMaster=`): to enslave a
 /// NIC itself it takes the link down and up again, a blip on the bond and, with LACP, a renegotiation with the
-/// switch. NICs node-init did not enslave have no drop-in, and networkd enslaves them as usual.
+/// switch. NICs node-init did not enslave have no drop-in, and networkd enslaves them as usual. The member's
+/// `Bond=` is emptied too: networkd ignores it under `KeepMaster=` anyway, but warns about it every boot if it is set.
 fn keep_members(bond: &str, nics: &[Nic]) -> Result<(), String> {
     for n in nics {
         let dir = format!("{NETWORKD_RUNTIME}/{}.d", herd_inventory::node::bond_member_network(bond, &n.mac));
         std::fs::create_dir_all(&dir).map_err(|e| format!("mkdir {dir}: {e}"))?;
         let text = format!(
-            "# Written by node-init: it made this NIC a member of {bond} in the initramfs.\n[Network]\nKeepMaster=yes\n"
+            "# Written by node-init: it made this NIC a member of {bond} in the initramfs.\n\
+             [Network]\nBond=\nKeepMaster=yes\n"
         );
         std::fs::write(format!("{dir}/50-herd-early-bond.conf"), text).map_err(|e| format!("{dir}: {e}"))?;
     }

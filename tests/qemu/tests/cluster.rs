@@ -27,7 +27,8 @@ const ENDPOINTS: [&str; 3] = ["http://10.99.0.11:2379", "http://10.99.0.12:2379"
 
 /// A global unit that prints, on each machine's console, what the config put there.
 /// It runs once networkd has configured every link (network-online), so `link-failures` counts any blip networkd's
-/// takeover of the bond node-init built in the initramfs caused.
+/// takeover of the bond node-init built in the initramfs caused, and networkd's journal has no complaint about
+/// node-init's `KeepMaster=` drop-ins.
 const CHECK_UNIT: &str = "[Unit]
 Description=prints what the machine's config installed
 Wants=network-online.target
@@ -39,6 +40,7 @@ StandardOutput=journal+console
 ExecStart=/bin/sh -c 'echo HERD-CHECK host=$(cat /etc/hostname) user=$(id -un herd) groups=$(id -Gn herd | xargs -n1 | sort | xargs | tr \" \" ,) \
 keys=$(wc -l < /home/herd/.ssh/authorized_keys) etcd=$(systemctl is-enabled etcd) usr=$(touch /usr/x 2>/dev/null && echo rw || echo ro) \
 link-failures=$(grep \"Link Failure Count\" /proc/net/bonding/bond0 | grep -cv \": 0\") \
+networkd-keepmaster-warnings=$(journalctl -b -q -u systemd-networkd | grep -c KeepMaster) \
 sudo=$(runuser -u herd -- sudo -n true 2>/dev/null && echo yes || echo no)'
 [X-Fleet]
 Global=true
@@ -227,7 +229,7 @@ fn three_machines_install_from_the_provisioner_form_etcd_register_and_run_a_glob
         let (_, line) = lab.vms()[i].wait_for_within("HERD-CHECK", Duration::from_secs(30)).unwrap();
         let want = format!(
             "HERD-CHECK host={name} user=herd groups=adm,docker,herd,sudo,systemd-journal keys=1 etcd=enabled usr=ro \
-             link-failures=0 sudo=yes"
+             link-failures=0 networkd-keepmaster-warnings=0 sudo=yes"
         );
         assert!(line.contains(&want), "{name}: {line}");
     }
