@@ -54,6 +54,20 @@ const MOVER_UNIT: &str = "[Service]
 ExecStart=/bin/sleep infinity
 ";
 
+/// A global unit that prints node-init's peak resident memory (`VmHWM`, KiB) on each machine's console.
+const MEMORY_UNIT: &str = "[Service]
+Type=oneshot
+RemainAfterExit=yes
+StandardOutput=journal+console
+ExecStart=/bin/sh -c 'echo HERD-MEMORY on $(hostname): node-init peak RSS \
+$(grep VmHWM /proc/$(systemctl show -p MainPID --value herd-node-init)/status | tr -dc 0-9) KiB'
+[X-Fleet]
+Global=true
+";
+
+/// DESIGN §8: node-init's daemon stays within this much resident memory.
+const NODE_INIT_RSS_GOAL_MIB: f64 = 32.0;
+
 /// A unit pinned to node2.
 const PINNED_UNIT: &str = "[Service]
 Type=oneshot
@@ -289,6 +303,7 @@ fn three_machines_install_from_the_provisioner_form_etcd_register_and_run_a_glob
         (on, survivor, term)
     });
     let (placed_on, survivor, term) = placed_on;
+    let moved_from = placed_on.clone();
     lab.power_off(vm_of(&placed_on));
     let died = std::time::Instant::now();
     let (moved_to, after, elections) = with_cluster(&lab, move |c| async move {
@@ -314,6 +329,23 @@ fn three_machines_install_from_the_provisioner_form_etcd_register_and_run_a_glob
         AGENT_TTL.as_secs()
     );
     assert!(after <= 2 * AGENT_TTL, "moved after {after:?}, more than 2 x TTL");
+
+    // node-init's memory after all of that (a reinstall-free reboot, a link cut, units placed and moved, etcd losing
+    // a member), on the two machines left.
+    with_cluster(&lab, |c| async move { launch(&c, "memory.service", MEMORY_UNIT).await });
+    let mut peaks = Vec::new();
+    for vm in [i, 1, 2].into_iter().filter(|&v| v != vm_of(&moved_from)) {
+        let (_, line) = lab.vms()[vm].wait_for_within("HERD-MEMORY", Duration::from_secs(30)).unwrap();
+        let said = line[line.find("HERD-MEMORY on ").unwrap() + "HERD-MEMORY on ".len()..].to_owned();
+        let kib: f64 =
+            said.split_whitespace().rev().nth(1).and_then(|k| k.parse().ok()).unwrap_or_else(|| panic!("{line}"));
+        peaks.push((said.split(':').next().unwrap().to_owned(), kib / 1024.0));
+    }
+    let shown: Vec<String> = peaks.iter().map(|(m, mib)| format!("{m} {mib:.1} MiB")).collect();
+    println!("figures: node-init daemon peak RSS: {} (goal <= {NODE_INIT_RSS_GOAL_MIB} MiB)", shown.join(", "));
+    for (m, mib) in &peaks {
+        assert!(*mib <= NODE_INIT_RSS_GOAL_MIB, "node-init on {m} peaked at {mib:.1} MiB");
+    }
     drop(lab);
     std::fs::remove_file(&scratch).unwrap();
 }
