@@ -52,6 +52,7 @@ pub fn ready_report(line: &str) -> anyhow::Result<serde_json::Value> {
         .with_context(|| format!("no report after {NODE_INIT_READY:?} in {line:?}"))?
         .with_context(|| format!("the report in {line:?}"))
 }
+
 /// The provisioner's address on the lab bridge (as in examples/qemu-3.toml).
 pub const PROVISIONER_IP: &str = "10.99.0.2";
 

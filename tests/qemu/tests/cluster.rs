@@ -336,10 +336,10 @@ fn three_machines_install_from_the_provisioner_form_etcd_register_and_run_a_glob
     let mut peaks = Vec::new();
     for vm in [i, 1, 2].into_iter().filter(|&v| v != vm_of(&moved_from)) {
         let (_, line) = lab.vms()[vm].wait_for_within("HERD-MEMORY", Duration::from_secs(30)).unwrap();
-        let said = line[line.find("HERD-MEMORY on ").unwrap() + "HERD-MEMORY on ".len()..].to_owned();
-        let kib: f64 =
-            said.split_whitespace().rev().nth(1).and_then(|k| k.parse().ok()).unwrap_or_else(|| panic!("{line}"));
-        peaks.push((said.split(':').next().unwrap().to_owned(), kib / 1024.0));
+        // "HERD-MEMORY on NAME: node-init peak RSS KIB KiB", read word by word (the console may add to the line).
+        let words: Vec<&str> = line.split_whitespace().skip_while(|w| *w != "HERD-MEMORY").collect();
+        let kib: f64 = words.get(6).and_then(|k| k.parse().ok()).unwrap_or_else(|| panic!("{line}"));
+        peaks.push((words[2].trim_end_matches(':').to_owned(), kib / 1024.0));
     }
     let shown: Vec<String> = peaks.iter().map(|(m, mib)| format!("{m} {mib:.1} MiB")).collect();
     println!("figures: node-init daemon peak RSS: {} (goal <= {NODE_INIT_RSS_GOAL_MIB} MiB)", shown.join(", "));
