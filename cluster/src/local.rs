@@ -3,8 +3,9 @@
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
+
+use herd_testkit::{Daemon, Spec};
 
 use crate::store::{Store, TlsFiles};
 
@@ -14,7 +15,7 @@ struct Member {
     name: String,
     client: u16,
     peer: u16,
-    child: Option<Child>,
+    child: Option<Daemon>,
 }
 
 /// A local etcd cluster.
@@ -64,34 +65,18 @@ impl LocalEtcd {
 
     fn spawn(&mut self, i: usize) -> std::io::Result<()> {
         let m = &self.members[i];
-        let log =
-            std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join(format!("{}.log", m.name)))?;
         let data = self.dir.join(&m.name);
         let state = if data.exists() { "existing" } else { "new" };
-        let child = Command::new("etcd")
-            .arg("--name")
-            .arg(&m.name)
-            .arg("--data-dir")
-            .arg(&data)
-            .arg("--listen-client-urls")
-            .arg(format!("http://127.0.0.1:{}", m.client))
-            .arg("--advertise-client-urls")
-            .arg(format!("http://127.0.0.1:{}", m.client))
-            .arg("--listen-peer-urls")
-            .arg(format!("http://127.0.0.1:{}", m.peer))
-            .arg("--initial-advertise-peer-urls")
-            .arg(format!("http://127.0.0.1:{}", m.peer))
-            .arg("--initial-cluster")
-            .arg(&self.cluster)
-            .arg("--initial-cluster-state")
-            .arg(state)
-            .arg("--initial-cluster-token")
-            .arg("herd-local")
-            .args(["--log-level", "warn"])
+        let (client, peer) = (format!("http://127.0.0.1:{}", m.client), format!("http://127.0.0.1:{}", m.peer));
+        let child = Spec::new(&m.name, "etcd")
+            .args(["--name", &m.name, "--data-dir"])
+            .args([&data])
+            .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
+            .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
+            .args(["--initial-cluster", &self.cluster, "--initial-cluster-state", state])
+            .args(["--initial-cluster-token", "herd-local", "--log-level", "warn"])
             .args(["--quota-backend-bytes", &(8u64 << 30).to_string(), "--max-txn-ops", "128"])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
+            .log(&self.dir.join(format!("{}.log", m.name)))
             .spawn()?;
         self.members[i].child = Some(child);
         Ok(())
@@ -151,9 +136,8 @@ impl LocalEtcd {
 
     /// Kills member `i` with SIGKILL.
     pub fn kill(&mut self, i: usize) {
-        if let Some(mut child) = self.members[i].child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
+        if let Some(child) = self.members[i].child.take() {
+            child.stop();
         }
     }
 
@@ -188,15 +172,17 @@ pub fn registry_config(root: &std::path::Path, addr: &str) -> String {
 }
 
 /// A Docker Engine (Debian's docker.io) and a registry (Debian's docker-registry), each with its own state under
-/// a scratch dir; both stopped on drop. Only one such dockerd at a time per host (it manages docker0).
+/// a scratch dir; both stopped on drop with everything they started (dockerd's own containerd and the shims).
+/// dockerd never sees a containerd this host may run (its private `/run` has no `/run/containerd`), nor the host's
+/// `/etc/docker/daemon.json`. Only one such dockerd at a time per host (it manages docker0).
 #[derive(Debug)]
 pub struct LocalDocker {
     /// The engine's Unix socket path.
     pub socket: String,
     /// The registry's `127.0.0.1:PORT`.
     pub registry: String,
-    dockerd: std::process::Child,
-    registry_proc: std::process::Child,
+    dockerd: Option<Daemon>,
+    registry_proc: Option<Daemon>,
 }
 
 impl LocalDocker {
@@ -208,26 +194,28 @@ impl LocalDocker {
         let registry = format!("127.0.0.1:{port}");
         let config = dir.join("registry.yml");
         std::fs::write(&config, registry_config(&dir.join("registry"), &registry))?;
-        let log = |name: &str| std::fs::File::create(dir.join(name));
-        let registry_proc = std::process::Command::new("docker-registry")
-            .arg("serve")
-            .arg(&config)
-            .stdout(log("registry.log")?)
-            .stderr(log("registry.err")?)
-            .spawn()?;
+        let registry_proc = Spec::new("docker-registry", "docker-registry")
+            .args(["serve"])
+            .args([&config])
+            .log(&dir.join("registry.log"));
+        let registry_proc = Some(registry_proc.spawn()?);
         let socket = dir.join("docker.sock").display().to_string();
-        let dockerd = std::process::Command::new("dockerd")
-            .arg("--data-root")
-            .arg(dir.join("root"))
-            .arg("--exec-root")
-            .arg(dir.join("exec"))
-            .arg("--pidfile")
-            .arg(dir.join("dockerd.pid"))
-            .arg("-H")
-            .arg(format!("unix://{socket}"))
-            .stdout(log("dockerd.log")?)
-            .stderr(log("dockerd.err")?)
-            .spawn()?;
+        let daemon_json = dir.join("daemon.json");
+        std::fs::write(&daemon_json, "{}\n")?;
+        let dockerd = Spec::new("dockerd", "dockerd")
+            .args(["--config-file"])
+            .args([&daemon_json])
+            .args(["--data-root"])
+            .args([dir.join("root")])
+            .args(["--exec-root"])
+            .args([dir.join("exec")])
+            .args(["--pidfile"])
+            .args([dir.join("dockerd.pid")])
+            .args(["-H", &format!("unix://{socket}")])
+            .log(&dir.join("dockerd.log"))
+            // Containers first (dockerd stops them on SIGTERM), then whatever is left of the group.
+            .grace(Duration::from_secs(15));
+        let dockerd = Some(dockerd.spawn()?);
         let d = LocalDocker { socket, registry, dockerd, registry_proc };
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
         loop {
@@ -286,18 +274,11 @@ impl LocalDocker {
 
 impl Drop for LocalDocker {
     fn drop(&mut self) {
-        // Containers first (dockerd stops them on SIGTERM), then the daemons.
-        let _ = std::process::Command::new("kill").arg("-TERM").arg(self.dockerd.id().to_string()).status();
-        let deadline = std::time::Instant::now() + Duration::from_secs(15);
-        while std::time::Instant::now() < deadline {
-            if self.dockerd.try_wait().ok().flatten().is_some() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(100));
+        if let Some(dockerd) = self.dockerd.take() {
+            dockerd.stop();
         }
-        let _ = self.dockerd.kill();
-        let _ = self.dockerd.wait();
-        let _ = self.registry_proc.kill();
-        let _ = self.registry_proc.wait();
+        if let Some(registry) = self.registry_proc.take() {
+            registry.stop();
+        }
     }
 }

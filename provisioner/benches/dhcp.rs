@@ -13,7 +13,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{Pair, stop};
+use common::{Pair, Spec, stop};
 
 const NS_SERVER: &str = "hbds";
 const NS_CLIENT: &str = "hbdc";
@@ -112,7 +112,7 @@ fn kea_config(dir: &Path) -> PathBuf {
   "lease-database": {{ "type": "memfile", "persist": true, "name": "{}", "lfc-interval": 0 }},
   "valid-lifetime": 3600,
   "subnet4": [ {{ "id": 1, "subnet": "10.96.0.0/12", "pools": [ {{ "pool": "10.100.0.0 - 10.111.255.254" }} ] }} ],
-  "loggers": [ {{ "name": "kea-dhcp4", "severity": "ERROR" }} ]
+  "loggers": [ {{ "name": "kea-dhcp4", "severity": "ERROR", "output_options": [ {{ "output": "stdout" }} ] }} ]
 }} }}"#,
         leases.display()
     );
@@ -138,13 +138,22 @@ fn main() {
     let inventory = herd_inventory(&dir);
     let state = dir.join("herd-state");
     let herd = pair.start_provisioner(&inventory, &state, &["--unknown-macs", "serve"], ":67 ");
-    let herd_figures = perfdhcp(herd.id(), secs, rate);
+    let herd_figures = perfdhcp(herd.pid(), secs, rate);
     stop(herd);
     print("herd provisioner", &herd_figures, "leases fsynced before every ACK");
 
     let kea_cfg = kea_config(&dir);
-    let kea = pair.start(&["kea-dhcp4", "-c", kea_cfg.to_str().expect("utf-8 path")], ":67 ");
-    let kea_figures = perfdhcp(kea.id(), secs, rate);
+    // Kea's PID and logger lock files go to the scratch directory: its compiled-in /run/kea is what Debian leaves
+    // to systemd's tmpfiles, and the daemon's private /run does not have it.
+    let kea = pair.start_spec(
+        Spec::new("kea-dhcp4", "kea-dhcp4")
+            .args(["-c", kea_cfg.to_str().expect("utf-8 path")])
+            .env("KEA_PIDFILE_DIR", &dir)
+            .env("KEA_LOCKFILE_DIR", &dir)
+            .log(&dir.join("kea.log")),
+        ":67 ",
+    );
+    let kea_figures = perfdhcp(kea.pid(), secs, rate);
     stop(kea);
     print("Kea 2.2 (memfile)", &kea_figures, "leases written, not fsynced");
 
@@ -159,6 +168,7 @@ fn main() {
             "--bind-interfaces",
             "--dhcp-range=10.100.0.0,10.111.255.254,255.240.0.0,1h",
             &format!("--dhcp-leasefile={}", leases.display()),
+            &format!("--pid-file={}", dir.join("dnsmasq.pid").display()),
             "--no-ping",
             "--dhcp-authoritative",
             "--dhcp-lease-max=10000000",
@@ -166,7 +176,7 @@ fn main() {
         ],
         ":67 ",
     );
-    let dnsmasq_figures = perfdhcp(dnsmasq.id(), secs, rate);
+    let dnsmasq_figures = perfdhcp(dnsmasq.pid(), secs, rate);
     stop(dnsmasq);
     print("dnsmasq (--no-ping)", &dnsmasq_figures, "lease file written, not fsynced");
 

@@ -486,7 +486,7 @@ fn main() {
     let (ipxe_dir, assets_dir) = (dir.join("ipxe"), dir.join("assets"));
     let extra = ["--ipxe-dir", ipxe_dir.to_str().expect("utf-8"), "--assets", assets_dir.to_str().expect("utf-8")];
     let herd = pair.start_provisioner(&dir.join("inventory.toml"), &state, &extra, "10.20.0.2:80");
-    let herd_pid = herd.id();
+    let herd_pid = herd.pid();
     let herd_outcome = storm(Arc::clone(&machines));
     let rss = peak_rss_mib(herd_pid);
     stop(herd);
@@ -514,19 +514,36 @@ fn main() {
             "--no-ping",
             "--dhcp-authoritative",
             &format!("--dhcp-leasefile={}", dir.join("dnsmasq.leases").display()),
+            &format!("--pid-file={}", dir.join("dnsmasq.pid").display()),
             "--log-facility=/dev/null",
         ],
         ":67 ",
     );
+    // Every path nginx would take from its build (PID, error log, temp directories) is in the scratch directory.
+    let nginx_dir = dir.join("nginx");
+    std::fs::create_dir_all(&nginx_dir).expect("nginx dir");
     let nginx_conf = format!(
-        "daemon off; worker_processes 2; pid {pid}; error_log /dev/null; events {{ worker_connections 4096; }}\n\
+        "daemon off; worker_processes 2; pid {d}/nginx.pid; error_log /dev/null; events {{ worker_connections 4096; }}\n\
          http {{ access_log off; sendfile on; tcp_nopush on; keepalive_requests 1000; default_type application/octet-stream;\n\
+         client_body_temp_path {d}/body; proxy_temp_path {d}/proxy; fastcgi_temp_path {d}/fastcgi;\n\
+         uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi;\n\
          server {{ listen 10.20.0.2:80; root {root}; location /config/ {{ try_files $uri =404; }} }} }}\n",
-        pid = dir.join("nginx.pid").display(),
+        d = nginx_dir.display(),
         root = dir.join("www").display()
     );
-    std::fs::write(dir.join("nginx.conf"), nginx_conf).expect("nginx conf");
-    let nginx = pair.start(&["nginx", "-c", dir.join("nginx.conf").to_str().expect("utf-8")], "10.20.0.2:80");
+    std::fs::write(nginx_dir.join("nginx.conf"), nginx_conf).expect("nginx conf");
+    let nginx = pair.start(
+        &[
+            "nginx",
+            "-p",
+            nginx_dir.to_str().expect("utf-8"),
+            "-e",
+            "stderr",
+            "-c",
+            nginx_dir.join("nginx.conf").to_str().expect("utf-8"),
+        ],
+        "10.20.0.2:80",
+    );
     let peer_outcome = storm(Arc::clone(&machines));
     stop(nginx);
     stop(dnsmasq);

@@ -15,6 +15,7 @@ use herd_cluster::exec::Dispatch;
 use herd_cluster::exec::ProcessExecutor;
 use herd_cluster::local::{LocalDocker, LocalEtcd};
 use herd_cluster::record::MachineRecord;
+use herd_testkit::{Daemon, Spec};
 use tokio_util::sync::CancellationToken;
 
 struct Site {
@@ -23,15 +24,14 @@ struct Site {
     docker: Option<LocalDocker>,
     endpoint: String,
     ssh_port: u16,
-    sshd: std::process::Child,
+    sshd: Option<Daemon>,
     stop: CancellationToken,
 }
 
 impl Drop for Site {
     fn drop(&mut self) {
         self.stop.cancel();
-        let _ = self.sshd.kill();
-        let _ = self.sshd.wait();
+        drop(self.sshd.take());
         drop(self.docker.take());
         self._etcd.stop();
         let _ = std::fs::remove_dir_all(&self.dir);
@@ -43,10 +43,9 @@ fn run(cmd: &mut Command) {
     assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
 }
 
-fn sshd(dir: &Path, env: &str) -> (std::process::Child, u16) {
+fn sshd(dir: &Path, env: &str) -> (Option<Daemon>, u16) {
     let d = dir.join("ssh");
     std::fs::create_dir_all(&d).unwrap();
-    std::fs::create_dir_all("/run/sshd").unwrap();
     for key in ["host", "id"] {
         run(Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-f"]).arg(d.join(key)));
     }
@@ -60,10 +59,13 @@ fn sshd(dir: &Path, env: &str) -> (std::process::Child, u16) {
         dir = d.display(),
     );
     std::fs::write(d.join("sshd_config"), config).unwrap();
-    let child = Command::new("/usr/sbin/sshd")
+    // sshd's privilege separation directory (/run/sshd) is compiled in: its private /run gets it, as the
+    // package's systemd unit (RuntimeDirectory=sshd) would make it.
+    let child = Spec::new("sshd", "/usr/sbin/sshd")
         .args(["-D", "-e", "-f"])
-        .arg(d.join("sshd_config"))
-        .stderr(std::fs::File::create(d.join("sshd.log")).unwrap())
+        .args([d.join("sshd_config")])
+        .run_dir("sshd")
+        .log(&d.join("sshd.log"))
         .spawn()
         .unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
@@ -71,7 +73,7 @@ fn sshd(dir: &Path, env: &str) -> (std::process::Child, u16) {
         assert!(std::time::Instant::now() < deadline, "sshd did not listen");
         std::thread::sleep(Duration::from_millis(50));
     }
-    (child, port)
+    (Some(child), port)
 }
 
 async fn site(name: &str) -> Site {

@@ -3,8 +3,10 @@
 
 #![allow(dead_code, unreachable_pub)] // Each bench uses part of it.
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+
+pub use herd_testkit::{Daemon, Spec};
 
 /// Runs a command quietly; whether it succeeded.
 pub fn run(cmd: &str, args: &[&str]) -> bool {
@@ -54,15 +56,15 @@ impl Pair {
         run("ip", &["netns", "del", self.client_ns]);
     }
 
-    /// Starts `cmd` in the server namespace and waits until `ss -ulnt` there shows `marker` (e.g. ":67 ").
-    pub fn start(&self, cmd: &[&str], marker: &str) -> Child {
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", self.server_ns])
-            .args(cmd)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("server starts");
+    /// Starts `cmd` in the server namespace (a [`Daemon`]: a private, empty `/run`, its own process group) and
+    /// waits until `ss -ulnt` there shows `marker` (e.g. ":67 ").
+    pub fn start(&self, cmd: &[&str], marker: &str) -> Daemon {
+        self.start_spec(Spec::new(cmd[0], cmd[0]).args(&cmd[1..]), marker)
+    }
+
+    /// Like [`Pair::start`], for a daemon that needs more than a command line (environment, a log).
+    pub fn start_spec(&self, spec: Spec, marker: &str) -> Daemon {
+        let mut child = spec.netns(self.server_ns).spawn().expect("server starts");
         let begun = Instant::now();
         loop {
             let ss = Command::new("ip").args(["netns", "exec", self.server_ns, "ss", "-ulnt"]).output().expect("ss");
@@ -70,9 +72,9 @@ impl Pair {
                 return child;
             }
             if let Ok(Some(status)) = child.try_wait() {
-                panic!("{cmd:?} exited with {status}");
+                panic!("{} exited with {status}", child.name());
             }
-            assert!(begun.elapsed() < Duration::from_secs(15), "{cmd:?} did not start listening ({marker})");
+            assert!(begun.elapsed() < Duration::from_secs(15), "{} did not start listening ({marker})", child.name());
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -85,7 +87,7 @@ impl Pair {
         state: &std::path::Path,
         extra: &[&str],
         marker: &str,
-    ) -> Child {
+    ) -> Daemon {
         let (inventory, state) = (inventory.to_str().expect("utf-8 path"), state.to_str().expect("utf-8 path"));
         let mut cmd = vec![
             env!("CARGO_BIN_EXE_provisioner"),
@@ -119,8 +121,10 @@ impl Drop for Pair {
     }
 }
 
-/// Kills a server and reaps it.
-pub fn stop(mut child: Child) {
-    let _ = child.kill();
-    let _ = child.wait();
+/// Stops a server and everything it started (its whole process group) and reaps it; a benchmark that leaves a
+/// process behind (nginx's workers once did) fails.
+pub fn stop(daemon: Daemon) {
+    let (pgid, name) = (daemon.pid(), daemon.name().to_owned());
+    daemon.stop();
+    assert!(!Daemon::group_alive(pgid), "{name}: a process of its group outlived the benchmark");
 }

@@ -304,7 +304,7 @@ pub struct Lab {
     vms: Vec<Vm>,
     /// Full DHCP (default) or proxyDHCP.
     pub mode: Mode,
-    hosts: Vec<(String, Option<Child>)>,
+    hosts: Vec<(String, Option<herd_testkit::Daemon>)>,
 }
 
 impl Lab {
@@ -495,12 +495,11 @@ impl Lab {
         ip(&["-n", &ns, "addr", "add", cidr, "dev", &inside])?;
         ip(&["-n", &ns, "link", "set", &inside, "up"])?;
         ip(&["-n", &ns, "link", "set", "lo", "up"])?;
-        let log = std::fs::File::create(self.dir.join(format!("host{n}.log")))?;
-        let child = Command::new("ip")
-            .args(["netns", "exec", &ns])
-            .args(command)
-            .stdout(log.try_clone()?)
-            .stderr(log)
+        let (program, args) = command.split_first().context("add_host: an empty command")?;
+        let child = herd_testkit::Spec::new(program, program)
+            .args(args)
+            .netns(&ns)
+            .log(&self.dir.join(format!("host{n}.log")))
             .spawn()
             .with_context(|| format!("cannot start {command:?}"))?;
         if let Some(last) = self.hosts.last_mut() {
@@ -660,10 +659,7 @@ impl Drop for Lab {
     fn drop(&mut self) {
         self.vms.clear();
         for (ns, child) in self.hosts.drain(..) {
-            if let Some(mut child) = child {
-                let _ = child.kill();
-                let _ = child.wait();
-            }
+            drop(child);
             let _ = Command::new("ip").args(["netns", "del", &ns]).status();
         }
         if let Some((cancel, handle)) = self.provisioner.take() {

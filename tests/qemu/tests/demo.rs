@@ -1,32 +1,25 @@
-//! The demo, end to end, through the real `herdctl` binary: `herdctl demo` brings up three machines (BIOS and UEFI)
+//! The demo, end to end, as README shows it: `./scripts/demo.sh` (from another directory; it runs the release
+//! `herdctl demo`, built by the test command beforehand) brings up three machines (BIOS and UEFI)
 //! booted by the provisioner; the web container answers from this host; the global unit runs on all three;
 //! `herdctl journal/status` reach a machine over SSH; a machine losing power (an etcd member with it) has its
 //! unit running elsewhere within 2 x TTL and its timeline shows the death; powered on again it boots its installed
-//! slot and rejoins; `herdctl demo down` leaves nothing running. Needs root, QEMU, OVMF, iPXE, docker-registry.
+//! slot and rejoins; `./scripts/demo.sh down` leaves nothing running. Needs root, QEMU, OVMF, iPXE, docker-registry.
 #![allow(clippy::unwrap_used)]
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use herd_qemu::image::{node_init, workspace};
+use herd_qemu::image::workspace;
 use serde_json::Value;
 
 /// node-init's agent lease TTL.
 const AGENT_TTL: Duration = Duration::from_secs(10);
 
-/// `herdctl` (and the provisioner next to it), built for this test's profile.
-fn herdctl() -> PathBuf {
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let status = Command::new(cargo)
-        .args(["build", "-q", "-p", "herdctl", "-p", "herd-provisioner", "--bins"])
-        .current_dir(workspace())
-        .status()
-        .unwrap();
-    assert!(status.success(), "building herdctl and the provisioner");
-    // target/PROFILE/deps/demo-HASH -> target/PROFILE/herdctl
+/// The release `herdctl` that `scripts/demo.sh` builds (target/PROFILE/deps/demo-HASH -> target/release/herdctl).
+fn release_herdctl() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
-    exe.parent().unwrap().parent().unwrap().join("herdctl")
+    exe.parent().unwrap().parent().unwrap().parent().unwrap().join("release/herdctl")
 }
 
 /// A demo in its own directory, taken down when dropped (also when the test fails).
@@ -37,33 +30,45 @@ struct Demo {
 }
 
 impl Demo {
+    /// README's first command, `./scripts/demo.sh ARGS` (it builds what it needs and runs `herdctl demo ARGS`).
+    /// Run from outside the repository: the script finds its way.
+    fn script(&self, args: &[&str]) -> Output {
+        let mut cmd = Command::new(workspace().join("scripts/demo.sh"));
+        cmd.current_dir(std::env::temp_dir());
+        self.command(cmd, "scripts/demo.sh", args)
+    }
+
     fn run(&self, args: &[&str]) -> Output {
-        let out = Command::new(&self.herdctl)
-            .args(args)
-            .env("HERD_DEMO_DIR", &self.dir)
-            .envs(self.env.iter().map(|(k, v)| (k, v)))
-            .current_dir(workspace())
-            .output()
-            .unwrap();
+        let mut cmd = Command::new(&self.herdctl);
+        cmd.current_dir(workspace());
+        self.command(cmd, "herdctl", args)
+    }
+
+    fn command(&self, mut cmd: Command, what: &str, args: &[&str]) -> Output {
+        let out =
+            cmd.args(args).env("HERD_DEMO_DIR", &self.dir).envs(self.env.iter().map(|(k, v)| (k, v))).output().unwrap();
         if !out.status.success() {
-            eprintln!("herdctl {args:?} failed:\n{}", String::from_utf8_lossy(&out.stderr));
+            eprintln!("{what} {args:?} failed:\n{}", String::from_utf8_lossy(&out.stderr));
         }
         out
     }
 
     fn json(&self, args: &[&str]) -> Value {
-        let out = self.run(args);
-        assert!(out.status.success(), "herdctl {args:?}");
-        serde_json::from_slice(&out.stdout)
-            .unwrap_or_else(|e| panic!("{args:?}: {e}: {}", String::from_utf8_lossy(&out.stdout)))
+        parse(&self.run(args), args)
     }
+}
+
+fn parse(out: &Output, args: &[&str]) -> Value {
+    assert!(out.status.success(), "{args:?}");
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{args:?}: {e}: {}", String::from_utf8_lossy(&out.stdout)))
 }
 
 impl Drop for Demo {
     fn drop(&mut self) {
-        let out = self.run(&["demo", "down"]);
+        let out = self.script(&["down"]);
         if !out.status.success() {
-            eprintln!("herdctl demo down: {}", String::from_utf8_lossy(&out.stderr));
+            eprintln!("scripts/demo.sh down: {}", String::from_utf8_lossy(&out.stderr));
         }
     }
 }
@@ -120,14 +125,11 @@ fn pid_alive(pid: u64) -> bool {
 fn the_demo_comes_up_serves_http_survives_a_power_cut_and_goes_down_cleanly() {
     let dir = std::env::temp_dir().join(format!("herd-qemu-demo-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let mut demo = Demo {
-        herdctl: herdctl(),
-        dir: dir.clone(),
-        env: vec![("HERD_NODE_INIT".into(), node_init().unwrap().display().to_string())],
-    };
+    let mut demo = Demo { herdctl: release_herdctl(), dir: dir.clone(), env: Vec::new() };
 
+    // Brought up the way README tells a newcomer to (with JSON out instead of the tables).
     let started = Instant::now();
-    let up = demo.json(&["demo", "-o", "json"]);
+    let up = parse(&demo.script(&["-o", "json"]), &["scripts/demo.sh", "-o", "json"]);
     let wall = started.elapsed();
     let machines = up["machines"].as_array().unwrap();
     assert_eq!(machines.len(), 3, "{up}");
@@ -319,7 +321,7 @@ fn the_demo_comes_up_serves_http_survives_a_power_cut_and_goes_down_cleanly() {
     let state: Value = serde_json::from_slice(&std::fs::read(dir.join("demo.json")).unwrap()).unwrap();
     let pids: Vec<u64> = state["procs"].as_array().unwrap().iter().map(|p| p["pid"].as_u64().unwrap()).collect();
     assert_eq!(pids.len(), 5, "provisioner, registry, 3 VMs: {state}");
-    assert!(demo.run(&["demo", "down"]).status.success());
+    assert!(demo.script(&["down"]).status.success(), "scripts/demo.sh down");
     assert!(!Path::new("/run/netns/herd-demo").exists(), "the namespace is gone");
     assert!(!dir.exists(), "the demo's files are gone");
     for pid in pids {

@@ -80,6 +80,7 @@ fn proxy_dhcp_boots_beside_a_dhcp_server_we_do_not_own() {
             "--dhcp-range=10.99.0.100,10.99.0.150,1h",
             "--no-ping",
             &format!("--dhcp-leasefile={}", leases.display()),
+            &format!("--pid-file={}", lab.dir.join("dnsmasq.pid").display()),
         ],
     )
     .unwrap();
