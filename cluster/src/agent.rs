@@ -8,6 +8,12 @@
 //!   keep-alive plus the TTL). Three quarters of the way there it stops its `AtMostOnce=true` units, so they are
 //!   down before the server expires the lease, and the engine moves them only a grace period after that. When a
 //!   renewal gets through again they start again (if still scheduled here).
+//! - The fence is open for one lease at a time ([`Fence`]), and only once the schedule has been read under that
+//!   lease; every target a worker holds carries the lease it was read under. An at-most-once unit starts only from a
+//!   target read under the lease the fence is open for, checked right before the start (after a slow load too): an
+//!   agent whose lease lapsed starts nothing from what it knew before (issue #28). Stopping stays immediate.
+//! - State reports are written under the lease they were made under while it lives; once the agent has dropped a
+//!   lease they are not retried with it: the agent reports every state again under its next lease.
 //! - Every unit has its own worker task, so a slow image pull never delays keep-alives or other units.
 
 use std::collections::{BTreeSet, HashMap};
@@ -99,6 +105,18 @@ struct Target {
     unit: Arc<Unit>,
     desired: Desired,
     epoch: u64,
+    /// The lease under which this schedule entry was read (from the full read after registering, or that
+    /// registration's watch): an at-most-once unit starts only while the fence is open for this very lease.
+    session: i64,
+}
+
+/// The lease whose registration is alive and whose schedule has been read under it: at-most-once units read
+/// under it may run. None: fenced (no lease we trust, its deadline passed, or its schedule not read yet).
+type Fence = Option<i64>;
+
+/// Whether `unit` may run under `fence` with a target read under `session`.
+fn may_run(unit: &Unit, session: i64, fence: Fence) -> bool {
+    !unit.placement.at_most_once || fence == Some(session)
 }
 
 /// A state change to write (None: the unit is gone from this machine).
@@ -163,13 +181,13 @@ impl<E: Executor> Agent<E> {
             tokio::spawn(pull_added(self.exec.clone(), self.key.clone(), self.events.clone(), warm, prewarm_rx));
         let _puller = AbortOnDrop(puller);
         let (report_tx, mut report_rx) = mpsc::unbounded_channel::<Report>();
-        // None: no lease we trust; Some(t): at-most-once units may run until t.
-        let (valid_tx, valid_rx) = watch::channel::<Option<Instant>>(None);
-        // False from a registration until the schedule has been read under it: a unit fenced while cut off must
-        // not start again before the agent knows whether it is still scheduled here.
-        let (synced_tx, synced_rx) = watch::channel(false);
-        let (fence_tx, fence_rx) = watch::channel(true);
-        let fencer = tokio::spawn(fence_task(valid_rx, synced_rx, fence_tx, self.events.clone()));
+        // None: no lease we trust; Some((lease, t)): at-most-once units may run under `lease` until t.
+        let (valid_tx, valid_rx) = watch::channel::<Option<(i64, Instant)>>(None);
+        // The lease under which the whole schedule was last read (0: none): a unit fenced while cut off must not
+        // start again before the agent knows, under its new lease, whether it is still scheduled here.
+        let (synced_tx, synced_rx) = watch::channel(0i64);
+        let (fence_tx, fence_rx) = watch::channel::<Fence>(None);
+        let fencer = tokio::spawn(fence_task(valid_rx.clone(), synced_rx, fence_tx, self.events.clone()));
         let _fencer = AbortOnDrop(fencer);
 
         let mut workers: HashMap<UnitName, watch::Sender<Option<Target>>> = HashMap::new();
@@ -184,8 +202,14 @@ impl<E: Executor> Agent<E> {
         let mut flush_at = Instant::now();
         let (flush_tx, flush_rx) = mpsc::unbounded_channel();
         let (gone_tx, mut gone_rx) = mpsc::channel(4);
-        let _writer =
-            AbortOnDrop(tokio::spawn(writer(self.store.clone(), self.key.clone(), flush_rx, gone_tx, backoff)));
+        let _writer = AbortOnDrop(tokio::spawn(writer(
+            self.store.clone(),
+            self.key.clone(),
+            flush_rx,
+            valid_rx,
+            gone_tx,
+            backoff,
+        )));
 
         loop {
             let now = Instant::now();
@@ -193,7 +217,6 @@ impl<E: Executor> Agent<E> {
                 match self.register(&valid_tx).await {
                     Ok(s) => {
                         self.emit(AgentEvent::Registered { lease: s.lease });
-                        synced_tx.send_replace(false);
                         session = Some(s);
                         stream = None;
                         // States were attached to the old lease: write them all again.
@@ -206,11 +229,14 @@ impl<E: Executor> Agent<E> {
                     }
                 }
             }
-            if session.is_some() && stream.is_none() && Instant::now() >= retry_at {
-                match self.sync(&mut workers, &mut epochs, &report_tx, &fence_rx, &prewarm_tx).await {
+            if let Some(lease) = session.as_ref().map(|s| s.lease)
+                && stream.is_none()
+                && Instant::now() >= retry_at
+            {
+                match self.sync(lease, &mut workers, &mut epochs, &report_tx, &fence_rx, &prewarm_tx).await {
                     Ok(s) => {
                         stream = Some(s);
-                        synced_tx.send_replace(true);
+                        synced_tx.send_replace(lease);
                     }
                     Err(e) => {
                         tracing::warn!(machine = %self.key, "reading the schedule: {e}");
@@ -233,12 +259,14 @@ impl<E: Executor> Agent<E> {
                 () = shutdown.cancelled() => return Ok(()),
                 Some(()) = lapsed(&mut session) => {
                     tracing::warn!(machine = %self.key, "lease expired; registering again");
+                    valid_tx.send_replace(None);
                     session = None;
                     stream = None;
                 }
                 Some(lease) = gone_rx.recv() => {
                     if session.as_ref().is_some_and(|s| s.lease == lease) {
                         tracing::warn!(machine = %self.key, "lease expired; registering again");
+                        valid_tx.send_replace(None);
                         session = None;
                         stream = None;
                     }
@@ -254,7 +282,9 @@ impl<E: Executor> Agent<E> {
                                         EventType::Put => record::decode::<ScheduleEntry>(kv.value()),
                                         EventType::Delete => None,
                                     };
-                                    self.assign(unit, entry, &mut workers, &mut epochs, &report_tx, &fence_rx);
+                                    // The stream is this session's: it is dropped with the session.
+                                    let lease = session.as_ref().map_or(0, |s| s.lease);
+                                    self.assign(lease, unit, entry, &mut workers, &mut epochs, &report_tx, &fence_rx);
                                 }
                                 Some(Key::Prewarm(_)) if ev.event_type() == EventType::Put => {
                                     if let Some(p) = record::decode::<PrewarmRecord>(kv.value()) {
@@ -318,7 +348,7 @@ impl<E: Executor> Agent<E> {
         images
     }
 
-    async fn register(&self, valid: &watch::Sender<Option<Instant>>) -> Result<Session, RegisterError> {
+    async fn register(&self, valid: &watch::Sender<Option<(i64, Instant)>>) -> Result<Session, RegisterError> {
         let key = Key::Machine(self.key.clone()).path();
         let sent = Instant::now();
         let (lease, ttl) = self.store.grant(self.cfg.ttl).await?;
@@ -355,9 +385,11 @@ impl<E: Executor> Agent<E> {
                 return Err(RegisterError::Store(StoreError::Fenced("registration raced".into())));
             }
         }
-        valid.send_replace(Some(sent + ttl * 3 / 4));
+        // The fence stays closed for this lease until its schedule has been read (the fence task checks both).
+        valid.send_replace(Some((lease, sent + ttl * 3 / 4)));
         let (lapsed_tx, lapsed) = mpsc::channel(1);
-        let renewer = tokio::spawn(renew_task(KeepAlive::new(&self.store, lease), ttl, sent, valid.clone(), lapsed_tx));
+        let renewer =
+            tokio::spawn(renew_task(KeepAlive::new(&self.store, lease), lease, ttl, sent, valid.clone(), lapsed_tx));
         Ok(Session { lease, lapsed, renewer })
     }
 
@@ -366,10 +398,11 @@ impl<E: Executor> Agent<E> {
     /// for etcd to keep, not two).
     async fn sync(
         &self,
+        lease: i64,
         workers: &mut HashMap<UnitName, watch::Sender<Option<Target>>>,
         epochs: &mut HashMap<UnitName, u64>,
         reports: &mpsc::UnboundedSender<Report>,
-        fence: &watch::Receiver<bool>,
+        fence: &watch::Receiver<Fence>,
         prewarm: &mpsc::UnboundedSender<String>,
     ) -> Result<WatchStream, StoreError> {
         let prefix = schema::schedule_prefix(&self.key);
@@ -385,24 +418,26 @@ impl<E: Executor> Agent<E> {
             seen.insert(unit.clone());
             // A full read is authoritative: forget epochs so a new leader's lower-numbered writes are not refused.
             epochs.remove(&unit);
-            self.assign(unit, record::decode(kv.value()), workers, epochs, reports, fence);
+            self.assign(lease, unit, record::decode(kv.value()), workers, epochs, reports, fence);
         }
         let gone: Vec<UnitName> = workers.keys().filter(|u| !seen.contains(*u)).cloned().collect();
         for unit in gone {
-            self.assign(unit, None, workers, epochs, reports, fence);
+            self.assign(lease, unit, None, workers, epochs, reports, fence);
         }
         self.store.watch_prefixes(&[(prefix, revision + 1), (warm_prefix, revision + 1)]).await
     }
 
-    /// Points a unit's worker at a schedule entry (None: remove the unit).
+    /// Points a unit's worker at a schedule entry read under `lease` (None: remove the unit).
+    #[allow(clippy::too_many_arguments)]
     fn assign(
         &self,
+        lease: i64,
         name: UnitName,
         entry: Option<ScheduleEntry>,
         workers: &mut HashMap<UnitName, watch::Sender<Option<Target>>>,
         epochs: &mut HashMap<UnitName, u64>,
         reports: &mpsc::UnboundedSender<Report>,
-        fence: &watch::Receiver<bool>,
+        fence: &watch::Receiver<Fence>,
     ) {
         let target = match entry {
             Some(e) => {
@@ -412,7 +447,9 @@ impl<E: Executor> Agent<E> {
                 }
                 epochs.insert(name.clone(), e.epoch);
                 match Unit::parse(name.as_str(), &e.text) {
-                    Ok(unit) => Some(Target { unit: Arc::new(unit), desired: e.desired, epoch: e.epoch }),
+                    Ok(unit) => {
+                        Some(Target { unit: Arc::new(unit), desired: e.desired, epoch: e.epoch, session: lease })
+                    }
                     Err(err) => {
                         let _ = reports.send(Report {
                             unit: name,
@@ -451,12 +488,15 @@ impl<E: Executor> Agent<E> {
     }
 }
 
-/// Writes state reports attached to the lease they came with, latest per unit wins; retries until they land.
-/// Says which lease is gone when etcd no longer knows it.
+/// Writes state reports attached to the lease they came with, latest per unit wins; retries until they land or
+/// the agent drops that lease (`live`: the agent's live lease). Says which lease is gone when etcd no longer knows
+/// it. Reports of a dropped lease are discarded, not retried with it: the agent sends every state it holds again
+/// under its next lease.
 async fn writer(
     store: Store,
     machine: MachineKey,
     mut batches: mpsc::UnboundedReceiver<(i64, HashMap<UnitName, Option<StateRecord>>)>,
+    live: watch::Receiver<Option<(i64, Instant)>>,
     gone: mpsc::Sender<i64>,
     backoff: Duration,
 ) {
@@ -471,6 +511,11 @@ async fn writer(
         while let Ok((l, batch)) = batches.try_recv() {
             lease = l;
             pending.extend(batch);
+        }
+        if live.borrow().is_none_or(|(l, _)| l != lease) {
+            tracing::debug!(machine = %machine, lease, dropped = pending.len(), "reports of a dropped lease discarded");
+            pending.clear();
+            continue;
         }
         let written = match pending.len() {
             // One change (the usual case: units land one by one) is a plain put or delete, not a transaction: etcd
@@ -589,9 +634,10 @@ async fn next_watch(stream: &mut Option<WatchStream>) -> Result<Option<etcd_clie
 /// the last acknowledgement (the server cannot have kept it; registering again takes the old registration over).
 async fn renew_task(
     mut ka: KeepAlive,
+    lease: i64,
     ttl: Duration,
     mut last_sent: Instant,
-    valid: watch::Sender<Option<Instant>>,
+    valid: watch::Sender<Option<(i64, Instant)>>,
     lapsed: mpsc::Sender<()>,
 ) {
     let every = (ttl / 3).max(Duration::from_millis(200));
@@ -603,7 +649,7 @@ async fn renew_task(
             Ok(left) if !left.is_zero() => {
                 last_sent = sent;
                 last_ack = Instant::now();
-                valid.send_replace(Some(sent + ttl * 3 / 4));
+                valid.send_replace(Some((lease, sent + ttl * 3 / 4)));
                 false
             }
             Ok(_) => true,
@@ -622,22 +668,25 @@ async fn renew_task(
     }
 }
 
-/// Raises the fence when the lease's deadline passes, lowers it when a renewal moves the deadline and the schedule
-/// has been read under the current lease.
+/// Raises the fence when the lease's deadline passes or the lease is dropped; opens it for a lease only while that
+/// lease's deadline is ahead and the schedule has been read under that same lease (`synced`). Keyed by lease, so a
+/// registration publishing its deadline before its schedule is read cannot open the fence on the old read.
 async fn fence_task(
-    mut valid: watch::Receiver<Option<Instant>>,
-    mut synced: watch::Receiver<bool>,
-    fence: watch::Sender<bool>,
+    mut valid: watch::Receiver<Option<(i64, Instant)>>,
+    mut synced: watch::Receiver<i64>,
+    fence: watch::Sender<Fence>,
     events: broadcast::Sender<AgentEvent>,
 ) {
     loop {
         let until = *valid.borrow_and_update();
-        let fenced = !*synced.borrow_and_update() || until.is_none_or(|t| Instant::now() >= t);
-        if fence.send_if_modified(|f| std::mem::replace(f, fenced) != fenced) {
-            let _ =
-                events.send(if fenced { AgentEvent::Fenced { at: SystemTime::now() } } else { AgentEvent::Unfenced });
+        let open = fence_for(until, *synced.borrow_and_update(), Instant::now());
+        if fence.send_if_modified(|f| std::mem::replace(f, open) != open) {
+            let _ = events.send(match open {
+                None => AgentEvent::Fenced { at: SystemTime::now() },
+                Some(_) => AgentEvent::Unfenced,
+            });
         }
-        let deadline = until.filter(|_| !fenced);
+        let deadline = until.filter(|_| open.is_some()).map(|(_, t)| t);
         tokio::select! {
             r = valid.changed() => if r.is_err() { return },
             r = synced.changed() => if r.is_err() { return },
@@ -646,10 +695,16 @@ async fn fence_task(
     }
 }
 
+/// The fence at `now`: open for the live lease (`until`: the lease and its deadline) only if its deadline is ahead
+/// and the schedule was read under that same lease (`read`).
+fn fence_for(until: Option<(i64, Instant)>, read: i64, now: Instant) -> Fence {
+    until.filter(|&(lease, t)| lease == read && now < t).map(|(lease, _)| lease)
+}
+
 /// Converges one unit to its target, then keeps watching its state until the unit is removed.
 async fn worker<E: Executor>(
     mut target: watch::Receiver<Option<Target>>,
-    mut fence: watch::Receiver<bool>,
+    mut fence: watch::Receiver<Fence>,
     exec: Arc<E>,
     reports: mpsc::UnboundedSender<Report>,
     events: broadcast::Sender<AgentEvent>,
@@ -659,7 +714,7 @@ async fn worker<E: Executor>(
     let mut name: Option<UnitName> = None;
     loop {
         let t = target.borrow_and_update().clone();
-        let fenced = *fence.borrow_and_update();
+        fence.borrow_and_update();
         if let Some(t) = &t {
             name = Some(t.unit.name.clone());
         }
@@ -710,8 +765,13 @@ async fn worker<E: Executor>(
                 }
             }
         }
+        if installed.is_some() && target.has_changed().unwrap_or(false) {
+            // A newer target arrived while loading (an image pull can take long): act on that one.
+            continue;
+        }
         if let Some((unit, state)) = installed.as_mut() {
-            let run = t.desired == Desired::Launched && !(fenced && unit.placement.at_most_once);
+            // The fence as it is now, right before acting, not as it was before a slow load.
+            let run = t.desired == Desired::Launched && may_run(unit, t.session, *fence.borrow());
             let mut detail = None;
             let since = Instant::now();
             if run && *state != ActiveState::Active {
@@ -756,5 +816,132 @@ async fn worker<E: Executor>(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::exec::{ExecError, RecordingExecutor};
+
+    fn unit(at_most_once: bool) -> Arc<Unit> {
+        let text = format!("[Service]\nExecStart=/bin/sleep 60\n[X-Fleet]\nAtMostOnce={at_most_once}\n");
+        Arc::new(Unit::parse("amo.service", &text).unwrap())
+    }
+
+    fn target(unit: &Arc<Unit>, session: i64) -> Option<Target> {
+        Some(Target { unit: unit.clone(), desired: Desired::Launched, epoch: 1, session })
+    }
+
+    /// The next state the worker reports (bounded wait).
+    async fn next_report(rx: &mut mpsc::UnboundedReceiver<Report>) -> ActiveState {
+        let r = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await.unwrap().unwrap();
+        r.state.unwrap().state
+    }
+
+    #[test]
+    fn the_fence_opens_only_for_the_live_lease_whose_schedule_was_read() {
+        let now = Instant::now();
+        let later = now + Duration::from_secs(5);
+        assert_eq!(fence_for(Some((1, later)), 1, now), Some(1));
+        // Registered again under lease 2: its deadline is published before its schedule is read. The read made
+        // under lease 1 must not open the fence (issue #28: it did, and the old schedule started a unit).
+        assert_eq!(fence_for(Some((2, later)), 1, now), None);
+        assert_eq!(fence_for(Some((2, later)), 2, now), Some(2));
+        // The deadline passed, or no lease at all.
+        assert_eq!(fence_for(Some((2, now)), 2, now), None);
+        assert_eq!(fence_for(None, 2, now), None);
+        // Only at-most-once units care, and only for the lease their target was read under.
+        assert!(may_run(&unit(true), 2, Some(2)));
+        assert!(!may_run(&unit(true), 1, Some(2)));
+        assert!(!may_run(&unit(true), 2, None));
+        assert!(may_run(&unit(false), 1, None));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_target_read_under_an_old_lease_starts_no_at_most_once_unit() {
+        let exec = Arc::new(RecordingExecutor::default());
+        let amo = unit(true);
+        // The worker still holds what it read under lease 1; the fence is open for lease 2.
+        let (target_tx, target_rx) = watch::channel(target(&amo, 1));
+        let (_fence_tx, fence_rx) = watch::channel::<Fence>(Some(2));
+        let (reports, mut rx) = mpsc::unbounded_channel();
+        let (events, _) = broadcast::channel(16);
+        let w = AbortOnDrop(tokio::spawn(worker(
+            target_rx,
+            fence_rx,
+            exec.clone(),
+            reports,
+            events,
+            Duration::from_secs(60),
+        )));
+        assert_eq!(next_report(&mut rx).await, ActiveState::Loaded);
+        assert_eq!(exec.active(), 0, "not started from the old lease's schedule");
+        // The schedule read under lease 2 still has it here: now it starts.
+        target_tx.send_replace(target(&amo, 2));
+        assert_eq!(next_report(&mut rx).await, ActiveState::Active);
+        assert_eq!(exec.active(), 1);
+        drop(w);
+    }
+
+    /// Loads block until released, so a test can change the fence while a load (an image pull) is under way.
+    #[derive(Debug, Default)]
+    struct Gate {
+        entered: tokio::sync::Notify,
+        release: tokio::sync::Notify,
+        starts: std::sync::atomic::AtomicU32,
+    }
+
+    impl Executor for Gate {
+        async fn pull(&self, _image: &str) -> Result<(), ExecError> {
+            Ok(())
+        }
+        async fn load(&self, _unit: &Unit) -> Result<(), ExecError> {
+            self.entered.notify_one();
+            self.release.notified().await;
+            Ok(())
+        }
+        async fn start(&self, _unit: &Unit) -> Result<(), ExecError> {
+            self.starts.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Ok(())
+        }
+        async fn stop(&self, _unit: &Unit) -> Result<(), ExecError> {
+            Ok(())
+        }
+        async fn unload(&self, _unit: &Unit) -> Result<(), ExecError> {
+            Ok(())
+        }
+        async fn state(&self, _unit: &Unit) -> ActiveState {
+            ActiveState::Loaded
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_load_that_ends_after_the_fence_closed_starts_nothing() {
+        let exec = Arc::new(Gate::default());
+        let amo = unit(true);
+        let (_target_tx, target_rx) = watch::channel(target(&amo, 1));
+        let (fence_tx, fence_rx) = watch::channel::<Fence>(Some(1));
+        let (reports, mut rx) = mpsc::unbounded_channel();
+        let (events, _) = broadcast::channel(16);
+        let w = AbortOnDrop(tokio::spawn(worker(
+            target_rx,
+            fence_rx,
+            exec.clone(),
+            reports,
+            events,
+            Duration::from_secs(60),
+        )));
+        exec.entered.notified().await;
+        // The lease lapses while the load is under way.
+        fence_tx.send_replace(None);
+        exec.release.notify_one();
+        assert_eq!(next_report(&mut rx).await, ActiveState::Loaded);
+        assert_eq!(exec.starts.load(std::sync::atomic::Ordering::SeqCst), 0, "no start after the fence closed");
+        // The fence opens again for the same lease (a renewal got through): it starts.
+        fence_tx.send_replace(Some(1));
+        assert_eq!(next_report(&mut rx).await, ActiveState::Active);
+        drop(w);
     }
 }

@@ -9,6 +9,10 @@
 //! - Taking over changes nothing that runs: the new leader reads the schedule as it is and plans from it.
 //! - A machine whose registration disappears is *suspect* for a grace period (its units stay put, nothing new lands
 //!   there), then *dead* (its units move). A registration that comes back within the grace moves nothing.
+//! - An at-most-once unit moves off a dead machine only if that machine is still unregistered at the write: the
+//!   move (delete there, put elsewhere) is one transaction guarded by the machine key's absence, so a machine that
+//!   registers again just as this engine declares it dead (its view a moment behind) keeps the unit and never sees
+//!   it run elsewhere meanwhile.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
@@ -536,15 +540,26 @@ impl Engine {
         }
         let mut ops = Vec::new();
         let mut removed = Vec::new();
+        // At-most-once units leaving dead machines: unit -> (the machines, the move's writes), one guarded txn each.
+        let mut fenced_moves: BTreeMap<UnitName, (Vec<String>, Vec<TxnOp>)> = BTreeMap::new();
         for key in view.schedule.keys() {
             if view.warming.get(&key.1).is_some_and(|w| w.from == key.0) {
                 // Keeps running here until its next machine has loaded it.
                 continue;
             }
             if !wanted.contains_key(key) {
-                ops.push(TxnOp::delete(self.schedule_key(key), None));
-                removed.push(key.clone());
                 let (from, unit) = key;
+                let at_most_once =
+                    view.units.get(unit).is_some_and(|(_, u)| u.as_ref().is_some_and(|u| u.placement.at_most_once));
+                let dead = !view.machines.contains_key(from) && !view.suspects.contains_key(from);
+                if at_most_once && dead {
+                    let (machines, writes) = fenced_moves.entry(unit.clone()).or_default();
+                    machines.push(from.clone());
+                    writes.push(TxnOp::delete(self.schedule_key(key), None));
+                } else {
+                    ops.push(TxnOp::delete(self.schedule_key(key), None));
+                }
+                removed.push(key.clone());
                 let moving_off_a_live_machine = view.machines.contains_key(from)
                     && view.units.get(unit).is_some_and(|(_, u)| u.as_ref().is_some_and(|u| u.placement.at_most_once))
                     && wanted.keys().any(|(m, u)| u == unit && m != from);
@@ -566,13 +581,33 @@ impl Engine {
                 entry.clone()
             };
             if view.schedule.get(key) != Some(&entry) {
-                ops.push(TxnOp::put(self.schedule_key(key), record::encode(&entry), None));
+                let put = TxnOp::put(self.schedule_key(key), record::encode(&entry), None);
+                match fenced_moves.get_mut(&key.1) {
+                    Some((_, writes)) => writes.push(put),
+                    None => ops.push(put),
+                }
                 added.push((key.clone(), entry));
             }
         }
-        let writes = ops.len();
+        let mut writes = ops.len();
         if !ops.is_empty() {
             self.store.apply(ops, guard).await?;
+        }
+        for (unit, (from, moves)) in fenced_moves {
+            writes += moves.len();
+            let mut when = guard.to_vec();
+            for m in &from {
+                when.push(Compare::version(Key::Machine(self.machine_key(m)?).path(), CompareOp::Equal, 0));
+            }
+            let moved = self.store.txn(etcd_client::Txn::new().when(when).and_then(moves)).await?.succeeded();
+            if !moved {
+                // A machine registered again (or this engine was deposed): nothing moved. The registration reaches
+                // the view through the watch and the next round plans from it.
+                tracing::info!(unit = %unit, from = ?from, "not moved: its machine registered again");
+                removed.retain(|(_, u)| *u != unit);
+                added.retain(|((_, u), _)| *u != unit);
+                view.leaving.remove(&unit);
+            }
         }
         tracing::debug!(round = rounds, ?planned, total = ?started.elapsed(), writes, "reconciled");
         for key in removed {
