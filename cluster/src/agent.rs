@@ -834,6 +834,25 @@ mod tests {
         Some(Target { unit: unit.clone(), desired: Desired::Launched, epoch: 1, session })
     }
 
+    /// A worker for an at-most-once unit whose target was read under `session`, the fence open for `fence`.
+    struct Worker {
+        target: watch::Sender<Option<Target>>,
+        fence: watch::Sender<Fence>,
+        reports: mpsc::UnboundedReceiver<Report>,
+        unit: Arc<Unit>,
+        _task: AbortOnDrop,
+    }
+
+    fn spawn_worker<E: Executor>(exec: &Arc<E>, session: i64, fence: Fence) -> Worker {
+        let unit = unit(true);
+        let (target_tx, target_rx) = watch::channel(target(&unit, session));
+        let (fence_tx, fence_rx) = watch::channel(fence);
+        let (reports, rx) = mpsc::unbounded_channel();
+        let (events, _) = broadcast::channel(16);
+        let task = tokio::spawn(worker(target_rx, fence_rx, exec.clone(), reports, events, Duration::from_secs(60)));
+        Worker { target: target_tx, fence: fence_tx, reports: rx, unit, _task: AbortOnDrop(task) }
+    }
+
     /// The next state the worker reports (bounded wait).
     async fn next_report(rx: &mut mpsc::UnboundedReceiver<Report>) -> ActiveState {
         let r = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await.unwrap().unwrap();
@@ -862,27 +881,14 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_target_read_under_an_old_lease_starts_no_at_most_once_unit() {
         let exec = Arc::new(RecordingExecutor::default());
-        let amo = unit(true);
         // The worker still holds what it read under lease 1; the fence is open for lease 2.
-        let (target_tx, target_rx) = watch::channel(target(&amo, 1));
-        let (_fence_tx, fence_rx) = watch::channel::<Fence>(Some(2));
-        let (reports, mut rx) = mpsc::unbounded_channel();
-        let (events, _) = broadcast::channel(16);
-        let w = AbortOnDrop(tokio::spawn(worker(
-            target_rx,
-            fence_rx,
-            exec.clone(),
-            reports,
-            events,
-            Duration::from_secs(60),
-        )));
-        assert_eq!(next_report(&mut rx).await, ActiveState::Loaded);
+        let mut w = spawn_worker(&exec, 1, Some(2));
+        assert_eq!(next_report(&mut w.reports).await, ActiveState::Loaded);
         assert_eq!(exec.active(), 0, "not started from the old lease's schedule");
         // The schedule read under lease 2 still has it here: now it starts.
-        target_tx.send_replace(target(&amo, 2));
-        assert_eq!(next_report(&mut rx).await, ActiveState::Active);
+        w.target.send_replace(target(&w.unit, 2));
+        assert_eq!(next_report(&mut w.reports).await, ActiveState::Active);
         assert_eq!(exec.active(), 1);
-        drop(w);
     }
 
     /// Loads block until released, so a test can change the fence while a load (an image pull) is under way.
@@ -920,28 +926,15 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_load_that_ends_after_the_fence_closed_starts_nothing() {
         let exec = Arc::new(Gate::default());
-        let amo = unit(true);
-        let (_target_tx, target_rx) = watch::channel(target(&amo, 1));
-        let (fence_tx, fence_rx) = watch::channel::<Fence>(Some(1));
-        let (reports, mut rx) = mpsc::unbounded_channel();
-        let (events, _) = broadcast::channel(16);
-        let w = AbortOnDrop(tokio::spawn(worker(
-            target_rx,
-            fence_rx,
-            exec.clone(),
-            reports,
-            events,
-            Duration::from_secs(60),
-        )));
+        let mut w = spawn_worker(&exec, 1, Some(1));
         exec.entered.notified().await;
         // The lease lapses while the load is under way.
-        fence_tx.send_replace(None);
+        w.fence.send_replace(None);
         exec.release.notify_one();
-        assert_eq!(next_report(&mut rx).await, ActiveState::Loaded);
+        assert_eq!(next_report(&mut w.reports).await, ActiveState::Loaded);
         assert_eq!(exec.starts.load(std::sync::atomic::Ordering::SeqCst), 0, "no start after the fence closed");
         // The fence opens again for the same lease (a renewal got through): it starts.
-        fence_tx.send_replace(Some(1));
-        assert_eq!(next_report(&mut rx).await, ActiveState::Active);
-        drop(w);
+        w.fence.send_replace(Some(1));
+        assert_eq!(next_report(&mut w.reports).await, ActiveState::Active);
     }
 }

@@ -71,6 +71,15 @@ Global=true
 const NODE_INIT_RSS_GOAL_MIB: f64 = 32.0;
 
 /// A unit pinned to node2.
+/// An at-most-once unit that prints a numbered beat on the console every 0.2 s: the host sees, from outside the
+/// machines (their consoles work with their links cut), on which machine a copy runs at every moment.
+const AMO_UNIT: &str = "[Service]
+StandardOutput=journal+console
+ExecStart=/bin/sh -c 'n=0; while :; do n=$((n+1)); echo HERD-AMO $(cat /etc/hostname) $n; sleep 0.2; done'
+[X-Fleet]
+AtMostOnce=true
+";
+
 const PINNED_UNIT: &str = "[Service]
 Type=oneshot
 RemainAfterExit=yes
@@ -284,6 +293,9 @@ fn three_machines_install_from_the_provisioner_form_etcd_register_and_run_a_glob
         "figures: node1 power-cycled -> registered again {:.1} s (no reinstall; one NIC of two)",
         took.as_secs_f64()
     );
+
+    // At most once through cuts and heals (issue #28), all three machines up.
+    at_most_once_through_cuts(&lab, [(i, "node1"), (1, "node2"), (2, "node3")]);
 
     // A machine dies (and with it one of the three etcd members): its unit runs elsewhere within 2 x TTL, scheduled
     // by the two machines left.
@@ -562,3 +574,195 @@ RemainAfterExit=yes
 StandardOutput=journal+console
 ExecStart=/bin/sh -c 'echo HERD-LACP on $(hostname)'
 ";
+
+/// Every beat of [`AMO_UNIT`] the host saw on each machine's console, with the host's time it was seen (the
+/// consoles are read every 50 ms from where the last read ended).
+struct Beats {
+    vms: Vec<(usize, &'static str)>,
+    offsets: Vec<u64>,
+    seen: Vec<(std::time::Instant, &'static str)>,
+}
+
+impl Beats {
+    fn new(lab: &Lab, vms: &[(usize, &'static str)]) -> Beats {
+        let offsets =
+            vms.iter().map(|&(v, _)| std::fs::metadata(&lab.vms()[v].serial).map_or(0, |m| m.len())).collect();
+        Beats { vms: vms.to_vec(), offsets, seen: Vec::new() }
+    }
+
+    fn sample(&mut self, lab: &Lab) {
+        use std::io::{Read, Seek};
+        let now = std::time::Instant::now();
+        for (k, &(v, name)) in self.vms.iter().enumerate() {
+            let Ok(mut f) = std::fs::File::open(&lab.vms()[v].serial) else { continue };
+            let _ = f.seek(std::io::SeekFrom::Start(self.offsets[k]));
+            let mut text = Vec::new();
+            let _ = f.read_to_end(&mut text);
+            // Only whole lines: a beat cut in two is read with its end next time.
+            let Some(end) = text.iter().rposition(|&b| b == b'\n') else { continue };
+            self.offsets[k] += end as u64 + 1;
+            let text = String::from_utf8_lossy(&text[..=end]);
+            let beats = text.matches(&format!("HERD-AMO {name} ")).count();
+            self.seen.extend(std::iter::repeat_n((now, name), beats));
+        }
+    }
+
+    /// Samples until `done` holds for the beats so far (bounded by `within`).
+    fn until(&mut self, lab: &Lab, what: &str, within: Duration, mut done: impl FnMut(&Beats) -> bool) {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            self.sample(lab);
+            if done(self) {
+                return;
+            }
+            assert!(std::time::Instant::now() < deadline, "{what} within {within:?}; beats: {:?}", self.runs());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn count_on(&self, name: &str, after: std::time::Instant) -> usize {
+        self.seen.iter().filter(|(t, n)| *n == name && *t > after).count()
+    }
+
+    fn last_machine(&self) -> Option<&'static str> {
+        self.seen.last().map(|(_, n)| *n)
+    }
+
+    /// The beats as runs: (machine, first seen, last seen), a new run whenever the machine changes.
+    fn runs(&self) -> Vec<(&'static str, std::time::Instant, std::time::Instant)> {
+        self.runs_since(None)
+    }
+
+    fn runs_since(
+        &self,
+        since: Option<std::time::Instant>,
+    ) -> Vec<(&'static str, std::time::Instant, std::time::Instant)> {
+        let mut runs: Vec<(&'static str, std::time::Instant, std::time::Instant)> = Vec::new();
+        for &(t, n) in self.seen.iter().filter(|(t, _)| since.is_none_or(|s| *t >= s)) {
+            match runs.last_mut() {
+                Some(r) if r.0 == n => r.2 = t,
+                _ => runs.push((n, t, t)),
+            }
+        }
+        runs
+    }
+
+    /// Asserts no two machines ever beat at once: the runs, in the order seen, never interleave (a copy that started
+    /// elsewhere while one ran would alternate machines within 0.2 s), a machine's run ends before the next begins,
+    /// and since `since` no machine the unit left ran it again. Returns the gaps between runs.
+    fn assert_one_copy(&self, what: &str, since: std::time::Instant) -> Vec<Duration> {
+        let runs = self.runs();
+        let mut gaps = Vec::new();
+        for w in runs.windows(2) {
+            let (a, b) = (&w[0], &w[1]);
+            let gap = b.1.saturating_duration_since(a.2);
+            // Consecutive runs on two machines with less than one beat period between them: two copies.
+            assert!(
+                gap >= Duration::from_millis(400),
+                "{what}: {} beat until {:?}, {} from {:?} (gap {gap:?})",
+                a.0,
+                a.2,
+                b.0,
+                b.1
+            );
+            gaps.push(gap);
+        }
+        let recent = self.runs_since(Some(since));
+        let machines: std::collections::BTreeSet<_> = recent.iter().map(|r| r.0).collect();
+        assert!(
+            recent.len() == machines.len(),
+            "{what}: a machine ran the unit again after it had left it: {recent:?}"
+        );
+        gaps
+    }
+}
+
+/// Cuts (or restores) every link of VM `v` (both bond members where it has two).
+fn links(lab: &Lab, v: usize, up: bool) {
+    let state = if up { "on" } else { "off" };
+    let said = lab.monitor(v, &format!("set_link n0 {state}")).unwrap();
+    assert!(!said.contains("not found"), "{said}");
+    let _ = lab.monitor(v, &format!("set_link n1 {state}"));
+}
+
+/// The at-most-once unit through three cuts of the machine running it: shorter than the TTL (it keeps running
+/// there and never starts elsewhere), longer than the TTL on a machine that is not the engine leader, and longer on
+/// the engine leader's machine; each time through the cut *and* the heal, from the consoles: never two copies, and
+/// a machine the unit left never runs it again.
+fn at_most_once_through_cuts(lab: &Lab, vms: [(usize, &'static str); 3]) {
+    let vm = |name: &str| vms.iter().find(|(_, n)| *n == name).unwrap().0;
+    let mut beats = Beats::new(lab, &vms);
+    with_cluster(lab, |c| async move { launch(&c, "amo.service", AMO_UNIT).await });
+    beats.until(lab, "the unit beating", Duration::from_secs(60), |b| b.seen.len() >= 5);
+    let on = beats.last_machine().unwrap();
+
+    // A cut shorter than the TTL (2 s; renewals every TTL/3, the fence at 3/4 TTL): nothing moves.
+    let cut = std::time::Instant::now();
+    links(lab, vm(on), false);
+    beats.until(lab, "beats through the short cut", Duration::from_secs(30), |b| b.count_on(on, cut) >= 8);
+    links(lab, vm(on), true);
+    let healed = std::time::Instant::now();
+    // Longer than the TTL plus the grace after the heal: a move would have shown by then.
+    beats.until(lab, "beats after the short cut", Duration::from_secs(60), |b| b.count_on(on, healed) >= 75);
+    assert_eq!(beats.runs().len(), 1, "a cut shorter than the TTL moved nothing: {:?}", beats.runs());
+    println!("figures: at-most-once, a 2 s cut: kept running on {on}, never elsewhere");
+
+    for leader in [false, true] {
+        let from = with_cluster(lab, move |c| async move {
+            let machines = c.machines().await.unwrap();
+            let engine = machines.iter().find(|m| m.engine_leader).map(|m| m.record.id.clone()).unwrap();
+            let mut on = active_machine(&c, "amo.service", None).await;
+            // Bring the unit where this round wants it: onto the engine leader's machine, or off it (cordoning the
+            // machine it is on moves it, break-before-make).
+            while (on == engine) != leader {
+                let others: Vec<String> =
+                    machines.iter().map(|m| m.record.id.clone()).filter(|m| *m != engine).collect();
+                let away = if leader { others } else { vec![engine.clone()] };
+                for m in &away {
+                    c.cordon(m, true).await.unwrap();
+                }
+                on = active_machine(&c, "amo.service", Some(&on)).await;
+                for m in &away {
+                    c.uncordon(m).await.unwrap();
+                }
+            }
+            on
+        });
+        let from: &'static str = vms.iter().find(|(_, n)| *n == from).unwrap().1;
+        let what = if leader { "the engine leader's machine" } else { "a machine" };
+        let cut = std::time::Instant::now();
+        links(lab, vm(from), false);
+        beats.until(lab, "the unit beating elsewhere", Duration::from_secs(90), |b| {
+            b.last_machine().is_some_and(|m| m != from) && b.seen.iter().rev().take(10).all(|(_, m)| *m != from)
+        });
+        let moved = cut.elapsed();
+        links(lab, vm(from), true);
+        let healed = std::time::Instant::now();
+        // The cut-off machine registers again (a registration made after the cut); after that the unit must keep
+        // beating only where it went. Asked once a second, the consoles read in between.
+        let cut_ms = herd_cluster::record::now_ms() - cut.elapsed().as_millis() as u64;
+        let mut asked = std::time::Instant::now();
+        beats.until(lab, "the cut-off machine registered again", Duration::from_secs(120), |_| {
+            if asked.elapsed() < Duration::from_secs(1) {
+                return false;
+            }
+            asked = std::time::Instant::now();
+            with_cluster(lab, move |c| async move {
+                c.machines().await.unwrap_or_default().iter().any(|m| m.record.id == from && m.record.since_ms > cut_ms)
+            })
+        });
+        let back = std::time::Instant::now();
+        let to = beats.last_machine().unwrap();
+        beats.until(lab, "beats after the heal", Duration::from_secs(60), |b| b.count_on(to, back) >= 25);
+        assert_eq!(beats.count_on(from, healed), 0, "{from} ran the unit again after the heal: {:?}", beats.runs());
+        let gaps = beats.assert_one_copy(what, cut);
+        println!(
+            "figures: at-most-once, {what} ({from}) cut: beating on {to} {:.1} s after the cut (last gap between copies \
+             {:.1} s), {from} registered again {:.1} s after the heal and started nothing",
+            moved.as_secs_f64(),
+            gaps.last().map_or(0.0, Duration::as_secs_f64),
+            back.duration_since(healed).as_secs_f64()
+        );
+    }
+    with_cluster(lab, |c| async move { c.set_desired("amo.service", Desired::Inactive).await.unwrap() });
+}
