@@ -575,51 +575,76 @@ StandardOutput=journal+console
 ExecStart=/bin/sh -c 'echo HERD-LACP on $(hostname)'
 ";
 
-/// Every beat of [`AMO_UNIT`] the host saw on each machine's console, with the host's time it was seen (the
-/// consoles are read every 50 ms from where the last read ended).
+/// Every beat of [`AMO_UNIT`] the host saw on each machine's console, with the host's time it was seen: a thread
+/// of its own reads the consoles every 50 ms from where its last read ended, whatever the test does meanwhile.
 struct Beats {
-    vms: Vec<(usize, &'static str)>,
-    offsets: Vec<u64>,
     seen: Vec<(std::time::Instant, &'static str)>,
 }
 
-impl Beats {
-    fn new(lab: &Lab, vms: &[(usize, &'static str)]) -> Beats {
-        let offsets =
-            vms.iter().map(|&(v, _)| std::fs::metadata(&lab.vms()[v].serial).map_or(0, |m| m.len())).collect();
-        Beats { vms: vms.to_vec(), offsets, seen: Vec::new() }
-    }
+/// The thread that fills [`Beats`]; stopped on drop.
+struct BeatWatch {
+    beats: std::sync::Arc<std::sync::Mutex<Beats>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
 
-    fn sample(&mut self, lab: &Lab) {
+impl Drop for BeatWatch {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl BeatWatch {
+    fn start(lab: &Lab, vms: &[(usize, &'static str)]) -> BeatWatch {
         use std::io::{Read, Seek};
-        let now = std::time::Instant::now();
-        for (k, &(v, name)) in self.vms.iter().enumerate() {
-            let Ok(mut f) = std::fs::File::open(&lab.vms()[v].serial) else { continue };
-            let _ = f.seek(std::io::SeekFrom::Start(self.offsets[k]));
-            let mut text = Vec::new();
-            let _ = f.read_to_end(&mut text);
-            // Only whole lines: a beat cut in two is read with its end next time.
-            let Some(end) = text.iter().rposition(|&b| b == b'\n') else { continue };
-            self.offsets[k] += end as u64 + 1;
-            let text = String::from_utf8_lossy(&text[..=end]);
-            let beats = text.matches(&format!("HERD-AMO {name} ")).count();
-            self.seen.extend(std::iter::repeat_n((now, name), beats));
-        }
+        let consoles: Vec<(PathBuf, &'static str)> =
+            vms.iter().map(|&(v, n)| (lab.vms()[v].serial.clone(), n)).collect();
+        let mut offsets: Vec<u64> = consoles.iter().map(|(p, _)| std::fs::metadata(p).map_or(0, |m| m.len())).collect();
+        let beats = std::sync::Arc::new(std::sync::Mutex::new(Beats { seen: Vec::new() }));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (b, halt) = (beats.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !halt.load(std::sync::atomic::Ordering::SeqCst) {
+                let now = std::time::Instant::now();
+                for (k, (path, name)) in consoles.iter().enumerate() {
+                    let Ok(mut f) = std::fs::File::open(path) else { continue };
+                    let _ = f.seek(std::io::SeekFrom::Start(offsets[k]));
+                    let mut text = Vec::new();
+                    let _ = f.read_to_end(&mut text);
+                    // Only whole lines: a beat cut in two is read with its end next time.
+                    let Some(end) = text.iter().rposition(|&c| c == b'\n') else { continue };
+                    offsets[k] += end as u64 + 1;
+                    let text = String::from_utf8_lossy(&text[..=end]);
+                    let n = text.matches(&format!("HERD-AMO {name} ")).count();
+                    b.lock().unwrap().seen.extend(std::iter::repeat_n((now, *name), n));
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
+        BeatWatch { beats, stop }
     }
 
-    /// Samples until `done` holds for the beats so far (bounded by `within`).
-    fn until(&mut self, lab: &Lab, what: &str, within: Duration, mut done: impl FnMut(&Beats) -> bool) {
+    /// Waits until `done` holds for the beats so far (bounded by `within`).
+    fn until(&self, what: &str, within: Duration, mut done: impl FnMut(&Beats) -> bool) {
         let deadline = std::time::Instant::now() + within;
         loop {
-            self.sample(lab);
-            if done(self) {
+            if done(&self.beats.lock().unwrap()) {
                 return;
             }
-            assert!(std::time::Instant::now() < deadline, "{what} within {within:?}; beats: {:?}", self.runs());
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{what} within {within:?}; beats: {:?}",
+                self.beats.lock().unwrap().runs()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
 
+    fn get(&self) -> std::sync::MutexGuard<'_, Beats> {
+        self.beats.lock().unwrap()
+    }
+}
+
+impl Beats {
     fn count_on(&self, name: &str, after: std::time::Instant) -> usize {
         self.seen.iter().filter(|(t, n)| *n == name && *t > after).count()
     }
@@ -691,20 +716,21 @@ fn links(lab: &Lab, v: usize, up: bool) {
 /// a machine the unit left never runs it again.
 fn at_most_once_through_cuts(lab: &Lab, vms: [(usize, &'static str); 3]) {
     let vm = |name: &str| vms.iter().find(|(_, n)| *n == name).unwrap().0;
-    let mut beats = Beats::new(lab, &vms);
+    let beats = BeatWatch::start(lab, &vms);
     with_cluster(lab, |c| async move { launch(&c, "amo.service", AMO_UNIT).await });
-    beats.until(lab, "the unit beating", Duration::from_secs(60), |b| b.seen.len() >= 5);
-    let on = beats.last_machine().unwrap();
+    beats.until("the unit beating", Duration::from_secs(60), |b| b.seen.len() >= 5);
+    let on = beats.get().last_machine().unwrap();
 
     // A cut shorter than the TTL (2 s; renewals every TTL/3, the fence at 3/4 TTL): nothing moves.
     let cut = std::time::Instant::now();
     links(lab, vm(on), false);
-    beats.until(lab, "beats through the short cut", Duration::from_secs(30), |b| b.count_on(on, cut) >= 8);
+    beats.until("beats through the short cut", Duration::from_secs(30), |b| b.count_on(on, cut) >= 8);
     links(lab, vm(on), true);
     let healed = std::time::Instant::now();
     // Longer than the TTL plus the grace after the heal: a move would have shown by then.
-    beats.until(lab, "beats after the short cut", Duration::from_secs(60), |b| b.count_on(on, healed) >= 75);
-    assert_eq!(beats.runs().len(), 1, "a cut shorter than the TTL moved nothing: {:?}", beats.runs());
+    beats.until("beats after the short cut", Duration::from_secs(60), |b| b.count_on(on, healed) >= 75);
+    let runs = beats.get().runs();
+    assert_eq!(runs.len(), 1, "a cut shorter than the TTL moved nothing: {runs:?}");
     println!("figures: at-most-once, a 2 s cut: kept running on {on}, never elsewhere");
 
     for leader in [false, true] {
@@ -732,30 +758,29 @@ fn at_most_once_through_cuts(lab: &Lab, vms: [(usize, &'static str); 3]) {
         let what = if leader { "the engine leader's machine" } else { "a machine" };
         let cut = std::time::Instant::now();
         links(lab, vm(from), false);
-        beats.until(lab, "the unit beating elsewhere", Duration::from_secs(90), |b| {
+        beats.until("the unit beating elsewhere", Duration::from_secs(90), |b| {
             b.last_machine().is_some_and(|m| m != from) && b.seen.iter().rev().take(10).all(|(_, m)| *m != from)
         });
         let moved = cut.elapsed();
         links(lab, vm(from), true);
         let healed = std::time::Instant::now();
         // The cut-off machine registers again (a registration made after the cut); after that the unit must keep
-        // beating only where it went. Asked once a second, the consoles read in between.
+        // beating only where it went. Asked once a second (the beat thread keeps reading the consoles).
         let cut_ms = herd_cluster::record::now_ms() - cut.elapsed().as_millis() as u64;
-        let mut asked = std::time::Instant::now();
-        beats.until(lab, "the cut-off machine registered again", Duration::from_secs(120), |_| {
-            if asked.elapsed() < Duration::from_secs(1) {
-                return false;
-            }
-            asked = std::time::Instant::now();
-            with_cluster(lab, move |c| async move {
-                c.machines().await.unwrap_or_default().iter().any(|m| m.record.id == from && m.record.since_ms > cut_ms)
-            })
-        });
+        let asking = std::time::Instant::now();
+        while !with_cluster(lab, move |c| async move {
+            c.machines().await.unwrap_or_default().iter().any(|m| m.record.id == from && m.record.since_ms > cut_ms)
+        }) {
+            assert!(asking.elapsed() < Duration::from_secs(120), "{from} registered again within 120 s of the heal");
+            std::thread::sleep(Duration::from_secs(1));
+        }
         let back = std::time::Instant::now();
-        let to = beats.last_machine().unwrap();
-        beats.until(lab, "beats after the heal", Duration::from_secs(60), |b| b.count_on(to, back) >= 25);
-        assert_eq!(beats.count_on(from, healed), 0, "{from} ran the unit again after the heal: {:?}", beats.runs());
-        let gaps = beats.assert_one_copy(what, cut);
+        let to = beats.get().last_machine().unwrap();
+        beats.until("beats after the heal", Duration::from_secs(60), |b| b.count_on(to, back) >= 25);
+        let b = beats.get();
+        assert_eq!(b.count_on(from, healed), 0, "{from} ran the unit again after the heal: {:?}", b.runs());
+        let gaps = b.assert_one_copy(what, cut);
+        drop(b);
         println!(
             "figures: at-most-once, {what} ({from}) cut: beating on {to} {:.1} s after the cut (last gap between copies \
              {:.1} s), {from} registered again {:.1} s after the heal and started nothing",
