@@ -770,8 +770,9 @@ async fn worker<E: Executor>(
             continue;
         }
         if let Some((unit, state)) = installed.as_mut() {
-            // The fence as it is now, right before acting, not as it was before a slow load.
-            let run = t.desired == Desired::Launched && may_run(unit, t.session, *fence.borrow());
+            // The fence as it is now, right before acting, not as it was before a slow load (marked seen: a change
+            // made during the load is acted on here, not once more after).
+            let run = t.desired == Desired::Launched && may_run(unit, t.session, *fence.borrow_and_update());
             let mut detail = None;
             let since = Instant::now();
             if run && *state != ActiveState::Active {
