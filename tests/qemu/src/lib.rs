@@ -18,7 +18,7 @@ pub mod image;
 pub mod switch;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
@@ -26,6 +26,7 @@ use anyhow::{Context as _, bail};
 use herd_provisioner::daemon::{DEBIAN_IPXE_DIR, DaemonConfig};
 pub use herd_provisioner::dhcp::server::Mode;
 use herd_provisioner::dhcp::server::UnknownMacs;
+use herd_testkit::{Daemon, Spec};
 use tokio_util::sync::CancellationToken;
 
 /// The kernel the tests boot (fetched by `scripts/fetch-kernel.sh`).
@@ -166,7 +167,8 @@ pub struct Vm {
     pub spec: VmSpec,
     /// Serial console log.
     pub serial: PathBuf,
-    child: Child,
+    /// QEMU, in a process group of its own (with a private `/run`, as every peer daemon of the tests).
+    qemu: Daemon,
     started: Instant,
 }
 
@@ -235,38 +237,34 @@ impl Vm {
     /// Starts a directly booted VM; its console goes to `dir/NAME.serial.log`.
     pub fn start_direct(boot: &DirectBoot, dir: &Path) -> anyhow::Result<Vm> {
         let serial = dir.join(format!("{}.serial.log", boot.name));
-        let mut cmd = Command::new("qemu-system-x86_64");
-        cmd.args(["-accel", "tcg", "-smp", "1", "-machine", "pc,graphics=off", "-display", "none", "-monitor", "none"])
-            .args(["-m", &boot.memory_mb.to_string(), "-no-reboot", "-nic", "none", "-device", "virtio-rng-pci"])
-            .arg("-serial")
-            .arg(format!("file:{}", serial.display()))
-            .arg("-kernel")
-            .arg(&boot.kernel)
-            .arg("-initrd")
-            .arg(&boot.initrd)
-            .arg("-append")
-            .arg(&boot.append);
+        let mut args: Vec<String> =
+            ["-accel", "tcg", "-smp", "1", "-machine", "pc,graphics=off", "-display", "none", "-monitor", "none"]
+                .map(str::to_owned)
+                .into();
+        args.extend(["-m".into(), boot.memory_mb.to_string(), "-no-reboot".into(), "-nic".into(), "none".into()]);
+        args.extend([
+            "-device".into(),
+            "virtio-rng-pci".into(),
+            "-serial".into(),
+            format!("file:{}", serial.display()),
+        ]);
+        args.extend(["-kernel".into(), boot.kernel.display().to_string(), "-initrd".into()]);
+        args.extend([boot.initrd.display().to_string(), "-append".into(), boot.append.clone()]);
         for d in &boot.drives {
             let ro = if d.readonly { ",readonly=on" } else { "" };
             let format = if herd_images::slot::is_qcow2(&d.path) { "qcow2" } else { "raw" };
-            cmd.arg("-drive").arg(format!("file={},format={format},if=virtio{ro}", d.path.display()));
+            args.extend(["-drive".into(), format!("file={},format={format},if=virtio{ro}", d.path.display())]);
         }
-        let log = std::fs::File::create(dir.join(format!("{}.qemu.log", boot.name)))?;
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("cannot start qemu-system-x86_64 (apt install -t bookworm-backports qemu-system-x86)")?;
+        let qemu = spawn_qemu(&boot.name, None, &args, &dir.join(format!("{}.qemu.log", boot.name)))?;
         let spec = VmSpec::new(&boot.name, Firmware::SeabiosIpxe, &[]);
-        Ok(Vm { spec, serial, child, started: Instant::now() })
+        Ok(Vm { spec, serial, qemu, started: Instant::now() })
     }
 
     /// Waits for the VM to power off by itself; false if it still runs after `limit`.
     pub fn wait_exit(&mut self, limit: Duration) -> anyhow::Result<bool> {
         let deadline = Instant::now() + limit;
         while Instant::now() < deadline {
-            if self.child.try_wait()?.is_some() {
+            if self.qemu.try_wait()?.is_some() {
                 return Ok(true);
             }
             std::thread::sleep(Duration::from_millis(100));
@@ -282,11 +280,14 @@ impl Vm {
     }
 }
 
-impl Drop for Vm {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+/// Starts `qemu-system-x86_64 ARGS` (in network namespace `netns`, if given) as a peer daemon: its own process group,
+/// a private `/run`, its output in `log`; dropping the handle stops it and anything it started.
+fn spawn_qemu(name: &str, netns: Option<&str>, args: &[String], log: &Path) -> anyhow::Result<Daemon> {
+    let mut spec = Spec::new(name, "qemu-system-x86_64").args(args).log(log);
+    if let Some(ns) = netns {
+        spec = spec.netns(ns);
     }
+    spec.spawn().context("cannot start qemu-system-x86_64 (apt install -t bookworm-backports qemu-system-x86)")
 }
 
 /// A lab: namespace, bridge, provisioner, VMs.
@@ -304,7 +305,7 @@ pub struct Lab {
     vms: Vec<Vm>,
     /// Full DHCP (default) or proxyDHCP.
     pub mode: Mode,
-    hosts: Vec<(String, Option<herd_testkit::Daemon>)>,
+    hosts: Vec<(String, Option<Daemon>)>,
 }
 
 impl Lab {
@@ -370,9 +371,7 @@ impl Lab {
 
     /// Stops VM `index` as a power cut would (its disk stays).
     pub fn power_off(&mut self, index: usize) {
-        let vm = &mut self.vms[index];
-        let _ = vm.child.kill();
-        let _ = vm.child.wait();
+        self.vms[index].qemu.halt();
     }
 
     /// Serves a built herd OS image (the output directory of `herdctl image build`) as the boot assets.
@@ -468,16 +467,9 @@ impl Lab {
     /// output in `NAME.qemu.log`); returns its index in [`Lab::vms`].
     pub(crate) fn spawn_vm(&mut self, spec: VmSpec, qemu_args: &[String]) -> anyhow::Result<usize> {
         let serial = self.dir.join(format!("{}.serial.log", spec.name));
-        let log = std::fs::File::create(self.dir.join(format!("{}.qemu.log", spec.name)))?;
-        let child = Command::new("ip")
-            .args(["netns", "exec", &self.ns, "qemu-system-x86_64"])
-            .args(qemu_args)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("cannot start qemu-system-x86_64 (apt install -t bookworm-backports qemu-system-x86)")?;
-        self.vms.push(Vm { spec, serial, child, started: Instant::now() });
+        let log = self.dir.join(format!("{}.qemu.log", spec.name));
+        let qemu = spawn_qemu(&spec.name, Some(&self.ns), qemu_args, &log)?;
+        self.vms.push(Vm { spec, serial, qemu, started: Instant::now() });
         Ok(self.vms.len() - 1)
     }
 
@@ -496,7 +488,7 @@ impl Lab {
         ip(&["-n", &ns, "link", "set", &inside, "up"])?;
         ip(&["-n", &ns, "link", "set", "lo", "up"])?;
         let (program, args) = command.split_first().context("add_host: an empty command")?;
-        let child = herd_testkit::Spec::new(program, program)
+        let child = Spec::new(program, program)
             .args(args)
             .netns(&ns)
             .log(&self.dir.join(format!("host{n}.log")))

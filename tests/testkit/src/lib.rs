@@ -138,7 +138,7 @@ impl Spec {
             self.command().stdin(Stdio::null()).stdout(stdout).stderr(stderr).process_group(0).spawn().map_err(
                 |e| io::Error::new(e.kind(), format!("cannot start {} ({:?}): {e}", self.name, self.program)),
             )?;
-        Ok(Daemon { name: self.name, child: Some(child), grace: self.grace })
+        Ok(Daemon { name: self.name, child: Some(child), grace: self.grace, status: None })
     }
 }
 
@@ -148,6 +148,8 @@ pub struct Daemon {
     name: String,
     child: Option<Child>,
     grace: Duration,
+    /// How the daemon exited, once stopped.
+    status: Option<ExitStatus>,
 }
 
 impl Daemon {
@@ -165,12 +167,18 @@ impl Daemon {
     pub fn try_wait(&mut self) -> io::Result<Option<ExitStatus>> {
         match self.child.as_mut() {
             Some(c) => c.try_wait(),
-            None => Ok(None),
+            None => Ok(self.status),
         }
     }
 
     /// Stops the group (see [`Spec::grace`]) and reaps the daemon.
     pub fn stop(mut self) {
+        self.shutdown();
+    }
+
+    /// Stops the group now, as [`Daemon::stop`] does, but keeps the handle: a VM's power cut, after which
+    /// [`Daemon::try_wait`] reports how it ended. Later calls, and the drop, do nothing more.
+    pub fn halt(&mut self) {
         self.shutdown();
     }
 
@@ -189,7 +197,7 @@ impl Daemon {
         // kernel does not hand its ID to a new process meanwhile: signal it whether or not the leader has exited.
         let _ = killpg(group, Signal::SIGKILL);
         let _ = child.kill();
-        let _ = child.wait();
+        self.status = child.wait().ok();
         // Members die asynchronously after SIGKILL; wait (bounded) until the group is empty.
         let deadline = Instant::now() + Duration::from_secs(5);
         while killpg(group, None).is_ok() && Instant::now() < deadline {
@@ -301,6 +309,11 @@ mod tests {
         let own = std::fs::read_link("/proc/self/ns/net").unwrap();
         assert_ne!(std::fs::read_link(format!("/proc/{pid}/ns/net")).unwrap(), own, "in the namespace");
         assert!(daemon.try_wait().unwrap().is_none());
+        // A power cut: the handle stays and says how it ended.
+        daemon.halt();
+        assert!(!Daemon::group_alive(pid), "halted");
+        let status = daemon.try_wait().unwrap().expect("a halted daemon reports its end");
+        assert!(!status.success(), "killed, not exited: {status}");
         drop(daemon);
         let _ = Command::new("ip").args(["netns", "del", &ns]).status();
     }
