@@ -1,5 +1,5 @@
 //! Peer daemons for herd's tests and benchmarks (Kea, dnsmasq, nginx, tftpd-hpa, etcd, dockerd, docker-registry,
-//! sshd, ...): each is started so that it depends on nothing a package's systemd units would have made, and is
+//! sshd, the QEMU VMs, ...): each is started so that it depends on nothing a package's systemd units would have made, and is
 //! stopped with everything it started.
 //!
 //! - **A private, empty `/run`.** Every daemon runs in its own mount namespace with an empty tmpfs over `/run`
