@@ -1,6 +1,6 @@
 //! Peer daemons for herd's tests and benchmarks (Kea, dnsmasq, nginx, tftpd-hpa, etcd, dockerd, docker-registry,
-//! sshd, the QEMU VMs, ...): each is started so that it depends on nothing a package's systemd units would have made, and is
-//! stopped with everything it started.
+//! sshd, the QEMU VMs, ...): each is started so that it depends on nothing a package's systemd units would have
+//! made, and is stopped with everything it started.
 //!
 //! - **A private, empty `/run`.** Every daemon runs in its own mount namespace with an empty tmpfs over `/run`
 //!   (and so over `/var/run`, a symlink to it on Debian): `/run/kea`, `/run/nginx`, `/run/sshd`, `/run/containerd`
