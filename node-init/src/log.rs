@@ -19,7 +19,12 @@ pub fn init() {
             let _ = tracing_subscriber::registry().with(filter).with(layer).try_init();
         }
         _ => {
-            let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+            let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(filter)
+                .with_writer(std::io::stderr)
+                .with_ansi(ansi)
+                .try_init();
         }
     }
 }

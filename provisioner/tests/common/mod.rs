@@ -121,7 +121,6 @@ impl Lab {
             .arg(self.assets_dir())
             .args(&self.args)
             .env("RUST_LOG", "debug")
-            .env("NO_COLOR", "1")
             .stdout(Stdio::null())
             .stderr(log);
         self.provisioner = Some(cmd.spawn().unwrap());
@@ -136,6 +135,9 @@ impl Lab {
             }
             (text.matches("provisioner serving").count() > starts).then_some(())
         });
+        // Its stderr is a file here, not a terminal: no colour codes (NO_COLOR is not set).
+        let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+        assert!(!text.contains('\x1b'), "ANSI escapes in a log written to a file:\n{text}");
     }
 
     /// Kills the provisioner with SIGKILL and reaps it.
