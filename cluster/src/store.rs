@@ -63,6 +63,7 @@ pub struct TlsFiles {
 #[derive(Debug, Default)]
 pub struct Stats {
     requests: AtomicU64,
+    retries: AtomicU64,
     watch_events: AtomicU64,
 }
 
@@ -70,6 +71,11 @@ impl Stats {
     /// Unary requests sent (gets, puts, deletes, transactions, lease grants and keep-alives).
     pub fn requests(&self) -> u64 {
         self.requests.load(Ordering::Relaxed)
+    }
+
+    /// Requests sent again after a [`retryable`] failure (no leader, a member gone): elections show here.
+    pub fn retries(&self) -> u64 {
+        self.retries.load(Ordering::Relaxed)
     }
 
     /// Watch events received.
@@ -94,11 +100,15 @@ pub struct Store {
     client: Client,
     stats: Arc<Stats>,
     timeout: Duration,
+    retry_for: Duration,
 }
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Store").field("timeout", &self.timeout).finish_non_exhaustive()
+        f.debug_struct("Store")
+            .field("timeout", &self.timeout)
+            .field("retry_for", &self.retry_for)
+            .finish_non_exhaustive()
     }
 }
 
@@ -135,29 +145,11 @@ fn retryable(e: &etcd_client::Error) -> bool {
     }
 }
 
-/// How long a request is retried for: long enough to ride out an etcd leader election (1 s election timeout by
-/// default, a few rounds when votes split) on top of the request's own bound.
-const RETRY_FOR: Duration = Duration::from_secs(4);
-
-/// Runs `op` again (spaced 50 ms, 100 ms, ... up to 400 ms) while it fails with a [`retryable`] error, for at most
-/// [`RETRY_FOR`].
-async fn retry<T, F, Fut>(mut op: F) -> Result<T, etcd_client::Error>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
-{
-    let started = tokio::time::Instant::now();
-    let mut attempt = 0u64;
-    loop {
-        match op().await {
-            Err(e) if started.elapsed() < RETRY_FOR && retryable(&e) => {
-                attempt += 1;
-                tokio::time::sleep(Duration::from_millis(50 * attempt.min(8))).await;
-            }
-            other => return other,
-        }
-    }
-}
+/// How long a daemon's request is retried for by default: long enough to ride out an etcd leader election (1 s
+/// election timeout by default, a few rounds when votes split) on top of the request's own bound, short enough
+/// that an agent or engine cut off from its members notices within its lease's TTL. An operator's command waits
+/// longer ([`Store::with_retry_for`]).
+pub const RETRY_FOR: Duration = Duration::from_secs(4);
 
 impl Store {
     /// Connects to `endpoints` (e.g. `http://127.0.0.1:2379`). Every request is bounded by `timeout`.
@@ -183,12 +175,40 @@ impl Store {
             options = options.with_tls(t);
         }
         let client = Client::connect(endpoints, Some(options)).await?;
-        Ok(Store { client, stats: Arc::default(), timeout })
+        Ok(Store { client, stats: Arc::default(), timeout, retry_for: RETRY_FOR })
+    }
+
+    /// Runs `op` again (spaced 50 ms, 100 ms, ... up to 400 ms) while it fails with a [`retryable`] error, for at
+    /// most this connection's retry window, counting each new attempt in [`Stats::retries`].
+    async fn retry<T, F, Fut>(&self, mut op: F) -> Result<T, etcd_client::Error>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let started = tokio::time::Instant::now();
+        let mut attempt = 0u64;
+        loop {
+            match op().await {
+                Err(e) if started.elapsed() < self.retry_for && retryable(&e) => {
+                    attempt += 1;
+                    self.stats.retries.fetch_add(1, Ordering::Relaxed);
+                    tokio::time::sleep(Duration::from_millis(50 * attempt.min(8))).await;
+                }
+                other => return other,
+            }
+        }
     }
 
     /// Another handle on the same connection that counts into its own [`Stats`].
     pub fn with_own_stats(&self, stats: Arc<Stats>) -> Store {
-        Store { client: self.client.clone(), stats, timeout: self.timeout }
+        Store { stats, ..self.clone() }
+    }
+
+    /// This connection, retrying a request that fails for want of a leader (or of a member) for `retry_for`
+    /// instead of [`RETRY_FOR`]: an operator's command rides out even a slow election (on loaded machines votes
+    /// can split for several rounds, each answered `etcdserver: leader changed`) rather than failing with it.
+    pub fn with_retry_for(self, retry_for: Duration) -> Store {
+        Store { retry_for, ..self }
     }
 
     /// The request counters.
@@ -220,11 +240,12 @@ impl Store {
         loop {
             self.stats.request(1);
             let options = GetOptions::new().with_range(end.clone()).with_limit(PAGE).with_revision(revision);
-            let mut resp = retry(|| {
-                let (mut c, from, options) = (client.clone(), from.clone(), options.clone());
-                async move { c.get(from, Some(options)).await }
-            })
-            .await?;
+            let mut resp = self
+                .retry(|| {
+                    let (mut c, from, options) = (client.clone(), from.clone(), options.clone());
+                    async move { c.get(from, Some(options)).await }
+                })
+                .await?;
             if revision == 0 {
                 revision = resp.header().map_or(0, |h| h.revision());
             }
@@ -245,22 +266,24 @@ impl Store {
     pub async fn count(&self, prefix: &str) -> Result<i64, StoreError> {
         self.stats.request(1);
         let end = prefix_end(prefix.as_bytes());
-        let resp = retry(|| {
-            let (mut c, end) = (self.client.clone(), end.clone());
-            async move { c.get(prefix, Some(GetOptions::new().with_range(end).with_count_only())).await }
-        })
-        .await?;
+        let resp = self
+            .retry(|| {
+                let (mut c, end) = (self.client.clone(), end.clone());
+                async move { c.get(prefix, Some(GetOptions::new().with_range(end).with_count_only())).await }
+            })
+            .await?;
         Ok(resp.count())
     }
 
     /// One key's value and mod revision.
     pub async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
         self.stats.request(1);
-        let mut resp = retry(|| {
-            let mut c = self.client.clone();
-            async move { c.get(key, None).await }
-        })
-        .await?;
+        let mut resp = self
+            .retry(|| {
+                let mut c = self.client.clone();
+                async move { c.get(key, None).await }
+            })
+            .await?;
         Ok(resp.take_kvs().into_iter().next())
     }
 
@@ -268,7 +291,7 @@ impl Store {
     pub async fn put(&self, key: &str, value: Vec<u8>, lease: Option<i64>) -> Result<(), StoreError> {
         self.stats.request(1);
         let options = lease.map(|l| PutOptions::new().with_lease(l));
-        retry(|| {
+        self.retry(|| {
             let (mut c, value, options) = (self.client.clone(), value.clone(), options.clone());
             async move { c.put(key, value, options).await }
         })
@@ -280,23 +303,25 @@ impl Store {
     pub async fn delete_prefix(&self, prefix: &str) -> Result<i64, StoreError> {
         self.stats.request(1);
         let end = prefix_end(prefix.as_bytes());
-        let resp = retry(|| {
-            let (mut c, end) = (self.client.clone(), end.clone());
-            async move { c.delete(prefix, Some(etcd_client::DeleteOptions::new().with_range(end))).await }
-        })
-        .await?;
+        let resp = self
+            .retry(|| {
+                let (mut c, end) = (self.client.clone(), end.clone());
+                async move { c.delete(prefix, Some(etcd_client::DeleteOptions::new().with_range(end))).await }
+            })
+            .await?;
         Ok(resp.deleted())
     }
 
     /// Deletes one key; true if it existed.
     pub async fn delete(&self, key: &str) -> Result<bool, StoreError> {
         self.stats.request(1);
-        Ok(retry(|| {
-            let mut c = self.client.clone();
-            async move { c.delete(key, None).await }
-        })
-        .await?
-        .deleted()
+        Ok(self
+            .retry(|| {
+                let mut c = self.client.clone();
+                async move { c.delete(key, None).await }
+            })
+            .await?
+            .deleted()
             > 0)
     }
 
@@ -315,11 +340,12 @@ impl Store {
                 let txn = Txn::new().when(guard.to_vec()).and_then(batch);
                 async move {
                     self.stats.request(1);
-                    let resp = retry(|| {
-                        let (mut c, txn) = (self.client.clone(), txn.clone());
-                        async move { c.txn(txn).await }
-                    })
-                    .await?;
+                    let resp = self
+                        .retry(|| {
+                            let (mut c, txn) = (self.client.clone(), txn.clone());
+                            async move { c.txn(txn).await }
+                        })
+                        .await?;
                     if resp.succeeded() { Ok(()) } else { Err(StoreError::Fenced("the guarding key changed".into())) }
                 }
             })
@@ -333,11 +359,12 @@ impl Store {
     /// Runs one transaction.
     pub async fn txn(&self, txn: Txn) -> Result<etcd_client::TxnResponse, StoreError> {
         self.stats.request(1);
-        Ok(retry(|| {
-            let (mut c, txn) = (self.client.clone(), txn.clone());
-            async move { c.txn(txn).await }
-        })
-        .await?)
+        Ok(self
+            .retry(|| {
+                let (mut c, txn) = (self.client.clone(), txn.clone());
+                async move { c.txn(txn).await }
+            })
+            .await?)
     }
 
     /// Opens one watch stream on every `(prefix, start revision)`, retrying as other requests do. Events come
@@ -347,31 +374,33 @@ impl Store {
         let options = |prefix: &str, start: i64| {
             WatchOptions::new().with_range(prefix_end(prefix.as_bytes())).with_start_revision(start)
         };
-        Ok(retry(|| {
-            let mut c = self.client.clone();
-            async move {
-                let mut stream: Option<WatchStream> = None;
-                for (prefix, start) in from {
-                    match stream.as_mut() {
-                        None => stream = Some(c.watch(prefix.as_str(), Some(options(prefix, *start))).await?),
-                        Some(s) => s.watch(prefix.as_str(), Some(options(prefix, *start))).await?,
+        Ok(self
+            .retry(|| {
+                let mut c = self.client.clone();
+                async move {
+                    let mut stream: Option<WatchStream> = None;
+                    for (prefix, start) in from {
+                        match stream.as_mut() {
+                            None => stream = Some(c.watch(prefix.as_str(), Some(options(prefix, *start))).await?),
+                            Some(s) => s.watch(prefix.as_str(), Some(options(prefix, *start))).await?,
+                        }
                     }
+                    stream.ok_or_else(|| etcd_client::Error::WatchError("nothing to watch".into()))
                 }
-                stream.ok_or_else(|| etcd_client::Error::WatchError("nothing to watch".into()))
-            }
-        })
-        .await?)
+            })
+            .await?)
     }
 
     /// Grants a lease of `ttl` (whole seconds, at least 1); returns its id and granted TTL.
     pub async fn grant(&self, ttl: Duration) -> Result<(i64, Duration), StoreError> {
         self.stats.request(1);
         let secs = ttl.as_secs().max(1) as i64;
-        let resp = retry(|| {
-            let mut c = self.client.clone();
-            async move { c.lease_grant(secs, None).await }
-        })
-        .await?;
+        let resp = self
+            .retry(|| {
+                let mut c = self.client.clone();
+                async move { c.lease_grant(secs, None).await }
+            })
+            .await?;
         Ok((resp.id(), Duration::from_secs(resp.ttl().max(0) as u64)))
     }
 

@@ -1,9 +1,11 @@
 //! The failure semantics fleet lacked: fencing of at-most-once units across a partition, an agent riding out an
-//! etcd outage, engine leader failover without restarts, and losing one etcd member of three.
+//! etcd outage, engine leader failover without restarts, losing one etcd member of three, and an operator's
+//! request riding out a lost quorum.
 #![allow(clippy::unwrap_used)]
 
 mod common;
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use common::{Lab, TTL, machine_record, poll, sleeper};
@@ -12,6 +14,7 @@ use herd_cluster::client::UnitStatus;
 use herd_cluster::engine::EngineStatus;
 use herd_cluster::exec::RecordingExecutor;
 use herd_cluster::record::{ActiveState, Desired};
+use herd_cluster::store::{RETRY_FOR, Stats, StoreError};
 use tokio::sync::broadcast;
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -174,6 +177,30 @@ async fn losing_one_etcd_member_of_three_does_not_stop_scheduling() {
     eprintln!("etcd leader (member {leader}) killed: a new unit active {:?} later", killed.elapsed());
     assert!(on(&lab, "before.service").await.is_some());
     lab.etcd.restart(leader).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_operators_request_rides_out_a_lost_quorum_that_a_daemons_request_gives_up_on() {
+    let mut lab = Lab::start("quorum", 0).await;
+    let key = "/herd/v1/test/quorum";
+    // Two members of three gone: the last one has no leader, and refuses every request (--require-leader).
+    lab.etcd.kill(1);
+    lab.etcd.kill(2);
+    let daemon = lab.store.with_own_stats(Arc::new(Stats::default()));
+    let started = std::time::Instant::now();
+    let err = daemon.put(key, b"daemon".to_vec(), None).await.unwrap_err();
+    assert!(matches!(err, StoreError::Etcd(_)), "{err}");
+    assert!(started.elapsed() >= RETRY_FOR, "a daemon retries for its window first: {:?}", started.elapsed());
+    assert!(daemon.stats().retries() > 0);
+
+    let stats = Arc::new(Stats::default());
+    let operator = lab.store.with_own_stats(stats.clone()).with_retry_for(Duration::from_secs(60));
+    let put = tokio::spawn(async move { operator.put(key, b"operator".to_vec(), None).await });
+    poll(WAIT, "the operator's put refused once", || async { (stats.retries() > 0).then_some(()) }).await;
+    lab.etcd.restart(1).unwrap();
+    lab.etcd.restart(2).unwrap();
+    put.await.unwrap().unwrap();
+    assert_eq!(lab.store.get(key).await.unwrap().unwrap().value(), b"operator");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

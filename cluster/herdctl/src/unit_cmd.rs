@@ -38,6 +38,10 @@ fn since(ms: Option<u64>) -> String {
     }
 }
 
+/// How long a command retries a request etcd refused for want of a leader (a daemon gives up after
+/// [`herd_cluster::store::RETRY_FOR`]).
+const OPERATOR_RETRY_FOR: Duration = Duration::from_secs(30);
+
 /// A short stable digest of a unit file (FNV-1a), as fleetctl's HASH column.
 fn digest(text: &str) -> String {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
@@ -67,6 +71,8 @@ impl Cluster {
                 args.endpoint.join(",")
             )
         })?;
+        // An operator's command rides out an etcd leader election rather than failing with "leader changed".
+        let store = store.with_retry_for(OPERATOR_RETRY_FOR);
         // Connecting is lazy: make one request now so a wrong endpoint fails here with the advice above.
         rt.block_on(store.get("/herd/v1/engine/leader")).with_context(|| {
             format!("etcd at {} does not answer; check --endpoint and the TLS flags", args.endpoint.join(","))

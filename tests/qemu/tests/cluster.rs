@@ -181,8 +181,9 @@ where
     lab.in_netns(move || {
         let rt = tokio::runtime::Runtime::new().unwrap();
         rt.block_on(async move {
+            // As herdctl does: three TCG machines on two cores can hold several election rounds in a row.
             let store = Store::connect(&endpoints, &TlsFiles::default(), Duration::from_secs(5)).await.unwrap();
-            f(ClusterClient::new(store)).await
+            f(ClusterClient::new(store.with_retry_for(Duration::from_secs(30)))).await
         })
     })
     .unwrap()
