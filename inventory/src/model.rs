@@ -316,6 +316,9 @@ pub struct External {
     pub address: Spanned<Address>,
 }
 
+/// The keys every `[[machines]]` entry must have (the fields of [`Machine`] without a default).
+pub(crate) const MACHINE_REQUIRED_KEYS: [&str; 5] = ["name", "role", "rack", "macs", "internal"];
+
 /// `[[machines]]`: one server.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -12,7 +12,7 @@ use serde::de::DeserializeOwned;
 use toml::de::{DeTable, DeValue, ValueDeserializer};
 
 use crate::diag::{Diagnostic, Diagnostics, Rule, SourceMap};
-use crate::model::{FORMAT_VERSION, Inventory, Machine, Networks, Rack, Role, Site, Spanned};
+use crate::model::{FORMAT_VERSION, Inventory, MACHINE_REQUIRED_KEYS, Machine, Networks, Rack, Role, Site, Spanned};
 use crate::types::{Name, RULE_SEPARATOR};
 use crate::validate;
 
@@ -225,9 +225,29 @@ fn read_machines(
     let mut total = 0;
     for item in array {
         total += 1;
-        out.extend(deserialize::<Machine>(map, item, diags));
+        let missing = missing_keys(&item, &MACHINE_REQUIRED_KEYS);
+        if missing.is_empty() {
+            out.extend(deserialize::<Machine>(map, item, diags));
+            continue;
+        }
+        // Every missing key at once (serde stops at the first), then whatever else is wrong with the values.
+        let span = item.span();
+        for key in missing {
+            diags.push(map.diagnostic(span.clone(), Rule::MissingKey, format!("missing field `{key}`")));
+        }
+        let mut rest = Vec::new();
+        deserialize::<Machine>(map, item, &mut rest);
+        diags.extend(rest.into_iter().filter(|d| d.rule != Rule::MissingKey));
     }
     out.len() - before == total
+}
+
+/// Which of `required` a table lacks (none if the value is not a table: deserializing says that).
+fn missing_keys<'k>(value: &Spanned<DeValue<'_>>, required: &[&'k str]) -> Vec<&'k str> {
+    let DeValue::Table(table) = value.get_ref() else {
+        return Vec::new();
+    };
+    required.iter().copied().filter(|key| !table.iter().any(|(k, _)| k.get_ref().as_ref() == *key)).collect()
 }
 
 /// Deserializes one value, turning a failure into a located diagnostic.
@@ -271,6 +291,47 @@ fn classify(message: &str) -> (Rule, String) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const VALID: &str = include_str!("../tests/fixtures/valid-lab.toml");
+
+    /// The valid lab with the lines of its first machine that set `keys` removed.
+    fn without(keys: &[&str]) -> String {
+        let first = VALID.find("[[machines]]").unwrap();
+        let second = first + 1 + VALID[first + 1..].find("[[machines]]").unwrap();
+        let body: String = VALID[first..second]
+            .lines()
+            .filter(|l| !keys.iter().any(|k| l.starts_with(&format!("{k} ="))))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        format!("{}{body}{}", &VALID[..first], &VALID[second..])
+    }
+
+    fn missing(keys: &[&str]) -> Vec<String> {
+        let diags = parse("lab.toml", &without(keys)).unwrap_err();
+        diags.0.iter().map(|d| format!("{:?} {}", d.rule, d.message)).collect()
+    }
+
+    #[test]
+    fn every_missing_machine_key_is_reported_in_one_run() {
+        assert_eq!(
+            missing(&["internal", "rack"]),
+            ["MissingKey missing field `rack`", "MissingKey missing field `internal`"]
+        );
+        let all: Vec<String> =
+            MACHINE_REQUIRED_KEYS.iter().map(|k| format!("MissingKey missing field `{k}`")).collect();
+        assert_eq!(missing(&MACHINE_REQUIRED_KEYS), all);
+    }
+
+    #[test]
+    fn the_required_keys_are_exactly_the_machine_fields_without_a_default() {
+        for key in MACHINE_REQUIRED_KEYS {
+            assert_eq!(missing(&[key]), [format!("MissingKey missing field `{key}`")]);
+        }
+        // Every other key the first machine sets is optional: the inventory still parses without it.
+        for key in ["bond", "external"] {
+            parse("lab.toml", &without(&[key])).unwrap_or_else(|d| panic!("without {key}: {d}"));
+        }
+    }
 
     #[test]
     fn classify_recovers_rules() {

@@ -25,7 +25,11 @@ pub(crate) fn check(parts: &Parts, map: &SourceMap<'_>, diags: &mut Vec<Diagnost
         checker.networks(networks);
     }
     if let Some(site) = &parts.site {
-        checker.claim_address(&site.provisioner, "the provisioner's address".to_owned());
+        // A small site's provisioner is often the boot network's router too: the same host, not a duplicate.
+        let routes = parts.network.as_ref().and_then(|n| n.internal.gateway.as_ref()).map(|g| g.get_ref().0);
+        if routes != Some(site.provisioner.get_ref().0) {
+            checker.claim_address(&site.provisioner, "the provisioner's address".to_owned());
+        }
         if let Some(networks) = &parts.network {
             checker.host_address(&site.provisioner, &networks.internal, "internal", "the provisioner");
         }

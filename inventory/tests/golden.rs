@@ -18,6 +18,20 @@ fn the_base_fixture_is_valid() {
 }
 
 #[test]
+fn a_provisioner_that_is_also_the_boot_networks_router_is_valid() {
+    let text = std::fs::read_to_string(fixtures().join("valid-lab.toml")).unwrap();
+    let routed = text.replace("provisioner = \"10.0.0.2\"", "provisioner = \"10.0.0.1\"");
+    assert_ne!(routed, text);
+    let inv = herd_inventory::parse("routed.toml", &routed).unwrap_or_else(|d| panic!("{d}"));
+    assert_eq!(inv.site.provisioner.get_ref().to_string(), "10.0.0.1");
+    // A machine on that address is still a duplicate, reported once.
+    let taken = routed.replace("internal = \"10.0.0.12\"", "internal = \"10.0.0.1\"");
+    let diags = herd_inventory::parse("taken.toml", &taken).unwrap_err();
+    assert_eq!(diags.0.len(), 1, "{diags}");
+    assert!(diags.0[0].message.starts_with("10.0.0.1 is already the internal network's gateway"), "{diags}");
+}
+
+#[test]
 fn every_invalid_fixture_matches_its_golden_diagnostics() {
     let dir = fixtures().join("invalid");
     let update = std::env::var_os("UPDATE_GOLDEN").is_some();
