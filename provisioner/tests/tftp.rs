@@ -125,3 +125,41 @@ fn a_tsize_probe_then_abort_ends_cleanly_and_the_next_request_is_served() {
         lab.log().contains("ending=Aborted").then_some(())
     });
 }
+
+#[test]
+fn a_packet_from_a_stranger_to_a_transfer_port_gets_error_5_and_the_transfer_goes_on() {
+    let (lab, data) = lab();
+    let (got, stranger_heard) = in_netns(&lab.client_ns, move || {
+        let sock = UdpSocket::bind("0.0.0.0:0").unwrap();
+        let stranger = UdpSocket::bind("0.0.0.0:0").unwrap();
+        for s in [&sock, &stranger] {
+            s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        }
+        sock.send_to(b"\x00\x01big.bin\x00octet\x00", "10.99.0.2:69").unwrap();
+        let mut buf = [0u8; 2048];
+        let mut out = Vec::new();
+        let mut heard = Vec::new();
+        loop {
+            let (n, from) = sock.recv_from(&mut buf).unwrap();
+            assert_eq!(&buf[..2], b"\x00\x03", "a DATA packet");
+            out.extend_from_slice(&buf[4..n]);
+            let block = [buf[2], buf[3]];
+            if out.len() == 512 * 3 {
+                // Another port ACKs the transfer's block: not the client's TID.
+                stranger.send_to(&[0, 4, block[0], block[1]], from).unwrap();
+                let (m, said_from) = stranger.recv_from(&mut buf).unwrap();
+                assert_eq!(said_from, from, "the ERROR comes from the transfer's port");
+                heard = buf[..m].to_vec();
+            }
+            sock.send_to(&[0, 4, block[0], block[1]], from).unwrap();
+            if n - 4 < 512 {
+                return (out, heard);
+            }
+        }
+    });
+    assert_eq!(&stranger_heard[..4], b"\x00\x05\x00\x05", "ERROR 5 (unknown transfer ID): {stranger_heard:?}");
+    assert_eq!(got, data, "the client's transfer is undisturbed");
+    let metrics = lab.in_client("curl", &["-sf", "http://10.99.0.2/metrics"]);
+    let metrics = String::from_utf8_lossy(&metrics.stdout);
+    assert!(metrics.lines().any(|l| l == "herd_tftp_strangers_total 1"), "{metrics}");
+}

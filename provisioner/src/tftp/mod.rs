@@ -204,6 +204,10 @@ pub fn describe_metrics(m: &Metrics) {
     m.describe("herd_tftp_refused_total", "Requests refused, by reason.");
     m.describe("herd_tftp_dropped_total", "Datagrams dropped as malformed, by reason.");
     m.describe("herd_tftp_transfers_total", "Transfers ended, by outcome.");
+    m.describe(
+        "herd_tftp_strangers_total",
+        "Packets to a transfer's port from another address or port (answered with ERROR 5).",
+    );
     m.describe("herd_tftp_bytes_total", "File bytes sent in completed transfers.");
 }
 
@@ -297,26 +301,26 @@ async fn serve(
             return None;
         }
     };
-    socket.connect(peer).await.ok()?;
+    // Not connected: a packet from anyone but the peer must reach us, to be answered with ERROR 5 (RFC 1350 §4).
+    let link = Link { socket: &socket, peer, metrics: &metrics };
     let content = match resolve(&config.root, file) {
         Ok(path) => match cache.get(&path, MAX_FILE).await {
             Ok(Some(data)) => data,
             Ok(None) => {
                 metrics.inc("herd_tftp_refused_total", "reason=\"too-large\"");
-                let _ =
-                    socket.send(&packet::error(code::UNDEFINED, "file too large for TFTP; boot it over HTTP")).await;
+                let _ = link.send(&packet::error(code::UNDEFINED, "file too large for TFTP; boot it over HTTP")).await;
                 return None;
             }
             Err(e) => {
                 metrics.inc("herd_tftp_refused_total", "reason=\"unreadable\"");
-                let _ = socket.send(&packet::error(code::UNDEFINED, &e.to_string())).await;
+                let _ = link.send(&packet::error(code::UNDEFINED, &e.to_string())).await;
                 return None;
             }
         },
         Err(refusal) => {
             metrics.inc("herd_tftp_refused_total", &format!("reason=\"{}\"", refusal.label));
             tracing::debug!(%peer, %file, reason = refusal.label, "tftp read refused");
-            let _ = socket.send(&packet::error(refusal.code, &refusal.message)).await;
+            let _ = link.send(&packet::error(refusal.code, &refusal.message)).await;
             return None;
         }
     };
@@ -325,7 +329,7 @@ async fn serve(
         Mode::Netascii => to_netascii(&content).into(),
     };
     let (negotiated, oack) = negotiate(&options, content.len() as u64, &config);
-    let ending = send_file(&socket, &content, negotiated, (!oack.is_empty()).then_some(oack), config.retries).await;
+    let ending = send_file(&link, &content, negotiated, (!oack.is_empty()).then_some(oack), config.retries).await;
     let label = match ending {
         Ending::Complete => {
             metrics.add("herd_tftp_bytes_total", "", content.len() as u64);
@@ -348,25 +352,49 @@ enum Reply {
     Failed,
 }
 
-async fn wait_reply(socket: &UdpSocket, timeout: Duration, buf: &mut [u8]) -> Reply {
-    loop {
-        match tokio::time::timeout(timeout, socket.recv(buf)).await {
-            Err(_) => return Reply::Timeout,
-            Ok(Err(_)) => return Reply::Failed,
-            Ok(Ok(n)) => match packet::parse(&buf[..n]) {
-                Ok(ClientPacket::Ack(block)) => return Reply::Ack(block),
-                Ok(ClientPacket::Error { .. }) => return Reply::Abort,
-                // Anything else from the peer on this port is ignored (RFC 1350 leaves it to us).
-                _ => continue,
-            },
+/// One transfer's socket and the client it serves.
+struct Link<'a> {
+    /// The transfer's own socket (its port is the server's TID), not connected.
+    socket: &'a UdpSocket,
+    /// The client's address and port (its TID).
+    peer: SocketAddr,
+    /// Where strangers are counted.
+    metrics: &'a Metrics,
+}
+
+impl Link<'_> {
+    async fn send(&self, packet: &[u8]) -> std::io::Result<usize> {
+        self.socket.send_to(packet, self.peer).await
+    }
+
+    /// The client's next reply within `timeout`. A packet from any other address or port is not the client's:
+    /// it gets ERROR 5 and is counted, and the transfer goes on (RFC 1350 §4).
+    async fn reply(&self, timeout: Duration, buf: &mut [u8]) -> Reply {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            match tokio::time::timeout_at(deadline, self.socket.recv_from(buf)).await {
+                Err(_) => return Reply::Timeout,
+                Ok(Err(_)) => return Reply::Failed,
+                Ok(Ok((_, from))) if from != self.peer => {
+                    self.metrics.inc("herd_tftp_strangers_total", "");
+                    tracing::debug!(%from, peer = %self.peer, "tftp packet from a stranger to a transfer port");
+                    let _ = self.socket.send_to(&packet::error(code::UNKNOWN_TID, "unknown transfer ID"), from).await;
+                }
+                Ok(Ok((n, _))) => match packet::parse(&buf[..n]) {
+                    Ok(ClientPacket::Ack(block)) => return Reply::Ack(block),
+                    Ok(ClientPacket::Error { .. }) => return Reply::Abort,
+                    // Anything else from the peer on this port is ignored (RFC 1350 leaves it to us).
+                    _ => continue,
+                },
+            }
         }
     }
 }
 
 /// Sends `content` in windows of blocks (go-back-N on a short ACK, RFC 7440), after an OACK if options were
 /// negotiated. Block numbers wrap at 65536, so files beyond 65535 blocks work with clients that roll over.
-pub async fn send_file(
-    socket: &UdpSocket,
+async fn send_file(
+    link: &Link<'_>,
     content: &[u8],
     n: Negotiated,
     oack: Option<BTreeMap<String, String>>,
@@ -377,10 +405,10 @@ pub async fn send_file(
         let oack = packet::oack(&options);
         let mut tries = 0;
         loop {
-            if socket.send(&oack).await.is_err() {
+            if link.send(&oack).await.is_err() {
                 return Ending::Failed;
             }
-            match wait_reply(socket, n.timeout, &mut buf).await {
+            match link.reply(n.timeout, &mut buf).await {
                 Reply::Ack(0) => break,
                 Reply::Ack(_) => continue,
                 Reply::Abort => return Ending::Aborted,
@@ -406,12 +434,12 @@ pub async fn send_file(
             let start = ((block - 1) as usize) * blksize;
             let end = (start + blksize).min(content.len());
             packet::data(&mut packet, block as u16, &content[start..end]);
-            if socket.send(&packet).await.is_err() {
+            if link.send(&packet).await.is_err() {
                 return Ending::Failed;
             }
         }
         loop {
-            match wait_reply(socket, n.timeout, &mut buf).await {
+            match link.reply(n.timeout, &mut buf).await {
                 Reply::Ack(block) => {
                     // Map the 16-bit ACK onto the window just sent.
                     let delta = u64::from(block.wrapping_sub(acked as u16));
