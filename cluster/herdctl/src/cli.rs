@@ -16,6 +16,43 @@ pub struct Cli {
     pub command: Command,
 }
 
+/// The commands that never talk to the cluster, by path: the cluster flags are hidden from their help.
+const WITHOUT_CLUSTER: [&[&str]; 7] = [
+    &["inventory"],
+    &["config"],
+    &["image"],
+    &["demo"],
+    &["machine", "list"],
+    &["machine", "show"],
+    &["machine", "reprovision"],
+];
+
+/// The command line as users see it: [`Cli`] with the cluster flags (global, so that they may come before or after
+/// the command) hidden from the help of the commands in [`WITHOUT_CLUSTER`]. They are still accepted there, as the
+/// same flags: a script that sets `HERD_ENDPOINT` for everything runs `herdctl inventory check` unchanged.
+pub fn command() -> clap::Command {
+    use clap::{Args as _, CommandFactory as _};
+    let hidden: Vec<clap::Arg> = ClusterArgs::augment_args(clap::Command::new("cluster"))
+        .get_arguments()
+        .map(|a| a.clone().hide(true))
+        .collect();
+    // clap copies a global flag into a subcommand only when the subcommand has no flag of that id: the hidden
+    // copies placed first stay, and are copied further down from there.
+    fn hide(cmd: clap::Command, path: &[&str], hidden: &[clap::Arg]) -> clap::Command {
+        match path.split_first() {
+            None => hidden.iter().fold(cmd, |c, a| c.arg(a.clone())),
+            Some((first, rest)) => cmd.mut_subcommand(*first, |sc| hide(sc, rest, hidden)),
+        }
+    }
+    WITHOUT_CLUSTER.iter().fold(Cli::command(), |cmd, path| hide(cmd, path, &hidden))
+}
+
+/// Parses the process's arguments with [`command`] (clap's usual exit on `--help` or a mistake).
+pub fn parse() -> Cli {
+    use clap::FromArgMatches as _;
+    Cli::from_arg_matches(&command().get_matches()).unwrap_or_else(|e| e.exit())
+}
+
 /// Where the cluster's etcd is, and how to reach machines over SSH.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ClusterArgs {

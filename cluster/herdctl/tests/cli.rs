@@ -31,6 +31,39 @@ fn clap_definition_is_consistent() {
 }
 
 #[test]
+fn clap_definition_as_run_is_consistent() {
+    herdctl::cli::command().debug_assert();
+}
+
+#[test]
+fn the_cluster_flags_show_only_on_commands_that_use_them() {
+    let help = |args: &[&str]| {
+        let out = herdctl(args);
+        assert!(out.status.success(), "{args:?}: {}", text(&out.stderr));
+        text(&out.stdout)
+    };
+    for args in [&["inventory", "check", "--help"][..], &["config", "render", "--help"], &["machine", "show", "--help"]]
+    {
+        let h = help(args);
+        for flag in ["--endpoint", "--ca-file", "--tunnel", "--ssh-user", "--request-timeout"] {
+            assert!(!h.contains(flag), "{args:?} lists {flag}:\n{h}");
+        }
+    }
+    for args in [&["start", "--help"][..], &["list-units", "--help"], &["machine", "drain", "--help"]] {
+        assert!(help(args).contains("--endpoint"), "{args:?}");
+    }
+    // Still accepted where hidden, before or after the command: one HERD_ENDPOINT serves every command.
+    let lab = repo().join("examples/qemu-3.toml");
+    for args in [
+        &["--endpoint", "http://127.0.0.1:9", "inventory", "check", lab.to_str().unwrap()][..],
+        &["inventory", "check", "--endpoint", "http://127.0.0.1:9", lab.to_str().unwrap()],
+    ] {
+        let out = herdctl(args);
+        assert!(out.status.success(), "{args:?}: {}", text(&out.stderr));
+    }
+}
+
+#[test]
 fn help_lists_the_inventory_commands() {
     let out = herdctl(&["inventory", "--help"]);
     assert!(out.status.success());
