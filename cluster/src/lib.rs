@@ -1,10 +1,10 @@
 //! The herd cluster: fleet-style units (systemd units with `[X-Fleet]`, plus `[Container]` units), the etcd schema,
-//! the engine that places units, the agent that runs them, and the rolling-upgrade orchestrator.
+//! the engine that places units and the agent that runs them.
 //!
 //! [`unit`](mod@unit) is the unit format; [`plan`] the engine's pure planner; [`schema`] and [`record`] the etcd
 //! keys and values (docs/etcd-schema.md); [`store`] the etcd connection; [`engine`] and [`agent`] the two daemons'
 //! logic; [`exec`], [`systemd`] and [`docker`] the executors; [`client`] what herdctl does; [`local`] a real local
-//! etcd for tests and benches; [`bench`](mod@bench) the hollow-machine benchmarks. Rolling upgrades are still to come.
+//! etcd for tests and benches; [`bench`](mod@bench) the hollow-machine benchmarks.
 
 pub mod agent;
 pub mod bench;

@@ -73,7 +73,7 @@ impl Stats {
         self.requests.load(Ordering::Relaxed)
     }
 
-    /// Requests sent again after a [`retryable`] failure (no leader, a member gone): elections show here.
+    /// Requests sent again after a failure a retry may cure (no leader, a member gone): elections show here.
     pub fn retries(&self) -> u64 {
         self.retries.load(Ordering::Relaxed)
     }

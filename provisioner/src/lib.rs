@@ -1,10 +1,11 @@
 //! The herd provisioner: one daemon that answers DHCP (full and proxyDHCP, port 4011), TFTP and HTTP for every
 //! machine of the inventory, renders each machine's Ignition config, and records its boot timeline.
 //!
-//! Done so far: [`ignition`] renders every machine's Ignition 3.3.0 config from the inventory and its role, and
-//! [`lint`] checks configs for the foot-guns `ignition-validate` misses; [`dhcp`] serves DHCP (full and proxy,
-//! port 4011) with [`boot`] deciding what each firmware loads and [`store`] keeping leases crash-safe. TFTP, HTTP
-//! and the machine state machine are being added (issue #8).
+//! [`ignition`] renders every machine's Ignition 3.3.0 config from the inventory and its role, and [`lint`] checks
+//! configs for the foot-guns `ignition-validate` misses; [`dhcp`] serves DHCP (full and proxy, port 4011) with
+//! [`boot`] deciding what each firmware loads and [`store`] keeping leases and machine state crash-safe; [`tftp`]
+//! and [`http`] (with [`assets`] for the large files) serve what the firmware and the initramfs fetch; [`machines`]
+//! is the machine state machine and boot timeline; [`daemon`] runs it all.
 
 pub mod assets;
 pub mod boot;
