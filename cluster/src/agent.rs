@@ -71,6 +71,12 @@ pub enum AgentEvent {
         /// Whether it worked.
         ok: bool,
     },
+    /// Read its whole schedule under `lease` (after registering, or after its watch broke): every unit there has
+    /// been handed to its worker, and every unit no longer there is being removed.
+    Synced {
+        /// The lease.
+        lease: i64,
+    },
     /// The lease could lapse: at-most-once units are being stopped.
     Fenced {
         /// When.
@@ -237,6 +243,7 @@ impl<E: Executor> Agent<E> {
                     Ok(s) => {
                         stream = Some(s);
                         synced_tx.send_replace(lease);
+                        self.emit(AgentEvent::Synced { lease });
                     }
                     Err(e) => {
                         tracing::warn!(machine = %self.key, "reading the schedule: {e}");

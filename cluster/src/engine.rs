@@ -78,6 +78,10 @@ pub struct Reconciled {
     pub unplaced: usize,
     /// Reconcile rounds so far.
     pub rounds: u64,
+    /// The etcd revision of the newest change to units, machines or cordons the round planned from: a change
+    /// written at revision R has been acted on once a round reports R or later (what tests wait on, instead of a
+    /// fixed sleep, before they check that nothing moved).
+    pub revision: i64,
 }
 
 /// An engine instance.
@@ -119,6 +123,8 @@ struct View {
     warming: BTreeMap<UnitName, Warming>,
     /// Machine events seen but not yet written to `events/`: (machine, event, detail).
     events: Vec<(String, &'static str, String)>,
+    /// The revision it was loaded at, or of the newest watch event applied since.
+    revision: i64,
 }
 
 impl Engine {
@@ -294,6 +300,7 @@ impl Engine {
                 }
             }
         }
+        view.revision = revision;
         Ok((view, revision))
     }
 
@@ -378,6 +385,7 @@ impl Engine {
         self.store.stats().watched(resp.events().len() as u64);
         for ev in resp.events() {
             let Some(kv) = ev.kv() else { continue };
+            view.revision = view.revision.max(kv.mod_revision());
             let put = ev.event_type() == EventType::Put;
             match kv.key_str().ok().and_then(Key::parse) {
                 Some(Key::Unit(name)) => view.set_unit(name, if put { record::decode(kv.value()) } else { None }),
@@ -634,6 +642,7 @@ impl Engine {
             scheduled: view.schedule.len(),
             unplaced: plan.unplaced.len(),
             rounds,
+            revision: view.revision,
         });
         Ok(())
     }

@@ -14,6 +14,7 @@ use herd_cluster::client::UnitStatus;
 use herd_cluster::engine::EngineStatus;
 use herd_cluster::exec::RecordingExecutor;
 use herd_cluster::record::{ActiveState, Desired};
+use herd_cluster::schema::{Key, MachineKey};
 use herd_cluster::store::{RETRY_FOR, Stats, StoreError};
 use tokio::sync::broadcast;
 
@@ -85,13 +86,31 @@ async fn a_partitioned_agent_stops_its_at_most_once_unit_before_it_starts_elsewh
         ms.iter().any(|m| m.record.id == first).then_some(())
     })
     .await;
-    tokio::time::sleep(TTL).await;
+    // It has read its whole schedule under its new lease, and the engine has planned after its return: nothing
+    // can start the unit there from here on.
+    let events = &mut lab.machines.get_mut(&first).unwrap().events;
+    let mut late = tokio::time::timeout(WAIT, async {
+        let mut seen = Vec::new();
+        loop {
+            let e = events.recv().await.unwrap();
+            let synced = matches!(e, AgentEvent::Synced { .. });
+            seen.push(e);
+            if synced {
+                return seen;
+            }
+        }
+    })
+    .await
+    .expect("the old machine read its schedule again");
+    lab.engine_round_after(&Key::Machine(MachineKey::new(&first).unwrap()).path()).await;
     let units = lab.client.units().await.unwrap();
     let u = units.iter().find(|u| u.name == "singleton.service").unwrap();
+    let placed: Vec<&str> = u.machines.iter().map(|p| p.machine.as_str()).collect();
+    assert_eq!(placed, [other], "placed on the other machine only after healing");
     let active: Vec<&str> =
         u.machines.iter().filter(|p| p.state == Some(ActiveState::Active)).map(|p| p.machine.as_str()).collect();
     assert_eq!(active, [other], "exactly one copy runs after healing");
-    let late = drain(&mut lab.machines.get_mut(&first).unwrap().events);
+    late.extend(drain(&mut lab.machines.get_mut(&first).unwrap().events));
     assert!(action_at(&late, "singleton.service", "start").is_none(), "the old machine did not restart it: {late:?}");
 }
 
@@ -106,8 +125,11 @@ async fn an_agent_cut_off_from_etcd_keeps_its_units_then_converges() {
 
     // Cut off for less than the lease: nothing may happen locally.
     lab.machines["m1"].partition().await;
+    let cut = std::time::Instant::now();
     lab.client.set_desired("change.service", Desired::Loaded).await.unwrap();
-    tokio::time::sleep(TTL / 3).await;
+    // The engine has scheduled the change the agent cannot see; the cut lasts a third of the lease in all.
+    lab.engine_round_after(&Key::Unit("change.service".parse().unwrap()).path()).await;
+    tokio::time::sleep((TTL / 3).saturating_sub(cut.elapsed())).await;
     let during = drain(&mut lab.machines.get_mut("m1").unwrap().events);
     assert!(
         !during.iter().any(|e| matches!(e, AgentEvent::Action { .. })),

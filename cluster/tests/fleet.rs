@@ -9,6 +9,7 @@ use std::time::Duration;
 use common::{GRACE, Lab, TTL, machine_record, poll, sleeper};
 use herd_cluster::client::UnitStatus;
 use herd_cluster::record::{ActiveState, Desired};
+use herd_cluster::schema::{Key, MachineKey};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -108,8 +109,8 @@ async fn five_conflicting_units_on_three_machines_run_three_on_distinct_machines
     })
     .await;
     assert_eq!(running.iter().collect::<BTreeSet<_>>().len(), 3, "on distinct machines: {running:?}");
-    // And it stays at 3: the other two have nowhere to go.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // And it stays at 3: the other two have nowhere to go (the engine has planned after the last one's start).
+    lab.engine_round_after(&Key::Unit(names.last().unwrap().parse().unwrap()).path()).await;
     let units = lab.client.units().await.unwrap();
     let placed: usize = units.iter().filter(|u| u.name.starts_with("db@")).map(|u| u.machines.len()).sum();
     assert_eq!(placed, 3);
@@ -155,8 +156,10 @@ async fn machine_of_pairs_move_together_a_leaving_machine_moves_exactly_its_unit
     let mut all: Vec<&str> = others.iter().map(String::as_str).collect();
     all.extend(["leader.service", "follower.service"]);
     start(&lab, &all).await;
-    let before: Vec<(String, Vec<String>)> =
-        lab.client.units().await.unwrap().iter().map(|u| (u.name.clone(), active_on(u))).collect();
+    let units_before = lab.client.units().await.unwrap();
+    let placed_before: Vec<(String, Vec<String>)> =
+        units_before.iter().map(|u| (u.name.clone(), u.machines.iter().map(|p| p.machine.clone()).collect())).collect();
+    let before: Vec<(String, Vec<String>)> = units_before.iter().map(|u| (u.name.clone(), active_on(u))).collect();
     let leader_on = before.iter().find(|(n, _)| n == "leader.service").unwrap().1[0].clone();
     let follower_on = &before.iter().find(|(n, _)| n == "follower.service").unwrap().1[0];
     assert_eq!(&leader_on, follower_on, "MachineOf co-locates");
@@ -164,10 +167,12 @@ async fn machine_of_pairs_move_together_a_leaving_machine_moves_exactly_its_unit
     // A machine joining moves nothing.
     lab.add_machine(machine_record("m4", "r2", &[])).await;
     poll(WAIT, "m4 registered", || async { (lab.client.machines().await.ok()?.len() == 4).then_some(()) }).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let joined: Vec<(String, Vec<String>)> =
-        lab.client.units().await.unwrap().iter().map(|u| (u.name.clone(), active_on(u))).collect();
-    assert_eq!(joined, before, "no churn when a machine joins");
+    lab.engine_round_after(&Key::Machine(MachineKey::new("m4").unwrap()).path()).await;
+    // The schedule itself, not the reported states: a move would show here at once.
+    let placed = |units: &[UnitStatus]| -> Vec<(String, Vec<String>)> {
+        units.iter().map(|u| (u.name.clone(), u.machines.iter().map(|p| p.machine.clone()).collect())).collect()
+    };
+    assert_eq!(placed(&lab.client.units().await.unwrap()), placed_before, "no churn when a machine joins");
 
     // The leader's machine dies: exactly its units move, the pair together, after the grace period.
     let died = std::time::Instant::now();

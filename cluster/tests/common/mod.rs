@@ -196,6 +196,20 @@ impl Lab {
         .await
     }
 
+    /// Waits (bounded) until the leading engine has finished a reconcile round planned from a view that holds
+    /// the latest change to `key` (a unit's or a machine's key, which the engine watches): what it does about the
+    /// change is then written. Tests wait on this, not on a fixed time, before they check that nothing moved.
+    pub async fn engine_round_after(&self, key: &str) {
+        let revision = self.store.get(key).await.unwrap().map(|kv| kv.mod_revision()).expect("the key exists");
+        poll(Duration::from_secs(30), &format!("an engine round after revision {revision} ({key})"), || async {
+            self.engines
+                .iter()
+                .any(|h| !h.crashed.load(Ordering::SeqCst) && h.engine.reconciled().borrow().revision >= revision)
+                .then_some(())
+        })
+        .await;
+    }
+
     /// Starts an agent for `record` (through its own proxies) running real processes, and returns its id.
     pub async fn add_machine(&mut self, record: MachineRecord) -> String {
         let m = self.spawn_agent(record, Arc::new(ProcessExecutor::default())).await;
