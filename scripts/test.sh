@@ -19,7 +19,7 @@ cargo test --workspace --locked --exclude herd-qemu
 cargo build --release --locked -p herdctl -p herd-provisioner
 cargo test --locked -p herd-qemu -- --show-output
 cargo bench --locked -p herd-inventory --bench check
-cargo bench --locked -p herd-provisioner --bench render
+cargo bench --locked -p herd-config --bench render
 cargo bench --locked -p herd-provisioner --bench dhcp
 cargo bench --locked -p herd-provisioner --bench tftp
 cargo bench --locked -p herd-provisioner --bench storm

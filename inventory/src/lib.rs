@@ -17,7 +17,6 @@ mod diag;
 pub mod diff;
 pub mod generate;
 mod model;
-pub mod node;
 mod parse;
 mod types;
 pub mod validate;

@@ -1,5 +1,5 @@
 //! The machine's bond, built in the initramfs just before `switch_root` from `/etc/herd/bond.json`
-//! ([`herd_inventory::node::BondConfig`]): the bonding driver's sysfs files and the socket ioctls of [`crate::net`].
+//! ([`herd_config::node::BondConfig`]): the bonding driver's sysfs files and the socket ioctls of [`crate::net`].
 //! The node's address then works from the first moment of the real root, so etcd's members find each other while
 //! udev is still working through its coldplug queue; systemd-networkd, whose files describe the same bond, takes it
 //! over as it is (`KeepConfiguration=static`) once udev has seen the NICs.
@@ -10,7 +10,7 @@
 use std::net::Ipv4Addr;
 use std::path::Path;
 
-use herd_inventory::node::EarlyBond;
+use herd_config::node::EarlyBond;
 
 const SYSFS_NET: &str = "/sys/class/net";
 
@@ -93,7 +93,7 @@ const NETWORKD_RUNTIME: &str = "/run/systemd/network";
 /// `Bond=` is emptied too: networkd ignores it under `KeepMaster=` anyway, but warns about it every boot if it is set.
 fn keep_members(bond: &str, nics: &[Nic]) -> Result<(), String> {
     for n in nics {
-        let dir = format!("{NETWORKD_RUNTIME}/{}.d", herd_inventory::node::bond_member_network(bond, &n.mac));
+        let dir = format!("{NETWORKD_RUNTIME}/{}.d", herd_config::node::bond_member_network(bond, &n.mac));
         std::fs::create_dir_all(&dir).map_err(|e| format!("mkdir {dir}: {e}"))?;
         let text = format!(
             "# Written by node-init: it made this NIC a member of {bond} in the initramfs.\n\

@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use herd_images::slot;
-use herd_inventory::node::{NODE_CONFIG_PATH, NodeConfig};
+use herd_config::node::{NODE_CONFIG_PATH, NodeConfig};
 
 use crate::report::SystemReport;
 

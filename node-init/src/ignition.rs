@@ -42,7 +42,7 @@ pub fn data_url(url: &str) -> Result<Vec<u8>, String> {
         use base64::Engine as _;
         return base64::engine::general_purpose::STANDARD.decode(data).map_err(|e| format!("base64: {e}"));
     }
-    herd_inventory::node::percent_decode_bytes(data)
+    herd_config::node::percent_decode_bytes(data)
 }
 
 fn fetch(url: &str) -> Result<Vec<u8>, String> {

@@ -381,9 +381,9 @@ fn boot(cmd: &Cmdline, prov: Option<&Provisioner>, started: Instant) -> Result<(
 /// boot), if it describes one. Best effort: if it cannot be built, systemd-networkd builds it later, as it would
 /// without this.
 fn early_bond(report: &mut BootReport) {
-    let path = Path::new(NEWROOT).join(herd_inventory::node::BOND_CONFIG_PATH.trim_start_matches('/'));
+    let path = Path::new(NEWROOT).join(herd_config::node::BOND_CONFIG_PATH.trim_start_matches('/'));
     let Ok(text) = std::fs::read_to_string(&path) else { return };
-    let b = match serde_json::from_str::<herd_inventory::node::BondConfig>(&text) {
+    let b = match serde_json::from_str::<herd_config::node::BondConfig>(&text) {
         Ok(c) if c.version == 1 => c.bond,
         Ok(c) => {
             return say(&format!(

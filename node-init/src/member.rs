@@ -14,7 +14,7 @@ use herd_cluster::exec::Dispatch;
 use herd_cluster::record::{MachineRecord, now_ms};
 use herd_cluster::store::{Store, TlsFiles};
 use herd_cluster::systemd::SystemdExecutor;
-use herd_inventory::node::NodeConfig;
+use herd_config::node::NodeConfig;
 use tokio_util::sync::CancellationToken;
 
 use crate::report::SystemReport;

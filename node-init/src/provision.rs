@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use herd_images::build::ImageManifest;
 use herd_images::slot::{self, ImageStreams, Layout, Slot};
-use herd_inventory::node::{NODE_CONFIG_PATH, NodeConfig};
+use herd_config::node::{NODE_CONFIG_PATH, NodeConfig};
 use serde_json::Value;
 
 use crate::cmdline::Cmdline;

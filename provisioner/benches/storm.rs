@@ -464,8 +464,8 @@ fn main() {
             "#!ipxe\nkernel http://10.20.0.2/assets/vmlinuz herd.token=static\ninitrd http://10.20.0.2/assets/initramfs\nboot\n",
         )
         .expect("script");
-        let cfg = herd_provisioner::ignition::render(&inv, m).expect("config");
-        std::fs::write(dir.join(format!("www/config/{dashed}")), herd_provisioner::ignition::to_json(&cfg))
+        let cfg = herd_config::ignition::render(&inv, m).expect("config");
+        std::fs::write(dir.join(format!("www/config/{dashed}")), herd_config::ignition::to_json(&cfg))
             .expect("cfg");
     }
     for (from, to) in [("assets/vmlinuz", "www/assets/vmlinuz"), ("assets/initramfs", "www/assets/initramfs")] {

@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use tower::ServiceExt as _;
 use tower_http::services::ServeDir;
 
-use crate::ignition;
+use herd_config::ignition;
 use crate::machines::{BootMode, ByAddress, MachineState, TimelineEntry};
 use crate::metrics::Metrics;
 

@@ -9,14 +9,11 @@
 
 pub mod assets;
 pub mod boot;
-pub mod cloud_config;
 pub mod daemon;
 pub mod dhcp;
 pub mod files;
 pub mod http;
-pub mod ignition;
 pub mod images;
-pub mod lint;
 pub mod machines;
 pub mod metrics;
 pub mod ra;

@@ -4,7 +4,7 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use anyhow::Context as _;
-use herd_provisioner::{cloud_config, ignition, lint};
+use herd_config::{cloud_config, ignition, lint};
 
 use crate::cli::ConfigFormat;
 use crate::inventory_cmd;

@@ -7,10 +7,10 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use herd_provisioner::{ignition, lint};
+use herd_config::{ignition, lint};
 
 fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
 fn seed_site() -> herd_inventory::Inventory {
@@ -152,7 +152,7 @@ fn a_legacy_cloud_config_translates_to_a_valid_config() {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/legacy-master.cloud-config"),
     )
     .unwrap();
-    let config = herd_provisioner::cloud_config::translate(&text).unwrap();
+    let config = herd_config::cloud_config::translate(&text).unwrap();
     let json = ignition::to_json(&config);
     assert!(lint::lint_str(&json).unwrap().is_empty());
     let dir = scratch("cloud-config");

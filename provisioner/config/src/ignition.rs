@@ -21,9 +21,9 @@ pub const SPEC_VERSION: &str = "3.3.0";
 /// The admin user that carries the site's SSH keys.
 pub const ADMIN_USER: &str = "herd";
 /// Where node-init reads its config on the machine.
-pub const NODE_CONFIG_PATH: &str = herd_inventory::node::NODE_CONFIG_PATH;
+pub const NODE_CONFIG_PATH: &str = crate::node::NODE_CONFIG_PATH;
 /// Where the bond node-init builds in the initramfs is described.
-pub const BOND_CONFIG_PATH: &str = herd_inventory::node::BOND_CONFIG_PATH;
+pub const BOND_CONFIG_PATH: &str = crate::node::BOND_CONFIG_PATH;
 /// etcd's client and peer ports.
 pub const ETCD_CLIENT_PORT: u16 = 2379;
 /// etcd's peer port.
@@ -64,7 +64,7 @@ pub enum RenderError {
     },
 }
 
-pub use herd_inventory::node::{BondConfig, EarlyBond, NodeConfig};
+pub use crate::node::{BondConfig, EarlyBond, NodeConfig};
 
 /// Renders the Ignition config of the machine named `name`.
 pub fn render_machine(inv: &Inventory, name: &str) -> Result<ign::Config, RenderError> {
@@ -265,7 +265,7 @@ pub fn data_url(contents: &str) -> String {
 
 /// The text of a `data:,` URL's percent-encoded contents (the inverse of [`data_url`]'s encoding).
 pub fn percent_decode(text: &str) -> Result<String, String> {
-    let bytes = herd_inventory::node::percent_decode_bytes(text)?;
+    let bytes = crate::node::percent_decode_bytes(text)?;
     String::from_utf8(bytes).map_err(|_| "data URL is not UTF-8 text".to_owned())
 }
 
@@ -362,7 +362,7 @@ fn networkd(inv: &Inventory, machine: &Machine, files: &mut Vec<ign::File>) {
                     unit.push_str("PrimarySlave=true\n");
                 }
                 unit.push_str(&link);
-                let name = herd_inventory::node::bond_member_network(BOND, &mac.to_string());
+                let name = crate::node::bond_member_network(BOND, &mac.to_string());
                 files.push(file(&format!("/etc/systemd/network/{name}"), &unit, 0o644));
             }
             let mut network = network.clone();

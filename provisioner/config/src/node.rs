@@ -1,6 +1,6 @@
 //! node-init's configuration (`/etc/herd/node-init.json`, version 1): the contract between the provisioner, which
 //! renders it from the inventory into each machine's Ignition config, and node-init, which reads it. It lives here,
-//! in the crate both depend on, so node-init (a static binary) does not link the provisioner.
+//! in the config crate both depend on, so node-init (a static binary) does not link the provisioner.
 
 use std::collections::BTreeMap;
 
@@ -70,8 +70,8 @@ pub fn bond_member_network(bond: &str, mac: &str) -> String {
 pub struct EarlyBond {
     /// Interface name (`bond0`).
     pub name: String,
-    /// Bonding mode; its driver settings are [`crate::BondMode::settings`].
-    pub mode: crate::BondMode,
+    /// Bonding mode; its driver settings are [`herd_inventory::BondMode::settings`].
+    pub mode: herd_inventory::BondMode,
     /// The bond's MAC (the boot NIC's, as networkd's `MACAddress=`).
     pub mac: String,
     /// Member NICs by permanent MAC, in the inventory's order.
