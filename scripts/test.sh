@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # herd's test command (README, and CI through .ci/run): prepare the host, then format check, lints, every test,
 # and the benchmark figures. Every peer daemon a test or benchmark starts (Kea, dnsmasq, nginx, tftpd-hpa, etcd,
-# dockerd, docker-registry, sshd) runs with a private, empty /run (herd-testkit), so nothing here depends on the
+# dockerd, docker-registry, sshd) runs with a private, empty /run (herd_lab::daemon), so nothing here depends on the
 # runtime directories a package's systemd units would have made; README's newcomer paths (the demo through
 # scripts/demo.sh, the inventory tour) are tests.
 set -euo pipefail

@@ -3,16 +3,15 @@
 //!
 //! [`unit`](mod@unit) is the unit format; [`plan`] the engine's pure planner; [`schema`] and [`record`] the etcd
 //! keys and values (docs/etcd-schema.md); [`store`] the etcd connection; [`engine`] and [`agent`] the two daemons'
-//! logic; [`exec`], [`systemd`] and [`docker`] the executors; [`client`] what herdctl does; [`local`] a real local
-//! etcd for tests and benches; [`bench`](mod@bench) the hollow-machine benchmarks.
+//! logic; [`exec`], [`systemd`] and [`docker`] the executors; and [`client`] what herdctl does. What
+//! runs a cluster on one machine for tests, benchmarks and the demo (a local etcd, dockerd and registry, hollow
+//! machines) is `herd-lab`, which ships in herdctl, not on the nodes.
 
 pub mod agent;
-pub mod bench;
 pub mod client;
 pub mod docker;
 pub mod engine;
 pub mod exec;
-pub mod local;
 pub mod plan;
 pub mod record;
 pub mod schema;

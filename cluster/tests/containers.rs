@@ -12,8 +12,8 @@ use futures::StreamExt;
 use herd_cluster::agent::AgentEvent;
 use herd_cluster::docker::{DockerExecutor, container_name};
 use herd_cluster::exec::{Dispatch, Executor, ProcessExecutor};
-use herd_cluster::local::LocalDocker;
 use herd_cluster::record::{ActiveState, Desired};
+use herd_lab::local::LocalDocker;
 
 const WAIT: Duration = Duration::from_secs(60);
 

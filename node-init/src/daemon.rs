@@ -4,8 +4,8 @@
 
 use std::path::Path;
 
-use herd_images::slot;
 use herd_config::node::{NODE_CONFIG_PATH, NodeConfig};
+use herd_images::slot;
 
 use crate::report::SystemReport;
 

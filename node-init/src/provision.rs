@@ -6,9 +6,9 @@ use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use herd_config::node::{NODE_CONFIG_PATH, NodeConfig};
 use herd_images::build::ImageManifest;
 use herd_images::slot::{self, ImageStreams, Layout, Slot};
-use herd_config::node::{NODE_CONFIG_PATH, NodeConfig};
 use serde_json::Value;
 
 use crate::cmdline::Cmdline;

@@ -465,8 +465,7 @@ fn main() {
         )
         .expect("script");
         let cfg = herd_config::ignition::render(&inv, m).expect("config");
-        std::fs::write(dir.join(format!("www/config/{dashed}")), herd_config::ignition::to_json(&cfg))
-            .expect("cfg");
+        std::fs::write(dir.join(format!("www/config/{dashed}")), herd_config::ignition::to_json(&cfg)).expect("cfg");
     }
     for (from, to) in [("assets/vmlinuz", "www/assets/vmlinuz"), ("assets/initramfs", "www/assets/initramfs")] {
         std::fs::hard_link(dir.join(from), dir.join(to)).expect("link");

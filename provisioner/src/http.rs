@@ -18,9 +18,9 @@ use serde::{Deserialize, Serialize};
 use tower::ServiceExt as _;
 use tower_http::services::ServeDir;
 
-use herd_config::ignition;
 use crate::machines::{BootMode, ByAddress, MachineState, TimelineEntry};
 use crate::metrics::Metrics;
+use herd_config::ignition;
 
 /// Allows one log line per interval; the rest are only counted.
 #[derive(Debug)]

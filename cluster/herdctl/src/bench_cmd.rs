@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use herd_cluster::bench::{self, BenchConfig};
+use herd_lab::bench::{self, BenchConfig};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::cli::{BenchArgs, BenchCommand, ClusterArgs};

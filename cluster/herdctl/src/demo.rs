@@ -441,7 +441,7 @@ fn bring_up(args: &DemoArgs, output: Output) -> anyhow::Result<ExitCode> {
     bar.set_prefix("registry");
     let registry = format!("{SERVICES_IP}:5000");
     let config = dir.join("registry.yml");
-    std::fs::write(&config, herd_cluster::local::registry_config(&dir.join("registry"), &registry))?;
+    std::fs::write(&config, herd_lab::local::registry_config(&dir.join("registry"), &registry))?;
     let argv = vec!["docker-registry".to_owned(), "serve".into(), config.display().to_string()];
     spawn_in_netns(&dir, &mut state, "registry", &argv, "registry.log")?;
     poll(Duration::from_secs(20), "the registry", || {

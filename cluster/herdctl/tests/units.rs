@@ -13,9 +13,9 @@ use herd_cluster::docker::DockerExecutor;
 use herd_cluster::engine::{Engine, EngineConfig};
 use herd_cluster::exec::Dispatch;
 use herd_cluster::exec::ProcessExecutor;
-use herd_cluster::local::{LocalDocker, LocalEtcd};
 use herd_cluster::record::MachineRecord;
-use herd_testkit::{Daemon, Spec};
+use herd_lab::daemon::{Daemon, Spec};
+use herd_lab::local::{LocalDocker, LocalEtcd};
 use tokio_util::sync::CancellationToken;
 
 struct Site {

@@ -6,7 +6,7 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-pub use herd_testkit::{Daemon, Spec};
+pub use herd_lab::daemon::{Daemon, Spec};
 
 /// Runs a command quietly; whether it succeeded.
 pub fn run(cmd: &str, args: &[&str]) -> bool {

@@ -23,10 +23,10 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
+use herd_lab::daemon::{Daemon, Spec};
 use herd_provisioner::daemon::{DEBIAN_IPXE_DIR, DaemonConfig};
 pub use herd_provisioner::dhcp::server::Mode;
 use herd_provisioner::dhcp::server::UnknownMacs;
-use herd_testkit::{Daemon, Spec};
 use tokio_util::sync::CancellationToken;
 
 /// The kernel the tests boot (fetched by `scripts/fetch-kernel.sh`).

@@ -9,14 +9,14 @@ use std::time::{Duration, Instant};
 use etcd_client::TxnOp;
 use tokio_util::sync::CancellationToken;
 
-use crate::agent::{Agent, AgentConfig};
-use crate::engine::{Engine, EngineConfig};
-use crate::exec::RecordingExecutor;
 use crate::local::LocalEtcd;
-use crate::record::{self, Desired, MachineRecord, UnitRecord};
-use crate::schema::{self, Key};
-use crate::store::{Stats, Store, TlsFiles};
-use crate::unit::UnitName;
+use herd_cluster::agent::{Agent, AgentConfig};
+use herd_cluster::engine::{Engine, EngineConfig};
+use herd_cluster::exec::RecordingExecutor;
+use herd_cluster::record::{self, Desired, MachineRecord, UnitRecord};
+use herd_cluster::schema::{self, Key};
+use herd_cluster::store::{Stats, Store, TlsFiles};
+use herd_cluster::unit::UnitName;
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -201,7 +201,7 @@ impl BenchCluster {
         for i in from..to {
             let name: UnitName = format!("job@{i}.service").parse()?;
             ops.push(TxnOp::put(Key::Unit(name).path(), value.clone(), None));
-            if ops.len() == crate::store::MAX_TXN_OPS {
+            if ops.len() == herd_cluster::store::MAX_TXN_OPS {
                 batches.push(std::mem::take(&mut ops));
             }
         }
@@ -295,7 +295,7 @@ pub async fn scheduler(cfg: &BenchConfig, progress: Progress<'_>) -> anyhow::Res
 /// Spreads `cfg.units` units over the hollow machines, then kills one machine at a time (its agent dies without a
 /// word, as a machine losing power) and measures how long until every unit it ran runs elsewhere.
 pub async fn failover(cfg: &BenchConfig, trials: usize, progress: Progress<'_>) -> anyhow::Result<FailoverReport> {
-    let grace = crate::engine::default_grace(cfg.ttl);
+    let grace = herd_cluster::engine::default_grace(cfg.ttl);
     let mut cluster = BenchCluster::start(cfg, grace, progress).await?;
     cluster.submit_units(0, cfg.units).await?;
     while cluster.active() < cfg.units as u64 {

@@ -241,10 +241,10 @@ mod tests {
             eprintln!("skipped: needs root");
             return;
         }
-        let scratch = std::env::temp_dir().join(format!("herd-testkit-run-{}", std::process::id()));
+        let scratch = std::env::temp_dir().join(format!("herd-lab-run-{}", std::process::id()));
         std::fs::create_dir_all(&scratch).unwrap();
         // A runtime directory this host has (as a package's tmpfiles would have left it) must not be seen.
-        let host_dir = PathBuf::from(format!("/run/herd-testkit-probe-{}", std::process::id()));
+        let host_dir = PathBuf::from(format!("/run/herd-lab-probe-{}", std::process::id()));
         std::fs::create_dir_all(&host_dir).unwrap();
         let out = scratch.join("seen");
         let script = format!(
@@ -299,7 +299,7 @@ mod tests {
             eprintln!("skipped: needs root");
             return;
         }
-        let ns = format!("herd-testkit-{}", std::process::id());
+        let ns = format!("herd-lab-{}", std::process::id());
         assert!(Command::new("ip").args(["netns", "add", &ns]).status().unwrap().success());
         let mut daemon = Spec::new("ns", "/bin/sleep").args(["602"]).netns(&ns).spawn().unwrap();
         let pid = daemon.pid();

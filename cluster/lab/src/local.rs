@@ -5,9 +5,9 @@ use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use herd_testkit::{Daemon, Spec};
+use crate::daemon::{Daemon, Spec};
 
-use crate::store::{Store, TlsFiles};
+use herd_cluster::store::{Store, TlsFiles};
 
 /// One member.
 #[derive(Debug)]
