@@ -14,8 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use herd_inventory::EtcdRole;
-use herd_provisioner::daemon::DEBIAN_IPXE_DIR;
-use herd_qemu::{Firmware, OVMF_CODE, VmSpec};
+use herd_lab::qemu::{DEBIAN_IPXE_DIR, Firmware, OVMF_CODE, VmSpec};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
@@ -401,7 +400,7 @@ fn bring_up(args: &DemoArgs, output: Output) -> anyhow::Result<ExitCode> {
     // The network: namespace, bridge, and a veth pair to this host.
     let bar = spinner(&mp, "namespace, bridge, veth");
     bar.set_prefix("network");
-    herd_qemu::bridge_netns(NETNS, BRIDGE, &[&format!("{SERVICES_IP}/24")])?;
+    herd_lab::qemu::bridge_netns(NETNS, BRIDGE, &[&format!("{SERVICES_IP}/24")])?;
     run("ip", &["link", "add", NETNS, "type", "veth", "peer", "name", "uplink", "netns", NETNS])?;
     run("ip", &["-n", NETNS, "link", "set", "uplink", "master", BRIDGE, "up"])?;
     run("ip", &["addr", "add", HOST_CIDR, "dev", NETNS])?;
@@ -628,13 +627,13 @@ fn tail(path: &Path) -> String {
 fn power_on_machine(dir: &Path, state: &mut State, m: &DemoMachine) -> anyhow::Result<()> {
     let disk = dir.join(format!("{}.qcow2", m.name));
     if !disk.exists() {
-        herd_qemu::qcow2(&disk)?;
+        herd_lab::qemu::qcow2(&disk)?;
     }
     let mut taps = Vec::new();
     for i in 0..m.macs.len() {
         let tap = format!("{}-{i}", m.name.chars().take(12).collect::<String>());
         if run("ip", &["-n", NETNS, "link", "show", &tap]).is_err() {
-            herd_qemu::add_tap(NETNS, BRIDGE, &tap)?;
+            herd_lab::qemu::add_tap(NETNS, BRIDGE, &tap)?;
         }
         taps.push(tap);
     }
@@ -647,7 +646,7 @@ fn power_on_machine(dir: &Path, state: &mut State, m: &DemoMachine) -> anyhow::R
         std::fs::rename(&serial, dir.join(format!("{}.serial.before.log", m.name)))?;
     }
     let mut argv = vec!["qemu-system-x86_64".to_owned()];
-    argv.extend(herd_qemu::pxe_qemu_args(&spec, dir, &taps)?);
+    argv.extend(herd_lab::qemu::pxe_qemu_args(&spec, dir, &taps)?);
     state.procs.retain(|p| p.role != format!("vm:{}", m.name));
     spawn_in_netns(dir, state, &format!("vm:{}", m.name), &argv, &format!("{}.qemu.log", m.name))?;
     Ok(())

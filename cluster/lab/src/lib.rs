@@ -4,8 +4,9 @@
 //! VMs) in their own process group with a private, empty `/run`, and stops them with everything they started;
 //! [`local`] runs a real etcd cluster, dockerd and a registry on loopback with it; [`bench`](mod@bench) is the
 //! hollow-machine benchmarks (the real engine and agent code, a recording executor, a real etcd) behind `herdctl
-//! bench`.
+//! bench`; [`qemu`] the network-booting VMs of `herdctl demo` and the QEMU tests.
 
 pub mod bench;
 pub mod daemon;
 pub mod local;
+pub mod qemu;
