@@ -21,7 +21,7 @@ const PAGE: i64 = 2_000;
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// The etcd client failed (connection, timeout, server error).
-    #[error("etcd: {0}")]
+    #[error(transparent)]
     Etcd(#[from] etcd_client::Error),
     /// A TLS file could not be read.
     #[error("reading {path}: {source}")]

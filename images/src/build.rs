@@ -125,6 +125,59 @@ pub struct ImageManifest {
     pub kernel: KernelInfo,
 }
 
+impl ImageManifest {
+    /// Reads the `manifest.json` of a built image (the provisioner's assets directory, an image directory).
+    pub fn read(path: &Path) -> Result<ImageManifest, ManifestReadError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ManifestReadError::Read { path: path.display().to_string(), source })?;
+        serde_json::from_str(&text)
+            .map_err(|source| ManifestReadError::Invalid { path: path.display().to_string(), source })
+    }
+
+    /// A manifest with these values and placeholders elsewhere: what tests of its readers serve.
+    pub fn for_tests(root_hash: &str, cmdline: &str) -> ImageManifest {
+        ImageManifest {
+            name: "herd-os".into(),
+            release: "test".into(),
+            key: String::new(),
+            source_date_epoch: 0,
+            files: BTreeMap::new(),
+            verity: Verity {
+                root_hash: root_hash.into(),
+                salt: String::new(),
+                algorithm: "sha256".into(),
+                block_size: 4096,
+            },
+            cmdline: cmdline.into(),
+            packages: Vec::new(),
+            kernel: KernelInfo { package: String::new(), version: String::new(), initramfs_modules: Vec::new() },
+        }
+    }
+}
+
+/// Why a built image's `manifest.json` could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestReadError {
+    /// Not there, or unreadable.
+    #[error("cannot read {path}")]
+    Read {
+        /// The file.
+        path: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Not a manifest `herdctl image build` wrote.
+    #[error("{path} is not an image manifest of herdctl image build")]
+    Invalid {
+        /// The file.
+        path: String,
+        /// Why.
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
 /// The kernel an image boots.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KernelInfo {
@@ -164,7 +217,7 @@ pub enum BuildError {
         message: String,
     },
     /// I/O.
-    #[error("{0}")]
+    #[error(transparent)]
     Io(#[from] std::io::Error),
 }
 

@@ -131,7 +131,7 @@ pub enum GptError {
     #[error("{0}")]
     Layout(String),
     /// I/O.
-    #[error("{0}")]
+    #[error(transparent)]
     Io(#[from] std::io::Error),
 }
 

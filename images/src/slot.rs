@@ -163,7 +163,7 @@ pub enum SlotError {
     #[error("{0}")]
     Tool(String),
     /// I/O.
-    #[error("{0}")]
+    #[error(transparent)]
     Io(#[from] std::io::Error),
 }
 

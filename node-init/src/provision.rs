@@ -101,8 +101,8 @@ impl Provisioner {
 
     /// Reports a stage with the disk's slot table (the provisioner keeps it to boot the right slot's kernel).
     pub fn try_phone_slots(&self, stage: &str, detail: &str, slots: Option<&slot::SlotReport>) -> Result<(), String> {
-        let url = format!("{}/phone-home/{}?token={}", self.url, self.mac, self.token);
-        let body = serde_json::json!({ "stage": stage, "detail": detail, "slots": slots });
+        let url = format!("{}{}", self.url, herd_api::paths::phone_home(&self.mac, &self.token));
+        let body = herd_api::PhoneHome { stage: stage.to_owned(), detail: detail.to_owned(), slots: slots.cloned() };
         let r = self.agent.post(&url).send_json(&body).map_err(|e| e.to_string())?;
         if r.status().is_success() { Ok(()) } else { Err(format!("HTTP {}", r.status())) }
     }
@@ -137,7 +137,7 @@ impl Provisioner {
     /// This machine's Ignition config, retried with backoff for [`Provisioner::config_wait`] while the provisioner
     /// cannot be reached or fails; a refusal (HTTP 4xx) ends it after [`REFUSALS`] tries.
     pub fn config(&self) -> Result<Value, String> {
-        let url = format!("{}/config/{}?token={}", self.url, self.mac, self.token);
+        let url = format!("{}{}", self.url, herd_api::paths::config(&self.mac, &self.token));
         let deadline = Instant::now() + self.config_wait;
         let mut wait = Duration::from_secs(1);
         let mut refusals = 0;

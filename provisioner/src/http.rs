@@ -14,12 +14,13 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use herd_images::slot::SlotReport;
 use herd_inventory::{Inventory, Mac};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use tower::ServiceExt as _;
 use tower_http::services::ServeDir;
 
-use crate::machines::{BootMode, ByAddress, MachineState, TimelineEntry};
+use crate::machines::{BootMode, ByAddress, MachinesError};
 use crate::metrics::Metrics;
+use herd_api::{MachineDetail, MachineSummary, PhoneHome, StateChange};
 use herd_config::ignition;
 
 /// Allows one log line per interval; the rest are only counted.
@@ -126,7 +127,7 @@ async fn script(State(s): State<HttpState>, Path(file): Path<String>) -> Respons
     let Some(machine) = s.inv.machine(&name) else { return text(StatusCode::NOT_FOUND, "unknown machine\n") };
     let (token, mode) = match s.by_address.machines.script(&name).await {
         Ok(v) => v,
-        Err(e) => return text(StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")),
+        Err(e) => return machines_error(&e),
     };
     let mut args: Vec<String> = vec![
         "initrd=initramfs".into(),
@@ -207,12 +208,17 @@ fn files_cmdline(
 /// The kernel command line of the image in the assets directory (`manifest.json` from `herdctl image build`),
 /// split into words; none when no image is there (test initramfs, or assets not copied yet).
 fn image_cmdline(assets: &std::path::Path) -> Vec<String> {
-    let Ok(text) = std::fs::read_to_string(assets.join("manifest.json")) else { return Vec::new() };
-    let Ok(manifest) = serde_json::from_str::<serde_json::Value>(&text) else {
-        tracing::warn!(dir = %assets.display(), "manifest.json in the assets directory is not JSON; ignoring it");
+    let path = assets.join("manifest.json");
+    if !path.exists() {
         return Vec::new();
-    };
-    manifest["cmdline"].as_str().unwrap_or_default().split_whitespace().map(str::to_owned).collect()
+    }
+    match herd_images::build::ImageManifest::read(&path) {
+        Ok(manifest) => manifest.cmdline.split_whitespace().map(str::to_owned).collect(),
+        Err(e) => {
+            tracing::warn!(error = %crate::report(&e), "ignoring the image in the assets directory");
+            Vec::new()
+        }
+    }
 }
 
 async fn assets(State(s): State<HttpState>, ConnectInfo(peer): ConnectInfo<SocketAddr>, req: Request) -> Response {
@@ -352,15 +358,15 @@ async fn config(
     }
 }
 
-/// Body of a phone-home.
-#[derive(Debug, Deserialize)]
-struct PhoneHome {
-    stage: String,
-    #[serde(default)]
-    detail: String,
-    /// The disk's slot table (node-init sends it with `configured` and `healthy`).
-    #[serde(default)]
-    slots: Option<SlotReport>,
+/// The answer to a failure of the machines task: 404 for a machine not in the inventory, 503 while shutting down,
+/// 500 when the change could not be made durable.
+fn machines_error(e: &MachinesError) -> Response {
+    let status = match e {
+        MachinesError::Unknown(_) => StatusCode::NOT_FOUND,
+        MachinesError::Stopped => StatusCode::SERVICE_UNAVAILABLE,
+        MachinesError::NotDurable(_) => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    text(status, format!("{e}\n"))
 }
 
 async fn phone_home(
@@ -384,33 +390,13 @@ async fn phone_home(
     let stage: String = body.stage.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-').take(32).collect();
     let detail: String = body.detail.chars().take(512).collect();
     match s.by_address.machines.phone_home(&name, &stage, &detail, body.slots).await {
-        Ok(state) => axum::Json(serde_json::json!({ "machine": name, "state": state })).into_response(),
-        Err(e) => text(StatusCode::NOT_FOUND, format!("{e}\n")),
+        Ok(state) => axum::Json(StateChange { machine: name, state }).into_response(),
+        Err(e) => machines_error(&e),
     }
 }
 
 async fn metrics(State(s): State<HttpState>) -> Response {
     (StatusCode::OK, [(header::CONTENT_TYPE, "text/plain; version=0.0.4")], s.metrics.render()).into_response()
-}
-
-/// A machine as the API lists it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct MachineSummary {
-    /// Name.
-    pub name: String,
-    /// State.
-    pub state: MachineState,
-    /// Role.
-    pub role: String,
-    /// Rack.
-    pub rack: String,
-    /// Boot MAC.
-    pub boot_mac: String,
-    /// Internal address.
-    pub address: String,
-    /// The latest timeline entry.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last: Option<TimelineEntry>,
 }
 
 async fn list_machines(State(s): State<HttpState>) -> Response {
@@ -439,18 +425,18 @@ async fn list_machines(State(s): State<HttpState>) -> Response {
 async fn show_machine(State(s): State<HttpState>, Path(name): Path<String>) -> Response {
     let Some(m) = s.inv.machine(&name) else { return text(StatusCode::NOT_FOUND, format!("no machine {name:?}\n")) };
     let record = s.by_address.machines.get(&name).await.unwrap_or_default();
-    axum::Json(serde_json::json!({
-        "name": name,
-        "state": record.state,
-        "fqdn": s.inv.fqdn(m),
-        "role": m.role.get_ref().to_string(),
-        "rack": m.rack.get_ref().to_string(),
-        "macs": m.macs().map(|x| x.to_string()).collect::<Vec<_>>(),
-        "address": m.internal.get_ref().to_string(),
-        "leased": m.macs().find_map(|x| s.by_address.leases.of(x)).map(|ip| ip.to_string()),
-        "timeline_entries": record.timeline.len(),
-        "slots": record.slots,
-    }))
+    axum::Json(MachineDetail {
+        state: record.state,
+        fqdn: s.inv.fqdn(m),
+        role: m.role.get_ref().to_string(),
+        rack: m.rack.get_ref().to_string(),
+        macs: m.macs().map(|x| x.to_string()).collect(),
+        address: m.internal.get_ref().to_string(),
+        leased: m.macs().find_map(|x| s.by_address.leases.of(x)).map(|ip| ip.to_string()),
+        timeline_entries: record.timeline.len(),
+        slots: record.slots,
+        name,
+    })
     .into_response()
 }
 
@@ -463,22 +449,22 @@ async fn timeline(State(s): State<HttpState>, Path(name): Path<String>) -> Respo
 
 async fn reprovision(State(s): State<HttpState>, Path(name): Path<String>) -> Response {
     match s.by_address.machines.reprovision(&name).await {
-        Ok(state) => axum::Json(serde_json::json!({ "machine": name, "state": state })).into_response(),
-        Err(e) => text(StatusCode::NOT_FOUND, format!("{e}\n")),
+        Ok(state) => axum::Json(StateChange { machine: name, state }).into_response(),
+        Err(e) => machines_error(&e),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::{SlotReport, boot_files, byte_range, files_cmdline};
+    use herd_images::build::ImageManifest;
     use herd_images::gpt::SlotFlags;
     use herd_images::slot::{MAGIC, Slot, SlotHeader, SlotState};
 
     fn image(dir: &std::path::Path, hash: &str, kernel: &str) {
         std::fs::create_dir_all(dir).unwrap();
-        let manifest =
-            format!(r#"{{"verity":{{"root_hash":"{hash}"}},"cmdline":"console=ttyS0 herd.verity.roothash={hash}"}}"#);
-        std::fs::write(dir.join("manifest.json"), manifest).unwrap();
+        let manifest = ImageManifest::for_tests(hash, &format!("console=ttyS0 herd.verity.roothash={hash}"));
+        std::fs::write(dir.join("manifest.json"), serde_json::to_string(&manifest).unwrap()).unwrap();
         std::fs::write(dir.join("vmlinuz"), kernel).unwrap();
         std::fs::write(dir.join("initramfs"), kernel).unwrap();
     }

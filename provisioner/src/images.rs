@@ -29,9 +29,16 @@ pub fn kept(assets: &Path, hash: &str) -> bool {
 /// The root hash of the image served now (`ASSETS/manifest.json`), keeping its boot files the first time; None
 /// when the assets hold no herd image (a test initramfs) or it cannot be kept (said in the log).
 pub fn keep_served(assets: &Path) -> Option<String> {
-    let text = std::fs::read_to_string(assets.join("manifest.json")).ok()?;
-    let manifest: serde_json::Value = serde_json::from_str(&text).ok()?;
-    let hash = manifest["verity"]["root_hash"].as_str()?.to_owned();
+    let path = assets.join("manifest.json");
+    let manifest = match herd_images::build::ImageManifest::read(&path) {
+        Ok(m) => m,
+        Err(_) if !path.exists() => return None,
+        Err(e) => {
+            tracing::warn!(error = %crate::report(&e), "not keeping the served image");
+            return None;
+        }
+    };
+    let hash = manifest.verity.root_hash;
     let dir = dir_of(assets, &hash)?;
     if kept(assets, &hash) {
         return Some(hash);
@@ -66,7 +73,8 @@ mod tests {
         std::fs::create_dir_all(&assets).unwrap();
         let hash = "ab".repeat(32);
         assert_eq!(keep_served(&assets), None, "no image served");
-        std::fs::write(assets.join("manifest.json"), format!(r#"{{"verity":{{"root_hash":"{hash}"}}}}"#)).unwrap();
+        let manifest = herd_images::build::ImageManifest::for_tests(&hash, "");
+        std::fs::write(assets.join("manifest.json"), serde_json::to_string(&manifest).unwrap()).unwrap();
         std::fs::write(assets.join("vmlinuz"), b"kernel 1").unwrap();
         std::fs::write(assets.join("initramfs"), b"initramfs 1").unwrap();
         assert!(!kept(&assets, &hash));

@@ -7,6 +7,19 @@
 //! and [`http`] (with [`assets`] for the large files) serve what the firmware and the initramfs fetch; [`machines`]
 //! is the machine state machine and boot timeline; [`daemon`] runs it all.
 
+/// An error and its sources, once each, `: `-separated: what logs and HTTP answers print (the types' `Display`
+/// says only their own part).
+pub fn report(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
 pub mod assets;
 pub mod boot;
 pub mod daemon;

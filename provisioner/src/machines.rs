@@ -13,7 +13,6 @@
 //! are persisted in the store; a batch of events costs one commit.
 
 use std::collections::{BTreeMap, HashMap};
-use std::fmt;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -31,45 +30,53 @@ use crate::store::{Store, StoreError};
 /// Most timeline entries kept per machine (oldest dropped first).
 pub const TIMELINE_LIMIT: usize = 256;
 
-/// Where a machine is in its life.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum MachineState {
-    /// In the inventory, never seen on the network.
-    #[default]
-    Unknown,
-    /// Seen (DHCP), not yet booting herd.
-    Discovered,
-    /// Booting the installer (or, diskless, the OS in RAM).
-    Provisioning,
-    /// Installed to disk; boots its slot.
+pub use herd_api::{MachineState, TimelineEntry, describe_slots};
+
+/// Why the machines task could not do what was asked.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MachinesError {
+    /// The name is not a machine of the inventory.
+    #[error("no machine named {0:?} in the inventory")]
+    Unknown(String),
+    /// The task is gone (the daemon is shutting down).
+    #[error("the machines task stopped")]
+    Stopped,
+    /// The change could not be made durable; it is not acknowledged.
+    #[error("the machine state could not be written to the store: {0}")]
+    NotDurable(String),
+}
+
+/// What moves a machine from one state to another.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transition {
+    /// Its DHCP traffic was seen.
+    Seen,
+    /// An install script was served (or, diskless, the OS in RAM).
+    Install,
+    /// node-init said `installed`.
     Installed,
-    /// Up and healthy.
-    Running,
+    /// node-init said `healthy`.
+    Healthy,
+    /// An operator asked for a reinstall.
+    Reprovision,
 }
 
-impl fmt::Display for MachineState {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            MachineState::Unknown => "unknown",
-            MachineState::Discovered => "discovered",
-            MachineState::Provisioning => "provisioning",
-            MachineState::Installed => "installed",
-            MachineState::Running => "running",
-        })
+/// The state `transition` leads to from `from`, or None when it does not apply there (a machine with a disk is
+/// never `running` without having been `installed`; a stray phone-home changes nothing). The event that carried it
+/// is recorded either way.
+pub fn next_state(from: MachineState, transition: Transition, has_disk: bool) -> Option<MachineState> {
+    use MachineState as S;
+    match (transition, from) {
+        (Transition::Seen, S::Unknown) => Some(S::Discovered),
+        (Transition::Seen, _) => None,
+        (Transition::Install, S::Installed | S::Running) if has_disk => None,
+        (Transition::Install, _) | (Transition::Reprovision, _) => Some(S::Provisioning),
+        (Transition::Installed, S::Provisioning) if has_disk => Some(S::Installed),
+        (Transition::Installed, _) => None,
+        (Transition::Healthy, S::Installed | S::Running) if has_disk => Some(S::Running),
+        (Transition::Healthy, S::Provisioning | S::Running) if !has_disk => Some(S::Running),
+        (Transition::Healthy, _) => None,
     }
-}
-
-/// One step in a machine's boot.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TimelineEntry {
-    /// Unix time in milliseconds.
-    pub at_ms: u64,
-    /// What happened: `dhcp-offer`, `dhcp-ack`, `tftp`, `script`, `kernel`, `initramfs`, `config`,
-    /// `phone-home:STAGE`, `state`, `config-refused`.
-    pub event: String,
-    /// Details (address, file, stage message, new state).
-    pub detail: String,
 }
 
 /// What the provisioner knows about one machine.
@@ -105,7 +112,7 @@ pub enum Command {
     Event { machine: String, event: String, detail: String },
     /// An iPXE script is about to be served: issue a fresh token, move to provisioning if not installed, and say
     /// how to boot.
-    Script { machine: String, reply: oneshot::Sender<Result<(String, BootMode), String>> },
+    Script { machine: String, reply: oneshot::Sender<Result<(String, BootMode), MachinesError>> },
     /// Is this the current token of this machine?
     CheckToken { machine: String, token: String, reply: oneshot::Sender<bool> },
     /// A phone-home from node-init.
@@ -114,10 +121,10 @@ pub enum Command {
         stage: String,
         detail: String,
         slots: Option<SlotReport>,
-        reply: oneshot::Sender<Result<MachineState, String>>,
+        reply: oneshot::Sender<Result<MachineState, MachinesError>>,
     },
     /// Force the next boot to install.
-    Reprovision { machine: String, reply: oneshot::Sender<Result<MachineState, String>> },
+    Reprovision { machine: String, reply: oneshot::Sender<Result<MachineState, MachinesError>> },
     /// Read one machine.
     Get { machine: String, reply: oneshot::Sender<Option<MachineRecord>> },
     /// Read all machines.
@@ -180,10 +187,10 @@ impl Machines {
     }
 
     /// Issues a token for a script and says how the machine boots.
-    pub async fn script(&self, machine: &str) -> Result<(String, BootMode), String> {
+    pub async fn script(&self, machine: &str) -> Result<(String, BootMode), MachinesError> {
         self.ask(|reply| Command::Script { machine: machine.to_owned(), reply })
             .await
-            .unwrap_or_else(|| Err("machines task stopped".into()))
+            .unwrap_or(Err(MachinesError::Stopped))
     }
 
     /// Whether `token` is the machine's current token.
@@ -200,7 +207,7 @@ impl Machines {
         stage: &str,
         detail: &str,
         slots: Option<SlotReport>,
-    ) -> Result<MachineState, String> {
+    ) -> Result<MachineState, MachinesError> {
         self.ask(|reply| Command::PhoneHome {
             machine: machine.to_owned(),
             stage: stage.to_owned(),
@@ -209,14 +216,14 @@ impl Machines {
             reply,
         })
         .await
-        .unwrap_or_else(|| Err("machines task stopped".into()))
+        .unwrap_or(Err(MachinesError::Stopped))
     }
 
     /// Makes the machine install again on its next boot.
-    pub async fn reprovision(&self, machine: &str) -> Result<MachineState, String> {
+    pub async fn reprovision(&self, machine: &str) -> Result<MachineState, MachinesError> {
         self.ask(|reply| Command::Reprovision { machine: machine.to_owned(), reply })
             .await
-            .unwrap_or_else(|| Err("machines task stopped".into()))
+            .unwrap_or(Err(MachinesError::Stopped))
     }
 
     /// One machine's record.
@@ -239,8 +246,16 @@ struct Task {
 
 /// Replies held until the batch they belong to is durable.
 enum Pending {
-    Script(oneshot::Sender<Result<(String, BootMode), String>>, Result<(String, BootMode), String>),
-    State(oneshot::Sender<Result<MachineState, String>>, Result<MachineState, String>),
+    Script(oneshot::Sender<Result<(String, BootMode), MachinesError>>, Result<(String, BootMode), MachinesError>),
+    State(oneshot::Sender<Result<MachineState, MachinesError>>, Result<MachineState, MachinesError>),
+}
+
+/// A reply as it goes out: a success only if its batch was written.
+fn settle<T>(v: Result<T, MachinesError>, failed: &Option<MachinesError>) -> Result<T, MachinesError> {
+    match failed {
+        Some(e) if v.is_ok() => Err(e.clone()),
+        _ => v,
+    }
 }
 
 impl Task {
@@ -254,23 +269,33 @@ impl Task {
             }
             dirty.sort();
             dirty.dedup();
+            let mut failed = None;
             if !dirty.is_empty() {
                 let rows: Vec<(String, MachineRecord)> =
                     dirty.iter().filter_map(|n| self.records.get(n).map(|r| (n.clone(), r.clone()))).collect();
                 let store = Arc::clone(&self.store);
                 match tokio::task::spawn_blocking(move || store.write_machines(&rows)).await {
                     Ok(Ok(())) => self.metrics.inc("herd_machine_commits_total", ""),
-                    Ok(Err(e)) => tracing::error!(error = %format!("{e:#}"), "cannot persist machine state"),
-                    Err(e) => tracing::error!(error = %e, "machine persistence task failed"),
+                    Ok(Err(e)) => {
+                        let e = crate::report(&e);
+                        tracing::error!(error = %e, "cannot persist machine state");
+                        failed = Some(MachinesError::NotDurable(e));
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "machine persistence task failed");
+                        failed = Some(MachinesError::NotDurable(e.to_string()));
+                    }
                 }
             }
+            // A reply says the change is durable: a batch that could not be written is answered with the failure
+            // (a token handed out but not stored would be refused after a restart).
             for p in pending {
                 match p {
                     Pending::Script(tx, v) => {
-                        let _ = tx.send(v);
+                        let _ = tx.send(settle(v, &failed));
                     }
                     Pending::State(tx, v) => {
-                        let _ = tx.send(v);
+                        let _ = tx.send(settle(v, &failed));
                     }
                 }
             }
@@ -293,14 +318,28 @@ impl Task {
         }
     }
 
+    /// Applies `t` if it applies from the record's state ([`next_state`]); says so in the timeline when a
+    /// phone-home would have moved it and may not.
+    fn transition(record: &mut MachineRecord, t: Transition, has_disk: bool) {
+        match next_state(record.state, t, has_disk) {
+            Some(to) => Self::set_state(record, to),
+            None if matches!(t, Transition::Installed | Transition::Healthy) => {
+                let detail = format!("{t:?} does not apply to a machine that is {}", record.state).to_lowercase();
+                Self::push(record, "state-unchanged", detail);
+            }
+            None => {}
+        }
+    }
+
     fn apply(&mut self, cmd: Command, dirty: &mut Vec<String>, pending: &mut Vec<Pending>) {
-        let unknown = |name: &str| format!("no machine named {name:?} in the inventory");
+        let unknown = |name: &str| MachinesError::Unknown(name.to_owned());
         match cmd {
             Command::Event { machine, event, detail } => {
                 if let Some(r) = self.records.get_mut(&machine) {
                     Self::push(r, &event, detail);
-                    if r.state == MachineState::Unknown && event.starts_with("dhcp") {
-                        Self::set_state(r, MachineState::Discovered);
+                    if event.starts_with("dhcp") {
+                        let has_disk = self.disk.get(&machine).copied().unwrap_or(false);
+                        Self::transition(r, Transition::Seen, has_disk);
                     }
                     dirty.push(machine);
                 }
@@ -314,7 +353,7 @@ impl Task {
                             _ => BootMode::Install,
                         };
                         if mode == BootMode::Install {
-                            Self::set_state(r, MachineState::Provisioning);
+                            Self::transition(r, Transition::Install, has_disk);
                         }
                         let token = new_token();
                         r.token = Some(token.clone());
@@ -344,8 +383,8 @@ impl Task {
                             r.slots = Some(report);
                         }
                         match stage.as_str() {
-                            "installed" if has_disk => Self::set_state(r, MachineState::Installed),
-                            "healthy" => Self::set_state(r, MachineState::Running),
+                            "installed" => Self::transition(r, Transition::Installed, has_disk),
+                            "healthy" => Self::transition(r, Transition::Healthy, has_disk),
                             _ => {}
                         }
                         dirty.push(machine);
@@ -359,7 +398,8 @@ impl Task {
                 let result = match self.records.get_mut(&machine) {
                     Some(r) => {
                         Self::push(r, "reprovision", "requested".to_owned());
-                        Self::set_state(r, MachineState::Provisioning);
+                        let has_disk = self.disk.get(&machine).copied().unwrap_or(false);
+                        Self::transition(r, Transition::Reprovision, has_disk);
                         dirty.push(machine);
                         Ok(r.state)
                     }
@@ -375,27 +415,6 @@ impl Task {
             }
         }
     }
-}
-
-/// One line for a slot table: `booted a; a: herd-os 1 good; b: herd-os 2 tries 1`.
-pub fn describe_slots(r: &SlotReport) -> String {
-    let slots: Vec<String> = r
-        .slots
-        .iter()
-        .map(|s| {
-            let Some(h) = &s.header else { return format!("{}: empty", s.slot) };
-            let what = format!("{} {}", h.name, h.release);
-            let how = if s.flags.successful {
-                "good".to_owned()
-            } else if s.flags.priority == 0 {
-                "bad".to_owned()
-            } else {
-                format!("tries {}", s.flags.tries)
-            };
-            format!("{}: {what} {how}", s.slot)
-        })
-        .collect();
-    format!("booted {}; {}", r.booted, slots.join("; "))
 }
 
 /// The timeline event for fetching a boot asset (`vmlinuz` → `kernel`, `initramfs`), if it is one (also from an
@@ -441,4 +460,77 @@ impl ByAddress {
 /// Maps every MAC of the inventory to its machine's name.
 pub fn mac_index(inv: &Inventory) -> HashMap<Mac, String> {
     inv.machines.iter().flat_map(|m| m.macs().map(move |mac| (mac, m.name().to_string()))).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use MachineState as S;
+
+    #[test]
+    fn each_transition_applies_only_from_its_states() {
+        // A machine with a disk.
+        assert_eq!(next_state(S::Unknown, Transition::Seen, true), Some(S::Discovered));
+        assert_eq!(next_state(S::Running, Transition::Seen, true), None, "DHCP of a running machine moves nothing");
+        assert_eq!(next_state(S::Discovered, Transition::Install, true), Some(S::Provisioning));
+        assert_eq!(next_state(S::Installed, Transition::Install, true), None, "installed machines boot locally");
+        assert_eq!(next_state(S::Provisioning, Transition::Installed, true), Some(S::Installed));
+        assert_eq!(next_state(S::Discovered, Transition::Installed, true), None, "no install script was served");
+        assert_eq!(next_state(S::Installed, Transition::Healthy, true), Some(S::Running));
+        assert_eq!(next_state(S::Provisioning, Transition::Healthy, true), None, "healthy before installed");
+        assert_eq!(next_state(S::Discovered, Transition::Healthy, true), None);
+        // Diskless: the OS runs from RAM, there is no install.
+        assert_eq!(next_state(S::Provisioning, Transition::Installed, false), None);
+        assert_eq!(next_state(S::Provisioning, Transition::Healthy, false), Some(S::Running));
+        assert_eq!(next_state(S::Running, Transition::Install, false), Some(S::Provisioning), "every boot loads it");
+        assert_eq!(next_state(S::Unknown, Transition::Healthy, false), None);
+        for from in [S::Unknown, S::Discovered, S::Provisioning, S::Installed, S::Running] {
+            for disk in [true, false] {
+                assert_eq!(next_state(from, Transition::Reprovision, disk), Some(S::Provisioning));
+            }
+        }
+    }
+
+    fn transition() -> impl proptest::strategy::Strategy<Value = Transition> {
+        proptest::prop_oneof![
+            proptest::strategy::Just(Transition::Seen),
+            proptest::strategy::Just(Transition::Install),
+            proptest::strategy::Just(Transition::Installed),
+            proptest::strategy::Just(Transition::Healthy),
+            proptest::strategy::Just(Transition::Reprovision),
+        ]
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn no_sequence_runs_a_disk_machine_that_was_not_installed(
+            events in proptest::collection::vec(transition(), 0..64),
+            has_disk in proptest::bool::ANY,
+        ) {
+            let mut state = S::Unknown;
+            // Since the last time the machine was made to install: did it say `installed`?
+            let mut installed = false;
+            for t in events {
+                let before = state;
+                if let Some(to) = next_state(state, t, has_disk) {
+                    state = to;
+                }
+                match t {
+                    Transition::Reprovision => {
+                        proptest::prop_assert_eq!(state, S::Provisioning);
+                        installed = false;
+                    }
+                    Transition::Install if state == S::Provisioning => installed = false,
+                    Transition::Installed if state == S::Installed => installed = true,
+                    _ => {}
+                }
+                if has_disk && state == S::Running {
+                    proptest::prop_assert!(installed, "running without installed (from {:?} by {:?})", before, t);
+                }
+                if !has_disk {
+                    proptest::prop_assert_ne!(state, S::Installed, "a diskless machine has nothing installed");
+                }
+            }
+        }
+    }
 }

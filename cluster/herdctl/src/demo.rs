@@ -463,14 +463,11 @@ fn bring_up(args: &DemoArgs, output: Output) -> anyhow::Result<ExitCode> {
         power_on_machine(&dir, &mut state, &m)?;
         boot_started.push(Instant::now());
     }
+    let api = herd_api::Client::new(&provisioner, Duration::from_secs(2));
     let mut registered: Vec<Option<f64>> = vec![None; state.machines.len()];
     poll(BOOT_LIMIT, "every machine registered", || {
-        let summaries: Vec<serde_json::Value> = agent
-            .get(&format!("{provisioner}/api/v1/machines"))
-            .call()
-            .ok()
-            .and_then(|mut r| r.body_mut().read_json().ok())
-            .unwrap_or_default();
+        // Progress only: a provisioner that does not answer this round is asked again the next.
+        let summaries = api.machines().unwrap_or_default();
         for (i, m) in state.machines.iter().enumerate() {
             if registered[i].is_some() {
                 continue;
@@ -492,13 +489,8 @@ fn bring_up(args: &DemoArgs, output: Output) -> anyhow::Result<ExitCode> {
             if vm.is_some_and(|p| !alive(p)) {
                 bail!("{}'s VM exited: {}", m.name, tail(&dir.join(format!("{}.qemu.log", m.name))));
             }
-            let last = summaries.iter().find(|s| s["name"] == m.name.as_str()).map(|s| &s["last"]);
-            if let Some(last) = last.filter(|l| !l.is_null()) {
-                bars[i].set_message(format!(
-                    "{} {}",
-                    last["event"].as_str().unwrap_or(""),
-                    last["detail"].as_str().unwrap_or("")
-                ));
+            if let Some(last) = summaries.iter().find(|s| s.name == m.name).and_then(|s| s.last.as_ref()) {
+                bars[i].set_message(format!("{} {}", last.event, last.detail));
             }
         }
         Ok(registered.iter().all(Option::is_some).then_some(()))

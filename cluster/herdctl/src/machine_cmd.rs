@@ -3,9 +3,7 @@
 
 use std::process::ExitCode;
 
-use anyhow::Context as _;
-use herd_provisioner::http::MachineSummary;
-use herd_provisioner::machines::TimelineEntry;
+use herd_api::{Client, TimelineEntry};
 
 use crate::cli::{ClusterArgs, Output};
 use crate::table;
@@ -13,7 +11,7 @@ use crate::unit_cmd::Cluster;
 
 /// A client of one provisioner.
 pub(crate) struct Api {
-    base: String,
+    client: Client,
 }
 
 fn when(at_ms: u64) -> String {
@@ -22,26 +20,27 @@ fn when(at_ms: u64) -> String {
     format!("{h:02}:{m:02}:{s:02}.{:03}", at_ms % 1000)
 }
 
+/// What to do when the provisioner cannot be reached or refuses.
+fn advice(e: herd_api::ApiError) -> anyhow::Error {
+    let hint = match &e {
+        herd_api::ApiError::Unreachable { .. } => "pass --provisioner http://ADDRESS or set HERD_PROVISIONER",
+        e if e.not_found() => "`herdctl machine list` shows the machines of the inventory",
+        _ => "its log says more",
+    };
+    anyhow::Error::new(e).context(hint.to_owned())
+}
+
 impl Api {
     pub(crate) fn new(base: &str) -> Self {
-        Api { base: base.trim_end_matches('/').to_owned() }
-    }
-
-    fn get(&self, path: &str) -> anyhow::Result<serde_json::Value> {
-        let url = format!("{}{path}", self.base);
-        let mut resp = ureq::get(&url).call().with_context(|| {
-            format!("cannot reach the provisioner at {url}; pass --provisioner http://ADDRESS or set HERD_PROVISIONER")
-        })?;
-        resp.body_mut().read_json().with_context(|| format!("unexpected answer from {url}"))
+        Api { client: Client::new(base, std::time::Duration::from_secs(10)) }
     }
 
     pub(crate) fn list(&self, output: Output) -> anyhow::Result<ExitCode> {
-        let value = self.get("/api/v1/machines")?;
+        let machines = self.client.machines().map_err(advice)?;
         if output == Output::Json {
-            println!("{}", serde_json::to_string_pretty(&value)?);
+            println!("{}", serde_json::to_string_pretty(&machines)?);
             return Ok(ExitCode::SUCCESS);
         }
-        let machines: Vec<MachineSummary> = serde_json::from_value(value)?;
         let rows: Vec<Vec<String>> = machines
             .iter()
             .map(|m| {
@@ -55,19 +54,25 @@ impl Api {
     }
 
     pub(crate) fn show(&self, name: &str, output: Output) -> anyhow::Result<ExitCode> {
-        let value = self.get(&format!("/api/v1/machines/{name}"))?;
+        let m = self.client.machine(name).map_err(advice)?;
         if output == Output::Json {
-            println!("{}", serde_json::to_string_pretty(&value)?);
-        } else if let Some(map) = value.as_object() {
-            for (k, v) in map {
-                let shown = match (k.as_str(), v) {
-                    (_, serde_json::Value::Null) => "-".to_owned(),
-                    ("slots", v) => serde_json::from_value(v.clone())
-                        .map_or_else(|_| v.to_string(), |r| herd_provisioner::machines::describe_slots(&r)),
-                    (_, v) => v.as_str().map_or_else(|| v.to_string(), str::to_owned),
-                };
-                println!("{k:<18} {shown}");
-            }
+            println!("{}", serde_json::to_string_pretty(&m)?);
+            return Ok(ExitCode::SUCCESS);
+        }
+        let fields = [
+            ("name", m.name.clone()),
+            ("state", m.state.to_string()),
+            ("fqdn", m.fqdn.clone()),
+            ("role", m.role.clone()),
+            ("rack", m.rack.clone()),
+            ("macs", m.macs.join(", ")),
+            ("address", m.address.clone()),
+            ("leased", m.leased.clone().unwrap_or_else(|| "-".to_owned())),
+            ("timeline_entries", m.timeline_entries.to_string()),
+            ("slots", m.slots.as_ref().map_or_else(|| "-".to_owned(), herd_api::describe_slots)),
+        ];
+        for (k, v) in fields {
+            println!("{k:<18} {v}");
         }
         Ok(ExitCode::SUCCESS)
     }
@@ -75,8 +80,7 @@ impl Api {
     /// The provisioner's timeline of `name`, merged with what the cluster's engine saw happen to the machine when
     /// `cluster` can be reached (a note on stderr says when it cannot).
     pub(crate) fn timeline(&self, name: &str, cluster: &ClusterArgs, output: Output) -> anyhow::Result<ExitCode> {
-        let value = self.get(&format!("/api/v1/machines/{name}/timeline"))?;
-        let mut entries: Vec<TimelineEntry> = serde_json::from_value(value)?;
+        let mut entries: Vec<TimelineEntry> = self.client.timeline(name).map_err(advice)?;
         match Cluster::connect(cluster).and_then(|c| c.machine_events(name)) {
             Ok(events) => entries.extend(events),
             Err(e) => eprintln!("herdctl: the cluster's events of {name} are left out: {e:#}"),
@@ -100,10 +104,8 @@ impl Api {
     }
 
     pub(crate) fn reprovision(&self, name: &str) -> anyhow::Result<ExitCode> {
-        let url = format!("{}/api/v1/machines/{name}/reprovision", self.base);
-        let mut resp = ureq::post(&url).send_empty().with_context(|| format!("cannot reprovision {name} via {url}"))?;
-        let value: serde_json::Value = resp.body_mut().read_json()?;
-        println!("{name}: {} (installs on its next boot)", value["state"].as_str().unwrap_or("?"));
+        let change = self.client.reprovision(name).map_err(advice)?;
+        println!("{name}: {} (installs on its next boot)", change.state);
         Ok(ExitCode::SUCCESS)
     }
 }

@@ -7,12 +7,12 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
+use herd_api::TimelineEntry;
 use herd_cluster::client::{ClusterClient, UnitStatus};
 use herd_cluster::docker::container_name;
 use herd_cluster::record::Desired;
 use herd_cluster::store::{Store, TlsFiles};
 use herd_cluster::unit::Unit;
-use herd_provisioner::machines::TimelineEntry;
 
 use crate::cli::{ClusterArgs, Output, Targets};
 use crate::ssh::{self, Login};

@@ -238,7 +238,7 @@ fn config_lint_names_the_json_path_and_exits_1() {
 
 #[test]
 fn config_translate_turns_cloud_config_into_ignition() {
-    let fixture = repo().join("provisioner/tests/fixtures/legacy-master.cloud-config");
+    let fixture = repo().join("provisioner/config/tests/fixtures/legacy-master.cloud-config");
     let out = herdctl(&["config", "translate", fixture.to_str().unwrap()]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();

@@ -1,0 +1,269 @@
+//! The provisioner's HTTP interface (docs/provisioner-api.md) as types: every request and response body, the
+//! paths, and a small [`Client`] for the operator API. The provisioner serves these types, node-init sends
+//! [`PhoneHome`], herdctl reads the rest; nobody builds or walks this JSON by hand.
+
+use std::fmt;
+
+use herd_images::slot::SlotReport;
+use serde::{Deserialize, Serialize};
+
+/// Where a machine is in its life.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MachineState {
+    /// In the inventory, never seen on the network.
+    #[default]
+    Unknown,
+    /// Seen (DHCP), not yet booting herd.
+    Discovered,
+    /// Booting the installer (or, diskless, the OS in RAM).
+    Provisioning,
+    /// Installed to disk; boots its slot.
+    Installed,
+    /// Up and healthy.
+    Running,
+}
+
+impl fmt::Display for MachineState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            MachineState::Unknown => "unknown",
+            MachineState::Discovered => "discovered",
+            MachineState::Provisioning => "provisioning",
+            MachineState::Installed => "installed",
+            MachineState::Running => "running",
+        })
+    }
+}
+
+/// One step in a machine's boot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TimelineEntry {
+    /// Unix time in milliseconds.
+    pub at_ms: u64,
+    /// What happened: `dhcp-offer`, `dhcp-ack`, `tftp`, `script`, `kernel`, `initramfs`, `config`,
+    /// `phone-home:STAGE`, `state`, `config-refused`.
+    pub event: String,
+    /// Details (address, file, stage message, new state).
+    pub detail: String,
+}
+
+/// `GET /api/v1/machines`: one machine of the list, in inventory order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MachineSummary {
+    /// Name.
+    pub name: String,
+    /// State.
+    pub state: MachineState,
+    /// Role.
+    pub role: String,
+    /// Rack.
+    pub rack: String,
+    /// Boot MAC.
+    pub boot_mac: String,
+    /// Internal address.
+    pub address: String,
+    /// The latest timeline entry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last: Option<TimelineEntry>,
+}
+
+/// `GET /api/v1/machines/NAME`: one machine.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MachineDetail {
+    /// Name.
+    pub name: String,
+    /// State.
+    pub state: MachineState,
+    /// Fully qualified name.
+    pub fqdn: String,
+    /// Role.
+    pub role: String,
+    /// Rack.
+    pub rack: String,
+    /// Every NIC, boot NIC first.
+    pub macs: Vec<String>,
+    /// Internal address.
+    pub address: String,
+    /// The address leased to one of its NICs, if any.
+    pub leased: Option<String>,
+    /// How many timeline entries the provisioner keeps for it.
+    pub timeline_entries: usize,
+    /// Its A/B slots as node-init last reported them (installed machines).
+    pub slots: Option<SlotReport>,
+}
+
+/// The answer of a request that changes a machine's state (reprovision, phone-home).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StateChange {
+    /// The machine.
+    pub machine: String,
+    /// Its state now.
+    pub state: MachineState,
+}
+
+/// `POST /phone-home/MAC?token=T`: what node-init reports at each stage of a boot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PhoneHome {
+    /// The stage (`initramfs`, `installing`, `installed`, `configured`, `healthy`, `failed`, ...); the provisioner
+    /// keeps at most 32 of `[A-Za-z0-9-]`.
+    pub stage: String,
+    /// What happened (at most 512 characters are kept).
+    #[serde(default)]
+    pub detail: String,
+    /// The disk's slot table (node-init sends it with `configured` and `healthy`).
+    #[serde(default)]
+    pub slots: Option<SlotReport>,
+}
+
+/// The paths of the interface.
+pub mod paths {
+    /// The operator API's machine list.
+    pub const MACHINES: &str = "/api/v1/machines";
+
+    /// One machine.
+    pub fn machine(name: &str) -> String {
+        format!("{MACHINES}/{name}")
+    }
+
+    /// One machine's timeline.
+    pub fn timeline(name: &str) -> String {
+        format!("{MACHINES}/{name}/timeline")
+    }
+
+    /// Makes a machine install on its next boot (POST).
+    pub fn reprovision(name: &str) -> String {
+        format!("{MACHINES}/{name}/reprovision")
+    }
+
+    /// Where node-init fetches its config.
+    pub fn config(mac: &str, token: &str) -> String {
+        format!("/config/{mac}?token={token}")
+    }
+
+    /// Where node-init reports its stages (POST a [`super::PhoneHome`]).
+    pub fn phone_home(mac: &str, token: &str) -> String {
+        format!("/phone-home/{mac}?token={token}")
+    }
+}
+
+/// One line for a slot table: `booted a; a: herd-os 1 good; b: herd-os 2 tries 1`.
+pub fn describe_slots(r: &SlotReport) -> String {
+    let slots: Vec<String> = r
+        .slots
+        .iter()
+        .map(|s| {
+            let Some(h) = &s.header else { return format!("{}: empty", s.slot) };
+            let what = format!("{} {}", h.name, h.release);
+            let how = if s.flags.successful {
+                "good".to_owned()
+            } else if s.flags.priority == 0 {
+                "bad".to_owned()
+            } else {
+                format!("tries {}", s.flags.tries)
+            };
+            format!("{}: {what} {how}", s.slot)
+        })
+        .collect();
+    format!("booted {}; {}", r.booted, slots.join("; "))
+}
+
+/// Why a request to the provisioner failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// No answer (connection refused, timeout, DNS).
+    #[error("cannot reach the provisioner at {url}")]
+    Unreachable {
+        /// The request's URL.
+        url: String,
+        /// Why.
+        #[source]
+        source: Box<ureq::Error>,
+    },
+    /// An answer other than success.
+    #[error("the provisioner answered {url} with HTTP {status}: {message}")]
+    Status {
+        /// The request's URL.
+        url: String,
+        /// The status code.
+        status: u16,
+        /// The body's first line.
+        message: String,
+    },
+    /// A body that is not what the interface says.
+    #[error("unexpected answer from {url}")]
+    Decode {
+        /// The request's URL.
+        url: String,
+        /// Why.
+        #[source]
+        source: Box<ureq::Error>,
+    },
+}
+
+impl ApiError {
+    /// Whether the provisioner said there is no such machine.
+    pub fn not_found(&self) -> bool {
+        matches!(self, ApiError::Status { status: 404, .. })
+    }
+}
+
+/// A client of one provisioner's operator API.
+#[derive(Debug, Clone)]
+pub struct Client {
+    base: String,
+    agent: ureq::Agent,
+}
+
+impl Client {
+    /// A client of the provisioner at `base` (`http://10.0.0.2`), each request bounded by `timeout`.
+    pub fn new(base: &str, timeout: std::time::Duration) -> Client {
+        let agent = ureq::Agent::config_builder().timeout_global(Some(timeout)).http_status_as_error(false).build();
+        Client { base: base.trim_end_matches('/').to_owned(), agent: agent.into() }
+    }
+
+    /// The base URL.
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    fn answer<T: serde::de::DeserializeOwned>(
+        url: String,
+        sent: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
+    ) -> Result<T, ApiError> {
+        let mut resp = sent.map_err(|e| ApiError::Unreachable { url: url.clone(), source: Box::new(e) })?;
+        let status = resp.status().as_u16();
+        if !(200..300).contains(&status) {
+            let body = resp.body_mut().read_to_string().unwrap_or_default();
+            let message = body.lines().next().unwrap_or_default().chars().take(200).collect();
+            return Err(ApiError::Status { url, status, message });
+        }
+        resp.body_mut().read_json().map_err(|e| ApiError::Decode { url, source: Box::new(e) })
+    }
+
+    fn get<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T, ApiError> {
+        let url = format!("{}{path}", self.base);
+        Self::answer(url.clone(), self.agent.get(&url).call())
+    }
+
+    /// Every machine of the inventory, with its state and latest event.
+    pub fn machines(&self) -> Result<Vec<MachineSummary>, ApiError> {
+        self.get(paths::MACHINES)
+    }
+
+    /// One machine.
+    pub fn machine(&self, name: &str) -> Result<MachineDetail, ApiError> {
+        self.get(&paths::machine(name))
+    }
+
+    /// One machine's timeline, oldest first.
+    pub fn timeline(&self, name: &str) -> Result<Vec<TimelineEntry>, ApiError> {
+        self.get(&paths::timeline(name))
+    }
+
+    /// Makes `name` install on its next boot.
+    pub fn reprovision(&self, name: &str) -> Result<StateChange, ApiError> {
+        let url = format!("{}{}", self.base, paths::reprovision(name));
+        Self::answer(url.clone(), self.agent.post(&url).send_empty())
+    }
+}
