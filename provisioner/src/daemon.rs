@@ -51,52 +51,78 @@ pub struct DaemonConfig {
     pub assets: PathBuf,
 }
 
-/// The optional provisioner config file (`provisioner --config FILE`): the same settings as the flags, which
-/// override it. Versioned TOML; unknown keys are refused.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize)]
+/// The provisioner's settings: one type for the config file (`provisioner --config FILE`, versioned TOML, keys as
+/// the flags with `_`, unknown keys and values refused) and for the flags, which override it; the defaults are
+/// [`Settings::defaults`], in one place. [`Settings::resolve`] makes the daemon's [`DaemonConfig`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize, clap::Args)]
 #[serde(deny_unknown_fields)]
-pub struct FileConfig {
-    /// Format version, 1.
-    pub version: u32,
-    /// The inventory file (relative paths are relative to the config file).
+pub struct Settings {
+    /// Format version of a config file (1); not a flag.
+    #[arg(skip)]
+    pub version: Option<u32>,
+    /// The inventory file (required, here or in the config file; in the file, relative to it).
+    #[arg(long, value_name = "FILE")]
     pub inventory: Option<PathBuf>,
-    /// The boot interface.
+    /// The boot interface; it must carry the inventory's [site] provisioner address (required).
+    #[arg(long, value_name = "IFACE")]
     pub interface: Option<String>,
-    /// Where state lives.
+    /// Where leases and boot state are kept, crash-safe (required).
+    #[arg(long, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
-    /// Where the iPXE binaries are.
+    /// Where the iPXE binaries are (undionly.kpxe, ipxe.efi, snponly.efi) [default: /usr/lib/ipxe].
+    #[arg(long, value_name = "DIR")]
     pub ipxe_dir: Option<PathBuf>,
-    /// Directory served over TFTP.
-    pub tftp_root: Option<PathBuf>,
-    /// Directory served under /assets.
-    pub assets: Option<PathBuf>,
-    /// `full` or `proxy`.
-    pub mode: Option<String>,
-    /// `ignore` or `serve`.
-    pub unknown_macs: Option<String>,
-    /// HTTP port.
+    /// Full DHCP, or proxyDHCP beside another server [default: full].
+    #[arg(long, value_enum)]
+    pub mode: Option<Mode>,
+    /// MACs not in the inventory [default: ignore].
+    #[arg(long, value_enum)]
+    pub unknown_macs: Option<UnknownMacs>,
+    /// HTTP port the boot URLs point at [default: 80].
+    #[arg(long)]
     pub http_port: Option<u16>,
-    /// Asset server port.
+    /// Port of the boot-asset server (kernels, initramfs, images, sent with sendfile) [default: 8080].
+    #[arg(long)]
     pub assets_port: Option<u16>,
-    /// Lease time, seconds.
+    /// Lease time in seconds [default: 3600].
+    #[arg(long)]
     pub lease_secs: Option<u32>,
+    /// Directory served over TFTP [default: the iPXE binaries, copied into STATE_DIR/boot].
+    #[arg(long, value_name = "DIR")]
+    pub tftp_root: Option<PathBuf>,
+    /// Directory served under /assets: vmlinuz, initramfs and OS images [default: /var/lib/herd/assets].
+    #[arg(long, value_name = "DIR")]
+    pub assets: Option<PathBuf>,
 }
 
-impl FileConfig {
-    /// Reads and checks a config file; relative paths in it become relative to its directory.
-    pub fn load(path: &Path) -> anyhow::Result<FileConfig> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-        let mut config: FileConfig =
-            toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.to_string().trim_end()))?;
-        if config.version != 1 {
-            bail!("{}: version {} is not supported; this provisioner reads version 1", path.display(), config.version);
+impl Settings {
+    /// Every setting that has a default, with it (the required ones stay unset).
+    pub fn defaults() -> Settings {
+        Settings {
+            version: None,
+            inventory: None,
+            interface: None,
+            state_dir: None,
+            ipxe_dir: Some(DEBIAN_IPXE_DIR.into()),
+            mode: Some(Mode::Full),
+            unknown_macs: Some(UnknownMacs::Ignore),
+            http_port: Some(80),
+            assets_port: Some(8080),
+            lease_secs: Some(3600),
+            tftp_root: None,
+            assets: Some("/var/lib/herd/assets".into()),
         }
-        for value in [&config.mode, &config.unknown_macs] {
-            if let Some(v) = value
-                && !["full", "proxy", "ignore", "serve"].contains(&v.as_str())
-            {
-                bail!("{}: unknown value {v:?} (mode: full|proxy, unknown_macs: ignore|serve)", path.display());
-            }
+    }
+
+    /// Reads and checks a config file; relative paths in it become relative to its directory.
+    pub fn load(path: &Path) -> anyhow::Result<Settings> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let mut config: Settings =
+            toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.to_string().trim_end()))?;
+        match config.version {
+            Some(1) => {}
+            Some(v) => bail!("{}: version {v} is not supported; this provisioner reads version 1", path.display()),
+            None => bail!("{}: no `version`; add `version = 1` at the top", path.display()),
         }
         let base = path.parent().unwrap_or(Path::new("."));
         for p in [
@@ -114,6 +140,44 @@ impl FileConfig {
             }
         }
         Ok(config)
+    }
+
+    /// These settings, with `under`'s where these have none.
+    pub fn over(self, under: Settings) -> Settings {
+        Settings {
+            version: self.version.or(under.version),
+            inventory: self.inventory.or(under.inventory),
+            interface: self.interface.or(under.interface),
+            state_dir: self.state_dir.or(under.state_dir),
+            ipxe_dir: self.ipxe_dir.or(under.ipxe_dir),
+            mode: self.mode.or(under.mode),
+            unknown_macs: self.unknown_macs.or(under.unknown_macs),
+            http_port: self.http_port.or(under.http_port),
+            assets_port: self.assets_port.or(under.assets_port),
+            lease_secs: self.lease_secs.or(under.lease_secs),
+            tftp_root: self.tftp_root.or(under.tftp_root),
+            assets: self.assets.or(under.assets),
+        }
+    }
+
+    /// The daemon's config: these settings over [`Settings::defaults`]; a missing required one is named.
+    pub fn resolve(self) -> anyhow::Result<DaemonConfig> {
+        let s = self.over(Settings::defaults());
+        let missing = |what: &str| anyhow::anyhow!("--{what} is required (on the command line or in --config)");
+        let defaulted = |what: &str| anyhow::anyhow!("no default for {what}");
+        Ok(DaemonConfig {
+            inventory: s.inventory.ok_or_else(|| missing("inventory"))?,
+            interface: s.interface.ok_or_else(|| missing("interface"))?,
+            state_dir: s.state_dir.ok_or_else(|| missing("state-dir"))?,
+            ipxe_dir: s.ipxe_dir.ok_or_else(|| defaulted("ipxe_dir"))?,
+            mode: s.mode.unwrap_or_default(),
+            unknown: s.unknown_macs.unwrap_or_default(),
+            http_port: s.http_port.ok_or_else(|| defaulted("http_port"))?,
+            assets_port: s.assets_port.ok_or_else(|| defaulted("assets_port"))?,
+            lease_secs: s.lease_secs.ok_or_else(|| defaulted("lease_secs"))?,
+            tftp_root: s.tftp_root,
+            assets: s.assets.ok_or_else(|| defaulted("assets"))?,
+        })
     }
 }
 

@@ -6,7 +6,7 @@
 use std::path::Path;
 use std::process::Command;
 
-use herd_provisioner::daemon::FileConfig;
+use herd_provisioner::daemon::Settings;
 
 fn example() -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/provisioner/provisioner.toml")
@@ -14,7 +14,7 @@ fn example() -> std::path::PathBuf {
 
 #[test]
 fn the_example_config_parses_with_paths_relative_to_it() {
-    let config = FileConfig::load(&example()).unwrap();
+    let config = Settings::load(&example()).unwrap();
     assert_eq!(config.interface.as_deref(), Some("bond0"));
     let inventory = config.inventory.unwrap();
     assert!(inventory.ends_with("examples/provisioner/../site-450.toml"), "{}", inventory.display());
@@ -28,12 +28,15 @@ fn unknown_keys_bad_values_and_versions_are_refused() {
     std::fs::create_dir_all(&dir).unwrap();
     for (text, expect) in [
         ("version = 1\nbogus = 1\n", "unknown field `bogus`"),
-        ("version = 1\nmode = \"half\"\n", "unknown value \"half\""),
+        ("version = 1\nmode = \"half\"\n", "unknown variant `half`, expected `full` or `proxy`"),
+        ("version = 1\nmode = \"serve\"\n", "unknown variant `serve`, expected `full` or `proxy`"),
+        ("version = 1\nunknown_macs = \"proxy\"\n", "unknown variant `proxy`, expected `ignore` or `serve`"),
+        ("interface = \"eth0\"\n", "no `version`"),
         ("version = 2\n", "version 2 is not supported"),
     ] {
         let path = dir.join("p.toml");
         std::fs::write(&path, text).unwrap();
-        let err = format!("{:#}", FileConfig::load(&path).unwrap_err());
+        let err = format!("{:#}", Settings::load(&path).unwrap_err());
         assert!(err.contains(expect) && err.contains("p.toml"), "{err}");
     }
     std::fs::remove_dir_all(&dir).unwrap();
@@ -52,4 +55,29 @@ fn flags_override_the_file_and_missing_settings_are_named() {
     // The inventory came from the file (it loaded), the interface from the flag.
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("no network interface named \"no-such-nic0\""), "{stderr}");
+}
+
+#[test]
+fn the_help_states_the_defaults_the_daemon_uses() {
+    let out = Command::new(env!("CARGO_BIN_EXE_provisioner")).arg("--help").output().unwrap();
+    // clap wraps long lines: compare with the line breaks and indentation taken out.
+    let help: String = String::from_utf8_lossy(&out.stdout).split_whitespace().collect::<Vec<_>>().join(" ");
+    let d = Settings::defaults();
+    let path = |p: Option<std::path::PathBuf>| p.unwrap().display().to_string();
+    for (flag, value) in [
+        ("--ipxe-dir", path(d.ipxe_dir)),
+        ("--mode", "full".to_owned()),
+        ("--unknown-macs", "ignore".to_owned()),
+        ("--http-port", d.http_port.unwrap().to_string()),
+        ("--assets-port", d.assets_port.unwrap().to_string()),
+        ("--lease-secs", d.lease_secs.unwrap().to_string()),
+        ("--assets", path(d.assets)),
+    ] {
+        let at = help.find(&format!("{flag} <")).unwrap_or_else(|| panic!("no {flag} in {help}"));
+        let text = &help[at..];
+        let end = text[2..].find(" --").map_or(text.len(), |i| i + 2);
+        assert!(text[..end].contains(&format!("[default: {value}]")), "{flag}: {}", &text[..end]);
+    }
+    assert_eq!(d.mode, Some(herd_provisioner::dhcp::server::Mode::Full));
+    assert_eq!(d.unknown_macs, Some(herd_provisioner::dhcp::server::UnknownMacs::Ignore));
 }

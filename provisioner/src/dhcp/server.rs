@@ -34,19 +34,21 @@ pub const SERVER_PORT: u16 = 67;
 pub const BOOT_SERVER_PORT: u16 = 4011;
 
 /// Full DHCP server, or proxyDHCP beside a server we do not own.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum Mode {
     /// Hand out addresses and boot information.
     #[default]
     Full,
-    /// Boot information only; another server hands out addresses.
+    /// Boot information only, beside another DHCP server that hands out addresses.
     Proxy,
 }
 
 /// What to do with MACs the inventory does not know.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum UnknownMacs {
-    /// Do not answer (production default: a stray laptop must not boot the OS).
+    /// Do not answer (production: a stray laptop must not boot the OS).
     #[default]
     Ignore,
     /// Lease from the pool and boot them (discovery).
