@@ -295,6 +295,11 @@ fn hex(bytes: &[u8]) -> String {
 pub fn key(manifest: &Manifest, epoch: u64, node_init: &str) -> String {
     let mut h = Sha256::new();
     h.update(PIPELINE.as_bytes());
+    // The files the pipeline puts in every root (images/files/): editing one builds anew.
+    for file in [NODE_INIT_UNIT, SSH_HOST_KEYS, ETCD_UNIT, NONLOCAL_BIND, SUDO_GROUP, BACKGROUND_DROPIN] {
+        h.update((file.len() as u64).to_le_bytes());
+        h.update(file.as_bytes());
+    }
     h.update(serde_json::to_vec(manifest).unwrap_or_default());
     h.update(epoch.to_le_bytes());
     h.update(node_init.as_bytes());
@@ -435,30 +440,11 @@ fn root_tar(manifest: &Manifest, opts: &BuildOptions, progress: &dyn Fn(Stage)) 
 }
 
 /// The systemd unit of node-init's daemon stage.
-const NODE_INIT_UNIT: &str = "[Unit]
-Description=herd node-init (daemon stage: etcd, registration, the unit agent)
-Documentation=https://example.invalid/herd/docs/image.md
-After=network.target
-
-[Service]
-ExecStart=/usr/bin/node-init daemon
-Restart=on-failure
-RestartSec=2
-StandardOutput=journal+console
-StandardError=journal+console
-
-[Install]
-WantedBy=multi-user.target
-";
+const NODE_INIT_UNIT: &str = include_str!("../files/herd-node-init.service");
 
 /// ssh.service drop-in: the host key is made on the node (before sshd's config test), never shipped in the image.
 /// Ed25519 only: an RSA key takes seconds to generate under emulation, and every herd client speaks Ed25519.
-const SSH_HOST_KEYS: &str = "[Service]
-ExecStartPre=
-ExecStartPre=/bin/sh -c 'test -e /etc/ssh/ssh_host_ed25519_key || \\
-  /usr/bin/ssh-keygen -q -t ed25519 -N \"\" -f /etc/ssh/ssh_host_ed25519_key'
-ExecStartPre=/usr/sbin/sshd -t
-";
+const SSH_HOST_KEYS: &str = include_str!("../files/ssh-host-keys.conf");
 
 /// herd's etcd.service, in place of the package's: the same service (Debian's settings, `/etc/default/etcd` from
 /// the node's Ignition), started as soon as its data is mounted and the kernel settings apply. The package orders
@@ -467,50 +453,20 @@ ExecStartPre=/usr/sbin/sshd -t
 /// neither: it listens on the node's address before networkd has configured it (see [`NONLOCAL_BIND`]), reads its
 /// data and elects itself (a one-member cluster) or reaches its peers as soon as the bond carries the address.
 /// It comes back after any failure (a peer not up yet, a full disk freed).
-const ETCD_UNIT: &str = "[Unit]
-Description=etcd - highly-available key value store
-Documentation=https://etcd.io/docs man:etcd
-DefaultDependencies=no
-After=local-fs.target systemd-sysctl.service systemd-sysusers.service systemd-tmpfiles-setup.service
-Conflicts=shutdown.target
-Before=shutdown.target
-
-[Service]
-Environment=DAEMON_ARGS=
-Environment=ETCD_NAME=%H
-Environment=ETCD_DATA_DIR=/var/lib/etcd/default
-EnvironmentFile=-/etc/default/%p
-Type=notify
-User=etcd
-ExecStart=/usr/bin/etcd $DAEMON_ARGS
-Restart=always
-RestartSec=2
-LimitNOFILE=65536
-
-[Install]
-WantedBy=multi-user.target
-Alias=etcd2.service
-";
+const ETCD_UNIT: &str = include_str!("../files/etcd.service");
 
 /// sysctl.d: a service may listen on an address the node's network has not configured yet. etcd listens on the
 /// node's internal address; without this it could start only once networkd had built the bond and given it the
 /// address (seconds into the boot under emulation), and the whole cluster join waited for it.
-const NONLOCAL_BIND: &str = "# herd: etcd starts before networkd has given the bond its address (images/src/build.rs)
-net.ipv4.ip_nonlocal_bind = 1
-net.ipv6.ip_nonlocal_bind = 1
-";
+const NONLOCAL_BIND: &str = include_str!("../files/50-herd-nonlocal-bind.conf");
 
 /// sudoers.d: members of group `sudo` (the config's `herd` user) become root without a password, as Fedora CoreOS's
 /// `core` user does: they log in with SSH keys only and have no password to give.
-const SUDO_GROUP: &str = "# herd: the admin user logs in with SSH keys and has no password (images/src/build.rs)
-%sudo ALL=(ALL:ALL) NOPASSWD: ALL
-";
+const SUDO_GROUP: &str = include_str!("../files/herd-sudo-group");
 
 /// A `[root] background` service's drop-in: it gets a tenth of a default service's CPU share while the machine
 /// boots.
-const BACKGROUND_DROPIN: &str = "[Service]
-StartupCPUWeight=10
-";
+const BACKGROUND_DROPIN: &str = include_str!("../files/herd-background.conf");
 
 /// Makes the tree a herd root: node-init and its unit (enabled in /usr, since /etc is the node's), the writable
 /// homes moved under /var, modules of hardware no server has removed.
