@@ -971,4 +971,79 @@ mod tests {
         let found = (0..(1024 / MAX_SCAN + 1)).find_map(|_| s.handle(&req(Kind::Discover, mac(51)), 3).answer);
         assert!(found.is_some());
     }
+
+    /// One client message of a random exchange: who sends it, what, about which address, how long after the last.
+    #[derive(Debug, Clone)]
+    struct Step {
+        mac: u8,
+        kind: u8,
+        ip: Ipv4Addr,
+        after: u64,
+    }
+
+    fn step() -> impl proptest::strategy::Strategy<Value = Step> {
+        use proptest::prelude::*;
+        let ips = [[10, 0, 0, 11], [10, 0, 0, 12], [10, 0, 0, 200], [10, 0, 0, 201], [10, 0, 0, 202], [10, 0, 0, 50]];
+        (1u8..=7, 0u8..6, proptest::sample::select(ips.to_vec()), prop_oneof![Just(0u64), 1u64..60, 500u64..4000])
+            .prop_map(|(mac, kind, ip, after)| Step { mac, kind, ip: Ipv4Addr::from(ip), after })
+    }
+
+    proptest::proptest! {
+        /// Whatever clients send, in whatever order and timing, the server never acknowledges an address to one
+        /// machine while another still holds an unexpired lease of it that it has not released or declined (the
+        /// two NICs of one machine share its reserved address).
+        #[test]
+        fn no_address_is_ever_bound_to_two_machines(steps in proptest::collection::vec(step(), 1..80)) {
+            let mut s = server(UnknownMacs::Serve);
+            // MACs 1 and 2 are m1's, 3 is m2's, 4..7 are strangers.
+            let owner = |m: u8| match m {
+                1 | 2 => "m1".to_owned(),
+                3 => "m2".to_owned(),
+                n => format!("stranger{n}"),
+            };
+            // What each client believes it holds: address -> (owner, lease end).
+            let mut held: HashMap<Ipv4Addr, (String, u64)> = HashMap::new();
+            let mut now = 0;
+            for st in steps {
+                now += st.after;
+                let m = mac(st.mac);
+                let r = match st.kind {
+                    0 => req(Kind::Discover, m),
+                    1 => select(m, st.ip),
+                    2 => Request { requested: Some(st.ip), ..req(Kind::Request, m) },
+                    3 => Request { ciaddr: st.ip, ..req(Kind::Request, m) },
+                    4 => Request { ciaddr: st.ip, ..req(Kind::Release, m) },
+                    _ => Request { requested: Some(st.ip), ..req(Kind::Decline, m) },
+                };
+                let out = s.handle(&r, now);
+                let me = owner(st.mac);
+                match (r.kind, &out.answer) {
+                    (Kind::Release, _) => {
+                        if held.get(&st.ip).is_some_and(|(o, _)| *o == me) {
+                            held.remove(&st.ip);
+                        }
+                    }
+                    (Kind::Decline, _) => {
+                        if held.get(&st.ip).is_some_and(|(o, _)| *o == me) {
+                            held.remove(&st.ip);
+                        }
+                    }
+                    (_, Some(a)) if a.kind == AnswerKind::Ack && !a.yiaddr.is_unspecified() => {
+                        if let Some((other, until)) = held.get(&a.yiaddr) {
+                            proptest::prop_assert!(
+                                *other == me || *until <= now,
+                                "{} acknowledged to {me} at {now} while {other} holds it until {until}",
+                                a.yiaddr
+                            );
+                        }
+                        let until = now + u64::from(a.lease_secs.unwrap_or(0));
+                        // A client holding another address moves to this one.
+                        held.retain(|_, (o, _)| *o != me);
+                        held.insert(a.yiaddr, (me, until));
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
 }
