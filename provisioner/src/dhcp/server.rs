@@ -1018,15 +1018,9 @@ mod tests {
                 let out = s.handle(&r, now);
                 let me = owner(st.mac);
                 match (r.kind, &out.answer) {
-                    (Kind::Release, _) => {
-                        if held.get(&st.ip).is_some_and(|(o, _)| *o == me) {
-                            held.remove(&st.ip);
-                        }
-                    }
-                    (Kind::Decline, _) => {
-                        if held.get(&st.ip).is_some_and(|(o, _)| *o == me) {
-                            held.remove(&st.ip);
-                        }
+                    // The client gives the address up (the server may have ignored it: the client is done).
+                    (Kind::Release | Kind::Decline, _) if held.get(&st.ip).is_some_and(|(o, _)| *o == me) => {
+                        held.remove(&st.ip);
                     }
                     (_, Some(a)) if a.kind == AnswerKind::Ack && !a.yiaddr.is_unspecified() => {
                         if let Some((other, until)) = held.get(&a.yiaddr) {
