@@ -129,20 +129,6 @@ async fn script(State(s): State<HttpState>, Path(file): Path<String>) -> Respons
         Ok(v) => v,
         Err(e) => return machines_error(&e),
     };
-    let mut args: Vec<String> = vec![
-        "initrd=initramfs".into(),
-        format!("herd.provisioner={}", s.base),
-        format!("herd.machine={name}"),
-        format!("herd.mac={mac}"),
-        format!("herd.token={token}"),
-        format!(
-            "herd.mode={}",
-            match mode {
-                BootMode::Install => "install",
-                BootMode::Local => "local",
-            }
-        ),
-    ];
     // Which image's kernel boots, and the image's own command line (console, `ro`, the root hashes node-init
     // trusts): the served image's, or for a machine booting its installed slot, the image in the slot it will
     // pick, vouching for every slot that holds an image this provisioner served (so a fallback boots too).
@@ -152,19 +138,22 @@ async fn script(State(s): State<HttpState>, Path(file): Path<String>) -> Respons
         BootMode::Install => None,
     };
     let (files, note) = boot_files(&s.assets, served.as_deref(), slots.as_ref());
-    args.extend(files_cmdline(&s.assets, &files, served.as_deref(), slots.as_ref()));
+    let mut args = files_cmdline(&s.assets, &files, served.as_deref(), slots.as_ref());
     if let Some(role) = s.inv.role_of(machine) {
         args.extend(role.kernel_args.iter().cloned());
     }
     args.extend(machine.kernel_args.iter().cloned());
-    let dashed = mac.to_string().replace(':', "-");
-    let body = format!(
-        "#!ipxe\n# herd: {name} ({mode:?}{note})\nkernel {assets}/assets/{files}vmlinuz {args}\n\
-         initrd {assets}/assets/{files}initramfs\nboot || goto failed\n:failed\necho herd: boot failed; retrying in 10 s\nsleep 10\nchain {base}/boot/{dashed}.ipxe\n",
-        assets = s.assets_base,
-        base = s.base,
-        args = args.join(" "),
-    );
+    let body = crate::ipxe::script(&crate::ipxe::Script {
+        machine: &name,
+        mac,
+        token: &token,
+        mode,
+        base: &s.base,
+        assets_base: &s.assets_base,
+        files: &files,
+        note: &note,
+        args: &args,
+    });
     text(StatusCode::OK, body)
 }
 

@@ -1,11 +1,11 @@
 //! The herd provisioner: one daemon that answers DHCP (full and proxyDHCP, port 4011), TFTP and HTTP for every
 //! machine of the inventory, renders each machine's Ignition config, and records its boot timeline.
 //!
-//! [`ignition`] renders every machine's Ignition 3.3.0 config from the inventory and its role, and [`lint`] checks
-//! configs for the foot-guns `ignition-validate` misses; [`dhcp`] serves DHCP (full and proxy, port 4011) with
-//! [`boot`] deciding what each firmware loads and [`store`] keeping leases and machine state crash-safe; [`tftp`]
-//! and [`http`] (with [`assets`] for the large files) serve what the firmware and the initramfs fetch; [`machines`]
-//! is the machine state machine and boot timeline; [`daemon`] runs it all.
+//! [`dhcp`] serves DHCP (full and proxy, port 4011) with [`boot`] deciding what each firmware loads and [`store`]
+//! keeping leases and machine state crash-safe; [`ipxe`] writes each machine's boot script; [`tftp`] and [`http`]
+//! (with [`assets`] for the large files) serve what the firmware and the initramfs fetch, and the configs
+//! `herd-config` renders; [`machines`] is the machine state machine and boot timeline; [`daemon`] runs it all with
+//! its [`daemon::Settings`]. The HTTP interface's types are `herd-api`'s.
 
 /// An error and its sources, once each, `: `-separated: what logs and HTTP answers print (the types' `Display`
 /// says only their own part).
@@ -27,6 +27,7 @@ pub mod dhcp;
 pub mod files;
 pub mod http;
 pub mod images;
+pub mod ipxe;
 pub mod machines;
 pub mod metrics;
 pub mod ra;
