@@ -481,6 +481,17 @@ pub enum Output {
     Json,
 }
 
+impl Output {
+    /// Prints `value` as pretty JSON if that is the format asked for; says whether it did (the caller prints its
+    /// text otherwise).
+    pub(crate) fn json<T: serde::Serialize + ?Sized>(self, value: &T) -> anyhow::Result<bool> {
+        if self == Output::Json {
+            println!("{}", serde_json::to_string_pretty(value)?);
+        }
+        Ok(self == Output::Json)
+    }
+}
+
 /// `herdctl demo ...`
 #[derive(Debug, Subcommand)]
 pub enum DemoCommand {

@@ -64,8 +64,7 @@ pub(crate) fn run(command: ImageCommand) -> anyhow::Result<ExitCode> {
 }
 
 fn print_slots(slots: &[SlotState], output: Output) -> anyhow::Result<()> {
-    if output == Output::Json {
-        println!("{}", serde_json::to_string_pretty(slots)?);
+    if output.json(slots)? {
         return Ok(());
     }
     let order = slot::boot_order(slots);

@@ -37,8 +37,7 @@ impl Api {
 
     pub(crate) fn list(&self, output: Output) -> anyhow::Result<ExitCode> {
         let machines = self.client.machines().map_err(advice)?;
-        if output == Output::Json {
-            println!("{}", serde_json::to_string_pretty(&machines)?);
+        if output.json(&machines)? {
             return Ok(ExitCode::SUCCESS);
         }
         let rows: Vec<Vec<String>> = machines
@@ -55,8 +54,7 @@ impl Api {
 
     pub(crate) fn show(&self, name: &str, output: Output) -> anyhow::Result<ExitCode> {
         let m = self.client.machine(name).map_err(advice)?;
-        if output == Output::Json {
-            println!("{}", serde_json::to_string_pretty(&m)?);
+        if output.json(&m)? {
             return Ok(ExitCode::SUCCESS);
         }
         let fields = [
@@ -87,8 +85,7 @@ impl Api {
         }
         // Stable: entries of the same millisecond keep their source order.
         entries.sort_by_key(|e| e.at_ms);
-        if output == Output::Json {
-            println!("{}", serde_json::to_string_pretty(&entries)?);
+        if output.json(&entries)? {
             return Ok(ExitCode::SUCCESS);
         }
         let first = entries.first().map_or(0, |e| e.at_ms);

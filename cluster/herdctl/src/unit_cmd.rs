@@ -180,8 +180,7 @@ impl Cluster {
     pub(crate) fn list_units(&self, output: Output) -> anyhow::Result<ExitCode> {
         let units: Vec<UnitStatus> =
             self.rt.block_on(self.client.units())?.into_iter().filter(|u| u.desired != Desired::Inactive).collect();
-        if output == Output::Json {
-            println!("{}", serde_json::to_string_pretty(&units)?);
+        if output.json(&units)? {
             return Ok(ExitCode::SUCCESS);
         }
         let mut rows = Vec::new();
@@ -223,8 +222,7 @@ impl Cluster {
 
     pub(crate) fn list_machines(&self, output: Output) -> anyhow::Result<ExitCode> {
         let machines = self.rt.block_on(self.client.machines())?;
-        if output == Output::Json {
-            println!("{}", serde_json::to_string_pretty(&machines)?);
+        if output.json(&machines)? {
             return Ok(ExitCode::SUCCESS);
         }
         let rows: Vec<Vec<String>> = machines
