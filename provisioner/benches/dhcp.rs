@@ -141,6 +141,14 @@ fn main() {
     let herd_figures = perfdhcp(herd.pid(), secs, rate);
     stop(herd);
     print("herd provisioner", &herd_figures, "leases fsynced before every ACK");
+    // The outcome, not the timing: every lease perfdhcp was acknowledged (each exchange a new MAC) is on disk.
+    let durable = herd_provisioner::store::Store::open(&state).expect("herd's state opens").leases().expect("leases");
+    assert!(
+        durable.len() as u64 >= herd_figures.exchanges,
+        "{} exchanges acknowledged, {} leases on disk: an ACK went out before its lease was durable",
+        herd_figures.exchanges,
+        durable.len()
+    );
 
     let kea_cfg = kea_config(&dir);
     // Kea's PID and logger lock files go to the scratch directory: its compiled-in /run/kea is what Debian leaves
@@ -180,6 +188,9 @@ fn main() {
     stop(dnsmasq);
     print("dnsmasq (--no-ping)", &dnsmasq_figures, "lease file written, not fsynced");
 
+    for (name, f) in [("herd", &herd_figures), ("Kea", &kea_figures), ("dnsmasq", &dnsmasq_figures)] {
+        assert!(f.exchanges > 0, "{name} completed no DHCP exchange: the benchmark measured nothing");
+    }
     println!(
         "  herd/Kea: {:.2}x the rate, {:.2}x the CPU per exchange (goal: ≥ 1.5x Kea's rate, durable). \
          perfdhcp shares the 2 cores and caps what any server can show here.",
