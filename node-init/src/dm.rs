@@ -18,6 +18,38 @@ const DM_DEV_SUSPEND: u8 = 6;
 const DM_TABLE_LOAD: u8 = 9;
 const DM_READONLY_FLAG: u32 = 1;
 
+/// Why a verity device could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum DmError {
+    /// A file or device could not be read, or the kernel refused an ioctl: what was being done, the error as the
+    /// source.
+    #[error("{what}")]
+    Sys {
+        /// What was being done (`/dev/vda3`, `creating dm device usr`).
+        what: String,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The hash device or the root hash is not what dm-verity takes.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl DmError {
+    fn sys(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DmError {
+        let what = what.into();
+        move |source| DmError::Sys { what, source }
+    }
+}
+
+/// Callers that still speak `String` get the whole chain.
+impl From<DmError> for String {
+    fn from(e: DmError) -> String {
+        format!("{:#}", anyhow::Error::new(e))
+    }
+}
+
 /// The verity superblock `veritysetup format` writes at the start of the hash device.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VeritySuperblock {
@@ -37,27 +69,29 @@ pub struct VeritySuperblock {
 
 impl VeritySuperblock {
     /// Parses the 512-byte superblock.
-    pub fn parse(b: &[u8]) -> Result<VeritySuperblock, String> {
+    pub fn parse(b: &[u8]) -> Result<VeritySuperblock, DmError> {
         if b.len() < 512 || &b[..8] != b"verity\0\0" {
-            return Err("no verity superblock where the hash tree should start".into());
+            return Err(DmError::Invalid("no verity superblock where the hash tree should start".into()));
         }
         let u32_at = |o: usize| u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
         let algorithm: String = b[32..64].iter().take_while(|c| **c != 0).map(|c| *c as char).collect();
         let salt_size = u16::from_le_bytes([b[80], b[81]]) as usize;
         if salt_size > 256 || !algorithm.chars().all(|c| c.is_ascii_alphanumeric()) || algorithm.is_empty() {
-            return Err("a malformed verity superblock".into());
+            return Err(DmError::Invalid("a malformed verity superblock".into()));
         }
         let sb = VeritySuperblock {
             algorithm,
             data_block_size: u32_at(64),
             hash_block_size: u32_at(68),
-            data_blocks: u64::from_le_bytes(b[72..80].try_into().map_err(|_| "short superblock")?),
+            data_blocks: u64::from_le_bytes(
+                b[72..80].try_into().map_err(|_| DmError::Invalid("short superblock".into()))?,
+            ),
             salt: b[88..88 + salt_size].iter().map(|x| format!("{x:02x}")).collect(),
             hash_type: u32_at(12),
         };
         let ok = |s: u32| (512..=65536).contains(&s) && s.is_power_of_two();
         if !ok(sb.data_block_size) || !ok(sb.hash_block_size) {
-            return Err("a verity superblock with impossible block sizes".into());
+            return Err(DmError::Invalid("a verity superblock with impossible block sizes".into()));
         }
         Ok(sb)
     }
@@ -78,21 +112,22 @@ pub struct VeritySpec {
     pub root_hash: String,
 }
 
-fn dev_number(path: &Path) -> Result<String, String> {
-    let m = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
+fn dev_number(path: &Path) -> Result<String, DmError> {
+    let m = std::fs::metadata(path).map_err(DmError::sys(path.display().to_string()))?;
     let rdev = m.rdev();
     Ok(format!("{}:{}", nix::sys::stat::major(rdev), nix::sys::stat::minor(rdev)))
 }
 
 /// The `verity` table line for `spec` (reads the superblock from the hash device).
-pub fn table(spec: &VeritySpec) -> Result<(u64, String), String> {
-    let mut f = File::open(&spec.hash).map_err(|e| format!("{}: {e}", spec.hash.display()))?;
+pub fn table(spec: &VeritySpec) -> Result<(u64, String), DmError> {
+    let hash = spec.hash.display().to_string();
+    let mut f = File::open(&spec.hash).map_err(DmError::sys(&hash))?;
     let mut b = [0u8; 512];
-    f.seek(SeekFrom::Start(spec.hash_offset)).map_err(|e| e.to_string())?;
-    f.read_exact(&mut b).map_err(|e| format!("{}: {e}", spec.hash.display()))?;
+    f.seek(SeekFrom::Start(spec.hash_offset)).map_err(DmError::sys(&hash))?;
+    f.read_exact(&mut b).map_err(DmError::sys(&hash))?;
     let sb = VeritySuperblock::parse(&b)?;
     if !spec.root_hash.chars().all(|c| c.is_ascii_hexdigit()) || spec.root_hash.is_empty() {
-        return Err(format!("root hash {:?} is not hex", spec.root_hash));
+        return Err(DmError::Invalid(format!("root hash {:?} is not hex", spec.root_hash)));
     }
     let sectors = sb.data_blocks * u64::from(sb.data_block_size) / 512;
     let hash_start = spec.hash_offset / u64::from(sb.hash_block_size) + 1;
@@ -114,9 +149,9 @@ pub fn table(spec: &VeritySpec) -> Result<(u64, String), String> {
 }
 
 /// A `struct dm_ioctl` header (and room for `extra` bytes of payload after it).
-fn header(name: &str, flags: u32, extra: usize) -> Result<Vec<u8>, String> {
+fn header(name: &str, flags: u32, extra: usize) -> Result<Vec<u8>, DmError> {
     if name.len() >= 128 {
-        return Err(format!("dm name {name:?} too long"));
+        return Err(DmError::Invalid(format!("dm name {name:?} too long")));
     }
     let size = DM_IOCTL_SIZE + extra;
     let mut b = vec![0u8; size];
@@ -128,44 +163,47 @@ fn header(name: &str, flags: u32, extra: usize) -> Result<Vec<u8>, String> {
     Ok(b)
 }
 
-fn ioctl(control: &File, cmd: u8, buf: &mut [u8]) -> Result<(), String> {
+/// One device-mapper ioctl; `what` names the operation in the error.
+fn ioctl(control: &File, cmd: u8, buf: &mut [u8], what: impl FnOnce() -> String) -> Result<(), DmError> {
     let request = nix::request_code_readwrite!(0xfd, cmd, DM_IOCTL_SIZE);
     // SAFETY: `buf` is a live, writable buffer at least DM_IOCTL_SIZE bytes long whose `data_size` field says its
     // real length; the kernel reads and writes only within `data_size`.
     let r = unsafe { libc::ioctl(control.as_raw_fd(), request as _, buf.as_mut_ptr()) };
     if r < 0 {
-        return Err(std::io::Error::last_os_error().to_string());
+        return Err(DmError::Sys { what: what(), source: std::io::Error::last_os_error() });
     }
     Ok(())
 }
 
-fn control() -> Result<File, String> {
+fn control() -> Result<File, DmError> {
     std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .open("/dev/mapper/control")
-        .map_err(|e| format!("/dev/mapper/control: {e} (is dm_mod loaded?)"))
+        .map_err(DmError::sys("/dev/mapper/control (is dm_mod loaded?)"))
 }
 
 /// Creates the read-only verity device of `spec` and returns its node (`/dev/dm-N`).
-pub fn create_verity(spec: &VeritySpec) -> Result<PathBuf, String> {
+pub fn create_verity(spec: &VeritySpec) -> Result<PathBuf, DmError> {
     let (sectors, params) = table(spec)?;
     let ctl = control()?;
     let mut create = header(&spec.name, DM_READONLY_FLAG, 0)?;
-    ioctl(&ctl, DM_DEV_CREATE, &mut create).map_err(|e| format!("creating dm device {}: {e}", spec.name))?;
+    ioctl(&ctl, DM_DEV_CREATE, &mut create, || format!("creating dm device {}", spec.name))?;
     let result = load_and_resume(&ctl, spec, sectors, &params);
     if let Err(e) = result {
         let mut remove = header(&spec.name, 0, 0)?;
-        let _ = ioctl(&ctl, DM_DEV_REMOVE, &mut remove);
+        let _ = ioctl(&ctl, DM_DEV_REMOVE, &mut remove, String::new);
         return Err(e);
     }
-    let dev = u64::from_ne_bytes(create[40..48].try_into().map_err(|_| "short reply")?);
+    let dev = u64::from_ne_bytes(
+        create[40..48].try_into().map_err(|_| DmError::Invalid("a short reply to DM_DEV_CREATE".into()))?,
+    );
     // The kernel's huge_encode_dev: minor's low 8 bits, then major, then minor's high bits.
     let minor = (dev & 0xff) | ((dev >> 12) & !0xff);
     Ok(PathBuf::from(format!("/dev/dm-{minor}")))
 }
 
-fn load_and_resume(ctl: &File, spec: &VeritySpec, sectors: u64, params: &str) -> Result<(), String> {
+fn load_and_resume(ctl: &File, spec: &VeritySpec, sectors: u64, params: &str) -> Result<(), DmError> {
     let mut payload = vec![0u8; DM_TARGET_SPEC_SIZE];
     payload[8..16].copy_from_slice(&sectors.to_ne_bytes());
     payload[24..30].copy_from_slice(b"verity");
@@ -179,16 +217,16 @@ fn load_and_resume(ctl: &File, spec: &VeritySpec, sectors: u64, params: &str) ->
     let mut load = header(&spec.name, DM_READONLY_FLAG, payload.len())?;
     load[20..24].copy_from_slice(&1u32.to_ne_bytes());
     load[DM_IOCTL_SIZE..].copy_from_slice(&payload);
-    ioctl(ctl, DM_TABLE_LOAD, &mut load).map_err(|e| format!("loading the verity table ({params}): {e}"))?;
+    ioctl(ctl, DM_TABLE_LOAD, &mut load, || format!("loading the verity table ({params})"))?;
     let mut resume = header(&spec.name, 0, 0)?;
-    ioctl(ctl, DM_DEV_SUSPEND, &mut resume).map_err(|e| format!("resuming {}: {e}", spec.name))
+    ioctl(ctl, DM_DEV_SUSPEND, &mut resume, || format!("resuming {}", spec.name))
 }
 
 /// Removes a dm device by name (a verity device that failed its check).
-pub fn remove(name: &str) -> Result<(), String> {
+pub fn remove(name: &str) -> Result<(), DmError> {
     let ctl = control()?;
     let mut remove = header(name, 0, 0)?;
-    ioctl(&ctl, DM_DEV_REMOVE, &mut remove)
+    ioctl(&ctl, DM_DEV_REMOVE, &mut remove, || format!("removing dm device {name}"))
 }
 
 #[cfg(test)]

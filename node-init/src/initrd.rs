@@ -254,7 +254,7 @@ fn boot(cmd: &Cmdline, prov: Option<&Provisioner>, started: Instant) -> Result<(
                     device_hash = hash;
                     report.installed_ms = Some(uptime_ms());
                     let attach = |f: &Path| {
-                        std::fs::File::open(f).map_err(|e| e.to_string()).and_then(|f| crate::net::loop_attach(&f))
+                        std::fs::File::open(f).map_err(|e| e.to_string()).and_then(|f| Ok(crate::net::loop_attach(&f)?))
                     };
                     usr = UsrSource::Device {
                         data: attach(&squash)?.display().to_string(),

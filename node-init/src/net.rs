@@ -9,6 +9,41 @@ use std::os::fd::{AsRawFd, OwnedFd};
 
 use nix::sys::socket::{AddressFamily, SockFlag, SockType, socket};
 
+/// A network or block-device operation that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    /// The kernel refused: what was being done, and its answer as the source.
+    #[error("{what}")]
+    Sys {
+        /// What was being done (`eth0: setting flags`).
+        what: String,
+        /// The kernel's error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A value the kernel cannot take (an interface name of 16 bytes or more, an MTU beyond `i32`).
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl NetError {
+    fn sys(what: impl Into<String>, source: std::io::Error) -> NetError {
+        NetError::Sys { what: what.into(), source }
+    }
+
+    /// The last OS error, as the source of `what`.
+    fn last(what: impl Into<String>) -> NetError {
+        NetError::sys(what, std::io::Error::last_os_error())
+    }
+}
+
+/// Callers that still speak `String` get the whole chain (`eth0: setting flags: Operation not permitted`).
+impl From<NetError> for String {
+    fn from(e: NetError) -> String {
+        format!("{:#}", anyhow::Error::new(e))
+    }
+}
+
 const SIOCGIFFLAGS: u64 = 0x8913;
 const SIOCSIFFLAGS: u64 = 0x8914;
 const SIOCSIFADDR: u64 = 0x8916;
@@ -25,20 +60,22 @@ const IFREQ: usize = 40;
 /// `sizeof(struct rtentry)` on x86-64.
 const RTENTRY: usize = 120;
 
-fn ctl_socket() -> Result<OwnedFd, String> {
-    socket(AddressFamily::Inet, SockType::Datagram, SockFlag::SOCK_CLOEXEC, None).map_err(|e| format!("socket: {e}"))
+fn ctl_socket() -> Result<OwnedFd, NetError> {
+    socket(AddressFamily::Inet, SockType::Datagram, SockFlag::SOCK_CLOEXEC, None)
+        .map_err(|e| NetError::sys("socket", e.into()))
 }
 
-fn ioctl(fd: &OwnedFd, request: u64, buf: &mut [u8]) -> Result<(), String> {
+/// One ioctl on `buf`; `what` names the operation in the error.
+fn ioctl(fd: &OwnedFd, request: u64, buf: &mut [u8], what: impl FnOnce() -> String) -> Result<(), NetError> {
     // SAFETY: `buf` is a live, writable buffer of the size the request's structure has (`IFREQ` or `RTENTRY`,
     // checked by the callers' constructors); the kernel reads and writes within that structure.
     let r = unsafe { libc::ioctl(fd.as_raw_fd(), request as _, buf.as_mut_ptr()) };
-    if r < 0 { Err(std::io::Error::last_os_error().to_string()) } else { Ok(()) }
+    if r < 0 { Err(NetError::last(what())) } else { Ok(()) }
 }
 
-fn ifreq(name: &str) -> Result<[u8; IFREQ], String> {
+fn ifreq(name: &str) -> Result<[u8; IFREQ], NetError> {
     if name.is_empty() || name.len() >= 16 {
-        return Err(format!("interface name {name:?}"));
+        return Err(NetError::Invalid(format!("interface name {name:?}")));
     }
     let mut b = [0u8; IFREQ];
     b[..name.len()].copy_from_slice(name.as_bytes());
@@ -63,10 +100,10 @@ pub fn interface_by_mac(mac: &str) -> Option<String> {
     None
 }
 
-fn set_up(name: &str, up: bool) -> Result<(), String> {
+fn set_up(name: &str, up: bool) -> Result<(), NetError> {
     let fd = ctl_socket()?;
     let mut req = ifreq(name)?;
-    ioctl(&fd, SIOCGIFFLAGS, &mut req).map_err(|e| format!("{name}: reading flags: {e}"))?;
+    ioctl(&fd, SIOCGIFFLAGS, &mut req, || format!("{name}: reading flags"))?;
     let mut flags = i16::from_ne_bytes([req[16], req[17]]);
     if up {
         flags |= IFF_UP;
@@ -74,28 +111,28 @@ fn set_up(name: &str, up: bool) -> Result<(), String> {
         flags &= !IFF_UP;
     }
     req[16..18].copy_from_slice(&flags.to_ne_bytes());
-    ioctl(&fd, SIOCSIFFLAGS, &mut req).map_err(|e| format!("{name}: setting flags: {e}"))
+    ioctl(&fd, SIOCSIFFLAGS, &mut req, || format!("{name}: setting flags"))
 }
 
 /// Brings `name` up.
-pub fn link_up(name: &str) -> Result<(), String> {
+pub fn link_up(name: &str) -> Result<(), NetError> {
     set_up(name, true)
 }
 
 /// Gives `name` the address `addr/prefix`.
-pub fn set_address(name: &str, addr: Ipv4Addr, prefix: u8) -> Result<(), String> {
+pub fn set_address(name: &str, addr: Ipv4Addr, prefix: u8) -> Result<(), NetError> {
     let fd = ctl_socket()?;
     let mut req = ifreq(name)?;
     sockaddr_in(&mut req[16..], addr);
-    ioctl(&fd, SIOCSIFADDR, &mut req).map_err(|e| format!("{name}: address {addr}: {e}"))?;
+    ioctl(&fd, SIOCSIFADDR, &mut req, || format!("{name}: address {addr}"))?;
     let mask = if prefix == 0 { 0 } else { u32::MAX << (32 - u32::from(prefix.min(32))) };
     let mut req = ifreq(name)?;
     sockaddr_in(&mut req[16..], Ipv4Addr::from(mask));
-    ioctl(&fd, SIOCSIFNETMASK, &mut req).map_err(|e| format!("{name}: netmask /{prefix}: {e}"))
+    ioctl(&fd, SIOCSIFNETMASK, &mut req, || format!("{name}: netmask /{prefix}"))
 }
 
 /// Adds the default route via `gateway`.
-pub fn add_default_route(gateway: Ipv4Addr) -> Result<(), String> {
+pub fn add_default_route(gateway: Ipv4Addr) -> Result<(), NetError> {
     let fd = ctl_socket()?;
     let mut rt = [0u8; RTENTRY];
     sockaddr_in(&mut rt[8..24], Ipv4Addr::UNSPECIFIED);
@@ -103,39 +140,39 @@ pub fn add_default_route(gateway: Ipv4Addr) -> Result<(), String> {
     sockaddr_in(&mut rt[40..56], Ipv4Addr::UNSPECIFIED);
     let flags: u16 = 0x1 | 0x2; // RTF_UP | RTF_GATEWAY
     rt[56..58].copy_from_slice(&flags.to_ne_bytes());
-    ioctl(&fd, SIOCADDRT, &mut rt).map_err(|e| format!("default route via {gateway}: {e}"))
+    ioctl(&fd, SIOCADDRT, &mut rt, || format!("default route via {gateway}"))
 }
 
 /// Takes `name` down.
-pub fn link_down(name: &str) -> Result<(), String> {
+pub fn link_down(name: &str) -> Result<(), NetError> {
     set_up(name, false)
 }
 
 /// Sets the MTU of `name`.
-pub fn set_mtu(name: &str, mtu: u32) -> Result<(), String> {
+pub fn set_mtu(name: &str, mtu: u32) -> Result<(), NetError> {
     let fd = ctl_socket()?;
     let mut req = ifreq(name)?;
-    let mtu = i32::try_from(mtu).map_err(|_| format!("MTU {mtu} is out of range"))?;
+    let mtu = i32::try_from(mtu).map_err(|_| NetError::Invalid(format!("MTU {mtu} is out of range")))?;
     req[16..20].copy_from_slice(&mtu.to_ne_bytes());
-    ioctl(&fd, SIOCSIFMTU, &mut req).map_err(|e| format!("{name}: MTU {mtu}: {e}"))
+    ioctl(&fd, SIOCSIFMTU, &mut req, || format!("{name}: MTU {mtu}"))
 }
 
 /// Sets the hardware address of `name` (which must be down, or a bond).
-pub fn set_mac(name: &str, mac: [u8; 6]) -> Result<(), String> {
+pub fn set_mac(name: &str, mac: [u8; 6]) -> Result<(), NetError> {
     let fd = ctl_socket()?;
     let mut req = ifreq(name)?;
     req[16..18].copy_from_slice(&ARPHRD_ETHER.to_ne_bytes());
     req[18..24].copy_from_slice(&mac);
-    ioctl(&fd, SIOCSIFHWADDR, &mut req).map_err(|e| format!("{name}: hardware address: {e}"))
+    ioctl(&fd, SIOCSIFHWADDR, &mut req, || format!("{name}: hardware address"))
 }
 
 /// Removes the address (and with it its routes) and takes `name` down, so networkd starts from a clean link.
-pub fn release(name: &str) -> Result<(), String> {
+pub fn release(name: &str) -> Result<(), NetError> {
     let fd = ctl_socket()?;
     let mut req = ifreq(name)?;
     sockaddr_in(&mut req[16..], Ipv4Addr::UNSPECIFIED);
     // Setting 0.0.0.0 deletes the interface's primary IPv4 address.
-    ioctl(&fd, SIOCSIFADDR, &mut req).map_err(|e| format!("{name}: clearing the address: {e}"))?;
+    ioctl(&fd, SIOCSIFADDR, &mut req, || format!("{name}: clearing the address"))?;
     set_up(name, false)
 }
 
@@ -149,29 +186,29 @@ pub fn entropy_ready() -> bool {
 }
 
 /// Asks the kernel to re-read a disk's partition table (`BLKRRPART`).
-pub fn reread_partitions(disk: &std::fs::File) -> Result<(), String> {
+pub fn reread_partitions(disk: &std::fs::File) -> Result<(), NetError> {
     const BLKRRPART: u64 = 0x125f;
     // SAFETY: BLKRRPART takes no argument; the fd is an open block device.
     let r = unsafe { libc::ioctl(disk.as_raw_fd(), BLKRRPART as _, 0) };
-    if r < 0 { Err(format!("re-reading the partition table: {}", std::io::Error::last_os_error())) } else { Ok(()) }
+    if r < 0 { Err(NetError::last("re-reading the partition table")) } else { Ok(()) }
 }
 
 /// Attaches `file` (opened read-only, so the loop device is read-only) to a free loop device; returns its path.
-pub fn loop_attach(file: &std::fs::File) -> Result<std::path::PathBuf, String> {
+pub fn loop_attach(file: &std::fs::File) -> Result<std::path::PathBuf, NetError> {
     const LOOP_CTL_GET_FREE: u64 = 0x4c82;
     const LOOP_SET_FD: u64 = 0x4c00;
-    let ctl = std::fs::File::open("/dev/loop-control").map_err(|e| format!("/dev/loop-control: {e}"))?;
+    let ctl = std::fs::File::open("/dev/loop-control").map_err(|e| NetError::sys("/dev/loop-control", e))?;
     // SAFETY: LOOP_CTL_GET_FREE takes no argument and returns a device number.
     let n = unsafe { libc::ioctl(ctl.as_raw_fd(), LOOP_CTL_GET_FREE as _) };
     if n < 0 {
-        return Err(format!("no free loop device: {}", std::io::Error::last_os_error()));
+        return Err(NetError::last("no free loop device"));
     }
     let path = std::path::PathBuf::from(format!("/dev/loop{n}"));
-    let dev = std::fs::File::open(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let dev = std::fs::File::open(&path).map_err(|e| NetError::sys(path.display().to_string(), e))?;
     // SAFETY: LOOP_SET_FD takes the backing file descriptor as its integer argument.
     let r = unsafe { libc::ioctl(dev.as_raw_fd(), LOOP_SET_FD as _, file.as_raw_fd()) };
     if r < 0 {
-        return Err(format!("{}: attaching: {}", path.display(), std::io::Error::last_os_error()));
+        return Err(NetError::last(format!("{}: attaching", path.display())));
     }
     Ok(path)
 }
