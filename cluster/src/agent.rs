@@ -8,7 +8,7 @@
 //!   keep-alive plus the TTL). Three quarters of the way there it stops its `AtMostOnce=true` units, so they are
 //!   down before the server expires the lease, and the engine moves them only a grace period after that. When a
 //!   renewal gets through again they start again (if still scheduled here).
-//! - The fence is open for one lease at a time ([`Fence`]), and only once the schedule has been read under that
+//! - The fence is open for one lease at a time (`Fence`), and only once the schedule has been read under that
 //!   lease; every target a worker holds carries the lease it was read under. An at-most-once unit starts only from a
 //!   target read under the lease the fence is open for, checked right before the start (after a slow load too): an
 //!   agent whose lease lapsed starts nothing from what it knew before (issue #28). Stopping stays immediate.

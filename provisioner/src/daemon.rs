@@ -63,7 +63,7 @@ pub struct Settings {
     /// The inventory file (required, here or in the config file; in the file, relative to it).
     #[arg(long, value_name = "FILE")]
     pub inventory: Option<PathBuf>,
-    /// The boot interface; it must carry the inventory's [site] provisioner address (required).
+    /// The boot interface; it must carry the inventory's `[site]` provisioner address (required).
     #[arg(long, value_name = "IFACE")]
     pub interface: Option<String>,
     /// Where leases and boot state are kept, crash-safe (required).
