@@ -19,36 +19,7 @@ const DM_TABLE_LOAD: u8 = 9;
 const DM_READONLY_FLAG: u32 = 1;
 
 /// Why a verity device could not be made.
-#[derive(Debug, thiserror::Error)]
-pub enum DmError {
-    /// A file or device could not be read, or the kernel refused an ioctl: what was being done, the error as the
-    /// source.
-    #[error("{what}")]
-    Sys {
-        /// What was being done (`/dev/vda3`, `creating dm device usr`).
-        what: String,
-        /// The error.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The hash device or the root hash is not what dm-verity takes.
-    #[error("{0}")]
-    Invalid(String),
-}
-
-impl DmError {
-    fn sys(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DmError {
-        let what = what.into();
-        move |source| DmError::Sys { what, source }
-    }
-}
-
-/// Callers that still speak `String` get the whole chain.
-impl From<DmError> for String {
-    fn from(e: DmError) -> String {
-        format!("{:#}", anyhow::Error::new(e))
-    }
-}
+pub type DmError = crate::error::SysError;
 
 /// The verity superblock `veritysetup format` writes at the start of the hash device.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -113,7 +84,7 @@ pub struct VeritySpec {
 }
 
 fn dev_number(path: &Path) -> Result<String, DmError> {
-    let m = std::fs::metadata(path).map_err(DmError::sys(path.display().to_string()))?;
+    let m = std::fs::metadata(path).map_err(DmError::with(path.display().to_string()))?;
     let rdev = m.rdev();
     Ok(format!("{}:{}", nix::sys::stat::major(rdev), nix::sys::stat::minor(rdev)))
 }
@@ -121,10 +92,10 @@ fn dev_number(path: &Path) -> Result<String, DmError> {
 /// The `verity` table line for `spec` (reads the superblock from the hash device).
 pub fn table(spec: &VeritySpec) -> Result<(u64, String), DmError> {
     let hash = spec.hash.display().to_string();
-    let mut f = File::open(&spec.hash).map_err(DmError::sys(&hash))?;
+    let mut f = File::open(&spec.hash).map_err(DmError::with(&hash))?;
     let mut b = [0u8; 512];
-    f.seek(SeekFrom::Start(spec.hash_offset)).map_err(DmError::sys(&hash))?;
-    f.read_exact(&mut b).map_err(DmError::sys(&hash))?;
+    f.seek(SeekFrom::Start(spec.hash_offset)).map_err(DmError::with(&hash))?;
+    f.read_exact(&mut b).map_err(DmError::with(&hash))?;
     let sb = VeritySuperblock::parse(&b)?;
     if !spec.root_hash.chars().all(|c| c.is_ascii_hexdigit()) || spec.root_hash.is_empty() {
         return Err(DmError::Invalid(format!("root hash {:?} is not hex", spec.root_hash)));
@@ -170,7 +141,7 @@ fn ioctl(control: &File, cmd: u8, buf: &mut [u8], what: impl FnOnce() -> String)
     // real length; the kernel reads and writes only within `data_size`.
     let r = unsafe { libc::ioctl(control.as_raw_fd(), request as _, buf.as_mut_ptr()) };
     if r < 0 {
-        return Err(DmError::Sys { what: what(), source: std::io::Error::last_os_error() });
+        return Err(DmError::last(what()));
     }
     Ok(())
 }
@@ -180,7 +151,7 @@ fn control() -> Result<File, DmError> {
         .read(true)
         .write(true)
         .open("/dev/mapper/control")
-        .map_err(DmError::sys("/dev/mapper/control (is dm_mod loaded?)"))
+        .map_err(DmError::with("/dev/mapper/control (is dm_mod loaded?)"))
 }
 
 /// Creates the read-only verity device of `spec` and returns its node (`/dev/dm-N`).

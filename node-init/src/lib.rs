@@ -7,6 +7,7 @@ pub mod cmdline;
 pub mod daemon;
 pub mod dhcp;
 pub mod dm;
+pub mod error;
 pub mod ignition;
 pub mod initrd;
 pub mod log;

@@ -10,39 +10,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use nix::sys::socket::{AddressFamily, SockFlag, SockType, socket};
 
 /// A network or block-device operation that failed.
-#[derive(Debug, thiserror::Error)]
-pub enum NetError {
-    /// The kernel refused: what was being done, and its answer as the source.
-    #[error("{what}")]
-    Sys {
-        /// What was being done (`eth0: setting flags`).
-        what: String,
-        /// The kernel's error.
-        #[source]
-        source: std::io::Error,
-    },
-    /// A value the kernel cannot take (an interface name of 16 bytes or more, an MTU beyond `i32`).
-    #[error("{0}")]
-    Invalid(String),
-}
-
-impl NetError {
-    fn sys(what: impl Into<String>, source: std::io::Error) -> NetError {
-        NetError::Sys { what: what.into(), source }
-    }
-
-    /// The last OS error, as the source of `what`.
-    fn last(what: impl Into<String>) -> NetError {
-        NetError::sys(what, std::io::Error::last_os_error())
-    }
-}
-
-/// Callers that still speak `String` get the whole chain (`eth0: setting flags: Operation not permitted`).
-impl From<NetError> for String {
-    fn from(e: NetError) -> String {
-        format!("{:#}", anyhow::Error::new(e))
-    }
-}
+pub type NetError = crate::error::SysError;
 
 const SIOCGIFFLAGS: u64 = 0x8913;
 const SIOCSIFFLAGS: u64 = 0x8914;
