@@ -12,10 +12,35 @@ use std::path::Path;
 
 use herd_config::node::EarlyBond;
 
+use crate::error::SysError;
+
 const SYSFS_NET: &str = "/sys/class/net";
 
-fn write_sysfs(path: &str, value: &str) -> Result<(), String> {
-    std::fs::write(path, value).map_err(|e| format!("writing {value:?} to {path}: {e}"))
+/// Why the bond was not built in the initramfs.
+#[derive(Debug, thiserror::Error)]
+pub enum BondError {
+    /// bond.json describes a bond that cannot be built as written.
+    #[error("{0}")]
+    Invalid(String),
+    /// None of its member NICs is there.
+    #[error("none of its NICs ({}) is present", members.join(", "))]
+    NoMembers {
+        /// The members' MACs.
+        members: Vec<String>,
+    },
+    /// The bonding driver's control file is missing.
+    #[error("{path} is missing: the bonding driver is not loaded")]
+    NoDriver {
+        /// The file.
+        path: String,
+    },
+    /// The kernel refused a step.
+    #[error(transparent)]
+    Sys(#[from] SysError),
+}
+
+fn write_sysfs(path: &str, value: &str) -> Result<(), SysError> {
+    std::fs::write(path, value).map_err(SysError::with(format!("writing {value:?} to {path}")))
 }
 
 /// What [`build`] needs, checked before anything is touched.
@@ -28,19 +53,22 @@ pub struct Plan {
 }
 
 /// Checks the bond of bond.json: MACs, address and gateway must parse.
-pub fn plan(b: &EarlyBond) -> Result<Plan, String> {
-    let mac = crate::dhcp::parse_mac(&b.mac).ok_or_else(|| format!("bond MAC {:?} is not a MAC", b.mac))?;
+pub fn plan(b: &EarlyBond) -> Result<Plan, BondError> {
+    let invalid = |text: String| BondError::Invalid(text);
+    let mac = crate::dhcp::parse_mac(&b.mac).ok_or_else(|| invalid(format!("bond MAC {:?} is not a MAC", b.mac)))?;
     if let Some(m) = b.members.iter().find(|m| crate::dhcp::parse_mac(m).is_none()) {
-        return Err(format!("member {m:?} is not a MAC"));
+        return Err(invalid(format!("member {m:?} is not a MAC")));
     }
     if b.members.is_empty() {
-        return Err("the bond has no members".into());
+        return Err(invalid("the bond has no members".into()));
     }
-    let (addr, prefix) = b.address.split_once('/').ok_or_else(|| format!("address {:?} has no /prefix", b.address))?;
-    let address = addr.parse().map_err(|_| format!("address {:?} is not IPv4", b.address))?;
-    let prefix = prefix.parse::<u8>().ok().filter(|p| *p <= 32).ok_or_else(|| format!("prefix of {:?}", b.address))?;
+    let (addr, prefix) =
+        b.address.split_once('/').ok_or_else(|| invalid(format!("address {:?} has no /prefix", b.address)))?;
+    let address = addr.parse().map_err(|_| invalid(format!("address {:?} is not IPv4", b.address)))?;
+    let prefix =
+        prefix.parse::<u8>().ok().filter(|p| *p <= 32).ok_or_else(|| invalid(format!("prefix of {:?}", b.address)))?;
     let gateway = match &b.gateway {
-        Some(g) => Some(g.parse().map_err(|_| format!("gateway {g:?} is not IPv4"))?),
+        Some(g) => Some(g.parse().map_err(|_| invalid(format!("gateway {g:?} is not IPv4")))?),
         None => None,
     };
     Ok(Plan { mac, address, prefix, gateway })
@@ -58,14 +86,14 @@ struct Nic {
 /// Members whose NIC is not there (a dead card, a driver the initramfs lacks) are left out: networkd enslaves them
 /// when they appear. Their drivers loaded with the others well before this (the boot NIC has been up since DHCP),
 /// so nothing is waited for.
-pub fn build(b: &EarlyBond) -> Result<String, String> {
+pub fn build(b: &EarlyBond) -> Result<String, BondError> {
     let plan = plan(b)?;
     // Every member's interface before the first is enslaved: an active-backup bond gives its members its own MAC.
     let (nics, missing): (Vec<_>, Vec<_>) =
         b.members.iter().map(|m| (m, crate::net::interface_by_mac(m))).partition(|(_, ifname)| ifname.is_some());
     let nics: Vec<Nic> = nics.into_iter().filter_map(|(m, i)| Some(Nic { mac: m.clone(), ifname: i? })).collect();
     if nics.is_empty() {
-        return Err(format!("none of its NICs ({}) is present", b.members.join(", ")));
+        return Err(BondError::NoMembers { members: b.members.clone() });
     }
     let built = enslave(b, &plan, &nics);
     if built.is_err() && Path::new(&format!("{SYSFS_NET}/{}", b.name)).exists() {
@@ -78,7 +106,7 @@ pub fn build(b: &EarlyBond) -> Result<String, String> {
         notes.push_str(&format!("; not present: {} (networkd adds them when they appear)", macs.join(", ")));
     }
     if let Err(e) = keep_members(&b.name, &nics) {
-        notes.push_str(&format!("; networkd will enslave the NICs again ({e})"));
+        notes.push_str(&format!("; networkd will enslave the NICs again ({})", crate::error::chain(&e)));
     }
     let over: Vec<&str> = nics.iter().map(|n| n.ifname.as_str()).collect();
     Ok(format!("{} ({}) over {} with {}/{}{notes}", b.name, b.mode, over.join(", "), plan.address, plan.prefix))
@@ -91,23 +119,24 @@ const NETWORKD_RUNTIME: &str = "/run/systemd/network";
 /// NIC itself it takes the link down and up again, a blip on the bond and, with LACP, a renegotiation with the
 /// switch. NICs node-init did not enslave have no drop-in, and networkd enslaves them as usual. The member's
 /// `Bond=` is emptied too: networkd ignores it under `KeepMaster=` anyway, but warns about it every boot if it is set.
-fn keep_members(bond: &str, nics: &[Nic]) -> Result<(), String> {
+fn keep_members(bond: &str, nics: &[Nic]) -> Result<(), SysError> {
     for n in nics {
         let dir = format!("{NETWORKD_RUNTIME}/{}.d", herd_config::node::bond_member_network(bond, &n.mac));
-        std::fs::create_dir_all(&dir).map_err(|e| format!("mkdir {dir}: {e}"))?;
+        std::fs::create_dir_all(&dir).map_err(SysError::with(format!("mkdir {dir}")))?;
         let text = format!(
             "# Written by node-init: it made this NIC a member of {bond} in the initramfs.\n\
              [Network]\nBond=\nKeepMaster=yes\n"
         );
-        std::fs::write(format!("{dir}/50-herd-early-bond.conf"), text).map_err(|e| format!("{dir}: {e}"))?;
+        let path = format!("{dir}/50-herd-early-bond.conf");
+        std::fs::write(&path, text).map_err(SysError::with(path))?;
     }
     Ok(())
 }
 
-fn enslave(b: &EarlyBond, plan: &Plan, nics: &[Nic]) -> Result<(), String> {
+fn enslave(b: &EarlyBond, plan: &Plan, nics: &[Nic]) -> Result<(), BondError> {
     let masters = format!("{SYSFS_NET}/bonding_masters");
     if !Path::new(&masters).exists() {
-        return Err(format!("{masters} is missing: the bonding driver is not loaded"));
+        return Err(BondError::NoDriver { path: masters });
     }
     for n in nics {
         crate::net::link_down(&n.ifname)?;
@@ -179,10 +208,10 @@ mod tests {
             let mut b = bond();
             spoil(&mut b);
             let err = plan(&b).unwrap_err();
-            assert!(err.contains(want), "{want}: {err}");
+            assert!(matches!(&err, BondError::Invalid(text) if text.contains(want)), "{want}: {err}");
         }
         let mut b = bond();
         b.members.clear();
-        assert!(plan(&b).unwrap_err().contains("no members"));
+        assert!(plan(&b).unwrap_err().to_string().contains("no members"));
     }
 }

@@ -27,6 +27,38 @@ pub enum OnFailure {
     Reboot,
 }
 
+/// A kernel command line node-init cannot boot with.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CmdlineError {
+    /// No root hash: node-init never mounts an unverified root.
+    #[error(
+        "no herd.verity.roothash= on the kernel command line: node-init mounts only a root whose hash the boot \
+         server vouches for"
+    )]
+    NoRootHash,
+    /// A root hash that is not 64 hex digits.
+    #[error("herd.verity.roothash: {0:?} is not a SHA-256 in hex")]
+    BadRootHash(String),
+    /// A parameter with a value it does not take.
+    #[error("herd.{key}={value}: use {accepted}")]
+    Value {
+        /// The parameter (without `herd.`).
+        key: &'static str,
+        /// What it was given.
+        value: String,
+        /// What it takes.
+        accepted: &'static str,
+    },
+    /// A parameter another one needs.
+    #[error("herd.{with} is set but herd.{missing} is not")]
+    Missing {
+        /// The parameter given.
+        with: &'static str,
+        /// The one it needs.
+        missing: &'static str,
+    },
+}
+
 /// The parsed `herd.*` parameters.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Cmdline {
@@ -48,7 +80,7 @@ pub struct Cmdline {
 
 impl Cmdline {
     /// Parses a command line.
-    pub fn parse(text: &str) -> Result<Cmdline, String> {
+    pub fn parse(text: &str) -> Result<Cmdline, CmdlineError> {
         let mut all = BTreeMap::new();
         for word in text.split_whitespace() {
             if let Some(rest) = word.strip_prefix("herd.") {
@@ -65,18 +97,22 @@ impl Cmdline {
             .map(|v| v.split(',').filter(|h| !h.is_empty()).map(str::to_ascii_lowercase).collect())
             .unwrap_or_default();
         if root_hashes.is_empty() {
-            return Err("no herd.verity.roothash= on the kernel command line: node-init mounts only a root whose \
-                        hash the boot server vouches for"
-                .into());
+            return Err(CmdlineError::NoRootHash);
         }
         if let Some(bad) = root_hashes.iter().find(|h| h.len() != 64 || !h.chars().all(|c| c.is_ascii_hexdigit())) {
-            return Err(format!("herd.verity.roothash: {bad:?} is not a SHA-256 in hex"));
+            return Err(CmdlineError::BadRootHash(bad.clone()));
         }
         let on_failure = match all.get("failure").map(String::as_str) {
             None | Some("halt") => OnFailure::Halt,
             Some("poweroff") => OnFailure::Poweroff,
             Some("reboot") => OnFailure::Reboot,
-            Some(other) => return Err(format!("herd.failure={other}: use halt, poweroff or reboot")),
+            Some(other) => {
+                return Err(CmdlineError::Value {
+                    key: "failure",
+                    value: other.to_owned(),
+                    accepted: "halt, poweroff or reboot",
+                });
+            }
         };
         Ok(Cmdline {
             usr,
@@ -115,8 +151,9 @@ mod tests {
 
     #[test]
     fn a_missing_or_malformed_root_hash_is_refused_with_the_reason() {
-        assert!(Cmdline::parse("herd.usr=/dev/vda").unwrap_err().contains("roothash"));
-        assert!(Cmdline::parse("herd.verity.roothash=abc").unwrap_err().contains("not a SHA-256"));
-        assert!(Cmdline::parse(&format!("herd.verity.roothash={H} herd.failure=explode")).is_err());
+        assert_eq!(Cmdline::parse("herd.usr=/dev/vda").unwrap_err(), CmdlineError::NoRootHash);
+        assert!(Cmdline::parse("herd.verity.roothash=abc").unwrap_err().to_string().contains("not a SHA-256"));
+        let e = Cmdline::parse(&format!("herd.verity.roothash={H} herd.failure=explode")).unwrap_err();
+        assert_eq!(e.to_string(), "herd.failure=explode: use halt, poweroff or reboot");
     }
 }

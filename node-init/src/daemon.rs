@@ -14,11 +14,12 @@ pub const READY: &str = "herd-node-init: ready";
 
 /// Marks the booted slot successful: it reached multi-user with node-init running, so it stays the slot to boot.
 /// Returns the slot table as it is now, for the provisioner.
-fn commit_slot(report: &SystemReport) -> Result<Option<slot::SlotReport>, String> {
+fn commit_slot(report: &SystemReport) -> anyhow::Result<Option<slot::SlotReport>> {
     let Some(boot) = &report.boot else { return Ok(None) };
     let (Some(disk), Some(s)) = (&boot.disk, boot.slot) else { return Ok(None) };
-    let slots =
-        slot::update(Path::new(disk), |t| slot::mark_good(t, s)).map_err(|e| format!("committing slot {s}: {e}"))?;
+    let slots = anyhow::Context::with_context(slot::update(Path::new(disk), |t| slot::mark_good(t, s)), || {
+        format!("committing slot {s} of {disk}")
+    })?;
     Ok(Some(slot::SlotReport { disk: disk.clone(), booted: s, slots }))
 }
 
@@ -63,7 +64,7 @@ fn report_healthy(p: &crate::provision::Provisioner, detail: &str, slots: Option
                 std::thread::sleep(std::time::Duration::from_millis(500));
             }
             Err(e) => {
-                tracing::warn!(provisioner = %p.url, error = %e, "could not report healthy for {} s", HEALTHY_LIMIT.as_secs());
+                tracing::warn!(provisioner = %p.url, error = %crate::error::chain(&e), "could not report healthy for {} s", HEALTHY_LIMIT.as_secs());
                 return;
             }
         }
@@ -94,7 +95,7 @@ pub fn run() -> anyhow::Result<()> {
             }
             Ok(None) => None,
             Err(e) => {
-                tracing::warn!(error = %e, "cannot mark the booted slot good");
+                tracing::warn!(error = format!("{e:#}"), "cannot mark the booted slot good");
                 None
             }
         };
@@ -107,7 +108,7 @@ pub fn run() -> anyhow::Result<()> {
     match std::fs::read_to_string(NODE_CONFIG_PATH) {
         Ok(text) => {
             let node: NodeConfig =
-                serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{NODE_CONFIG_PATH}: {e}"))?;
+                anyhow::Context::with_context(serde_json::from_str(&text), || format!("reading {NODE_CONFIG_PATH}"))?;
             // Healthy means registered: the provisioner commits the slot only for a machine that joined.
             crate::member::run(&node, &report, move |detail| healthy(&format!("{detail}, slot {slot}")))
         }

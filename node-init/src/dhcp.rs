@@ -7,6 +7,29 @@ use std::time::{Duration, Instant};
 use dhcproto::v4::{self, DhcpOption, Message, MessageType, OptionCode};
 use dhcproto::{Decodable, Decoder, Encodable};
 
+use crate::error::SysError;
+
+/// Why no lease came.
+#[derive(Debug, thiserror::Error)]
+pub enum DhcpError {
+    /// The socket could not be set up or used.
+    #[error(transparent)]
+    Sys(#[from] SysError),
+    /// A message could not be encoded.
+    #[error("encoding a DHCP message")]
+    Encode(#[from] dhcproto::error::EncodeError),
+    /// No server answered in time.
+    #[error("no DHCP lease on {ifname} within {secs} s ({attempts} attempts)")]
+    NoLease {
+        /// The interface.
+        ifname: String,
+        /// How long it tried.
+        secs: u64,
+        /// How many DISCOVERs it sent.
+        attempts: u32,
+    },
+}
+
 /// What the server granted.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Lease {
@@ -22,7 +45,7 @@ pub struct Lease {
     pub lease_secs: Option<u32>,
 }
 
-fn message(xid: u32, mac: [u8; 6], kind: MessageType, extra: &[DhcpOption]) -> Result<Vec<u8>, String> {
+fn message(xid: u32, mac: [u8; 6], kind: MessageType, extra: &[DhcpOption]) -> Result<Vec<u8>, DhcpError> {
     let z = Ipv4Addr::UNSPECIFIED;
     let mut msg = Message::new_with_id(xid, z, z, z, z, &mac);
     msg.set_flags(v4::Flags::default().set_broadcast());
@@ -38,7 +61,7 @@ fn message(xid: u32, mac: [u8; 6], kind: MessageType, extra: &[DhcpOption]) -> R
     for o in extra {
         opts.insert(o.clone());
     }
-    msg.to_vec().map_err(|e| format!("encoding DHCP: {e}"))
+    Ok(msg.to_vec()?)
 }
 
 /// Parses a MAC `aa:bb:cc:dd:ee:ff`.
@@ -83,10 +106,13 @@ fn lease_from(ack: &Message) -> Lease {
 }
 
 /// Gets a lease on `ifname` (which must be up) for `mac`, trying for at most `limit`.
-pub fn lease(ifname: &str, mac: [u8; 6], limit: Duration) -> Result<Lease, String> {
-    let sock = UdpSocket::bind("0.0.0.0:68").map_err(|e| format!("DHCP client port 68: {e}"))?;
-    sock.set_broadcast(true).map_err(|e| e.to_string())?;
-    socket2::SockRef::from(&sock).bind_device(Some(ifname.as_bytes())).map_err(|e| format!("{ifname}: {e}"))?;
+pub fn lease(ifname: &str, mac: [u8; 6], limit: Duration) -> Result<Lease, DhcpError> {
+    let sock = UdpSocket::bind("0.0.0.0:68").map_err(SysError::with("DHCP client port 68"))?;
+    sock.set_broadcast(true).map_err(SysError::with("DHCP: allowing broadcasts"))?;
+    socket2::SockRef::from(&sock)
+        .bind_device(Some(ifname.as_bytes()))
+        .map_err(SysError::with(format!("DHCP: binding to {ifname}")))?;
+    let send = |bytes: &[u8], to| sock.send_to(bytes, to).map_err(SysError::with(format!("DHCP: sending on {ifname}")));
     let to = SocketAddrV4::new(Ipv4Addr::BROADCAST, 67);
     let deadline = Instant::now() + limit;
     let mut wait = Duration::from_secs(1);
@@ -94,7 +120,7 @@ pub fn lease(ifname: &str, mac: [u8; 6], limit: Duration) -> Result<Lease, Strin
     while Instant::now() < deadline {
         attempt += 1;
         let xid = u32::from_be_bytes([mac[2], mac[3], mac[4], mac[5]]) ^ attempt.wrapping_mul(0x9e37_79b9);
-        sock.send_to(&message(xid, mac, MessageType::Discover, &[])?, to).map_err(|e| format!("DHCP send: {e}"))?;
+        send(&message(xid, mac, MessageType::Discover, &[])?, to)?;
         let Some(offer) = wait_reply(&sock, xid, MessageType::Offer, (Instant::now() + wait).min(deadline)) else {
             wait = (wait * 2).min(Duration::from_secs(8));
             continue;
@@ -106,12 +132,12 @@ pub fn lease(ifname: &str, mac: [u8; 6], limit: Duration) -> Result<Lease, Strin
             MessageType::Request,
             &[DhcpOption::RequestedIpAddress(offer.yiaddr()), DhcpOption::ServerIdentifier(server)],
         )?;
-        sock.send_to(&request, to).map_err(|e| format!("DHCP send: {e}"))?;
+        send(&request, to)?;
         if let Some(ack) = wait_reply(&sock, xid, MessageType::Ack, (Instant::now() + wait).min(deadline)) {
             return Ok(lease_from(&ack));
         }
     }
-    Err(format!("no DHCP lease on {ifname} within {} s ({attempt} attempts)", limit.as_secs()))
+    Err(DhcpError::NoLease { ifname: ifname.to_owned(), secs: limit.as_secs(), attempts: attempt })
 }
 
 #[cfg(test)]

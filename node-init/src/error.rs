@@ -16,6 +16,14 @@ pub enum SysError {
     /// A value the kernel cannot take (an interface name of 16 bytes or more, a root hash that is not hex).
     #[error("{0}")]
     Invalid(String),
+    /// A device or interface that did not appear in time.
+    #[error("{what} did not appear within {secs} s")]
+    Missing {
+        /// What was waited for.
+        what: String,
+        /// How long.
+        secs: u64,
+    },
 }
 
 impl SysError {
@@ -36,9 +44,19 @@ impl SysError {
     }
 }
 
-/// Callers that still speak `String` get the whole chain (`eth0: setting flags: Operation not permitted`).
-impl From<SysError> for String {
-    fn from(e: SysError) -> String {
-        format!("{:#}", anyhow::Error::new(e))
+/// An error and its sources, once each: `installing to /dev/vda: writing slot a: No space left on device`. What the
+/// console, the log and the phone-home carry.
+pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut next = e.source();
+    while let Some(cause) = next {
+        let text = cause.to_string();
+        // A wrapper whose Display is its source's (`#[error(transparent)]` one level down) adds nothing.
+        if !text.is_empty() && !out.ends_with(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        next = cause.source();
     }
+    out
 }

@@ -11,6 +11,47 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 use sha2::Digest;
 
+use crate::error::SysError;
+
+/// Why a config could not be applied.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    /// The config asks for something malformed or that node-init does not do.
+    #[error("{0}")]
+    Invalid(String),
+    /// A file system operation under the root failed.
+    #[error(transparent)]
+    Sys(#[from] SysError),
+    /// An http(s) source could not be fetched.
+    #[error("GET {url}")]
+    Fetch {
+        /// The source.
+        url: String,
+        /// What the fetch said.
+        #[source]
+        source: ureq::Error,
+    },
+    /// The entry of the config an error happened in (`storage.files[2] /etc/hosts`).
+    #[error("{at}")]
+    In {
+        /// The entry: its JSON path and name.
+        at: String,
+        /// What went wrong there.
+        #[source]
+        source: Box<ApplyError>,
+    },
+}
+
+fn invalid(reason: impl Into<String>) -> ApplyError {
+    ApplyError::Invalid(reason.into())
+}
+
+/// For `map_err`: the error as one of the entry `at`.
+fn within(at: impl Into<String>) -> impl FnOnce(ApplyError) -> ApplyError {
+    let at = at.into();
+    move |e| ApplyError::In { at, source: Box::new(e) }
+}
+
 /// What was applied, for the log and the phone-home.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Applied {
@@ -27,27 +68,28 @@ pub struct Applied {
 }
 
 /// A path inside `root` for an absolute path from the config (refusing `..`).
-fn inside(root: &Path, path: &str) -> Result<PathBuf, String> {
+fn inside(root: &Path, path: &str) -> Result<PathBuf, ApplyError> {
     if !path.starts_with('/') || path.split('/').any(|c| c == "..") {
-        return Err(format!("{path:?}: paths must be absolute and must not contain .."));
+        return Err(invalid(format!("{path:?}: paths must be absolute and must not contain ..")));
     }
     Ok(root.join(path.trim_start_matches('/')))
 }
 
 /// The bytes of a `data:` URL (percent-encoded or base64).
-pub fn data_url(url: &str) -> Result<Vec<u8>, String> {
-    let rest = url.strip_prefix("data:").ok_or("not a data: URL")?;
-    let (meta, data) = rest.split_once(',').ok_or("a data: URL without ','")?;
+pub fn data_url(url: &str) -> Result<Vec<u8>, ApplyError> {
+    let rest = url.strip_prefix("data:").ok_or_else(|| invalid("not a data: URL"))?;
+    let (meta, data) = rest.split_once(',').ok_or_else(|| invalid("a data: URL without ','"))?;
     if meta.ends_with(";base64") {
         use base64::Engine as _;
-        return base64::engine::general_purpose::STANDARD.decode(data).map_err(|e| format!("base64: {e}"));
+        return base64::engine::general_purpose::STANDARD.decode(data).map_err(|e| invalid(format!("base64: {e}")));
     }
-    herd_config::node::percent_decode_bytes(data)
+    herd_config::node::percent_decode_bytes(data).map_err(invalid)
 }
 
-fn fetch(url: &str) -> Result<Vec<u8>, String> {
-    let mut resp = ureq::get(url).call().map_err(|e| format!("GET {url}: {e}"))?;
-    resp.body_mut().with_config().limit(256 << 20).read_to_vec().map_err(|e| format!("GET {url}: {e}"))
+fn fetch(url: &str) -> Result<Vec<u8>, ApplyError> {
+    let failed = |source| ApplyError::Fetch { url: url.to_owned(), source };
+    let mut resp = ureq::get(url).call().map_err(failed)?;
+    resp.body_mut().with_config().limit(256 << 20).read_to_vec().map_err(failed)
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -55,28 +97,28 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 /// The contents of a resource (`source` + `verification.hash`).
-fn resource(r: &Value) -> Result<Vec<u8>, String> {
+fn resource(r: &Value) -> Result<Vec<u8>, ApplyError> {
     let Some(source) = r["source"].as_str() else { return Ok(Vec::new()) };
     let bytes = if source.starts_with("data:") {
         data_url(source)?
     } else if source.starts_with("http://") || source.starts_with("https://") {
         fetch(source)?
     } else {
-        return Err(format!("source {source:?}: only data:, http: and https: are supported"));
+        return Err(invalid(format!("source {source:?}: only data:, http: and https: are supported")));
     };
     if let Some(hash) = r["verification"]["hash"].as_str() {
-        let (algo, want) = hash.split_once('-').ok_or_else(|| format!("verification hash {hash:?}"))?;
+        let (algo, want) = hash.split_once('-').ok_or_else(|| invalid(format!("verification hash {hash:?}")))?;
         let got = match algo {
             "sha512" => hex(&sha2::Sha512::digest(&bytes)),
             "sha256" => hex(&sha2::Sha256::digest(&bytes)),
-            other => return Err(format!("verification hash algorithm {other:?}")),
+            other => return Err(invalid(format!("verification hash algorithm {other:?}"))),
         };
         if !got.eq_ignore_ascii_case(want) {
-            return Err(format!("{source}: {algo} is {got}, the config says {want}"));
+            return Err(invalid(format!("{source}: {algo} is {got}, the config says {want}")));
         }
     }
     if r["compression"].as_str().is_some_and(|c| !c.is_empty()) {
-        return Err("compressed contents are not supported".into());
+        return Err(invalid("compressed contents are not supported"));
     }
     Ok(bytes)
 }
@@ -85,12 +127,12 @@ fn mode_of(v: &Value, default: u32) -> u32 {
     v["mode"].as_u64().map_or(default, |m| (m & 0o7777) as u32)
 }
 
-fn write_file(path: &Path, bytes: &[u8], mode: u32) -> Result<(), String> {
+fn write_file(path: &Path, bytes: &[u8], mode: u32) -> Result<(), SysError> {
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        std::fs::create_dir_all(dir).map_err(SysError::with(dir.display().to_string()))?;
     }
     let tmp = path.with_extension("herd-tmp");
-    let err = |e: std::io::Error| format!("{}: {e}", path.display());
+    let err = |e: std::io::Error| SysError::sys(path.display().to_string(), e);
     let mut f = std::fs::File::create(&tmp).map_err(err)?;
     std::io::Write::write_all(&mut f, bytes).map_err(err)?;
     f.set_permissions(std::fs::Permissions::from_mode(mode)).map_err(err)?;
@@ -107,69 +149,92 @@ fn write_file(path: &Path, bytes: &[u8], mode: u32) -> Result<(), String> {
 }
 
 /// Applies `config` under `root`.
-pub fn apply(config: &Value, root: &Path) -> Result<Applied, String> {
+pub fn apply(config: &Value, root: &Path) -> Result<Applied, ApplyError> {
     let version = config["ignition"]["version"].as_str().unwrap_or_default();
     if !version.starts_with("3.") {
-        return Err(format!("Ignition version {version:?}: node-init applies spec 3.x"));
+        return Err(invalid(format!("Ignition version {version:?}: node-init applies spec 3.x")));
     }
     let mut done = Applied::default();
     let empty = Vec::new();
     let list = |v: &Value| v.as_array().unwrap_or(&empty).clone();
-    for d in list(&config["storage"]["directories"]) {
-        let path = inside(root, d["path"].as_str().unwrap_or_default())?;
-        std::fs::create_dir_all(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode_of(&d, 0o755)))
-            .map_err(|e| e.to_string())?;
+    // The entry an error is about: its JSON path and, when it has one, its name.
+    let at = |list: &str, i: usize, v: &Value, key: &str| match v[key].as_str() {
+        Some(name) => format!("{list}[{i}] {name}"),
+        None => format!("{list}[{i}]"),
+    };
+    for (i, d) in list(&config["storage"]["directories"]).iter().enumerate() {
+        directory(root, d).map_err(within(at("storage.directories", i, d, "path")))?;
         done.directories += 1;
     }
-    for f in list(&config["storage"]["files"]) {
-        let name = f["path"].as_str().unwrap_or_default();
-        let path = inside(root, name)?;
-        let bytes = resource(&f["contents"]).map_err(|e| format!("{name}: {e}"))?;
-        let overwrite = f["overwrite"].as_bool().unwrap_or(false);
-        if path.exists() && !overwrite {
-            // Idempotent: the same contents again are fine; different ones are what overwrite=false forbids.
-            if std::fs::read(&path).map_err(|e| e.to_string())? != bytes {
-                return Err(format!("{name} exists with other contents and overwrite is false"));
-            }
-        } else {
-            write_file(&path, &bytes, mode_of(&f, 0o644))?;
-        }
+    for (i, f) in list(&config["storage"]["files"]).iter().enumerate() {
+        file(root, f).map_err(within(at("storage.files", i, f, "path")))?;
         done.files += 1;
     }
-    for l in list(&config["storage"]["links"]) {
-        let name = l["path"].as_str().unwrap_or_default();
-        let path = inside(root, name)?;
-        let target = l["target"].as_str().ok_or_else(|| format!("link {name} without target"))?;
-        if l["hard"].as_bool().unwrap_or(false) {
-            return Err(format!("link {name}: hard links are not supported"));
-        }
-        if std::fs::read_link(&path).is_ok_and(|t| t == Path::new(target)) {
-            done.links += 1;
-            continue;
-        }
-        if path.symlink_metadata().is_ok() {
-            std::fs::remove_file(&path).map_err(|e| format!("{name}: {e}"))?;
-        }
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
-        }
-        std::os::unix::fs::symlink(target, &path).map_err(|e| format!("{name}: {e}"))?;
+    for (i, l) in list(&config["storage"]["links"]).iter().enumerate() {
+        link(root, l).map_err(within(at("storage.links", i, l, "path")))?;
         done.links += 1;
     }
-    for g in list(&config["passwd"]["groups"]) {
-        let name = g["name"].as_str().ok_or("a group without a name")?;
-        ensure_group(root, name, g["gid"].as_u64().map(|n| n as u32))?;
+    for (i, g) in list(&config["passwd"]["groups"]).iter().enumerate() {
+        let name = g["name"].as_str().ok_or_else(|| invalid("a group without a name"));
+        name.and_then(|name| ensure_group(root, name, g["gid"].as_u64().map(|n| n as u32))).map_err(within(at(
+            "passwd.groups",
+            i,
+            g,
+            "name",
+        )))?;
     }
-    for u in list(&config["passwd"]["users"]) {
-        apply_user(root, &u)?;
+    for (i, u) in list(&config["passwd"]["users"]).iter().enumerate() {
+        apply_user(root, u).map_err(within(at("passwd.users", i, u, "name")))?;
         done.users += 1;
     }
-    for unit in list(&config["systemd"]["units"]) {
-        apply_unit(root, &unit)?;
+    for (i, unit) in list(&config["systemd"]["units"]).iter().enumerate() {
+        apply_unit(root, unit).map_err(within(at("systemd.units", i, unit, "name")))?;
         done.units += 1;
     }
     Ok(done)
+}
+
+fn directory(root: &Path, d: &Value) -> Result<(), ApplyError> {
+    let path = inside(root, d["path"].as_str().unwrap_or_default())?;
+    let what = || path.display().to_string();
+    std::fs::create_dir_all(&path).map_err(SysError::with(what()))?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode_of(d, 0o755)))
+        .map_err(SysError::with(format!("{}: setting its mode", what())))?;
+    Ok(())
+}
+
+fn file(root: &Path, f: &Value) -> Result<(), ApplyError> {
+    let path = inside(root, f["path"].as_str().unwrap_or_default())?;
+    let bytes = resource(&f["contents"])?;
+    let overwrite = f["overwrite"].as_bool().unwrap_or(false);
+    if path.exists() && !overwrite {
+        // Idempotent: the same contents again are fine; different ones are what overwrite=false forbids.
+        if std::fs::read(&path).map_err(SysError::with(path.display().to_string()))? != bytes {
+            return Err(invalid("the file exists with other contents and overwrite is false"));
+        }
+        return Ok(());
+    }
+    Ok(write_file(&path, &bytes, mode_of(f, 0o644))?)
+}
+
+fn link(root: &Path, l: &Value) -> Result<(), ApplyError> {
+    let path = inside(root, l["path"].as_str().unwrap_or_default())?;
+    let target = l["target"].as_str().ok_or_else(|| invalid("a link without a target"))?;
+    if l["hard"].as_bool().unwrap_or(false) {
+        return Err(invalid("hard links are not supported"));
+    }
+    if std::fs::read_link(&path).is_ok_and(|t| t == Path::new(target)) {
+        return Ok(());
+    }
+    let what = || path.display().to_string();
+    if path.symlink_metadata().is_ok() {
+        std::fs::remove_file(&path).map_err(SysError::with(format!("removing {}", what())))?;
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(SysError::with(dir.display().to_string()))?;
+    }
+    std::os::unix::fs::symlink(target, &path).map_err(SysError::with(what()))?;
+    Ok(())
 }
 
 /// Lines of a colon-separated database (`/etc/passwd`, `/etc/group`, ...).
@@ -182,17 +247,17 @@ fn read_db(path: &Path) -> Vec<Vec<String>> {
         .collect()
 }
 
-fn write_db(path: &Path, rows: &[Vec<String>], mode: u32) -> Result<(), String> {
+fn write_db(path: &Path, rows: &[Vec<String>], mode: u32) -> Result<(), SysError> {
     let text: String = rows.iter().map(|r| r.join(":") + "\n").collect();
     write_file(path, text.as_bytes(), mode)
 }
 
 /// The group's gid, creating it (gid given, or the next free one from 1000) if missing.
-fn ensure_group(root: &Path, name: &str, gid: Option<u32>) -> Result<u32, String> {
+fn ensure_group(root: &Path, name: &str, gid: Option<u32>) -> Result<u32, ApplyError> {
     let path = root.join("etc/group");
     let mut rows = read_db(&path);
     if let Some(r) = rows.iter().find(|r| r[0] == name) {
-        return r.get(2).and_then(|g| g.parse().ok()).ok_or_else(|| format!("/etc/group: {name} has no gid"));
+        return r.get(2).and_then(|g| g.parse().ok()).ok_or_else(|| invalid(format!("/etc/group: {name} has no gid")));
     }
     let used: BTreeSet<u32> = rows.iter().filter_map(|r| r.get(2)?.parse().ok()).collect();
     let gid = gid.unwrap_or_else(|| (1000..).find(|g| !used.contains(g)).unwrap_or(65000));
@@ -207,10 +272,10 @@ fn ensure_group(root: &Path, name: &str, gid: Option<u32>) -> Result<u32, String
     Ok(gid)
 }
 
-fn apply_user(root: &Path, u: &Value) -> Result<(), String> {
-    let name = u["name"].as_str().ok_or("a user without a name")?;
+fn apply_user(root: &Path, u: &Value) -> Result<(), ApplyError> {
+    let name = u["name"].as_str().ok_or_else(|| invalid("a user without a name"))?;
     if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
-        return Err(format!("user name {name:?}"));
+        return Err(invalid(format!("user name {name:?}: use letters, digits, '-', '_' and '.'")));
     }
     let passwd = root.join("etc/passwd");
     let mut rows = read_db(&passwd);
@@ -272,18 +337,20 @@ fn apply_user(root: &Path, u: &Value) -> Result<(), String> {
     // Home (through the /home → /var/home link of herd's root) and SSH keys.
     let home_dir = inside(root, &home)?;
     let resolved = resolve_in(root, &home_dir);
-    std::fs::create_dir_all(&resolved).map_err(|e| format!("{}: {e}", resolved.display()))?;
-    chown(&resolved, Some(uid), Some(gid)).map_err(|e| e.to_string())?;
+    let chown_to = |p: &Path| chown(p, Some(uid), Some(gid)).map_err(SysError::with(format!("chown {}", p.display())));
+    std::fs::create_dir_all(&resolved).map_err(SysError::with(resolved.display().to_string()))?;
+    chown_to(&resolved)?;
     let keys: Vec<&str> =
         u["sshAuthorizedKeys"].as_array().unwrap_or(&empty).iter().filter_map(Value::as_str).collect();
     if !keys.is_empty() {
         let ssh = resolved.join(".ssh");
-        std::fs::create_dir_all(&ssh).map_err(|e| e.to_string())?;
-        std::fs::set_permissions(&ssh, std::fs::Permissions::from_mode(0o700)).map_err(|e| e.to_string())?;
+        std::fs::create_dir_all(&ssh).map_err(SysError::with(ssh.display().to_string()))?;
+        std::fs::set_permissions(&ssh, std::fs::Permissions::from_mode(0o700))
+            .map_err(SysError::with(format!("{}: setting its mode", ssh.display())))?;
         let file = ssh.join("authorized_keys");
         write_file(&file, (keys.join("\n") + "\n").as_bytes(), 0o600)?;
         for p in [&ssh, &file] {
-            chown(p, Some(uid), Some(gid)).map_err(|e| e.to_string())?;
+            chown_to(p)?;
         }
     }
     Ok(())
@@ -337,17 +404,17 @@ fn install_dirs(contents: &str) -> (Vec<String>, Vec<String>) {
     (out, also)
 }
 
-fn apply_unit(root: &Path, unit: &Value) -> Result<(), String> {
-    let name = unit["name"].as_str().ok_or("a unit without a name")?;
+fn apply_unit(root: &Path, unit: &Value) -> Result<(), ApplyError> {
+    let name = unit["name"].as_str().ok_or_else(|| invalid("a unit without a name"))?;
     if name.contains('/') || !name.contains('.') {
-        return Err(format!("unit name {name:?}"));
+        return Err(invalid(format!("unit name {name:?}: give a file name such as web.service")));
     }
     let etc = root.join("etc/systemd/system");
     let path = etc.join(name);
     if unit["mask"].as_bool() == Some(true) {
         let _ = std::fs::remove_file(&path);
-        std::fs::create_dir_all(&etc).map_err(|e| e.to_string())?;
-        std::os::unix::fs::symlink("/dev/null", &path).map_err(|e| format!("masking {name}: {e}"))?;
+        std::fs::create_dir_all(&etc).map_err(SysError::with(etc.display().to_string()))?;
+        std::os::unix::fs::symlink("/dev/null", &path).map_err(SysError::with(format!("masking {name}")))?;
         return Ok(());
     }
     if let Some(contents) = unit["contents"].as_str() {
@@ -355,7 +422,7 @@ fn apply_unit(root: &Path, unit: &Value) -> Result<(), String> {
     }
     let empty = Vec::new();
     for d in unit["dropins"].as_array().unwrap_or(&empty) {
-        let dname = d["name"].as_str().ok_or_else(|| format!("{name}: a drop-in without a name"))?;
+        let dname = d["name"].as_str().ok_or_else(|| invalid("a drop-in without a name"))?;
         let text = d["contents"].as_str().unwrap_or_default();
         write_file(&etc.join(format!("{name}.d")).join(dname), text.as_bytes(), 0o644)?;
     }
@@ -367,26 +434,26 @@ fn apply_unit(root: &Path, unit: &Value) -> Result<(), String> {
 
 /// Enables or disables `name` as `systemctl enable` would: links in the `[Install]` targets' directories, and the
 /// same for its `Also=` units.
-fn set_enabled(root: &Path, name: &str, enabled: bool, depth: u8) -> Result<(), String> {
+fn set_enabled(root: &Path, name: &str, enabled: bool, depth: u8) -> Result<(), ApplyError> {
     let etc = root.join("etc/systemd/system");
     // The unit's file: the config's, or the image's (/etc first, then /usr/lib), as systemctl looks for it.
     let found =
         [etc.join(name), root.join("usr/lib/systemd/system").join(name), root.join("lib/systemd/system").join(name)]
             .into_iter()
             .find(|p| p.exists())
-            .ok_or_else(|| format!("{name} is enabled but no unit file exists for it"))?;
-    let text = std::fs::read_to_string(&found).map_err(|e| e.to_string())?;
+            .ok_or_else(|| invalid(format!("{name} is enabled but no unit file exists for it")))?;
+    let text = std::fs::read_to_string(&found).map_err(SysError::with(found.display().to_string()))?;
     let (dirs, also) = install_dirs(&text);
     if enabled && dirs.is_empty() && also.is_empty() {
-        return Err(format!("{name} is enabled but has no [Install] section"));
+        return Err(invalid(format!("{name} is enabled but has no [Install] section")));
     }
     let target = Path::new("/").join(found.strip_prefix(root).unwrap_or(&found));
     for dir in dirs {
         let link = etc.join(&dir).join(name);
         let _ = std::fs::remove_file(&link);
         if enabled {
-            std::fs::create_dir_all(etc.join(&dir)).map_err(|e| e.to_string())?;
-            std::os::unix::fs::symlink(&target, &link).map_err(|e| format!("enabling {name}: {e}"))?;
+            std::fs::create_dir_all(etc.join(&dir)).map_err(SysError::with(etc.join(&dir).display().to_string()))?;
+            std::os::unix::fs::symlink(&target, &link).map_err(SysError::with(format!("enabling {name}")))?;
         }
     }
     if depth < 4 {
@@ -497,14 +564,14 @@ mod tests {
         let r = root();
         let mut c = config();
         c["storage"]["files"][1]["contents"]["verification"]["hash"] = "sha256-00".into();
-        assert!(apply(&c, &r).unwrap_err().contains("the config says 00"));
+        assert!(crate::error::chain(&apply(&c, &r).unwrap_err()).contains("the config says 00"));
         let mut c = config();
         c["storage"]["files"][0]["path"] = "/etc/../../escape".into();
-        assert!(apply(&c, &r).unwrap_err().contains("must not contain .."));
+        assert!(crate::error::chain(&apply(&c, &r).unwrap_err()).contains("must not contain .."));
         let c = serde_json::json!({"ignition": {"version": "2.2.0"}});
-        assert!(apply(&c, &r).unwrap_err().contains("spec 3.x"));
+        assert!(crate::error::chain(&apply(&c, &r).unwrap_err()).contains("spec 3.x"));
         let c = serde_json::json!({"ignition": {"version": "3.3.0"}, "systemd": {"units": [{"name": "nothing.service", "enabled": true}]}});
-        assert!(apply(&c, &r).unwrap_err().contains("no unit file"));
+        assert!(crate::error::chain(&apply(&c, &r).unwrap_err()).contains("no unit file"));
         std::fs::remove_dir_all(&r).unwrap();
     }
 }

@@ -31,7 +31,7 @@ const LOCAL_MEMBER: &str = "http://127.0.0.1:2379";
 pub const REGISTERED: &str = "herd-node-init: registered";
 
 /// Waits until the local etcd member reports itself healthy (which needs a leader, so a quorum).
-fn wait_for_quorum() -> Result<Duration, String> {
+fn wait_for_quorum() -> anyhow::Result<Duration> {
     let started = Instant::now();
     let agent: ureq::Agent = ureq::Agent::config_builder().timeout_global(Some(Duration::from_secs(3))).build().into();
     let mut said = Instant::now();
@@ -45,7 +45,7 @@ fn wait_for_quorum() -> Result<Duration, String> {
             return Ok(started.elapsed());
         }
         if started.elapsed() > QUORUM_LIMIT {
-            return Err(format!("the local etcd member has no quorum after {} s", QUORUM_LIMIT.as_secs()));
+            anyhow::bail!("the local etcd member has no quorum after {} s", QUORUM_LIMIT.as_secs());
         }
         if said.elapsed() > Duration::from_secs(10) {
             println!("herd-node-init: waiting for etcd to form a quorum ({} s)", started.elapsed().as_secs());
@@ -66,17 +66,19 @@ fn endpoints(node: &NodeConfig) -> Vec<String> {
 }
 
 /// This node's instance token: read from [`INSTANCE`], or made and stored there.
-fn instance_token() -> Result<String, String> {
+fn instance_token() -> anyhow::Result<String> {
+    use anyhow::Context as _;
     if let Ok(t) = std::fs::read_to_string(INSTANCE)
         && !t.trim().is_empty()
     {
         return Ok(t.trim().to_owned());
     }
     let mut b = [0u8; 16];
-    std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom").map_err(|e| e.to_string())?, &mut b)
-        .map_err(|e| e.to_string())?;
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b))
+        .context("reading /dev/urandom")?;
     let token: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    std::fs::create_dir_all("/var/lib/herd").map_err(|e| e.to_string())?;
+    std::fs::create_dir_all("/var/lib/herd").context("mkdir /var/lib/herd")?;
     // Atomically: a crash leaves the old token or the new one, never half of one.
     let tmp = format!("{INSTANCE}.tmp");
     let write = || -> std::io::Result<()> {
@@ -86,7 +88,7 @@ fn instance_token() -> Result<String, String> {
         std::fs::rename(&tmp, INSTANCE)?;
         std::fs::File::open("/var/lib/herd")?.sync_all()
     };
-    write().map_err(|e| format!("{INSTANCE}: {e}"))?;
+    write().with_context(|| format!("writing {INSTANCE}"))?;
     Ok(token)
 }
 
@@ -129,10 +131,10 @@ pub fn run(
     registered: impl FnOnce(&str) + Send + 'static,
 ) -> anyhow::Result<()> {
     if node.etcd_member {
-        let took = wait_for_quorum().map_err(anyhow::Error::msg)?;
+        let took = wait_for_quorum()?;
         println!("herd-node-init: etcd member healthy (quorum) after {:.1} s", took.as_secs_f64());
     }
-    let instance = instance_token().map_err(anyhow::Error::msg)?;
+    let instance = instance_token()?;
     let machine = machine_record(node, report, instance);
     let endpoints = endpoints(node);
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;

@@ -11,7 +11,105 @@ use herd_images::build::ImageManifest;
 use herd_images::slot::{self, ImageStreams, Layout, Slot};
 use serde_json::Value;
 
-use crate::cmdline::Cmdline;
+use crate::cmdline::{Cmdline, CmdlineError};
+use crate::error::SysError;
+
+/// What went wrong between this machine and its provisioner.
+#[derive(Debug, thiserror::Error)]
+pub enum ProvisionError {
+    /// The command line names the provisioner wrongly.
+    #[error(transparent)]
+    Cmdline(#[from] CmdlineError),
+    /// A system operation (the NIC, a file) failed.
+    #[error(transparent)]
+    Sys(#[from] SysError),
+    /// No DHCP lease.
+    #[error(transparent)]
+    Dhcp(#[from] crate::dhcp::DhcpError),
+    /// A request that did not get an answer.
+    #[error("{what}")]
+    Http {
+        /// The request (`GET http://.../assets/manifest.json`).
+        what: String,
+        /// Why.
+        #[source]
+        source: ureq::Error,
+    },
+    /// An answer that is not a success.
+    #[error("HTTP {status}{}", if body.is_empty() { String::new() } else { format!(": {body}") })]
+    Status {
+        /// The status code.
+        status: u16,
+        /// What the provisioner said (its first line).
+        body: String,
+    },
+    /// The provisioner refused this machine's config: no retry helps.
+    #[error(
+        "the provisioner at {url} refused this machine's config: this boot's token, MAC or address is not what it \
+         handed out; its timeline for the machine says which. Power-cycle the machine to PXE-boot again"
+    )]
+    Refused {
+        /// The provisioner.
+        url: String,
+        /// Its last answer.
+        #[source]
+        last: Box<ProvisionError>,
+    },
+    /// The config did not come within the wait.
+    #[error("no config from {url} within {secs} s")]
+    NoConfig {
+        /// The provisioner.
+        url: String,
+        /// The wait.
+        secs: u64,
+        /// The last attempt's error.
+        #[source]
+        last: Box<ProvisionError>,
+    },
+    /// The provisioner serves an image this boot does not trust.
+    #[error(
+        "the provisioner serves {name} {release} with root hash {root_hash}, which this boot's command line does not \
+         list"
+    )]
+    Untrusted {
+        /// Image name.
+        name: String,
+        /// Image release.
+        release: String,
+        /// Its root hash.
+        root_hash: String,
+    },
+    /// The served image is not what its manifest says.
+    #[error("the served image: {0}")]
+    Image(String),
+    /// Writing the image into the slot failed.
+    #[error("installing to {}", disk.display())]
+    Install {
+        /// The disk.
+        disk: PathBuf,
+        /// Why.
+        #[source]
+        source: slot::SlotError,
+    },
+    /// The config lacks node-init's own file, or it does not parse.
+    #[error("{NODE_CONFIG_PATH} in the config: {0}")]
+    NodeConfig(String),
+    /// The root's mke2fs failed.
+    #[error("mke2fs {}: {stderr}", dev.display())]
+    Mkfs {
+        /// The STATE device.
+        dev: PathBuf,
+        /// What it said.
+        stderr: String,
+    },
+}
+
+impl ProvisionError {
+    fn http(what: impl Into<String>) -> impl FnOnce(ureq::Error) -> ProvisionError {
+        let what = what.into();
+        move |source| ProvisionError::Http { what, source }
+    }
+}
 
 /// How long the config may take to arrive before the boot stops (`herd.config_wait=SECONDS` changes it).
 const CONFIG_LIMIT: Duration = Duration::from_secs(180);
@@ -60,23 +158,22 @@ pub struct Link {
 impl Provisioner {
     /// The provisioner named on the command line, if any (all of `herd.provisioner`, `herd.mac` and `herd.token`
     /// must be there).
-    pub fn from_cmdline(c: &Cmdline) -> Result<Option<Provisioner>, String> {
+    pub fn from_cmdline(c: &Cmdline) -> Result<Option<Provisioner>, CmdlineError> {
         let Some(url) = c.all.get("provisioner") else { return Ok(None) };
         let need =
-            |k: &str| c.all.get(k).cloned().ok_or_else(|| format!("herd.provisioner is set but herd.{k} is not"));
+            |k: &'static str| c.all.get(k).cloned().ok_or(CmdlineError::Missing { with: "provisioner", missing: k });
         let mode = match c.all.get("mode").map(String::as_str) {
             Some("install") => Mode::Install,
             Some("local") | None => Mode::Local,
-            Some(other) => return Err(format!("herd.mode={other}: use install or local")),
+            Some(other) => {
+                return Err(CmdlineError::Value { key: "mode", value: other.to_owned(), accepted: "install or local" });
+            }
         };
         let config_wait = match c.all.get("config_wait") {
             None => CONFIG_LIMIT,
-            Some(s) => s
-                .parse::<u64>()
-                .ok()
-                .filter(|&n| n > 0)
-                .map(Duration::from_secs)
-                .ok_or_else(|| format!("herd.config_wait={s}: give a number of seconds"))?,
+            Some(s) => s.parse::<u64>().ok().filter(|&n| n > 0).map(Duration::from_secs).ok_or_else(|| {
+                CmdlineError::Value { key: "config_wait", value: s.clone(), accepted: "a number of seconds" }
+            })?,
         };
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .timeout_global(Some(Duration::from_secs(30)))
@@ -95,28 +192,42 @@ impl Provisioner {
     }
 
     /// Reports a stage to the provisioner's timeline.
-    pub fn try_phone(&self, stage: &str, detail: &str) -> Result<(), String> {
+    pub fn try_phone(&self, stage: &str, detail: &str) -> Result<(), ProvisionError> {
         self.try_phone_slots(stage, detail, None)
     }
 
     /// Reports a stage with the disk's slot table (the provisioner keeps it to boot the right slot's kernel).
-    pub fn try_phone_slots(&self, stage: &str, detail: &str, slots: Option<&slot::SlotReport>) -> Result<(), String> {
+    pub fn try_phone_slots(
+        &self,
+        stage: &str,
+        detail: &str,
+        slots: Option<&slot::SlotReport>,
+    ) -> Result<(), ProvisionError> {
+        // The token is in the path: the error names the endpoint, not the URL.
         let url = format!("{}{}", self.url, herd_api::paths::phone_home(&self.mac, &self.token));
         let body = herd_api::PhoneHome { stage: stage.to_owned(), detail: detail.to_owned(), slots: slots.cloned() };
-        let r = self.agent.post(&url).send_json(&body).map_err(|e| e.to_string())?;
-        if r.status().is_success() { Ok(()) } else { Err(format!("HTTP {}", r.status())) }
+        let r = self
+            .agent
+            .post(&url)
+            .send_json(&body)
+            .map_err(ProvisionError::http(format!("phone-home to {}", self.url)))?;
+        status(r).map(drop)
     }
 
     /// Reports a stage, best effort: a report that cannot be sent is logged.
     pub fn phone(&self, stage: &str, detail: &str) {
         if let Err(e) = self.try_phone(stage, detail) {
-            eprintln!("node-init: could not report {stage} to the provisioner: {e}");
+            eprintln!("node-init: could not report {stage} to the provisioner: {}", crate::error::chain(&e));
         }
     }
 
     /// Brings up the boot NIC and gets its DHCP lease.
-    pub fn network(&self) -> Result<Link, String> {
-        let mac = crate::dhcp::parse_mac(&self.mac).ok_or_else(|| format!("herd.mac={} is not a MAC", self.mac))?;
+    pub fn network(&self) -> Result<Link, ProvisionError> {
+        let mac = crate::dhcp::parse_mac(&self.mac).ok_or_else(|| CmdlineError::Value {
+            key: "mac",
+            value: self.mac.clone(),
+            accepted: "a MAC such as 52:54:00:12:34:56",
+        })?;
         let ifname = crate::initrd::wait_for(&format!("the NIC with MAC {}", self.mac), || {
             crate::net::interface_by_mac(&self.mac)
         })?;
@@ -136,67 +247,64 @@ impl Provisioner {
 
     /// This machine's Ignition config, retried with backoff for [`Provisioner::config_wait`] while the provisioner
     /// cannot be reached or fails; a refusal (HTTP 4xx) ends it after [`REFUSALS`] tries.
-    pub fn config(&self) -> Result<Value, String> {
+    pub fn config(&self) -> Result<Value, ProvisionError> {
         let url = format!("{}{}", self.url, herd_api::paths::config(&self.mac, &self.token));
         let deadline = Instant::now() + self.config_wait;
         let mut wait = Duration::from_secs(1);
         let mut refusals = 0;
         loop {
-            let result = self.agent.get(&url).call().map_err(|e| e.to_string()).and_then(|mut r| {
-                let status = r.status();
-                if status.is_success() {
-                    return r.body_mut().read_json::<Value>().map_err(|e| format!("the config is not JSON: {e}"));
-                }
-                let body = r.body_mut().read_to_string().unwrap_or_default();
-                if status.is_client_error() {
-                    refusals += 1;
-                }
-                Err(format!("HTTP {status}: {}", body.trim()))
+            let what = || format!("the config from {}", self.url);
+            let result = self.agent.get(&url).call().map_err(ProvisionError::http(what())).and_then(|r| {
+                let refused = r.status().is_client_error();
+                let mut r = status(r).inspect_err(|_| refusals += u32::from(refused))?;
+                r.body_mut().read_json::<Value>().map_err(ProvisionError::http(format!("{} (as JSON)", what())))
             });
             match result {
                 Ok(v) => return Ok(v),
                 Err(e) if refusals >= REFUSALS => {
-                    return Err(format!(
-                        "the provisioner at {} refused this machine's config ({e}): this boot's token, MAC or address \
-                         is not what it handed out; its timeline for the machine says which. Power-cycle the machine \
-                         to PXE-boot again",
-                        self.url
-                    ));
+                    return Err(ProvisionError::Refused { url: self.url.clone(), last: Box::new(e) });
                 }
                 Err(e) if Instant::now() + wait < deadline => {
+                    let e = crate::error::chain(&e);
                     eprintln!("herd-initrd: config from {}: {e}; retrying in {} s", self.url, wait.as_secs());
                     std::thread::sleep(wait);
                     wait = (wait * 2).min(Duration::from_secs(15));
                 }
                 Err(e) => {
-                    return Err(format!("no config from {} within {} s: {e}", self.url, self.config_wait.as_secs()));
+                    let secs = self.config_wait.as_secs();
+                    return Err(ProvisionError::NoConfig { url: self.url.clone(), secs, last: Box::new(e) });
                 }
             }
         }
     }
 
-    fn asset(&self, name: &str) -> Result<ureq::http::Response<ureq::Body>, String> {
+    fn asset(&self, name: &str) -> Result<ureq::http::Response<ureq::Body>, ProvisionError> {
         let url = format!("{}/assets/{name}", self.url);
         let agent: ureq::Agent = ureq::Agent::config_builder().timeout_global(None).build().into();
-        agent.get(&url).call().map_err(|e| format!("GET {url}: {e}"))
+        agent.get(&url).call().map_err(ProvisionError::http(format!("GET {url}")))
     }
 
     /// The image the provisioner serves; its root hash must be one the command line trusts.
-    pub fn image(&self, cmd: &Cmdline) -> Result<ImageManifest, String> {
-        let m: ImageManifest = self.asset("manifest.json")?.body_mut().read_json().map_err(|e| e.to_string())?;
+    pub fn image(&self, cmd: &Cmdline) -> Result<ImageManifest, ProvisionError> {
+        let what = format!("{}/assets/manifest.json (as JSON)", self.url);
+        let m: ImageManifest =
+            self.asset("manifest.json")?.body_mut().read_json().map_err(ProvisionError::http(what))?;
         if !cmd.trusts(&m.verity.root_hash) {
-            return Err(format!(
-                "the provisioner serves {} {} with root hash {}, which this boot's command line does not list",
-                m.name, m.release, m.verity.root_hash
-            ));
+            return Err(ProvisionError::Untrusted { name: m.name, release: m.release, root_hash: m.verity.root_hash });
         }
         Ok(m)
     }
 
     /// Partitions `disk` afresh and writes the served image into slot A (streamed from HTTP).
-    pub fn install(&self, cmd: &Cmdline, disk: &Path) -> Result<slot::Installed, String> {
+    pub fn install(&self, cmd: &Cmdline, disk: &Path) -> Result<slot::Installed, ProvisionError> {
         let image = self.image(cmd)?;
-        let len = |name: &str| image.files.get(name).map(|f| f.size).ok_or_else(|| format!("manifest lists no {name}"));
+        let len = |name: &str| {
+            image
+                .files
+                .get(name)
+                .map(|f| f.size)
+                .ok_or_else(|| ProvisionError::Image(format!("the manifest lists no {name}")))
+        };
         let (squash_len, verity_len) = (len("root.squashfs")?, len("root.verity")?);
         let squash = self.asset("root.squashfs")?.into_body().into_reader();
         let verity = self.asset("root.verity")?.into_body().into_reader();
@@ -206,27 +314,28 @@ impl Provisioner {
             verity: (Box::new(verity), verity_len),
         };
         let installed = slot::install_streams(disk, Slot::A, streams, slot::DEFAULT_SLOT_BYTES, Layout::Fresh)
-            .map_err(|e| format!("installing to {}: {e}", disk.display()))?;
-        let f = std::fs::File::open(disk).map_err(|e| e.to_string())?;
+            .map_err(|source| ProvisionError::Install { disk: disk.to_owned(), source })?;
+        let f = std::fs::File::open(disk).map_err(SysError::with(disk.display().to_string()))?;
         crate::net::reread_partitions(&f)?;
         Ok(installed)
     }
 
     /// Downloads the served image into RAM (`/run/herd/image`); returns the squashfs and verity files and the
     /// image's root hash.
-    pub fn fetch_to_ram(&self, cmd: &Cmdline) -> Result<(PathBuf, PathBuf, String), String> {
+    pub fn fetch_to_ram(&self, cmd: &Cmdline) -> Result<(PathBuf, PathBuf, String), ProvisionError> {
         let image = self.image(cmd)?;
         let dir = Path::new("/run/herd/image");
-        std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+        std::fs::create_dir_all(dir).map_err(SysError::with(dir.display().to_string()))?;
         let mut out = Vec::new();
         for name in ["root.squashfs", "root.verity"] {
             let want = image.files.get(name).map(|f| f.size).unwrap_or_default();
             let path = dir.join(name);
-            let mut file = std::fs::File::create(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+            let mut file = std::fs::File::create(&path).map_err(SysError::with(path.display().to_string()))?;
             let mut body = self.asset(name)?.into_body().into_reader();
-            let got = std::io::copy(&mut body, &mut file).map_err(|e| format!("{name}: {e} (is there RAM for it?)"))?;
+            let got = std::io::copy(&mut body, &mut file)
+                .map_err(SysError::with(format!("downloading {name} into RAM (is there RAM for it?)")))?;
             if got != want {
-                return Err(format!("{name}: got {got} bytes, the manifest says {want}"));
+                return Err(ProvisionError::Image(format!("{name}: got {got} bytes, the manifest says {want}")));
             }
             out.push(path);
         }
@@ -235,22 +344,32 @@ impl Provisioner {
 }
 
 /// node-init's own config inside an Ignition config (the `/etc/herd/node-init.json` file).
-pub fn node_config(config: &Value) -> Result<NodeConfig, String> {
+pub fn node_config(config: &Value) -> Result<NodeConfig, ProvisionError> {
     let empty = Vec::new();
     let file = config["storage"]["files"]
         .as_array()
         .unwrap_or(&empty)
         .iter()
         .find(|f| f["path"] == NODE_CONFIG_PATH)
-        .ok_or_else(|| format!("the config has no {NODE_CONFIG_PATH}"))?;
+        .ok_or_else(|| ProvisionError::NodeConfig("missing".into()))?;
     let source = file["contents"]["source"].as_str().unwrap_or_default();
-    let bytes = crate::ignition::data_url(source)?;
-    serde_json::from_slice(&bytes).map_err(|e| format!("{NODE_CONFIG_PATH}: {e}"))
+    let bytes = crate::ignition::data_url(source).map_err(|e| ProvisionError::NodeConfig(e.to_string()))?;
+    serde_json::from_slice(&bytes).map_err(|e| ProvisionError::NodeConfig(e.to_string()))
+}
+
+/// A response with a success status, or the status and the first line of what the server said.
+fn status(mut r: ureq::http::Response<ureq::Body>) -> Result<ureq::http::Response<ureq::Body>, ProvisionError> {
+    if r.status().is_success() {
+        return Ok(r);
+    }
+    let body = r.body_mut().read_to_string().unwrap_or_default();
+    let body = body.lines().next().unwrap_or_default().trim().chars().take(200).collect();
+    Err(ProvisionError::Status { status: r.status().as_u16(), body })
 }
 
 /// Formats the STATE partition with the verified root's own `mke2fs` (run through the root's dynamic loader: the
 /// initramfs carries no file system tools).
-pub fn format_state(root: &Path, dev: &Path) -> Result<(), String> {
+pub fn format_state(root: &Path, dev: &Path) -> Result<(), ProvisionError> {
     let ld = root.join("usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2");
     let libs = format!("{0}/usr/lib/x86_64-linux-gnu:{0}/lib/x86_64-linux-gnu", root.display());
     let out = std::process::Command::new(&ld)
@@ -261,9 +380,10 @@ pub fn format_state(root: &Path, dev: &Path) -> Result<(), String> {
         .arg(dev)
         .env("MKE2FS_CONFIG", root.join("etc/mke2fs.conf"))
         .output()
-        .map_err(|e| format!("running the root's mke2fs: {e}"))?;
+        .map_err(SysError::with("running the root's mke2fs"))?;
     if !out.status.success() {
-        return Err(format!("mke2fs {}: {}", dev.display(), String::from_utf8_lossy(&out.stderr).trim()));
+        let stderr = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+        return Err(ProvisionError::Mkfs { dev: dev.to_owned(), stderr });
     }
     Ok(())
 }
