@@ -69,7 +69,7 @@ pub struct UnitStatus {
     pub machines: Vec<Placed>,
     /// Why the engine could not place it (none when placed or not asked to run).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub unplaced: Option<String>,
+    pub unplaced: Option<record::UnplacedRecord>,
 }
 
 /// A unit on one machine.
@@ -221,7 +221,11 @@ impl ClusterClient {
                 && let Some(status) = by_unit.get_mut(&name)
                 && status.desired != Desired::Inactive
             {
-                status.unplaced = Some(String::from_utf8_lossy(kv.value()).into_owned());
+                status.unplaced = Some(record::decode(kv.value()).unwrap_or_else(|| record::UnplacedRecord {
+                    // A reason written by an older engine: plain text.
+                    summary: String::from_utf8_lossy(kv.value()).into_owned(),
+                    ..record::UnplacedRecord::default()
+                }));
             }
         }
         let mut reported: BTreeMap<(UnitName, String), StateRecord> = BTreeMap::new();

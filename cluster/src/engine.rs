@@ -23,7 +23,9 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::plan::{self, MachineView, Snapshot};
-use crate::record::{self, ActiveState, CordonRecord, Desired, MachineRecord, ScheduleEntry, UnitRecord};
+use crate::record::{
+    self, ActiveState, CordonRecord, Desired, MachineRecord, ScheduleEntry, UnitRecord, UnplacedRecord,
+};
 use crate::schema::{self, Key};
 use crate::store::{KeepAlive, Store, StoreError};
 use crate::unit::{Unit, UnitName};
@@ -117,7 +119,7 @@ struct View {
     /// once that machine's agent has stopped them (its state key is gone).
     leaving: BTreeMap<UnitName, String>,
     /// Unit → why it is not placed, as written to `unplaced/`.
-    unplaced: BTreeMap<UnitName, String>,
+    unplaced: BTreeMap<UnitName, UnplacedRecord>,
     /// Container units moving off a draining machine, warming on their new one first: they keep running where
     /// they are while the new machine loads them (pulls the image, creates the container), then move.
     warming: BTreeMap<UnitName, Warming>,
@@ -294,7 +296,8 @@ impl Engine {
                         }
                     }
                     Some(Key::Unplaced(u)) => {
-                        view.unplaced.insert(u, String::from_utf8_lossy(kv.value()).into_owned());
+                        // An older engine's plain-text reason decodes to nothing and is rewritten.
+                        view.unplaced.insert(u, record::decode(kv.value()).unwrap_or_default());
                     }
                     _ => {}
                 }
@@ -626,7 +629,7 @@ impl Engine {
         let mut notes = Vec::new();
         for (unit, why) in &plan.unplaced {
             if view.unplaced.get(unit) != Some(why) {
-                notes.push(TxnOp::put(Key::Unplaced(unit.clone()).path(), why.as_bytes(), None));
+                notes.push(TxnOp::put(Key::Unplaced(unit.clone()).path(), record::encode(why), None));
             }
         }
         for unit in view.unplaced.keys() {

@@ -171,7 +171,8 @@ impl Executor for ProcessExecutor {
             .file
             .last("Service", "ExecStart")
             .ok_or_else(|| ExecError::new(format!("{}: no [Service] ExecStart=", unit.name)))?;
-        let argv = split_command(line);
+        // As systemd reads it: `%%` is a literal `%` (herd expanded its own specifiers already).
+        let argv = split_command(&crate::unit::literal(line));
         if argv.is_empty() {
             return Err(ExecError::new(format!("{}: empty ExecStart=", unit.name)));
         }

@@ -6,7 +6,9 @@
 //!    moves exactly its units).
 //! 2. Hard constraints: `MachineID`, `MachineMetadata` (OR within a key, AND across keys), `MachineOf` (with the
 //!    units it names), `Conflicts` (both ways), CPU and memory capacity.
-//! 3. `Replaces`: a unit may take the machine of a unit it replaces, which then moves.
+//! 3. `Replaces` (fleet's rule): a unit takes the machine of a unit it replaces when it fits there once that unit
+//!    is gone; the replaced unit moves to another machine (or, if none fits, is reported unplaced), and never runs
+//!    on a machine where a unit that replaces it runs.
 //! 4. Spread: the machine with the fewest units, then the rack with the fewest units of the same prefix, then the
 //!    machine id (deterministic).
 //!
@@ -14,6 +16,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
+use crate::record::{Refused, UnplacedRecord};
 use crate::unit::{Unit, UnitName};
 
 /// A machine as the planner sees it.
@@ -54,8 +57,8 @@ pub struct Snapshot {
 pub struct Plan {
     /// Unit → machines it runs on (one for ordinary units, several for global ones).
     pub placements: BTreeMap<UnitName, Vec<String>>,
-    /// Units that fit nowhere, with the reason.
-    pub unplaced: BTreeMap<UnitName, String>,
+    /// Units that fit nowhere, with each machine's reason.
+    pub unplaced: BTreeMap<UnitName, UnplacedRecord>,
 }
 
 impl Plan {
@@ -202,34 +205,105 @@ fn pick<'a>(
     best.map(|(_, id)| id)
 }
 
+/// Why a machine does not take a unit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Refusal {
+    NotSchedulable,
+    MachineId,
+    Metadata,
+    MachineOf(String),
+    Conflict(String),
+    ReplacedBy(String),
+    Cpu(String),
+    Memory(String),
+}
+
+impl Refusal {
+    /// The reason on one machine.
+    fn detail(&self) -> String {
+        match self {
+            Refusal::NotSchedulable => "not schedulable".into(),
+            Refusal::MachineId => "MachineID".into(),
+            Refusal::Metadata => "MachineMetadata".into(),
+            Refusal::MachineOf(peer) => format!("MachineOf {peer}"),
+            Refusal::Conflict(other) => format!("conflicts with {other}"),
+            Refusal::ReplacedBy(by) => format!("replaced there by {by}"),
+            Refusal::Cpu(why) | Refusal::Memory(why) => why.clone(),
+        }
+    }
+
+    /// The same reason on many machines, for the summary.
+    fn kind(&self) -> String {
+        match self {
+            Refusal::NotSchedulable => "not schedulable".into(),
+            Refusal::MachineId => "not its MachineID".into(),
+            Refusal::Metadata => "MachineMetadata does not match".into(),
+            Refusal::MachineOf(peer) => format!("{peer} is not there"),
+            Refusal::Conflict(_) => "a conflicting unit there".into(),
+            Refusal::ReplacedBy(by) => format!("replaced there by {by}"),
+            Refusal::Cpu(_) => "not enough CPU".into(),
+            Refusal::Memory(_) => "not enough memory".into(),
+        }
+    }
+}
+
+/// Each machine's reason, and a summary by kind (`not enough CPU on 2, a conflicting unit there on 1 of 3
+/// machines`).
+fn unplaced(reasons: Vec<(&str, Refusal)>, machines: usize) -> UnplacedRecord {
+    if machines == 0 {
+        return UnplacedRecord { summary: "no machines".into(), ..UnplacedRecord::default() };
+    }
+    let mut kinds: Vec<(String, usize)> = Vec::new();
+    for (_, r) in &reasons {
+        let kind = r.kind();
+        match kinds.iter_mut().find(|(k, _)| *k == kind) {
+            Some((_, n)) => *n += 1,
+            None => kinds.push((kind, 1)),
+        }
+    }
+    kinds.sort_by_key(|(_, n)| std::cmp::Reverse(*n));
+    let counts: Vec<String> = kinds.iter().map(|(k, n)| format!("{k} on {n}")).collect();
+    let noun = if machines == 1 { "machine" } else { "machines" };
+    let more = reasons.len().saturating_sub(UnplacedRecord::MACHINES);
+    let list = reasons
+        .into_iter()
+        .take(UnplacedRecord::MACHINES)
+        .map(|(m, r)| Refused { machine: m.to_owned(), reason: r.detail() })
+        .collect();
+    UnplacedRecord { summary: format!("{} of {machines} {noun}", counts.join(", ")), machines: list, more }
+}
+
 /// Why `unit` cannot go to `m` (None: it can).
-fn refusal(unit: &Unit, m: &MachineView, load: &Load<'_>, placed: &HashMap<&str, &str>) -> Option<String> {
+fn refusal(unit: &Unit, m: &MachineView, load: &Load<'_>, placed: &HashMap<&str, &str>) -> Option<Refusal> {
     let p = &unit.placement;
     if p.machine_id.as_deref().is_some_and(|id| id != m.id) {
-        return Some("MachineID".into());
+        return Some(Refusal::MachineId);
     }
     if !p.metadata_matches(&m.labels) {
-        return Some("MachineMetadata".into());
+        return Some(Refusal::Metadata);
     }
     for peer in &p.machine_of {
         if placed.get(peer.as_str()) != Some(&m.id.as_str()) {
-            return Some(format!("MachineOf {peer}"));
+            return Some(Refusal::MachineOf(peer.clone()));
         }
     }
-    if let Some(units) = load.units.get(m.id.as_str())
-        && let Some(other) = units.iter().find(|o| o.name != unit.name && unit.conflicts_with(o))
-    {
-        return Some(format!("conflicts with {}", other.name));
+    if let Some(units) = load.units.get(m.id.as_str()) {
+        if let Some(other) = units.iter().find(|o| o.name != unit.name && unit.conflicts_with(o)) {
+            return Some(Refusal::Conflict(other.name.to_string()));
+        }
+        if let Some(by) = units.iter().find(|o| o.placement.replaces.iter().any(|r| r == unit.name.as_str())) {
+            return Some(Refusal::ReplacedBy(by.name.to_string()));
+        }
     }
     if p.cpu_millis > 0 || p.memory > 0 {
         let (cpu, memory) = open_capacity_needed(unit, m, load);
         let reserved_cpu: u64 = m.reserved.values().map(|r| r.0).sum();
         let reserved_memory: u64 = m.reserved.values().map(|r| r.1).sum();
         if p.cpu_millis > 0 && cpu > m.cpu_millis.saturating_sub(reserved_cpu) {
-            return Some(with_role("not enough CPU", unit));
+            return Some(Refusal::Cpu(with_role("not enough CPU", unit)));
         }
         if p.memory > 0 && memory > m.memory.saturating_sub(reserved_memory) {
-            return Some(with_role("not enough memory", unit));
+            return Some(Refusal::Memory(with_role("not enough memory", unit)));
         }
     }
     None
@@ -307,13 +381,22 @@ pub fn plan(snapshot: &Snapshot) -> Plan {
         out.placements.insert(unit.name.clone(), targets.iter().map(|t| (*t).to_owned()).collect());
     }
 
-    // Stay where they are while that still fits.
+    // Stay where they are while that still fits, and while no unit that replaces them runs there.
+    let mut replaced_on: HashMap<&str, Vec<&str>> = HashMap::new();
+    for u in units.iter().filter(|u| !u.placement.replaces.is_empty()) {
+        if let Some(on) = snapshot.current.get(&u.name) {
+            for r in &u.placement.replaces {
+                replaced_on.entry(r.as_str()).or_default().push(on.as_str());
+            }
+        }
+    }
     let mut pending = Vec::new();
     for unit in units.iter().filter(|u| !u.placement.global) {
         let keep = snapshot
             .current
             .get(&unit.name)
             .and_then(|id| machines.get(id.as_str()))
+            .filter(|m| !replaced_on.get(unit.name.as_str()).is_some_and(|on| on.contains(&m.id.as_str())))
             .filter(|m| !m.draining && refusal(unit, m, &load, &placed).is_none());
         match keep {
             Some(m) => {
@@ -324,20 +407,15 @@ pub fn plan(snapshot: &Snapshot) -> Plan {
         }
     }
 
-    // Place the others: by spread, or by displacing a unit they replace.
+    // Place the others: on the machine of a unit they replace (which then moves), else by spread.
     let mut queue: std::collections::VecDeque<&Unit> = pending.into();
     let mut evictions = 0usize;
     while let Some(unit) = queue.pop_front() {
-        if let Some(id) = pick(unit, &machines, &load, &placed) {
-            load.add(id, unit);
-            placed.insert(unit.name.as_str(), id);
-            continue;
-        }
-        // Replaces: evict a replaced unit from a machine where this one would then fit.
         let victim = unit.placement.replaces.iter().find_map(|r| {
             let on = *placed.get(r.as_str())?;
             Some((on, *by_name.get(r.as_str())?))
         });
+        // Bounded: units replacing each other in a cycle stop displacing after one round each.
         if let Some((on, victim)) = victim
             && evictions < snapshot.units.len()
         {
@@ -353,19 +431,20 @@ pub fn plan(snapshot: &Snapshot) -> Plan {
             load.add(on, victim);
             placed.insert(victim.name.as_str(), on);
         }
-        let why = snapshot
+        if let Some(id) = pick(unit, &machines, &load, &placed) {
+            load.add(id, unit);
+            placed.insert(unit.name.as_str(), id);
+            continue;
+        }
+        let reasons = snapshot
             .machines
             .iter()
             .filter_map(|m| {
-                if !m.schedulable {
-                    return Some(format!("{}: not schedulable", m.id));
-                }
-                refusal(unit, m, &load, &placed).map(|r| format!("{}: {r}", m.id))
+                let r = if m.schedulable { refusal(unit, m, &load, &placed)? } else { Refusal::NotSchedulable };
+                Some((m.id.as_str(), r))
             })
-            .take(3)
-            .collect::<Vec<_>>()
-            .join("; ");
-        out.unplaced.insert(unit.name.clone(), if why.is_empty() { "no machines".into() } else { why });
+            .collect();
+        out.unplaced.insert(unit.name.clone(), unplaced(reasons, snapshot.machines.len()));
     }
     for (unit, machine) in placed {
         if let Some(u) = by_name.get(unit) {
@@ -412,7 +491,10 @@ mod tests {
         assert_eq!(p.placements.len(), 3);
         assert_eq!(used.len(), 3);
         assert_eq!(p.unplaced.len(), 2);
-        assert!(p.unplaced.values().all(|why| why.contains("conflicts with")), "{:?}", p.unplaced);
+        assert!(p.unplaced.values().all(|why| why.to_string().contains("conflicts with")), "{:?}", p.unplaced);
+        let why = p.unplaced.values().next().unwrap();
+        assert_eq!(why.summary, "a conflicting unit there on 3 of 3 machines");
+        assert_eq!(why.machines.len(), 3);
     }
 
     #[test]
@@ -485,7 +567,9 @@ mod tests {
         let units: Vec<Unit> = (1..=4).map(|i| unit(&format!("big{i}.service"), "CPU=3\n")).collect();
         let p = plan(&Snapshot { machines: three(), units, current: BTreeMap::new() });
         assert_eq!(p.placements.len(), 3, "each machine holds one 3-core unit");
-        assert!(p.unplaced.values().next().unwrap().contains("not enough CPU"));
+        let why = p.unplaced.values().next().unwrap();
+        assert_eq!(why.summary, "not enough CPU on 3 of 3 machines");
+        assert!(why.machines.iter().all(|r| r.reason.starts_with("not enough CPU (open capacity")), "{why:?}");
     }
 
     #[test]
@@ -502,6 +586,58 @@ mod tests {
     }
 
     #[test]
+    fn a_unit_that_replaces_another_takes_its_machine_and_the_replaced_one_moves_for_good() {
+        let units: Vec<Unit> = (0..3).map(|i| unit(&format!("r.{i}.service"), "")).collect();
+        let first = plan(&Snapshot { machines: three(), units: units.clone(), current: BTreeMap::new() });
+        let current: BTreeMap<UnitName, String> =
+            first.placements.iter().map(|(u, m)| (u.clone(), m[0].clone())).collect();
+        let r0 = first.machine_of("r.0.service").unwrap().to_owned();
+        let mut with_new = units.clone();
+        with_new.push(unit("new.service", "Replaces=r.0.service\n"));
+        let p = plan(&Snapshot { machines: three(), units: with_new.clone(), current });
+        assert_eq!(p.machine_of("new.service"), Some(r0.as_str()), "new.service takes r.0's machine");
+        let moved = p.machine_of("r.0.service").unwrap();
+        assert_ne!(moved, r0, "r.0 moves off it");
+        for u in ["r.1.service", "r.2.service"] {
+            assert_eq!(p.machine_of(u), first.machine_of(u), "{u} stays");
+        }
+        // The next round starts from there and changes nothing; from the old layout with new.service already on
+        // r.0's machine, r.0 still leaves it.
+        let current: BTreeMap<UnitName, String> = p.placements.iter().map(|(u, m)| (u.clone(), m[0].clone())).collect();
+        let again = plan(&Snapshot { machines: three(), units: with_new.clone(), current: current.clone() });
+        assert_eq!(again.placements, p.placements);
+        let mut both_there = current;
+        both_there.insert("r.0.service".parse().unwrap(), r0.clone());
+        let p = plan(&Snapshot { machines: three(), units: with_new, current: both_there });
+        assert_eq!(p.machine_of("new.service"), Some(r0.as_str()));
+        assert_ne!(p.machine_of("r.0.service"), Some(r0.as_str()));
+    }
+
+    #[test]
+    fn a_replaced_unit_with_nowhere_else_to_go_is_unplaced_with_the_reason() {
+        let machines = vec![machine("m1", "r1", &[])];
+        let units = vec![unit("old.service", ""), unit("new.service", "Replaces=old.service\n")];
+        let mut current = BTreeMap::new();
+        current.insert(units[0].name.clone(), "m1".to_owned());
+        let p = plan(&Snapshot { machines, units, current });
+        assert_eq!(p.machine_of("new.service"), Some("m1"));
+        let why = &p.unplaced[&"old.service".parse::<UnitName>().unwrap()];
+        assert_eq!(why.summary, "replaced there by new.service on 1 of 1 machine");
+    }
+
+    #[test]
+    fn an_unplaced_summary_counts_each_reason_and_keeps_the_first_machines_reasons() {
+        let machines: Vec<MachineView> = (0..40)
+            .map(|i| machine(&format!("m{i:02}"), "r1", if i < 30 { &[("disk", "ssd")] } else { &[] }))
+            .collect();
+        let units = vec![unit("big.service", "CPU=100\nMachineMetadata=disk=ssd\n")];
+        let p = plan(&Snapshot { machines, units, current: BTreeMap::new() });
+        let why = p.unplaced.values().next().unwrap();
+        assert_eq!(why.summary, "not enough CPU on 30, MachineMetadata does not match on 10 of 40 machines");
+        assert_eq!((why.machines.len(), why.more), (UnplacedRecord::MACHINES, 30));
+    }
+
+    #[test]
     fn reserved_capacity_is_kept_for_its_role() {
         // One machine, 4 cores, 3 of them reserved for role db.
         let mut m = machine("m1", "r1", &[]);
@@ -509,11 +645,11 @@ mod tests {
         let web: Vec<Unit> = (1..=2).map(|i| unit(&format!("web{i}.service"), "CPU=1\n")).collect();
         let p = plan(&Snapshot { machines: vec![m.clone()], units: web, current: BTreeMap::new() });
         assert_eq!(p.placements.len(), 1, "units without a role share the one open core");
-        assert!(p.unplaced.values().next().unwrap().contains("open capacity"), "{:?}", p.unplaced);
+        assert!(p.unplaced.values().next().unwrap().to_string().contains("open capacity"), "{:?}", p.unplaced);
         let db: Vec<Unit> = (1..=5).map(|i| unit(&format!("db{i}.service"), "CPU=1\nRole=db\n")).collect();
         let p = plan(&Snapshot { machines: vec![m], units: db, current: BTreeMap::new() });
         assert_eq!(p.placements.len(), 4, "db uses its 3 reserved cores and the open one");
-        assert!(p.unplaced.values().next().unwrap().contains("role db"), "{:?}", p.unplaced);
+        assert!(p.unplaced.values().next().unwrap().to_string().contains("role db"), "{:?}", p.unplaced);
     }
 
     #[test]

@@ -162,6 +162,46 @@ pub struct PrewarmRecord {
     pub image: String,
 }
 
+/// `unplaced/UNIT`: why the engine placed a unit nowhere.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UnplacedRecord {
+    /// One line for tables: each kind of refusal with how many machines gave it (`not enough CPU on 3 of 3
+    /// machines`).
+    pub summary: String,
+    /// Each machine's reason, for the first [`UnplacedRecord::MACHINES`] machines.
+    pub machines: Vec<Refused>,
+    /// How many more machines refused it (left out of `machines`).
+    #[serde(default)]
+    pub more: usize,
+}
+
+impl UnplacedRecord {
+    /// How many machines' reasons the record keeps.
+    pub const MACHINES: usize = 10;
+}
+
+/// One machine's reason for not taking a unit.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Refused {
+    /// The machine.
+    pub machine: String,
+    /// Why (`not enough CPU (open capacity; ...)`, `conflicts with db@1.service`).
+    pub reason: String,
+}
+
+impl fmt::Display for UnplacedRecord {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.summary)?;
+        for r in &self.machines {
+            write!(f, "; {}: {}", r.machine, r.reason)?;
+        }
+        if self.more > 0 {
+            write!(f, "; {} more", self.more)?;
+        }
+        Ok(())
+    }
+}
+
 /// Now, in ms since the Unix epoch.
 pub fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)

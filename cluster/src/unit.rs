@@ -49,6 +49,10 @@ pub enum UnitError {
 /// Unit types herd schedules.
 pub const UNIT_TYPES: [&str; 7] = ["service", "socket", "timer", "path", "mount", "target", "device"];
 
+/// Unit types systemd instantiates from a template (`unit_type_may_template`): a `name@.mount` or `name@x.device`
+/// is not a unit systemd would load.
+pub const TEMPLATE_TYPES: [&str; 5] = ["service", "socket", "target", "timer", "path"];
+
 /// A validated unit name: `prefix.type`, `prefix@.type` (template) or `prefix@instance.type`.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct UnitName(String);
@@ -119,6 +123,9 @@ impl FromStr for UnitName {
         }
         if stem.matches('@').count() > 1 {
             return bad("at most one @");
+        }
+        if stem.contains('@') && !TEMPLATE_TYPES.contains(&kind) {
+            return bad("systemd makes templates and instances only of service, socket, target, timer and path units");
         }
         Ok(UnitName(s.to_owned()))
     }
@@ -328,6 +335,7 @@ impl Unit {
                 continue;
             }
             for (key, value) in opts {
+                let value = &literal(value);
                 let x = |why: &str| bad("X-Fleet", key, value, why);
                 let list = || value.split_whitespace().map(str::to_owned).collect::<Vec<_>>();
                 match key.as_str() {
@@ -375,12 +383,13 @@ impl Unit {
 
 fn container(file: &UnitFile, bad: &dyn Fn(&str, &str, &str, &str) -> UnitError) -> Result<Container, UnitError> {
     let s = "Container";
-    let image = file.last(s, "Image").ok_or_else(|| bad(s, "Image", "", "a [Container] needs Image="))?.to_owned();
-    let mut c = Container { image, ..Container::default() };
+    let image = file.last(s, "Image").ok_or_else(|| bad(s, "Image", "", "a [Container] needs Image="))?;
+    let mut c = Container { image: literal(image), ..Container::default() };
     if let Some(cmd) = file.last(s, "Command") {
-        c.command = split_command(cmd);
+        c.command = split_command(&literal(cmd));
     }
     for env in file.values(s, "Environment") {
+        let env = &literal(env);
         let (k, v) = env.split_once('=').ok_or_else(|| bad(s, "Environment", env, "expected KEY=VALUE"))?;
         c.env.push((k.to_owned(), v.to_owned()));
     }
@@ -397,7 +406,7 @@ fn container(file: &UnitFile, bad: &dyn Fn(&str, &str, &str, &str) -> UnitError)
         if !v.starts_with('/') || !v.contains(":/") {
             return Err(bad(s, "Volume", v, "expected /HOST:/CONTAINER[:ro]"));
         }
-        c.volumes.push(v.to_owned());
+        c.volumes.push(literal(v));
     }
     for key in file.sections.iter().filter(|(n, _)| n == s).flat_map(|(_, o)| o.iter().map(|(k, _)| k)) {
         if !["Image", "Command", "Environment", "Port", "Volume"].contains(&key.as_str()) {
@@ -449,7 +458,9 @@ pub fn split_command(line: &str) -> Vec<String> {
     words
 }
 
-/// Expands `%n` (full name), `%N` (name without type), `%p` (prefix), `%i` (instance) and `%%`.
+/// Expands `%n` (full name), `%N` (name without type), `%p` (prefix) and `%i` (instance). Every other `%` is left
+/// as written, `%%` included (systemd expands what herd does not, and makes `%%` a `%`); values herd itself reads
+/// (`[X-Fleet]`, `[Container]`) take `%%` as a literal `%` through [`literal`].
 pub fn expand_specifiers(name: &UnitName, text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     let mut chars = text.chars().peekable();
@@ -463,7 +474,8 @@ pub fn expand_specifiers(name: &UnitName, text: &str) -> String {
             Some('N') => out.push_str(name.stem()),
             Some('p') => out.push_str(name.prefix()),
             Some('i') => out.push_str(name.instance()),
-            Some('%') => out.push('%'),
+            // systemd's own escape: it reaches systemd as written, and systemd makes it one `%`.
+            Some('%') => out.push_str("%%"),
             _ => {
                 out.push('%');
                 continue;
@@ -472,6 +484,11 @@ pub fn expand_specifiers(name: &UnitName, text: &str) -> String {
         chars.next();
     }
     out
+}
+
+/// A value herd reads itself, with systemd's escape `%%` as the `%` it stands for.
+pub fn literal(value: &str) -> String {
+    value.replace("%%", "%")
 }
 
 /// Shell-style glob with `*` and `?` (what fleet's Conflicts accept).
@@ -511,8 +528,13 @@ mod tests {
 
     #[test]
     fn unit_names_follow_the_rules() {
-        for ok in ["web.service", "web@.service", "web@3.service", "a:b_c-d.timer", "x.mount"] {
+        for ok in ["web.service", "web@.service", "web@3.service", "a:b_c-d.timer", "x.mount", "t@.timer", "s@1.socket"]
+        {
             assert!(ok.parse::<UnitName>().is_ok(), "{ok}");
+        }
+        for template in ["x@.mount", "x@srv.mount", "d@.device"] {
+            let e = template.parse::<UnitName>().unwrap_err().to_string();
+            assert!(e.contains("only of service, socket, target, timer and path units"), "{template}: {e}");
         }
         for bad in ["", "web", "web.exe", ".service", "@x.service", "a@b@c.service", "we b.service", "é.service"] {
             assert!(bad.parse::<UnitName>().is_err(), "{bad}");
@@ -526,13 +548,26 @@ mod tests {
     }
 
     #[test]
+    fn a_literal_percent_and_specifiers_herd_does_not_expand_reach_systemd_as_written() {
+        let text = "[Service]\nExecStart=/bin/sh -c 'date +%%s.%%N > /run/%n.%%i; echo %s %%%i'\n\
+                    [X-Fleet]\nMachineMetadata=load=100%%\n[Container]\nImage=x\nEnvironment=FMT=%%Y-%%m\n";
+        let u = Unit::parse("amo@7.service", text).unwrap();
+        let exec = u.file.last("Service", "ExecStart").unwrap();
+        assert_eq!(exec, "/bin/sh -c 'date +%%s.%%N > /run/amo@7.service.%%i; echo %s %%7'");
+        assert!(render(&u.file).contains(exec));
+        assert_eq!(u.placement.metadata["load"], ["100%"], "herd reads %% as %");
+        assert_eq!(u.container.unwrap().env, [("FMT".to_owned(), "%Y-%m".to_owned())]);
+    }
+
+    #[test]
     fn parses_x_fleet_container_and_specifiers() {
         let text = "[Unit]\nDescription=web %i of %p (%n, %N, 100%%)\n\n[X-Fleet]\nMachineMetadata=rack=r01 rack=r02\n\
                     MachineMetadata=disk=ssd\nConflicts=web@*.service\nCPU=500m\nMemory=512M\nAtMostOnce=yes\n\
                     MachineMetadata=hostname=%i\n\n[Container]\nImage=registry:5000/web:1\nCommand=httpd -f \\\n  -p 80\n\
                     Environment=A=1\nEnvironment=B=x=y\nPort=8080:80\nPort=53:53/udp\nVolume=/srv:/data:ro\n";
         let u = Unit::parse("web@node1.service", text).unwrap();
-        assert_eq!(u.file.last("Unit", "Description"), Some("web node1 of web (web@node1.service, web@node1, 100%)"));
+        let systemd_reads = "web node1 of web (web@node1.service, web@node1, 100%%)";
+        assert_eq!(u.file.last("Unit", "Description"), Some(systemd_reads), "systemd makes %% one %");
         let p = &u.placement;
         assert_eq!(p.metadata["rack"], ["r01", "r02"]);
         assert_eq!(p.metadata["hostname"], ["node1"]);

@@ -245,3 +245,79 @@ async fn replaces_takes_the_machine_and_moves_the_replaced_unit() {
     .await;
     assert_ne!(moved, was);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replaces_displaces_a_plain_unit_which_moves_to_another_machine() {
+    // fleet's TestScheduleReplace: three plain units on three machines; a unit that replaces one of them takes its
+    // machine, and the replaced one is rescheduled elsewhere (not left beside it).
+    let lab = three("replaces-plain").await;
+    // r.1 and r.2 pinned (so the layout does not hang on the spread), r.0 free to go anywhere: it lands on m1.
+    let names = ["r.0.service", "r.1.service", "r.2.service"];
+    lab.client.submit("r.1.service", &sleeper("MachineID=m2\n"), false).await.unwrap();
+    lab.client.submit("r.2.service", &sleeper("MachineID=m3\n"), false).await.unwrap();
+    start(&lab, &names[1..]).await;
+    lab.client.submit("r.0.service", &sleeper(""), false).await.unwrap();
+    start(&lab, &names[..1]).await;
+    let mut before = Vec::new();
+    for n in names {
+        before.push(active_on(&unit(&lab, n).await.unwrap()));
+    }
+    assert_eq!(before.iter().flatten().collect::<BTreeSet<_>>().len(), 3, "spread: {before:?}");
+    lab.client.submit("new.service", &sleeper("Replaces=r.0.service\n"), false).await.unwrap();
+    start(&lab, &["new.service"]).await;
+    let (new_on, r0_on) = poll(WAIT, "new.service on r.0's machine and r.0 active elsewhere", || async {
+        let new_on = active_on(&unit(&lab, "new.service").await?);
+        let r0_on = active_on(&unit(&lab, "r.0.service").await?);
+        (new_on == before[0] && r0_on.len() == 1 && r0_on != before[0]).then_some((new_on, r0_on))
+    })
+    .await;
+    assert_ne!(new_on, r0_on);
+    for (i, n) in names.iter().enumerate().skip(1) {
+        assert_eq!(active_on(&unit(&lab, n).await.unwrap()), before[i], "{n} did not move");
+    }
+    // Once the engine has planned again after the move (a change it watches makes it plan), nothing moves back.
+    lab.client.submit("nudge.service", &sleeper(""), false).await.unwrap();
+    lab.engine_round_after(&Key::Unit("nudge.service".parse().unwrap()).path()).await;
+    assert_eq!(active_on(&unit(&lab, "r.0.service").await.unwrap()), r0_on);
+    assert_eq!(active_on(&unit(&lab, "new.service").await.unwrap()), new_on);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_template_of_a_type_systemd_does_not_instantiate_is_refused_at_submit() {
+    let lab = Lab::start("mount-template", 1).await;
+    for name in ["x@.mount", "x@srv.mount"] {
+        let err = lab.client.submit(name, "[Mount]\nWhat=/dev/vdb\nWhere=/srv\n", false).await.unwrap_err();
+        assert!(err.to_string().contains("only of service, socket, target, timer and path units"), "{name}: {err}");
+        assert!(lab.client.cat(name).await.is_err(), "{name} was not stored");
+    }
+    lab.client.submit("srv.mount", "[Mount]\nWhat=/dev/vdb\nWhere=/srv\n", false).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_unplaced_unit_carries_a_summary_and_each_machines_reason() {
+    let lab = three("unplaced").await;
+    lab.client.submit("huge.service", &sleeper("CPU=500\n"), false).await.unwrap();
+    lab.client.set_desired("huge.service", Desired::Launched).await.unwrap();
+    let why =
+        poll(WAIT, "huge.service reported unplaced", || async { unit(&lab, "huge.service").await?.unplaced }).await;
+    assert_eq!(why.summary, "not enough CPU on 3 of 3 machines");
+    let machines: BTreeSet<&str> = why.machines.iter().map(|r| r.machine.as_str()).collect();
+    assert_eq!(machines, BTreeSet::from(["m1", "m2", "m3"]));
+    assert!(why.machines.iter().all(|r| r.reason.starts_with("not enough CPU")), "{why:?}");
+    let json = serde_json::to_value(unit(&lab, "huge.service").await.unwrap()).unwrap();
+    assert_eq!(json["unplaced"]["machines"].as_array().unwrap().len(), 3, "{json}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_literal_percent_reaches_the_process_as_systemd_would_pass_it() {
+    let lab = three("percent").await;
+    let out = lab.dir.join("percent.out");
+    let text = format!("[Service]\nExecStart=/bin/sh -c 'echo 100%%-%%n-%n > {}; exec sleep 3600'\n", out.display());
+    lab.client.submit("pct.service", &text, false).await.unwrap();
+    start(&lab, &["pct.service"]).await;
+    let written = poll(WAIT, "the unit wrote its line", || async {
+        std::fs::read_to_string(&out).ok().filter(|t| t.ends_with('\n'))
+    })
+    .await;
+    assert_eq!(written.trim(), "100%-%n-pct.service");
+}

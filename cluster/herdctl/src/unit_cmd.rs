@@ -2,17 +2,19 @@
 //! list-unit-files, status, journal), machines of the cluster (list-machines, ssh, cordon, uncordon, drain) and the
 //! pre-warm list. They talk to etcd (`--endpoint`, TLS flags, or `--tunnel` over SSH) and to machines over SSH.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use herd_api::TimelineEntry;
+use herd_cluster::client::ClientError;
 use herd_cluster::client::{ClusterClient, UnitStatus};
 use herd_cluster::docker::container_name;
-use herd_cluster::record::Desired;
+use herd_cluster::record::{Desired, UnplacedRecord};
 use herd_cluster::store::{Store, TlsFiles};
-use herd_cluster::unit::Unit;
+use herd_cluster::unit::{Unit, UnitName};
 
 use crate::cli::{ClusterArgs, Output, Targets};
 use crate::ssh::{self, Login};
@@ -89,18 +91,42 @@ impl Cluster {
             .collect())
     }
 
-    /// Names the units of `args`, submitting those given as files.
+    /// Names the units of `args`, submitting those given as files, and (as fleetctl does) the template of an
+    /// instance the cluster does not have when the template's file is in the current directory.
     fn names(&self, args: &Targets) -> anyhow::Result<Vec<String>> {
         let mut names = Vec::new();
         for u in &args.units {
             let path = Path::new(u);
             if path.is_file() {
                 names.push(self.submit_file(path, args.replace)?);
-            } else {
-                names.push(u.clone());
+                continue;
             }
+            if let Some(template) = self.local_template(u)? {
+                self.submit_file(&template, false)?;
+                let shown = template.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                println!("{shown}: submitted from {} (the template of {u})", template.display());
+            }
+            names.push(u.clone());
         }
         Ok(names)
+    }
+
+    /// `./prefix@.type` for an instance `prefix@x.type` when the cluster has neither the instance nor its template
+    /// and that file exists.
+    fn local_template(&self, name: &str) -> anyhow::Result<Option<std::path::PathBuf>> {
+        let Some(template) = name.parse::<UnitName>().ok().and_then(|n| n.template()) else { return Ok(None) };
+        let local = Path::new(".").join(template.as_str());
+        if !local.is_file() {
+            return Ok(None);
+        }
+        for submitted in [name, template.as_str()] {
+            match self.rt.block_on(self.client.cat(submitted)) {
+                Ok(_) => return Ok(None),
+                Err(ClientError::NoUnit(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(Some(local))
     }
 
     fn submit_file(&self, path: &Path, replace: bool) -> anyhow::Result<String> {
@@ -184,10 +210,15 @@ impl Cluster {
             return Ok(ExitCode::SUCCESS);
         }
         let mut rows = Vec::new();
+        // Units the engine placed nowhere, by the reason's summary (the same reason for many units is one line).
+        let mut unplaced: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
         for u in &units {
             if u.machines.is_empty() {
-                let why = u.unplaced.as_deref().map_or("unplaced".to_owned(), |w| format!("unplaced: {w}"));
-                rows.push(vec![u.name.clone(), "-".into(), why, u.desired.to_string(), "-".into()]);
+                let state = if u.unplaced.is_some() { "unplaced" } else { "-" };
+                rows.push(vec![u.name.clone(), "-".into(), state.into(), u.desired.to_string(), "-".into()]);
+                if let Some(why) = &u.unplaced {
+                    unplaced.entry(why.summary.as_str()).or_default().push(u.name.as_str());
+                }
             }
             for p in &u.machines {
                 let state = p.state.map_or("-".to_owned(), |s| s.to_string());
@@ -195,6 +226,17 @@ impl Cluster {
             }
         }
         print!("{}", table::render(&["UNIT", "MACHINE", "ACTIVE", "DESIRED", "SINCE"], &rows));
+        for (why, names) in &unplaced {
+            const SHOWN: usize = 5;
+            let mut list = names.iter().take(SHOWN).copied().collect::<Vec<_>>().join(", ");
+            if names.len() > SHOWN {
+                list.push_str(&format!(" and {} more", names.len() - SHOWN));
+            }
+            println!("unplaced: {list}: {why}");
+        }
+        if !unplaced.is_empty() {
+            println!("each machine's reason: herdctl status UNIT");
+        }
         Ok(ExitCode::SUCCESS)
     }
 
@@ -266,6 +308,12 @@ impl Cluster {
     }
 
     /// The machine running a unit, and the unit.
+    /// Why the engine placed `unit` nowhere, if it did not.
+    fn unplaced(&self, unit: &str) -> anyhow::Result<Option<UnplacedRecord>> {
+        let units = self.rt.block_on(self.client.units())?;
+        Ok(units.into_iter().find(|u| u.name == unit && u.machines.is_empty()).and_then(|u| u.unplaced))
+    }
+
     fn unit_host(&self, unit: &str) -> anyhow::Result<(String, Unit)> {
         let units = self.rt.block_on(self.client.units())?;
         let u = units
@@ -287,6 +335,17 @@ impl Cluster {
     }
 
     pub(crate) fn status(&self, unit: &str) -> anyhow::Result<ExitCode> {
+        if let Some(why) = self.unplaced(unit)? {
+            println!("{unit}: unplaced: {}", why.summary);
+            for r in &why.machines {
+                println!("  {}: {}", r.machine, r.reason);
+            }
+            if why.more > 0 {
+                println!("  and {} more machines", why.more);
+            }
+            // As systemctl status answers for a unit that is not running.
+            return Ok(ExitCode::from(3));
+        }
         let (machine, u) = self.unit_host(unit)?;
         let command = if u.container.is_some() {
             let name = container_name(&u.name);
@@ -406,7 +465,7 @@ fn describe(name: &str, unit: Option<&UnitStatus>) -> String {
         return match u.desired {
             Desired::Inactive => format!("{name}: inactive"),
             d => match &u.unplaced {
-                Some(why) => format!("{name}: {d}, not placed: {why}"),
+                Some(why) => format!("{name}: {d}, not placed: {} (herdctl status {name})", why.summary),
                 None => format!("{name}: {d}, not placed on any machine yet"),
             },
         };

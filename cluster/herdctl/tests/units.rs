@@ -133,7 +133,13 @@ async fn site_with(name: &str, docker: bool) -> Site {
 
 impl Site {
     async fn herdctl(&self, args: &[&str]) -> Output {
+        self.herdctl_in(Path::new("."), args).await
+    }
+
+    /// herdctl run in `dir`.
+    async fn herdctl_in(&self, dir: &Path, args: &[&str]) -> Output {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_herdctl"));
+        cmd.current_dir(dir);
         cmd.args(["--endpoint", &self.endpoint, "--ssh-user", "root", "--ssh-port"])
             .arg(self.ssh_port.to_string())
             .arg("--ssh-identity")
@@ -239,9 +245,21 @@ async fn unplaceable_units_time_out_with_advice_and_wrong_endpoints_say_what_to_
     let out = s.herdctl(&["start", "--timeout", "2", &pinned]).await;
     assert_eq!(out.status.code(), Some(1));
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.contains("pinned.service: launched, not placed: m1: MachineID; m2: MachineID"), "{stdout}");
+    let summary = "not its MachineID on 2 of 2 machines";
+    assert!(stdout.contains(&format!("pinned.service: launched, not placed: {summary}")), "{stdout}");
+    // The table says unplaced; the summary follows it once per reason; each machine's reason is in status.
     let table = ok(&s.herdctl(&["list-units"]).await);
-    assert!(table.contains("unplaced: m1: MachineID"), "{table}");
+    let row = table.lines().find(|l| l.starts_with("pinned.service")).unwrap();
+    assert_eq!(row.split_whitespace().collect::<Vec<_>>(), ["pinned.service", "-", "unplaced", "launched", "-"]);
+    assert!(table.contains(&format!("unplaced: pinned.service: {summary}\n")), "{table}");
+    let status = s.herdctl(&["status", "pinned.service"]).await;
+    assert_eq!(status.status.code(), Some(3));
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(text.contains("  m1: MachineID\n  m2: MachineID"), "{text}");
+    let json = units_json(&s.herdctl(&["list-units", "--output", "json"]).await);
+    let pinned = json.iter().find(|u| u["name"] == "pinned.service").unwrap();
+    assert_eq!(pinned["unplaced"]["summary"], summary);
+    assert_eq!(pinned["unplaced"]["machines"][1]["reason"], "MachineID");
     assert!(String::from_utf8_lossy(&out.stderr).contains("timed out"), "{}", String::from_utf8_lossy(&out.stderr));
     let bad = Command::new(env!("CARGO_BIN_EXE_herdctl"))
         .args(["--endpoint", "http://127.0.0.1:9", "--request-timeout", "1", "list-units"])
@@ -273,4 +291,26 @@ async fn status_and_journal_reach_a_container_over_ssh() {
     let journal = ok(&s.herdctl(&["journal", "-n", "5", "echo.service"]).await);
     assert_eq!(journal, "hello from the container\n");
     ok(&s.herdctl(&["destroy", "echo.service"]).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_instance_starts_from_its_template_in_the_current_directory_as_fleetctl_does() {
+    let s = site("local-template").await;
+    s.unit("pong@.service", "[Service]\nExecStart=/bin/sleep 3601\n");
+    let out = ok(&s.herdctl_in(&s.dir, &["start", "pong@1.service"]).await);
+    assert!(out.contains("pong@.service: submitted from ./pong@.service (the template of pong@1.service)"), "{out}");
+    assert!(out.contains("pong@1.service: launched on m"), "{out}");
+    // Now the cluster has the template: the next instance uses it and the local file is not submitted again.
+    s.unit("pong@.service", "[Service]\nExecStart=/bin/sleep 3602\n");
+    let out = ok(&s.herdctl_in(&s.dir, &["start", "pong@2.service"]).await);
+    assert!(!out.contains("submitted"), "{out}");
+    assert!(ok(&s.herdctl(&["cat", "pong@2.service"]).await).contains("sleep 3601"));
+    // Without a template anywhere, the error says what to do.
+    let out = s.herdctl_in(&s.dir, &["start", "ping@1.service"]).await;
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("submit it first"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

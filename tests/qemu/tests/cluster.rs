@@ -43,7 +43,7 @@ ExecStart=/bin/sh -c 'echo HERD-CHECK host=$(cat /etc/hostname) user=$(id -un he
 keys=$(wc -l < /home/herd/.ssh/authorized_keys) etcd=$(systemctl is-enabled etcd) usr=$(touch /usr/x 2>/dev/null && echo rw || echo ro) \
 link-failures=$(grep \"Link Failure Count\" /proc/net/bonding/bond0 | grep -cv \": 0\") \
 networkd-keepmaster-warnings=$(journalctl -b -q -u systemd-networkd | grep -c KeepMaster) \
-sudo=$(runuser -u herd -- sudo -n true 2>/dev/null && echo yes || echo no)'
+sudo=$(runuser -u herd -- sudo -n true 2>/dev/null && echo yes || echo no) literal=100%%-%%n-%n'
 [X-Fleet]
 Global=true
 ";
@@ -257,7 +257,7 @@ fn three_machines_install_from_the_provisioner_form_etcd_register_and_run_a_glob
         let (_, line) = lab.vms()[i].wait_for_within("HERD-CHECK", Duration::from_secs(30)).unwrap();
         let want = format!(
             "HERD-CHECK host={name} user=herd groups=adm,docker,herd,sudo,systemd-journal keys=1 etcd=enabled usr=ro \
-             link-failures=0 networkd-keepmaster-warnings=0 sudo=yes"
+             link-failures=0 networkd-keepmaster-warnings=0 sudo=yes literal=100%-%n-check.service"
         );
         assert!(line.contains(&want), "{name}: {line}");
     }
