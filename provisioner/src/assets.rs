@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -125,9 +125,14 @@ async fn connection(
     let mut stream = BufReader::new(stream);
     loop {
         let mut head = String::new();
+        // The whole head within IDLE (a client trickling a byte at a time does not hold the connection longer), and
+        // never more than MAX_HEAD bytes read for it: a line without an end is cut at the bound, not buffered.
+        let deadline = tokio::time::Instant::now() + IDLE;
         loop {
             let mut line = String::new();
-            let n = match tokio::time::timeout(IDLE, stream.read_line(&mut line)).await {
+            let room = (MAX_HEAD + 1).saturating_sub(head.len()) as u64;
+            let mut bounded = (&mut stream).take(room);
+            let n = match tokio::time::timeout_at(deadline, bounded.read_line(&mut line)).await {
                 Ok(r) => r?,
                 Err(_) => return Ok(()),
             };
@@ -237,5 +242,37 @@ mod tests {
         assert!(parse_head("POST /a HTTP/1.1").is_none());
         assert!(parse_head("GET /a SPDY/3").is_none());
         assert!(parse_head("").is_none());
+    }
+
+    #[tokio::test]
+    async fn a_head_without_an_end_is_cut_at_the_bound_and_refused() {
+        let dir = std::env::temp_dir().join(format!("herd-assets-bound-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("vmlinuz"), b"kernel").unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let metrics = Arc::new(Metrics::default());
+        let cancel = CancellationToken::new();
+        let server = tokio::spawn(run(listener, dir.clone(), Arc::clone(&metrics), None, cancel.clone()));
+        // 1 MiB of one header line that never ends: answered 431 after at most MAX_HEAD bytes, then closed.
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        let mut flood = b"GET /vmlinuz HTTP/1.1\r\nX-Long: ".to_vec();
+        flood.resize(1 << 20, b'a');
+        // The server stops reading at the bound: the write may fail once it has closed the connection.
+        let _ = c.write_all(&flood).await;
+        let mut reply = Vec::new();
+        let _ = c.read_to_end(&mut reply).await;
+        let reply = String::from_utf8_lossy(&reply);
+        assert!(reply.starts_with("HTTP/1.1 431 "), "{reply}");
+        assert_eq!(metrics.get("herd_assets_requests_total", "outcome=\"bad-request\""), 1);
+        // An honest request still works.
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        c.write_all(b"GET /vmlinuz HTTP/1.1\r\nConnection: close\r\n\r\n").await.unwrap();
+        let mut reply = Vec::new();
+        c.read_to_end(&mut reply).await.unwrap();
+        assert!(String::from_utf8_lossy(&reply).ends_with("\r\n\r\nkernel"));
+        cancel.cancel();
+        server.await.unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

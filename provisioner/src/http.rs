@@ -422,18 +422,38 @@ async fn metrics(State(s): State<HttpState>) -> Response {
     (StatusCode::OK, [(header::CONTENT_TYPE, "text/plain; version=0.0.4")], s.metrics.render()).into_response()
 }
 
-async fn list_machines(State(s): State<HttpState>) -> Response {
+/// `GET /api/v1/machines?after=NAME&limit=N`: a page of the listing.
+#[derive(Debug, Deserialize)]
+struct Page {
+    after: Option<String>,
+    limit: Option<usize>,
+}
+
+async fn list_machines(State(s): State<HttpState>, Query(page): Query<Page>) -> Response {
+    let limit = page.limit.unwrap_or(herd_api::paths::PAGE).min(herd_api::paths::PAGE);
+    if limit == 0 {
+        return text(StatusCode::BAD_REQUEST, format!("limit must be 1-{}\n", herd_api::paths::PAGE));
+    }
+    let start = match &page.after {
+        None => 0,
+        Some(after) => match s.inv.machines.iter().position(|m| m.name().as_str() == after) {
+            Some(i) => i + 1,
+            None => return text(StatusCode::BAD_REQUEST, format!("after={after:?} is not a machine\n")),
+        },
+    };
     let records = s.by_address.machines.list().await;
     let list: Vec<MachineSummary> = s
         .inv
         .machines
         .iter()
+        .skip(start)
+        .take(limit)
         .map(|m| {
             let name = m.name().to_string();
             let record = records.get(&name);
             MachineSummary {
                 state: record.map(|r| r.state).unwrap_or_default(),
-                last: record.and_then(|r| r.timeline.last().cloned()),
+                last: record.and_then(|r| r.last.clone()),
                 role: m.role.get_ref().to_string(),
                 rack: m.rack.get_ref().to_string(),
                 boot_mac: m.boot_mac().map(|x| x.to_string()).unwrap_or_default(),

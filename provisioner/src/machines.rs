@@ -95,6 +95,15 @@ pub struct MachineRecord {
     pub slots: Option<SlotReport>,
 }
 
+/// A machine in a listing: its state and its last event.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Brief {
+    /// Current state.
+    pub state: MachineState,
+    /// The newest timeline entry.
+    pub last: Option<TimelineEntry>,
+}
+
 /// How a machine's next boot goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -128,7 +137,7 @@ pub enum Command {
     /// Read one machine.
     Get { machine: String, reply: oneshot::Sender<Option<MachineRecord>> },
     /// Read all machines.
-    List { reply: oneshot::Sender<BTreeMap<String, MachineRecord>> },
+    List { reply: oneshot::Sender<BTreeMap<String, Brief>> },
 }
 
 /// A handle to the machines task.
@@ -231,8 +240,9 @@ impl Machines {
         self.ask(|reply| Command::Get { machine: machine.to_owned(), reply }).await.flatten()
     }
 
-    /// Every machine's record.
-    pub async fn list(&self) -> BTreeMap<String, MachineRecord> {
+    /// Every machine's state and last event (not its whole record: the task answers this for a listing of 450
+    /// machines without copying 450 timelines while boots wait on it).
+    pub async fn list(&self) -> BTreeMap<String, Brief> {
         self.ask(|reply| Command::List { reply }).await.unwrap_or_default()
     }
 }
@@ -411,7 +421,12 @@ impl Task {
                 let _ = reply.send(self.records.get(&machine).cloned());
             }
             Command::List { reply } => {
-                let _ = reply.send(self.records.clone());
+                let brief = self
+                    .records
+                    .iter()
+                    .map(|(name, r)| (name.clone(), Brief { state: r.state, last: r.timeline.last().cloned() }))
+                    .collect();
+                let _ = reply.send(brief);
             }
         }
     }

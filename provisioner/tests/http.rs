@@ -216,6 +216,17 @@ fn an_installed_machine_boots_locally_until_reprovisioned_and_its_timeline_shows
     assert_eq!(list[0]["name"], "node1");
     assert_eq!(list[0]["state"], "provisioning");
     assert_eq!(list[1]["state"], "unknown");
+    // Paged: at most `limit` machines, the next page after a name; bad paging is refused, not guessed.
+    let names = |query: &str| {
+        let (code, page) = curl(&lab, &[&format!("http://10.99.0.2/api/v1/machines{query}")]);
+        let page: Vec<serde_json::Value> = if code == 200 { serde_json::from_str(&page).unwrap() } else { Vec::new() };
+        (code, page.iter().map(|m| m["name"].as_str().unwrap().to_owned()).collect::<Vec<_>>())
+    };
+    assert_eq!(names("?limit=2"), (200, vec!["node1".to_owned(), "node2".to_owned()]));
+    assert_eq!(names("?after=node2&limit=2"), (200, vec!["node3".to_owned()]));
+    assert_eq!(names("?after=node3"), (200, vec![]));
+    assert_eq!(names("?after=nobody").0, 400);
+    assert_eq!(names("?limit=0").0, 400);
 }
 
 #[test]

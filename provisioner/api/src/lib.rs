@@ -140,6 +140,9 @@ pub mod paths {
     /// The operator API's machine list.
     pub const MACHINES: &str = "/api/v1/machines";
 
+    /// The most machines one page of [`MACHINES`] holds (`?limit=` asks for fewer, `?after=NAME` for the next).
+    pub const PAGE: usize = 500;
+
     /// One machine.
     pub fn machine(name: &str) -> String {
         format!("{MACHINES}/{name}")
@@ -267,7 +270,19 @@ impl Client {
 
     /// Every machine of the inventory, with its state and latest event.
     pub fn machines(&self) -> Result<Vec<MachineSummary>, ApiError> {
-        self.get(paths::MACHINES)
+        let mut all: Vec<MachineSummary> = Vec::new();
+        loop {
+            let path = match all.last() {
+                None => paths::MACHINES.to_owned(),
+                Some(last) => format!("{}?after={}", paths::MACHINES, last.name),
+            };
+            let page: Vec<MachineSummary> = self.get(&path)?;
+            let done = page.len() < paths::PAGE;
+            all.extend(page);
+            if done {
+                return Ok(all);
+            }
+        }
     }
 
     /// One machine.

@@ -45,8 +45,13 @@ pub struct TftpConfig {
     pub max_transfers: usize,
     /// Retransmission timeout when the client does not ask for one.
     pub timeout: Duration,
+    /// The longest `timeout` option granted (RFC 2349 lets a client ask for up to 255 s; with the retries, that
+    /// would hold a transfer slot for 20 minutes): a larger one is not acknowledged and the default applies.
+    pub max_timeout: Duration,
     /// Retransmissions of one packet before giving up.
     pub retries: u32,
+    /// The longest a transfer may take in all, however it is paced (an iPXE binary takes well under a second).
+    pub max_transfer: Duration,
 }
 
 impl TftpConfig {
@@ -59,7 +64,9 @@ impl TftpConfig {
             max_window: 64,
             max_transfers: 1024,
             timeout: Duration::from_secs(1),
+            max_timeout: Duration::from_secs(5),
             retries: 5,
+            max_transfer: Duration::from_secs(300),
         }
     }
 }
@@ -153,6 +160,7 @@ pub fn negotiate(
     }
     if let Some(v) = options.get("timeout").and_then(|v| v.parse::<u64>().ok())
         && (1..=255).contains(&v)
+        && Duration::from_secs(v) <= config.max_timeout
     {
         n.timeout = Duration::from_secs(v);
         ack.insert("timeout".into(), v.to_string());
@@ -329,7 +337,8 @@ async fn serve(
         Mode::Netascii => to_netascii(&content).into(),
     };
     let (negotiated, oack) = negotiate(&options, content.len() as u64, &config);
-    let ending = send_file(&link, &content, negotiated, (!oack.is_empty()).then_some(oack), config.retries).await;
+    let sending = send_file(&link, &content, negotiated, (!oack.is_empty()).then_some(oack), config.retries);
+    let ending = tokio::time::timeout(config.max_transfer, sending).await.unwrap_or(Ending::TimedOut);
     let label = match ending {
         Ending::Complete => {
             metrics.add("herd_tftp_bytes_total", "", content.len() as u64);
@@ -496,13 +505,53 @@ mod tests {
 
     #[test]
     fn out_of_range_options_are_ignored_not_acknowledged() {
-        let opts: BTreeMap<String, String> = [("blksize", "4"), ("windowsize", "0"), ("timeout", "300")]
+        let opts: BTreeMap<String, String> = [("blksize", "4"), ("windowsize", "0"), ("timeout", "6")]
             .into_iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         let (n, ack) = negotiate(&opts, 1, &config());
         assert!(ack.is_empty());
-        assert_eq!((n.blksize, n.window), (512, 1));
+        assert_eq!((n.blksize, n.window, n.timeout), (512, 1, config().timeout), "timeout 6 s is over the bound");
+    }
+
+    #[tokio::test]
+    async fn a_client_pacing_its_acks_cannot_hold_a_transfer_past_the_bound() {
+        let root = std::env::temp_dir().join(format!("herd-tftp-pace-{}", std::process::id()));
+        std::fs::create_dir_all(&root).unwrap();
+        std::fs::write(root.join("f"), vec![1u8; 512 * 20]).unwrap();
+        let mut cfg = TftpConfig::new(root.clone(), Ipv4Addr::LOCALHOST, 1500);
+        cfg.max_transfer = Duration::from_millis(400);
+        let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let peer = client.local_addr().unwrap();
+        // Each ACK comes 100 ms after its block: inside the 1 s retransmission timeout, 2 s for the whole file.
+        let pacer = std::thread::spawn(move || {
+            client.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+            let mut buf = [0u8; 600];
+            let mut acks = 0;
+            while let Ok((_, from)) = client.recv_from(&mut buf) {
+                std::thread::sleep(Duration::from_millis(100));
+                let _ = client.send_to(&[0, 4, buf[2], buf[3]], from);
+                acks += 1;
+            }
+            acks
+        });
+        let metrics = Arc::new(Metrics::default());
+        let started = std::time::Instant::now();
+        let ending = serve(
+            Arc::new(cfg),
+            Arc::new(FileCache::default()),
+            Arc::clone(&metrics),
+            peer,
+            "f",
+            Mode::Octet,
+            BTreeMap::new(),
+        )
+        .await;
+        assert_eq!(ending, Some(Ending::TimedOut));
+        assert!(started.elapsed() < Duration::from_secs(2), "ended at the bound, not with the file");
+        assert_eq!(metrics.get("herd_tftp_transfers_total", "outcome=\"timed-out\""), 1);
+        assert!(pacer.join().unwrap() < 20, "the client never got the whole file");
+        let _ = std::fs::remove_dir_all(&root);
     }
 
     #[test]
