@@ -1,0 +1,180 @@
+use std::os::unix::fs::PermissionsExt;
+
+use super::*;
+
+fn now() -> OffsetDateTime {
+    OffsetDateTime::now_utc()
+}
+
+fn site() -> (tempfile::TempDir, Site) {
+    let dir = tempfile::tempdir().unwrap();
+    let site = Site::init(dir.path(), "lab", now()).unwrap();
+    (dir, site)
+}
+
+fn operator(name: &str, role: Role) -> Subject {
+    Subject::new(Holder::Operator(name.to_owned(), role), Duration::days(30))
+}
+
+#[test]
+fn init_makes_two_cas_with_private_keys_and_never_runs_twice() {
+    let (dir, site) = site();
+    for a in Authority::ALL {
+        let mode = std::fs::metadata(dir.path().join(key_file(a))).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{a}");
+        assert!(site.ca_info(a).is_ca);
+        assert_eq!(site.ca_info(a).standing(now()), Standing::Valid);
+    }
+    assert_ne!(site.ca_info(Authority::Etcd).fingerprint, site.ca_info(Authority::Api).fingerprint);
+    let before = std::fs::read(dir.path().join("etcd-ca.key")).unwrap();
+    let again = Site::init(dir.path(), "lab", now()).unwrap_err();
+    assert!(matches!(again, PkiError::Exists { .. }), "{again}");
+    assert_eq!(std::fs::read(dir.path().join("etcd-ca.key")).unwrap(), before, "a second init changed the CA key");
+}
+
+#[test]
+fn a_certificate_verifies_against_its_own_ca_only() {
+    let (_dir, site) = site();
+    let issued = site.issue(Authority::Etcd, &operator("alice", Role::ReadOnly), KeySource::Generate, now()).unwrap();
+    assert!(issued.key_pem.is_some());
+    let info = site.verify(Authority::Etcd, &issued.cert_pem, now()).unwrap();
+    assert_eq!(info.common_name, "operator:alice");
+    assert_eq!(info.organization, "herd:read-only");
+    assert_eq!(info.holder, Some(Holder::Operator("alice".to_owned(), Role::ReadOnly)));
+    assert_eq!(site.verify(Authority::Api, &issued.cert_pem, now()), Err(VerifyError::Foreign(Authority::Api)));
+    let (_other_dir, other) = self::site();
+    assert_eq!(other.verify(Authority::Etcd, &issued.cert_pem, now()), Err(VerifyError::Foreign(Authority::Etcd)));
+}
+
+#[test]
+fn a_request_lends_only_its_key_the_names_come_from_the_issuer() {
+    let (_dir, site) = site();
+    let (key_pem, csr) = request("root").unwrap();
+    let mut subject = Subject::new(Holder::Machine("r01-m02".to_owned()), Duration::days(7));
+    subject.dns = vec!["r01-m02".to_owned(), "r01-m02.dc1.example".to_owned()];
+    subject.ips = vec!["10.0.0.12".parse().unwrap()];
+    let issued = site.issue(Authority::Etcd, &subject, KeySource::Request(&csr), now()).unwrap();
+    assert!(issued.key_pem.is_none(), "a request's key stays with its maker");
+    assert_eq!(issued.info.common_name, "machine:r01-m02", "the request's own subject (root) was used");
+    // The certificate holds the request's public key.
+    let key = KeyPair::from_pem(&key_pem).unwrap();
+    assert_eq!(public_key(&issued.cert_pem).as_deref(), Some(key.public_key_raw()));
+    // A request whose signature does not match its content is refused, and nothing is recorded for it.
+    let before = site.status(now()).unwrap().len();
+    let tampered = tamper(&csr);
+    let err = site.issue(Authority::Etcd, &subject, KeySource::Request(&tampered), now()).unwrap_err();
+    assert!(matches!(err, PkiError::Request { .. }), "{err}");
+    assert_eq!(site.status(now()).unwrap().len(), before);
+}
+
+/// Flips a bit in the middle of a PEM block's body.
+fn tamper(pem: &str) -> String {
+    let mut lines: Vec<String> = pem.lines().map(str::to_owned).collect();
+    let mid = lines.len() / 2;
+    let mut bytes = lines[mid].clone().into_bytes();
+    bytes[10] = if bytes[10] == b'A' { b'B' } else { b'A' };
+    lines[mid] = String::from_utf8(bytes).unwrap();
+    lines.join("\n") + "\n"
+}
+
+#[test]
+fn validity_is_bounded_by_time_and_by_the_ca() {
+    let (_dir, site) = site();
+    let issued = site.issue(Authority::Api, &operator("bob", Role::Operator), KeySource::Generate, now()).unwrap();
+    let later = now() + Duration::days(31);
+    assert_eq!(site.verify(Authority::Api, &issued.cert_pem, later), Err(VerifyError::Standing(Standing::Expired)));
+    assert_eq!(issued.info.standing(now() + Duration::days(25)), Standing::RenewSoon);
+    let earlier = now() - Duration::hours(1);
+    assert_eq!(
+        site.verify(Authority::Api, &issued.cert_pem, earlier),
+        Err(VerifyError::Standing(Standing::NotYetValid))
+    );
+    // An expired CA issues nothing.
+    let err = site
+        .issue(Authority::Api, &operator("bob", Role::Operator), KeySource::Generate, now() + CA_VALIDITY)
+        .unwrap_err();
+    assert!(matches!(err, PkiError::CaUnusable { standing: Standing::Expired, .. }), "{err}");
+}
+
+#[test]
+fn a_key_others_can_read_is_refused_with_the_fix() {
+    let (dir, _site) = site();
+    let key = dir.path().join("api-ca.key");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let err = Site::open(dir.path()).unwrap_err();
+    assert!(err.to_string().contains("chmod 600"), "{err}");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    Site::open(dir.path()).unwrap();
+}
+
+#[test]
+fn a_ca_key_swapped_for_another_is_found() {
+    let (dir, _site) = site();
+    std::fs::copy(dir.path().join("etcd-ca.key"), dir.path().join("api-ca.key")).unwrap();
+    let err = Site::open(dir.path()).unwrap_err();
+    assert!(matches!(err, PkiError::KeyMismatch { .. }), "{err}");
+}
+
+#[test]
+fn names_unfit_for_a_certificate_are_refused_before_anything_is_issued() {
+    let (_dir, site) = site();
+    let mut bad = vec![
+        operator("Alice", Role::Admin),
+        operator("a b", Role::Admin),
+        operator("", Role::Admin),
+        operator(&"x".repeat(64), Role::Admin),
+        Subject::new(Holder::Machine("-m1".to_owned()), Duration::days(1)),
+        Subject::new(Holder::Machine("m1".to_owned()), Duration::ZERO),
+    ];
+    let mut dns = Subject::new(Holder::Member("m1".to_owned()), Duration::days(1));
+    dns.dns = vec!["m1.exa mple".to_owned()];
+    bad.push(dns);
+    for subject in &bad {
+        let err = site.issue(Authority::Etcd, subject, KeySource::Generate, now()).unwrap_err();
+        assert!(matches!(err, PkiError::Subject { .. }), "{subject:?}: {err}");
+    }
+    assert_eq!(site.status(now()).unwrap().len(), 2, "only the two CAs");
+    assert!(Site::init(&site.dir().join("x"), "Bad Site", now()).is_err());
+}
+
+#[test]
+fn status_lists_the_cas_then_every_leaf_by_expiry() {
+    let (dir, site) = site();
+    let mut long = operator("carol", Role::Admin);
+    long.validity = Duration::days(90);
+    site.issue(Authority::Etcd, &long, KeySource::Generate, now()).unwrap();
+    site.issue(Authority::Api, &operator("dave", Role::Operator), KeySource::Generate, now()).unwrap();
+    let lines = Site::open(dir.path()).unwrap().status(now() + Duration::days(70)).unwrap();
+    let names: Vec<(&str, Standing)> = lines.iter().map(|l| (l.cert.common_name.as_str(), l.standing)).collect();
+    assert_eq!(
+        names,
+        [
+            ("herd lab etcd CA", Standing::Valid),
+            ("herd lab api CA", Standing::Valid),
+            ("operator:dave", Standing::Expired),
+            ("operator:carol", Standing::RenewSoon),
+        ]
+    );
+}
+
+#[test]
+fn subjects_round_trip_and_foreign_ones_are_not_ours() {
+    for h in [
+        Holder::Machine("m1".to_owned()),
+        Holder::Member("m1".to_owned()),
+        Holder::Server("provisioner".to_owned()),
+        Holder::Operator("alice".to_owned(), Role::Admin),
+        Holder::Operator("alice".to_owned(), Role::ReadOnly),
+    ] {
+        assert_eq!(Holder::from_subject(&h.common_name(), &h.organization()), Some(h.clone()), "{h}");
+    }
+    for (cn, o) in [
+        ("root", "herd:admin"),
+        ("operator:alice", "herd:machine"),
+        ("machine:m1", "herd:admin"),
+        ("machine:M1", "herd:machine"),
+        ("operator:alice", "herd:root"),
+    ] {
+        assert_eq!(Holder::from_subject(cn, o), None, "{cn} {o}");
+    }
+}
