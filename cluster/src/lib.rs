@@ -7,6 +7,7 @@
 //! runs a cluster on one machine for tests, benchmarks and the demo (a local etcd, dockerd and registry, hollow
 //! machines) is `herd-lab`, which ships in herdctl, not on the nodes.
 
+pub mod access;
 pub mod agent;
 pub mod client;
 pub mod docker;

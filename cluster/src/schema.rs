@@ -40,7 +40,8 @@ impl fmt::Display for MachineKey {
 pub enum Key {
     /// `units/UNIT`: the unit file and its desired state.
     Unit(UnitName),
-    /// `state/UNIT/MACHINE`: the state an agent reports for a unit it runs.
+    /// `state/MACHINE/UNIT`: the state an agent reports for a unit it runs (machine first, so one etcd permission
+    /// covers a machine's states and nobody else's).
     UnitState(UnitName, MachineKey),
     /// `machines/MACHINE`: a registration, attached to the machine's lease.
     Machine(MachineKey),
@@ -69,7 +70,7 @@ impl Key {
     pub fn path(&self) -> String {
         match self {
             Key::Unit(u) => format!("{ROOT}units/{u}"),
-            Key::UnitState(u, m) => format!("{ROOT}state/{u}/{m}"),
+            Key::UnitState(u, m) => format!("{ROOT}state/{m}/{u}"),
             Key::Machine(m) => format!("{ROOT}machines/{m}"),
             Key::Schedule(m, u) => format!("{ROOT}schedule/{m}/{u}"),
             Key::EngineLeader => format!("{ROOT}engine/leader"),
@@ -88,7 +89,7 @@ impl Key {
         let unit = |s: &str| s.parse::<UnitName>().ok();
         Some(match parts.as_slice() {
             ["units", u] => Key::Unit(unit(u)?),
-            ["state", u, m] => Key::UnitState(unit(u)?, MachineKey::new(m)?),
+            ["state", m, u] => Key::UnitState(unit(u)?, MachineKey::new(m)?),
             ["machines", m] => Key::Machine(MachineKey::new(m)?),
             ["schedule", m, u] => Key::Schedule(MachineKey::new(m)?, unit(u)?),
             ["engine", "leader"] => Key::EngineLeader,
@@ -122,9 +123,9 @@ pub fn prefix(kind: &str) -> String {
     format!("{ROOT}{kind}/")
 }
 
-/// The prefix of one unit's states on every machine.
-pub fn state_prefix(unit: &UnitName) -> String {
-    format!("{ROOT}state/{unit}/")
+/// The prefix of every state one machine reports.
+pub fn machine_states_prefix(machine: &MachineKey) -> String {
+    format!("{ROOT}state/{machine}/")
 }
 
 /// The prefix of one machine's events.

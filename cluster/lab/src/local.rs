@@ -8,6 +8,7 @@ use std::time::Duration;
 use crate::daemon::{Daemon, Spec};
 
 use herd_cluster::store::{Store, TlsFiles};
+use herd_pki::{Authority, Holder, KeySource, Role, Site, Subject};
 
 /// One member.
 #[derive(Debug)]
@@ -24,7 +25,12 @@ pub struct LocalEtcd {
     dir: PathBuf,
     members: Vec<Member>,
     cluster: String,
+    /// With mutual TLS: the site CA's certificate file and the lab's own admin credential.
+    secure: Option<TlsFiles>,
 }
+
+/// The name of the operator credential a secure [`LocalEtcd`] connects with (an admin).
+pub const LAB_ADMIN: &str = "lab-admin";
 
 /// A port nothing listens on, below Linux's ephemeral range (32768-60999): a port the kernel handed out for
 /// `bind(0)` could be taken by some outgoing connection's local end before etcd binds it ("address already in
@@ -49,47 +55,106 @@ impl LocalEtcd {
     /// timeout: members sharing a few cores must not mistake a busy peer for a dead one; leases down to 2 s work).
     /// Returns once every process is spawned; see [`LocalEtcd::ready`].
     pub fn start(dir: &Path, n: usize) -> std::io::Result<LocalEtcd> {
+        LocalEtcd::launch(dir, n, None)
+    }
+
+    /// Like [`LocalEtcd::start`], with mutual TLS on every client and peer URL: each member gets its own
+    /// certificate from `site`'s etcd CA (`member:etcdI`, for 127.0.0.1), and only clients with a certificate from
+    /// that CA are let in. The lab connects as the admin operator [`LAB_ADMIN`] (see [`LocalEtcd::tls`]).
+    pub fn start_secure(dir: &Path, n: usize, site: &Site) -> std::io::Result<LocalEtcd> {
+        std::fs::create_dir_all(dir)?;
+        let tls = dir.join("tls");
+        std::fs::create_dir_all(&tls)?;
+        let ca = tls.join("ca.crt");
+        herd_pki::write_public(&ca, site.ca_pem(Authority::Etcd).as_bytes()).map_err(std::io::Error::other)?;
+        let issue = |holder: Holder, stem: &str| -> std::io::Result<()> {
+            let mut subject = Subject::new(holder, time::Duration::days(1));
+            subject.dns = vec!["localhost".to_owned()];
+            subject.ips = vec![std::net::Ipv4Addr::LOCALHOST.into()];
+            let now = time::OffsetDateTime::now_utc();
+            let issued =
+                site.issue(Authority::Etcd, &subject, KeySource::Generate, now).map_err(std::io::Error::other)?;
+            herd_pki::write_public(&tls.join(format!("{stem}.crt")), issued.cert_pem.as_bytes())
+                .map_err(std::io::Error::other)?;
+            let key = issued.key_pem.unwrap_or_default();
+            herd_pki::write_private(&tls.join(format!("{stem}.key")), key.as_bytes()).map_err(std::io::Error::other)
+        };
+        for i in 0..n {
+            issue(Holder::Member(format!("etcd{i}")), &format!("etcd{i}"))?;
+        }
+        issue(Holder::Operator(LAB_ADMIN.to_owned(), Role::Admin), LAB_ADMIN)?;
+        let files = TlsFiles {
+            ca: Some(ca.display().to_string()),
+            cert: Some(tls.join(format!("{LAB_ADMIN}.crt")).display().to_string()),
+            key: Some(tls.join(format!("{LAB_ADMIN}.key")).display().to_string()),
+        };
+        LocalEtcd::launch(dir, n, Some(files))
+    }
+
+    fn launch(dir: &Path, n: usize, secure: Option<TlsFiles>) -> std::io::Result<LocalEtcd> {
         std::fs::create_dir_all(dir)?;
         let mut members = Vec::new();
         for i in 0..n {
             members.push(Member { name: format!("etcd{i}"), client: free_port()?, peer: free_port()?, child: None });
         }
+        let scheme = if secure.is_some() { "https" } else { "http" };
         let cluster =
-            members.iter().map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer)).collect::<Vec<_>>().join(",");
-        let mut etcd = LocalEtcd { dir: dir.to_path_buf(), members, cluster };
+            members.iter().map(|m| format!("{}={scheme}://127.0.0.1:{}", m.name, m.peer)).collect::<Vec<_>>().join(",");
+        let mut etcd = LocalEtcd { dir: dir.to_path_buf(), members, cluster, secure };
         for i in 0..n {
             etcd.spawn(i)?;
         }
         Ok(etcd)
     }
 
+    fn scheme(&self) -> &'static str {
+        if self.secure.is_some() { "https" } else { "http" }
+    }
+
     fn spawn(&mut self, i: usize) -> std::io::Result<()> {
         let m = &self.members[i];
         let data = self.dir.join(&m.name);
         let state = if data.exists() { "existing" } else { "new" };
-        let (client, peer) = (format!("http://127.0.0.1:{}", m.client), format!("http://127.0.0.1:{}", m.peer));
-        let child = Spec::new(&m.name, "etcd")
+        let scheme = self.scheme();
+        let (client, peer) = (format!("{scheme}://127.0.0.1:{}", m.client), format!("{scheme}://127.0.0.1:{}", m.peer));
+        let mut spec = Spec::new(&m.name, "etcd")
             .args(["--name", &m.name, "--data-dir"])
             .args([&data])
             .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
             .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
             .args(["--initial-cluster", &self.cluster, "--initial-cluster-state", state])
             .args(["--initial-cluster-token", "herd-local", "--log-level", "warn"])
-            .args(["--quota-backend-bytes", &(8u64 << 30).to_string(), "--max-txn-ops", "128"])
-            .log(&self.dir.join(format!("{}.log", m.name)))
-            .spawn()?;
+            .args(["--quota-backend-bytes", &(8u64 << 30).to_string(), "--max-txn-ops", "128"]);
+        if self.secure.is_some() {
+            let tls = self.dir.join("tls");
+            let (cert, key, ca) =
+                (tls.join(format!("{}.crt", m.name)), tls.join(format!("{}.key", m.name)), tls.join("ca.crt"));
+            for (side, on) in [("", "--client-cert-auth"), ("peer-", "--peer-client-cert-auth")] {
+                spec = spec
+                    .args([format!("--{side}cert-file"), cert.display().to_string()])
+                    .args([format!("--{side}key-file"), key.display().to_string()])
+                    .args([format!("--{side}trusted-ca-file"), ca.display().to_string()])
+                    .args([on]);
+            }
+        }
+        let child = spec.log(&self.dir.join(format!("{}.log", m.name))).spawn()?;
         self.members[i].child = Some(child);
         Ok(())
     }
 
+    /// The TLS material the lab connects with (none without TLS): the CA and the [`LAB_ADMIN`] credential.
+    pub fn tls(&self) -> TlsFiles {
+        self.secure.clone().unwrap_or_default()
+    }
+
     /// Client URLs of every member.
     pub fn endpoints(&self) -> Vec<String> {
-        self.members.iter().map(|m| format!("http://127.0.0.1:{}", m.client)).collect()
+        (0..self.members.len()).map(|i| self.endpoint(i)).collect()
     }
 
     /// The client URL of member `i`.
     pub fn endpoint(&self, i: usize) -> String {
-        format!("http://127.0.0.1:{}", self.members[i].client)
+        format!("{}://127.0.0.1:{}", self.scheme(), self.members[i].client)
     }
 
     /// Waits (bounded) until the cluster answers a read through all members, and returns a store on it.
@@ -97,10 +162,9 @@ impl LocalEtcd {
         let deadline = tokio::time::Instant::now() + within;
         loop {
             let attempt = async {
-                let store =
-                    Store::connect(&self.endpoints(), &TlsFiles::default(), Duration::from_secs(2)).await.ok()?;
+                let store = Store::connect(&self.endpoints(), &self.tls(), Duration::from_secs(2)).await.ok()?;
                 for e in self.endpoints() {
-                    let one = Store::connect(&[e], &TlsFiles::default(), Duration::from_secs(2)).await.ok()?;
+                    let one = Store::connect(&[e], &self.tls(), Duration::from_secs(2)).await.ok()?;
                     one.get("/herd/ready-probe").await.ok()?;
                 }
                 Some(store)
@@ -121,8 +185,7 @@ impl LocalEtcd {
     /// The index of the member that is the raft leader, as member 0..n see it (the first that answers).
     pub async fn leader(&self) -> Option<usize> {
         for i in 0..self.members.len() {
-            let Ok(store) = Store::connect(&[self.endpoint(i)], &TlsFiles::default(), Duration::from_secs(2)).await
-            else {
+            let Ok(store) = Store::connect(&[self.endpoint(i)], &self.tls(), Duration::from_secs(2)).await else {
                 continue;
             };
             let Ok(status) = store.client().status().await else { continue };
