@@ -17,8 +17,9 @@ pub struct Cli {
 }
 
 /// The commands that never talk to the cluster, by path: the cluster flags are hidden from their help.
-const WITHOUT_CLUSTER: [&[&str]; 7] = [
+const WITHOUT_CLUSTER: [&[&str]; 8] = [
     &["inventory"],
+    &["pki"],
     &["config"],
     &["image"],
     &["demo"],
@@ -59,6 +60,10 @@ pub struct ClusterArgs {
     /// etcd endpoints, comma-separated.
     #[arg(long, global = true, env = "HERD_ENDPOINT", value_delimiter = ',', default_value = "http://127.0.0.1:2379")]
     pub endpoint: Vec<String>,
+    /// An operator credential from `herdctl pki issue operator` (its etcd CA, certificate and key; turns on
+    /// TLS). --ca-file, --cert-file and --key-file override its parts.
+    #[arg(long, global = true, env = "HERD_CREDENTIALS", value_name = "DIR")]
+    pub credentials: Option<PathBuf>,
     /// CA bundle that signed etcd's certificates (turns on TLS).
     #[arg(long, global = true, env = "HERD_CA_FILE", value_name = "FILE")]
     pub ca_file: Option<String>,
@@ -223,6 +228,21 @@ pub enum Command {
         #[command(subcommand)]
         command: BenchCommand,
     },
+    /// The site PKI: its two certificate authorities (etcd, api) and the certificates issued from them.
+    Pki {
+        /// The site PKI's directory (CA keys: keep it on the admin host, readable by its owner only).
+        #[arg(long, global = true, env = "HERD_PKI_DIR", default_value = "/var/lib/herd/pki")]
+        dir: PathBuf,
+        /// What to do.
+        #[command(subcommand)]
+        command: PkiCommand,
+    },
+    /// Who may do what in etcd: users and roles by key prefix, from the inventory and the operators issued.
+    Access {
+        /// What to do.
+        #[command(subcommand)]
+        command: AccessCommand,
+    },
     /// The cluster-wide pre-warm list: images every machine pulls before it becomes schedulable.
     Prewarm {
         /// What to do.
@@ -371,6 +391,81 @@ pub enum PrewarmCommand {
         /// Print text or JSON.
         #[arg(long, short = 'o', value_enum, default_value_t)]
         output: Output,
+    },
+}
+
+/// `herdctl pki ...`
+#[derive(Debug, Subcommand)]
+pub enum PkiCommand {
+    /// Make the site's two CAs (refused if the directory already holds one) and a first admin credential.
+    Init {
+        /// The site's name (in the CAs' names).
+        #[arg(long, default_value = "herd")]
+        site: String,
+        /// The first admin's name: a credential for `operator:NAME` (role admin) is written to DIR/credentials/NAME.
+        #[arg(long, default_value = "admin")]
+        admin: String,
+    },
+    /// Issue a certificate (and its key) into a credential directory.
+    Issue {
+        /// What it is for.
+        #[arg(value_enum)]
+        kind: IssueKind,
+        /// Who: an operator's, machine's or member's name (1-63 of a-z, 0-9, '-').
+        name: String,
+        /// An operator's role.
+        #[arg(long, default_value = "read-only", value_parser = parse_role)]
+        role: herd_pki::Role,
+        /// IP addresses the certificate names (members and servers: what clients dial).
+        #[arg(long = "ip", value_name = "ADDR")]
+        ips: Vec<std::net::IpAddr>,
+        /// DNS names the certificate names.
+        #[arg(long = "dns", value_name = "NAME")]
+        dns: Vec<String>,
+        /// Days it is valid [default: operators 90, machines 7, members and servers 365].
+        #[arg(long)]
+        days: Option<u32>,
+        /// Where to write it [default: DIR/credentials/NAME].
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
+    },
+    /// Both CAs and every certificate issued, with expiries (soonest first).
+    Status {
+        /// Print a table or JSON.
+        #[arg(long, short = 'o', value_enum, default_value_t)]
+        output: Output,
+    },
+}
+
+fn parse_role(s: &str) -> Result<herd_pki::Role, String> {
+    s.parse()
+}
+
+/// What `herdctl pki issue` issues.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum IssueKind {
+    /// A person's or a tool's credential for etcd and herd's APIs (both CAs), with a role.
+    Operator,
+    /// A machine's etcd client certificate (machines normally get theirs when they join).
+    Machine,
+    /// An etcd member's peer and server certificate.
+    Member,
+    /// A server certificate for herd's APIs (the provisioner).
+    Server,
+}
+
+/// `herdctl access ...`
+#[derive(Debug, Subcommand)]
+pub enum AccessCommand {
+    /// Make etcd's users and roles what the inventory and the issued operator certificates say, and turn etcd's
+    /// authentication on (needs an admin credential). Run again after editing the inventory or issuing.
+    Apply {
+        /// The inventory file.
+        #[arg(long, env = "HERD_INVENTORY", value_name = "FILE")]
+        inventory: PathBuf,
+        /// The site PKI's directory (its issued operator certificates become etcd users).
+        #[arg(long, env = "HERD_PKI_DIR", default_value = "/var/lib/herd/pki")]
+        pki: PathBuf,
     },
 }
 

@@ -597,6 +597,7 @@ fn bring_up(args: &DemoArgs, output: Output) -> anyhow::Result<ExitCode> {
 fn cluster_args(state: &State, dir: &Path) -> ClusterArgs {
     ClusterArgs {
         endpoint: state.endpoints.clone(),
+        credentials: None,
         ca_file: None,
         cert_file: None,
         key_file: None,

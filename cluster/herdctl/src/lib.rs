@@ -3,7 +3,8 @@
 //! It covers the inventory (`check`, `show`, `gen`, `diff`), machine configs (`render`, `lint`, `translate`), the
 //! provisioner's view of machines (`machine list|show|timeline|reprovision`), and the cluster, fleetctl-style
 //! (`submit load start stop unload destroy restart cat list-units list-unit-files list-machines status journal
-//! ssh`, `machine cordon|uncordon|drain`, `prewarm`). Images and upgrades join as the crates behind them land.
+//! ssh`, `machine cordon|uncordon|drain`, `prewarm`), the site PKI (`pki init|issue|status`) and etcd's users and roles
+//! (`access apply`). Images and upgrades join as the crates behind them land.
 //! The binary is a thin `main` over [`run`].
 
 mod bench_cmd;
@@ -13,13 +14,17 @@ mod demo;
 mod image_cmd;
 mod inventory_cmd;
 mod machine_cmd;
+mod pki_cmd;
 mod ssh;
 mod table;
 mod unit_cmd;
 
 use std::process::ExitCode;
 
-use cli::{Cli, Command, ConfigCommand, DemoCommand, InventoryCommand, MachineCommand, PrewarmCommand};
+use cli::{
+    AccessCommand, Cli, Command, ConfigCommand, DemoCommand, InventoryCommand, MachineCommand, PkiCommand,
+    PrewarmCommand,
+};
 use herd_cluster::record::Desired;
 
 /// Runs one parsed command line; the exit code follows the command (1 = the input has problems).
@@ -53,6 +58,16 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             ConfigCommand::Translate { file } => config_cmd::translate(&file),
         },
         Command::Bench { command } => bench_cmd::run(&cli.cluster, command),
+        Command::Pki { dir, command } => match command {
+            PkiCommand::Init { site, admin } => pki_cmd::init(&dir, &site, &admin),
+            PkiCommand::Issue { kind, name, role, ips, dns, days, out } => {
+                pki_cmd::issue(&dir, kind, &name, role, &ips, &dns, days, out.as_deref())
+            }
+            PkiCommand::Status { output } => pki_cmd::status(&dir, output),
+        },
+        Command::Access { command } => match command {
+            AccessCommand::Apply { inventory, pki } => pki_cmd::apply(&cli.cluster, &inventory, &pki),
+        },
         Command::Image { command } => image_cmd::run(command),
         Command::Demo { command, mut args, output } => {
             if args.provisioner_bin.is_none() {
@@ -97,6 +112,8 @@ fn cluster_command(args: &cli::ClusterArgs, command: Command) -> anyhow::Result<
         | Command::Machine { .. }
         | Command::Config { .. }
         | Command::Bench { .. }
+        | Command::Pki { .. }
+        | Command::Access { .. }
         | Command::Image { .. }
         | Command::Demo { .. } => {
             unreachable!("handled by run")

@@ -13,7 +13,7 @@ use herd_cluster::client::ClientError;
 use herd_cluster::client::{ClusterClient, UnitStatus};
 use herd_cluster::docker::container_name;
 use herd_cluster::record::{Desired, UnplacedRecord};
-use herd_cluster::store::{Store, TlsFiles};
+use herd_cluster::store::Store;
 use herd_cluster::unit::{Unit, UnitName};
 
 use crate::cli::{ClusterArgs, Output, Targets};
@@ -65,7 +65,7 @@ impl Cluster {
             }
             None => (args.endpoint.clone(), None),
         };
-        let tls = TlsFiles { ca: args.ca_file.clone(), cert: args.cert_file.clone(), key: args.key_file.clone() };
+        let tls = crate::pki_cmd::etcd_tls(args)?;
         let timeout = Duration::from_secs(args.request_timeout.max(1));
         let store = rt.block_on(Store::connect(&endpoints, &tls, timeout)).with_context(|| {
             format!(
@@ -73,13 +73,28 @@ impl Cluster {
                 args.endpoint.join(",")
             )
         })?;
+        // Connecting is lazy: make one request now (retried only as long as a daemon's) so a wrong endpoint or a
+        // missing certificate fails here, soon, with the advice below.
+        rt.block_on(store.get("/herd/v1/engine/leader")).with_context(|| {
+            format!(
+                "etcd at {} does not answer; check --endpoint, and pass --credentials DIR (an etcd with mutual TLS \
+                 closes the connection of a client without a certificate from the site CA)",
+                args.endpoint.join(",")
+            )
+        })?;
         // An operator's command rides out an etcd leader election rather than failing with "leader changed".
         let store = store.with_retry_for(OPERATOR_RETRY_FOR);
-        // Connecting is lazy: make one request now so a wrong endpoint fails here with the advice above.
-        rt.block_on(store.get("/herd/v1/engine/leader")).with_context(|| {
-            format!("etcd at {} does not answer; check --endpoint and the TLS flags", args.endpoint.join(","))
-        })?;
         Ok(Cluster { rt, client: ClusterClient::new(store), login, _tunnel: tunnel })
+    }
+
+    /// Runs `f` on this command's runtime.
+    pub(crate) fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
+        self.rt.block_on(f)
+    }
+
+    /// The etcd connection.
+    pub(crate) fn store(&self) -> &Store {
+        self.client.store()
     }
 
     /// What the engine saw happen to `machine`, as timeline entries (`cluster:registered`, `cluster:dead`, ...).

@@ -1,0 +1,229 @@
+//! `herdctl pki init|issue|status` (the site PKI, herd-pki) and `herdctl access apply` (etcd's users and roles,
+//! `herd_cluster::access`).
+//!
+//! A credential is a directory: `etcd-ca.crt` `etcd.crt` `etcd.key` for etcd, `api-ca.crt` `api.crt` `api.key`
+//! for herd's APIs (an operator's holds both; a machine's or a member's the etcd part, a server's the api part).
+//! `--credentials DIR` (or `HERD_CREDENTIALS`) points herdctl at one.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use herd_cluster::access::{self, Policy};
+use herd_cluster::schema::MachineKey;
+use herd_cluster::store::TlsFiles;
+use herd_pki::{Authority, Holder, KeySource, Role, Site, Standing, Subject};
+use time::OffsetDateTime;
+
+use crate::cli::{ClusterArgs, IssueKind, Output};
+use crate::table;
+
+fn now() -> OffsetDateTime {
+    OffsetDateTime::now_utc()
+}
+
+/// `herdctl pki init`.
+pub(crate) fn init(dir: &Path, site: &str, admin: &str) -> anyhow::Result<ExitCode> {
+    let pki = Site::init(dir, site, now())?;
+    for a in Authority::ALL {
+        println!("{a} CA: {} (valid until {})", pki.ca_info(a).fingerprint, date(pki.ca_info(a).not_after));
+    }
+    let out = dir.join("credentials").join(admin);
+    write_credential(&pki, &Holder::Operator(admin.to_owned(), Role::Admin), &[], &[], None, &out)?;
+    println!("admin credential operator:{admin}: {}", out.display());
+    println!(
+        "next: start etcd with mutual TLS (docs/security.md), then `herdctl --credentials {} access apply --inventory \
+         FILE`",
+        out.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `herdctl pki issue`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn issue(
+    dir: &Path,
+    kind: IssueKind,
+    name: &str,
+    role: Role,
+    ips: &[std::net::IpAddr],
+    dns: &[String],
+    days: Option<u32>,
+    out: Option<&Path>,
+) -> anyhow::Result<ExitCode> {
+    let pki = Site::open(dir)?;
+    let holder = match kind {
+        IssueKind::Operator => Holder::Operator(name.to_owned(), role),
+        IssueKind::Machine => Holder::Machine(name.to_owned()),
+        IssueKind::Member => Holder::Member(name.to_owned()),
+        IssueKind::Server => Holder::Server(name.to_owned()),
+    };
+    let out = out.map_or_else(|| dir.join("credentials").join(name), Path::to_owned);
+    write_credential(&pki, &holder, ips, dns, days, &out)?;
+    println!("{holder}: {}", out.display());
+    if kind == IssueKind::Operator {
+        println!("next: `herdctl access apply` makes {holder} an etcd user with role {role}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Issues `holder`'s certificates from the CAs it needs and writes them, with their CAs, into `out`.
+fn write_credential(
+    pki: &Site,
+    holder: &Holder,
+    ips: &[std::net::IpAddr],
+    dns: &[String],
+    days: Option<u32>,
+    out: &Path,
+) -> anyhow::Result<()> {
+    let (authorities, default_days): (&[Authority], i64) = match holder {
+        Holder::Operator(..) => (&Authority::ALL, 90),
+        Holder::Machine(_) => (&[Authority::Etcd], 7),
+        Holder::Member(_) => (&[Authority::Etcd], 365),
+        Holder::Server(_) => (&[Authority::Api], 365),
+    };
+    let validity = time::Duration::days(days.map_or(default_days, i64::from));
+    let subject = Subject { holder: holder.clone(), dns: dns.to_vec(), ips: ips.to_vec(), validity };
+    // Everything is issued before anything is written: a refusal leaves `out` as it was.
+    let issued = authorities
+        .iter()
+        .map(|a| Ok((*a, pki.issue(*a, &subject, KeySource::Generate, now())?)))
+        .collect::<Result<Vec<_>, herd_pki::PkiError>>()?;
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    for (a, cert) in issued {
+        herd_pki::write_public(&out.join(format!("{a}-ca.crt")), pki.ca_pem(a).as_bytes())?;
+        herd_pki::write_private(&out.join(format!("{a}.key")), cert.key_pem.unwrap_or_default().as_bytes())?;
+        herd_pki::write_public(&out.join(format!("{a}.crt")), cert.cert_pem.as_bytes())?;
+    }
+    Ok(())
+}
+
+/// The etcd TLS files of `args`: a credential directory's parts, each overridden by its own flag.
+pub(crate) fn etcd_tls(args: &ClusterArgs) -> anyhow::Result<TlsFiles> {
+    let part = |flag: &Option<String>, file: &str| -> Option<String> {
+        flag.clone().or_else(|| args.credentials.as_ref().map(|d| d.join(file).display().to_string()))
+    };
+    let tls = TlsFiles {
+        ca: part(&args.ca_file, "etcd-ca.crt"),
+        cert: part(&args.cert_file, "etcd.crt"),
+        key: part(&args.key_file, "etcd.key"),
+    };
+    if let Some(key) = &tls.key {
+        herd_pki::check_private(Path::new(key))?;
+    }
+    Ok(tls)
+}
+
+#[derive(serde::Serialize)]
+struct Line<'a> {
+    authority: Authority,
+    standing: Standing,
+    #[serde(flatten)]
+    cert: &'a herd_pki::CertInfo,
+    days_left: i64,
+}
+
+/// `herdctl pki status`.
+pub(crate) fn status(dir: &Path, output: Output) -> anyhow::Result<ExitCode> {
+    let pki = Site::open(dir)?;
+    let t = now();
+    let lines = pki.status(t)?;
+    let days_left = |not_after: i64| (not_after - t.unix_timestamp()).div_euclid(86_400);
+    let json: Vec<Line<'_>> = lines
+        .iter()
+        .map(|l| Line {
+            authority: l.authority,
+            standing: l.standing,
+            cert: &l.cert,
+            days_left: days_left(l.cert.not_after),
+        })
+        .collect();
+    if output.json(&json)? {
+        return Ok(ExitCode::SUCCESS);
+    }
+    let rows: Vec<Vec<String>> = json
+        .iter()
+        .map(|l| {
+            vec![
+                l.authority.to_string(),
+                l.cert.common_name.clone(),
+                role(l.cert),
+                date(l.cert.not_after),
+                l.days_left.to_string(),
+                l.standing.as_str().to_owned(),
+                l.cert.serial.chars().take(16).collect(),
+            ]
+        })
+        .collect();
+    print!("{}", table::render(&["CA", "SUBJECT", "ROLE", "NOT AFTER", "DAYS", "STANDING", "SERIAL"], &rows));
+    Ok(ExitCode::SUCCESS)
+}
+
+/// What a certificate is for, in a word: `ca`, a machine's or member's kind, an operator's role.
+fn role(cert: &herd_pki::CertInfo) -> String {
+    match &cert.holder {
+        Some(Holder::Operator(_, role)) => role.to_string(),
+        Some(Holder::Machine(_)) => "machine".to_owned(),
+        Some(Holder::Member(_)) => "member".to_owned(),
+        Some(Holder::Server(_)) => "server".to_owned(),
+        None if cert.is_ca => "ca".to_owned(),
+        None => "-".to_owned(),
+    }
+}
+
+fn date(unix: i64) -> String {
+    let Ok(t) = OffsetDateTime::from_unix_timestamp(unix) else { return unix.to_string() };
+    format!("{:04}-{:02}-{:02} {:02}:{:02}Z", t.year(), u8::from(t.month()), t.day(), t.hour(), t.minute())
+}
+
+/// The policy: every inventory machine (etcd members run the engine) and every operator the site PKI issued an
+/// etcd certificate to that is still valid (the latest one's role, if a name was issued twice).
+pub(crate) fn policy(inventory: &Path, pki_dir: &Path) -> anyhow::Result<Policy> {
+    let inv = herd_inventory::load(inventory).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let members: Vec<String> = inv.etcd_members().map(|m| m.name.get_ref().to_string()).collect();
+    let mut machines = Vec::new();
+    for m in &inv.machines {
+        let name = m.name.get_ref().to_string();
+        let key = MachineKey::new(&name).with_context(|| format!("machine {name:?} cannot be an etcd user name"))?;
+        machines.push((key, members.contains(&name)));
+    }
+    let pki = Site::open(pki_dir)?;
+    let mut operators: BTreeMap<String, (i64, Role)> = BTreeMap::new();
+    for line in pki.status(now())? {
+        let usable = matches!(line.standing, Standing::Valid | Standing::RenewSoon);
+        if let (Authority::Etcd, true, Some(Holder::Operator(name, role))) = (line.authority, usable, &line.cert.holder)
+        {
+            let entry = operators.entry(name.clone()).or_insert((line.cert.not_after, *role));
+            if line.cert.not_after >= entry.0 {
+                *entry = (line.cert.not_after, *role);
+            }
+        }
+    }
+    Ok(Policy { machines, operators: operators.into_iter().map(|(n, (_, r))| (n, r)).collect() })
+}
+
+/// `herdctl access apply`.
+pub(crate) fn apply(args: &ClusterArgs, inventory: &Path, pki_dir: &Path) -> anyhow::Result<ExitCode> {
+    let policy = policy(inventory, pki_dir)?;
+    let cluster = crate::unit_cmd::Cluster::connect(args)?;
+    let applied = cluster
+        .block_on(access::apply(cluster.store(), &policy))
+        .context("cannot apply etcd's users and roles (this needs an admin credential: --credentials DIR)")?;
+    let admins = policy.operators.iter().filter(|(_, r)| *r == Role::Admin).count();
+    println!(
+        "etcd access: {} machines ({} run the engine), {} operators ({admins} admins); authentication on",
+        policy.machines.len(),
+        policy.machines.iter().filter(|(_, e)| *e).count(),
+        policy.operators.len()
+    );
+    if applied.is_empty() {
+        println!("nothing changed");
+    }
+    for (what, names) in [("roles set", &applied.roles), ("users set", &applied.users), ("removed", &applied.removed)] {
+        if !names.is_empty() {
+            println!("{what}: {}", names.join(" "));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
