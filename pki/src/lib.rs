@@ -608,6 +608,33 @@ impl Site {
     }
 }
 
+/// The CAs a holder's credential needs: an operator both (etcd and herd's APIs), a machine or an etcd member
+/// etcd's, a server herd's APIs'.
+pub fn authorities_of(holder: &Holder) -> &'static [Authority] {
+    match holder {
+        Holder::Operator(..) => &Authority::ALL,
+        Holder::Machine(_) | Holder::Member(_) => &[Authority::Etcd],
+        Holder::Server(_) => &[Authority::Api],
+    }
+}
+
+/// Issues `subject`'s certificates (from [`authorities_of`] its holder) with new keys and writes them, with their
+/// CAs, into the credential directory `out`: `AUTHORITY-ca.crt`, `AUTHORITY.crt`, `AUTHORITY.key` (0600).
+/// Everything is issued before anything is written, so a refusal leaves `out` as it was.
+pub fn write_credential(site: &Site, subject: &Subject, out: &Path, now: OffsetDateTime) -> Result<(), PkiError> {
+    let issued = authorities_of(&subject.holder)
+        .iter()
+        .map(|a| Ok((*a, site.issue(*a, subject, KeySource::Generate, now)?)))
+        .collect::<Result<Vec<_>, PkiError>>()?;
+    files::make_dir(out)?;
+    for (a, cert) in issued {
+        write_public(&out.join(format!("{a}-ca.crt")), site.ca_pem(a).as_bytes())?;
+        write_private(&out.join(format!("{a}.key")), cert.key_pem.unwrap_or_default().as_bytes())?;
+        write_public(&out.join(format!("{a}.crt")), cert.cert_pem.as_bytes())?;
+    }
+    Ok(())
+}
+
 /// One line of `herdctl pki status`.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct StatusLine {
@@ -656,12 +683,19 @@ pub fn verify(
 
 /// Reads a PEM certificate.
 pub fn parse(cert_pem: &str) -> Result<CertInfo, VerifyError> {
-    let malformed = |e: String| VerifyError::Malformed(e);
-    let pem = x509_parser::pem::parse_x509_pem(cert_pem.as_bytes()).map_err(|e| malformed(e.to_string()))?.1;
+    let pem =
+        x509_parser::pem::parse_x509_pem(cert_pem.as_bytes()).map_err(|e| VerifyError::Malformed(e.to_string()))?.1;
     if pem.label != "CERTIFICATE" {
-        return Err(malformed(format!("a PEM {:?} block, not a CERTIFICATE", pem.label)));
+        return Err(VerifyError::Malformed(format!("a PEM {:?} block, not a CERTIFICATE", pem.label)));
     }
-    let cert = pem.parse_x509().map_err(|e| malformed(e.to_string()))?;
+    parse_der(&pem.contents)
+}
+
+/// Reads a DER certificate (as a TLS peer presents it).
+pub fn parse_der(der: &[u8]) -> Result<CertInfo, VerifyError> {
+    use x509_parser::prelude::FromDer as _;
+    let cert =
+        x509_parser::certificate::X509Certificate::from_der(der).map_err(|e| VerifyError::Malformed(e.to_string()))?.1;
     let first = |it: &mut dyn Iterator<Item = &x509_parser::x509::AttributeTypeAndValue<'_>>| {
         it.next().and_then(|a| a.as_str().ok()).unwrap_or_default().to_owned()
     };
@@ -673,7 +707,7 @@ pub fn parse(cert_pem: &str) -> Result<CertInfo, VerifyError> {
         common_name,
         organization,
         serial: cert.raw_serial_as_string().replace(':', ""),
-        fingerprint: fingerprint(&pem.contents),
+        fingerprint: fingerprint(der),
         not_before: cert.validity().not_before.timestamp(),
         not_after: cert.validity().not_after.timestamp(),
         is_ca,

@@ -49,6 +49,33 @@ pub struct DaemonConfig {
     pub tftp_root: Option<PathBuf>,
     /// Directory served under /assets over HTTP (vmlinuz, initramfs, images).
     pub assets: PathBuf,
+    /// The operator API (HTTPS); None serves none (and no change can be made through the provisioner).
+    pub api: Option<ApiConfig>,
+    /// Whether the machine API's reads are also served, unauthenticated, on the boot port.
+    pub api_reads: ApiReads,
+}
+
+/// The operator API's settings.
+#[derive(Debug, Clone)]
+pub struct ApiConfig {
+    /// Its port (on the provisioner address).
+    pub port: u16,
+    /// The server credential: `api.crt`, `api.key`, `api-ca.crt` (`herdctl pki issue server NAME --ip ADDR`).
+    pub credentials: PathBuf,
+    /// Bearer tokens (hashes), if any.
+    pub tokens: Option<PathBuf>,
+}
+
+/// Who may read the machine API.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum ApiReads {
+    /// Operators only, over the operator API.
+    #[default]
+    Operators,
+    /// Anyone on the boot network too, on the boot port (the listing names every MAC: only on a trusted
+    /// network).
+    Open,
 }
 
 /// The provisioner's settings: one type for the config file (`provisioner --config FILE`, versioned TOML, keys as
@@ -93,6 +120,19 @@ pub struct Settings {
     /// Directory served under /assets: vmlinuz, initramfs and OS images [default: /var/lib/herd/assets].
     #[arg(long, value_name = "DIR")]
     pub assets: Option<PathBuf>,
+    /// Port of the operator API (HTTPS, client certificates or bearer tokens) [default: 8443].
+    #[arg(long)]
+    pub api_port: Option<u16>,
+    /// The operator API's server credential (`herdctl pki issue server NAME --ip ADDR`); without it no operator
+    /// API is served and nothing can be changed through the provisioner.
+    #[arg(long, value_name = "DIR")]
+    pub api_credentials: Option<PathBuf>,
+    /// Bearer tokens for automation: a TOML file of names, roles and SHA-256 hashes (`herdctl pki token`).
+    #[arg(long, value_name = "FILE")]
+    pub api_tokens: Option<PathBuf>,
+    /// Who may read the machine API [default: operators].
+    #[arg(long, value_enum)]
+    pub api_reads: Option<ApiReads>,
 }
 
 impl Settings {
@@ -111,6 +151,10 @@ impl Settings {
             lease_secs: Some(3600),
             tftp_root: None,
             assets: Some("/var/lib/herd/assets".into()),
+            api_port: Some(8443),
+            api_credentials: None,
+            api_tokens: None,
+            api_reads: Some(ApiReads::Operators),
         }
     }
 
@@ -131,6 +175,8 @@ impl Settings {
             &mut config.ipxe_dir,
             &mut config.tftp_root,
             &mut config.assets,
+            &mut config.api_credentials,
+            &mut config.api_tokens,
         ]
         .into_iter()
         .flatten()
@@ -157,6 +203,10 @@ impl Settings {
             lease_secs: self.lease_secs.or(under.lease_secs),
             tftp_root: self.tftp_root.or(under.tftp_root),
             assets: self.assets.or(under.assets),
+            api_port: self.api_port.or(under.api_port),
+            api_credentials: self.api_credentials.or(under.api_credentials),
+            api_tokens: self.api_tokens.or(under.api_tokens),
+            api_reads: self.api_reads.or(under.api_reads),
         }
     }
 
@@ -177,6 +227,18 @@ impl Settings {
             lease_secs: s.lease_secs.ok_or_else(|| defaulted("lease_secs"))?,
             tftp_root: s.tftp_root,
             assets: s.assets.ok_or_else(|| defaulted("assets"))?,
+            api: match s.api_credentials {
+                Some(credentials) => Some(ApiConfig {
+                    port: s.api_port.ok_or_else(|| defaulted("api_port"))?,
+                    credentials,
+                    tokens: s.api_tokens,
+                }),
+                None if s.api_tokens.is_some() => {
+                    bail!("--api-tokens needs --api-credentials: tokens are only accepted over the operator API's TLS")
+                }
+                None => None,
+            },
+            api_reads: s.api_reads.unwrap_or_default(),
         })
     }
 }
@@ -252,21 +314,13 @@ pub async fn run(config: DaemonConfig, cancel: CancellationToken) -> anyhow::Res
 
     let store = Arc::new(Store::open(&config.state_dir)?);
     let leases = LeaseTable::from_leases(store.leases()?);
+    let lease_count = leases.iter().count();
     let metrics = Arc::new(Metrics::default());
     let dhcp_socket = bind_udp(SERVER_PORT, Some(&config.interface)).with_context(|| {
         format!("cannot bind UDP {SERVER_PORT} on {} (root, and no other DHCP server?)", config.interface)
     })?;
     let boot_socket = bind_udp(BOOT_SERVER_PORT, Some(&config.interface))
         .with_context(|| format!("cannot bind UDP {BOOT_SERVER_PORT} on {}", config.interface))?;
-    tracing::info!(
-        interface = %config.interface,
-        %server_ip,
-        machines = inv.machines.len(),
-        leases = leases.iter().count(),
-        mode = ?config.mode,
-        http_port = config.http_port,
-        "provisioner serving DHCP, TFTP and HTTP"
-    );
     let inv = Arc::new(inv);
     let files = Arc::new(crate::files::FileCache::default());
     let machines = Machines::start(&inv, Arc::clone(&store), Arc::clone(&metrics))?;
@@ -303,7 +357,27 @@ pub async fn run(config: DaemonConfig, cancel: CancellationToken) -> anyhow::Res
         },
         Arc::clone(&metrics),
     );
-    let app = crate::http::router(http_state).into_make_service_with_connect_info::<std::net::SocketAddr>();
+    let operator = match &config.api {
+        Some(api) => {
+            let tls = crate::operator::tls_config(&api.credentials)
+                .with_context(|| format!("cannot use the operator API credential {}", api.credentials.display()))?;
+            let tokens = match &api.tokens {
+                Some(path) => crate::operator::Tokens::load(path)?,
+                None => crate::operator::Tokens::default(),
+            };
+            let listener = tokio::net::TcpListener::bind((server_ip, api.port))
+                .await
+                .with_context(|| format!("cannot listen on {server_ip}:{} for the operator API", api.port))?;
+            let door = crate::operator::Door::new(tokens, Arc::clone(&metrics));
+            Some((listener, tls, crate::http::operator_router(http_state.clone(), door)))
+        }
+        None => {
+            tracing::warn!("no --api-credentials: the operator API is off (machines cannot be reprovisioned)");
+            None
+        }
+    };
+    let reads_open = config.api_reads == ApiReads::Open;
+    let app = crate::http::router(http_state, reads_open).into_make_service_with_connect_info::<std::net::SocketAddr>();
     let http_cancel = cancel.clone();
     let assets_listener = tokio::net::TcpListener::bind((server_ip, config.assets_port))
         .await
@@ -326,6 +400,16 @@ pub async fn run(config: DaemonConfig, cancel: CancellationToken) -> anyhow::Res
                 by_address.event(*peer.ip(), "tftp", format!("{file}: {ending:?}"));
             }
         }));
+    tracing::info!(
+        interface = %config.interface,
+        %server_ip,
+        machines = inv.machines.len(),
+        leases = lease_count,
+        mode = ?config.mode,
+        http_port = config.http_port,
+        api_port = config.api.as_ref().map(|a| a.port),
+        "provisioner serving DHCP, TFTP and HTTP"
+    );
     let tracker = TaskTracker::new();
     tracker.spawn(dhcp.run(cancel.clone()));
     tracker.spawn(tftp.run(cancel.clone()));
@@ -348,6 +432,9 @@ pub async fn run(config: DaemonConfig, cancel: CancellationToken) -> anyhow::Res
             tracing::error!(error = %e, "http server failed");
         }
     });
+    if let Some((listener, tls, app)) = operator {
+        tracker.spawn(crate::operator::serve(listener, tls, app, cancel.clone()));
+    }
     tracker.close();
     tracker.wait().await;
     Ok(())

@@ -87,20 +87,47 @@ impl HttpState {
     }
 }
 
-/// The router.
-pub fn router(state: HttpState) -> Router {
-    Router::new()
+/// The boot port's router: what machines fetch while they boot, `/metrics`, and (with `reads_open`) the machine
+/// API's reads, unauthenticated. Every change (reprovision) is refused here: it needs the operator API.
+pub fn router(state: HttpState, reads_open: bool) -> Router {
+    let boot = Router::new()
         .route("/boot/{file}", get(script))
         .route("/assets/{*path}", get(assets).head(assets))
         .route("/ipxe/{*path}", get(ipxe_binary).head(ipxe_binary))
         .route("/config/{mac}", get(config))
         .route("/phone-home/{mac}", post(phone_home))
-        .route("/metrics", get(metrics))
+        .route("/metrics", get(metrics));
+    let api = if reads_open {
+        api_reads().route("/api/v1/machines/{name}/reprovision", post(operator_only))
+    } else {
+        Router::new().route("/api/v1/{*rest}", axum::routing::any(operator_only))
+    };
+    boot.merge(api).with_state(state)
+}
+
+/// The operator API's router (served over TLS by [`crate::operator::serve`]): every route behind the door.
+pub fn operator_router(state: HttpState, door: crate::operator::Door) -> Router {
+    api_reads()
+        .route("/api/v1/machines/{name}/reprovision", post(reprovision))
+        .fallback(|| async { text(StatusCode::NOT_FOUND, "no such operator API route\n") })
+        .layer(axum::middleware::from_fn_with_state(door, crate::operator::require))
+        .with_state(state)
+}
+
+fn api_reads() -> Router<HttpState> {
+    Router::new()
         .route("/api/v1/machines", get(list_machines))
         .route("/api/v1/machines/{name}", get(show_machine))
         .route("/api/v1/machines/{name}/timeline", get(timeline))
-        .route("/api/v1/machines/{name}/reprovision", post(reprovision))
-        .with_state(state)
+}
+
+async fn operator_only(State(s): State<HttpState>) -> Response {
+    s.metrics.inc("herd_api_refused_total", "reason=\"boot-port\"");
+    text(
+        StatusCode::FORBIDDEN,
+        "the machine API is served to operators only, over HTTPS on the operator API port (herdctl machine \
+         --provisioner https://ADDR:8443 --credentials DIR)\n",
+    )
 }
 
 fn parse_mac(s: &str) -> Option<Mac> {
@@ -490,8 +517,13 @@ async fn timeline(State(s): State<HttpState>, Path(name): Path<String>) -> Respo
     }
 }
 
-async fn reprovision(State(s): State<HttpState>, Path(name): Path<String>) -> Response {
-    match s.by_address.machines.reprovision(&name).await {
+async fn reprovision(
+    State(s): State<HttpState>,
+    axum::Extension(caller): axum::Extension<crate::operator::Caller>,
+    Path(name): Path<String>,
+) -> Response {
+    tracing::info!(machine = %name, by = %caller.name, "reprovision requested");
+    match s.by_address.machines.reprovision(&name, &caller.name).await {
         Ok(state) => axum::Json(StateChange { machine: name, state }).into_response(),
         Err(e) => machines_error(&e),
     }

@@ -30,6 +30,7 @@ pub mod images;
 pub mod ipxe;
 pub mod machines;
 pub mod metrics;
+pub mod operator;
 pub mod ra;
 pub mod store;
 pub mod tftp;

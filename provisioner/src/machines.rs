@@ -133,7 +133,7 @@ pub enum Command {
         reply: oneshot::Sender<Result<MachineState, MachinesError>>,
     },
     /// Force the next boot to install.
-    Reprovision { machine: String, reply: oneshot::Sender<Result<MachineState, MachinesError>> },
+    Reprovision { machine: String, by: String, reply: oneshot::Sender<Result<MachineState, MachinesError>> },
     /// Read one machine.
     Get { machine: String, reply: oneshot::Sender<Option<MachineRecord>> },
     /// Read all machines.
@@ -229,8 +229,8 @@ impl Machines {
     }
 
     /// Makes the machine install again on its next boot.
-    pub async fn reprovision(&self, machine: &str) -> Result<MachineState, MachinesError> {
-        self.ask(|reply| Command::Reprovision { machine: machine.to_owned(), reply })
+    pub async fn reprovision(&self, machine: &str, by: &str) -> Result<MachineState, MachinesError> {
+        self.ask(|reply| Command::Reprovision { machine: machine.to_owned(), by: by.to_owned(), reply })
             .await
             .unwrap_or(Err(MachinesError::Stopped))
     }
@@ -404,10 +404,10 @@ impl Task {
                 };
                 pending.push(Pending::State(reply, result));
             }
-            Command::Reprovision { machine, reply } => {
+            Command::Reprovision { machine, by, reply } => {
                 let result = match self.records.get_mut(&machine) {
                     Some(r) => {
-                        Self::push(r, "reprovision", "requested".to_owned());
+                        Self::push(r, "reprovision", format!("requested by {by}"));
                         let has_disk = self.disk.get(&machine).copied().unwrap_or(false);
                         Self::transition(r, Transition::Reprovision, has_disk);
                         dirty.push(machine);

@@ -178,19 +178,19 @@ fn an_installed_machine_boots_locally_until_reprovisioned_and_its_timeline_shows
     let healthy_url = format!("http://10.99.0.2/phone-home/{NODE1_DASHED}?token={token}");
     let (code, reply) = curl(&lab, &[&post[..], &[healthy_url.as_str()]].concat());
     assert_eq!(code, 200, "{reply}");
-    let (_, shown) = curl(&lab, &["http://10.99.0.2/api/v1/machines/node1"]);
+    let (_, shown) = lab.admin(&[], "/api/v1/machines/node1");
     let shown: serde_json::Value = serde_json::from_str(&shown).unwrap();
     assert_eq!(shown["slots"], slots, "kept as reported");
 
     let (_, script) = curl(&lab, &[&script_url]);
     assert!(script.contains("herd.mode=local"), "an installed machine is not installed again:\n{script}");
     assert!(script.contains("slot a: herd-os 1"), "the slot it will boot:\n{script}");
-    let (code, _) = curl(&lab, &["-X", "POST", "http://10.99.0.2/api/v1/machines/node1/reprovision"]);
+    let (code, _) = lab.admin(&["-X", "POST"], "/api/v1/machines/node1/reprovision");
     assert_eq!(code, 200);
     let (_, script) = curl(&lab, &[&script_url]);
     assert!(script.contains("herd.mode=install"), "{script}");
 
-    let (_, timeline) = curl(&lab, &["http://10.99.0.2/api/v1/machines/node1/timeline"]);
+    let (_, timeline) = lab.admin(&[], "/api/v1/machines/node1/timeline");
     let events: Vec<String> = serde_json::from_str::<Vec<serde_json::Value>>(&timeline)
         .unwrap()
         .iter()
@@ -210,7 +210,7 @@ fn an_installed_machine_boots_locally_until_reprovisioned_and_its_timeline_shows
     ] {
         assert!(events.iter().any(|e| e == expected), "missing {expected} in {events:?}");
     }
-    let (_, list) = curl(&lab, &["http://10.99.0.2/api/v1/machines"]);
+    let (_, list) = lab.admin(&[], "/api/v1/machines");
     let list: Vec<serde_json::Value> = serde_json::from_str(&list).unwrap();
     assert_eq!(list.len(), 3);
     assert_eq!(list[0]["name"], "node1");
@@ -218,7 +218,7 @@ fn an_installed_machine_boots_locally_until_reprovisioned_and_its_timeline_shows
     assert_eq!(list[1]["state"], "unknown");
     // Paged: at most `limit` machines, the next page after a name; bad paging is refused, not guessed.
     let names = |query: &str| {
-        let (code, page) = curl(&lab, &[&format!("http://10.99.0.2/api/v1/machines{query}")]);
+        let (code, page) = lab.admin(&[], &format!("/api/v1/machines{query}"));
         let page: Vec<serde_json::Value> = if code == 200 { serde_json::from_str(&page).unwrap() } else { Vec::new() };
         (code, page.iter().map(|m| m["name"].as_str().unwrap().to_owned()).collect::<Vec<_>>())
     };
@@ -262,7 +262,7 @@ fn a_forged_phone_home_is_refused_and_the_next_script_stays_herds_own() {
         (code, reply.trim()),
         (400, "slots.slots[0].header.release: 1-64 characters of A-Z a-z 0-9 . _ + ~ : -")
     );
-    let (_, shown) = curl(&lab, &["http://10.99.0.2/api/v1/machines/node1"]);
+    let (_, shown) = lab.admin(&[], "/api/v1/machines/node1");
     assert!(!shown.contains("evil"), "{shown}");
     // The right token from another address of the boot network: refused too.
     lab.client_address("10.99.0.98/24");
@@ -274,7 +274,7 @@ fn a_forged_phone_home_is_refused_and_the_next_script_stays_herds_own() {
     assert!(!script.contains("evil"), "{script}");
     assert_eq!(script.lines().filter(|l| l.starts_with("chain ")).count(), 1, "{script}");
     assert!(script.contains("slot a: herd-os 2026.11.0"), "{script}");
-    let (_, timeline) = curl(&lab, &["http://10.99.0.2/api/v1/machines/node1/timeline"]);
+    let (_, timeline) = lab.admin(&[], "/api/v1/machines/node1/timeline");
     assert_eq!(timeline.matches("phone-home-refused").count(), 2, "{timeline}");
     let (_, metrics) = curl(&lab, &["http://10.99.0.2/metrics"]);
     for reason in ["invalid-report", "wrong-source"] {
@@ -292,7 +292,54 @@ fn state_and_timeline_survive_a_kill_9() {
     lab.start();
     // The token issued before the crash is still the machine's token.
     assert_eq!(curl(&lab, &[&format!("http://10.99.0.2/config/{NODE1_DASHED}?token={token}")]).0, 200);
-    let (_, timeline) = curl(&lab, &["http://10.99.0.2/api/v1/machines/node1/timeline"]);
+    let (_, timeline) = lab.admin(&[], "/api/v1/machines/node1/timeline");
     assert!(timeline.contains("\"script\""), "{timeline}");
     let _ = NODE1;
+}
+
+#[test]
+fn the_operator_api_lets_in_operators_by_role_and_nobody_else() {
+    let lab = booted_lab();
+    let reprovision = "/api/v1/machines/node1/reprovision";
+    // The boot port serves the machine API to nobody, changes least of all.
+    let (code, why) = curl(&lab, &["http://10.99.0.2/api/v1/machines"]);
+    assert_eq!(code, 403, "{why}");
+    assert!(why.contains("operator API"), "{why}");
+    assert_eq!(curl(&lab, &["-X", "POST", &format!("http://10.99.0.2{reprovision}")]).0, 403);
+    // Over TLS: no credential, a read-only operator changing something, an unknown token: refused.
+    assert_eq!(lab.api(None, &[], "/api/v1/machines").0, 401);
+    let reader = lab.pki.reader.clone();
+    assert_eq!(lab.api(Some(&reader), &[], "/api/v1/machines").0, 200, "a reader reads");
+    let (code, why) = lab.api(Some(&reader), &["-X", "POST"], reprovision);
+    assert_eq!(code, 403, "{why}");
+    assert!(why.contains("role read-only"), "{why}");
+    let bearer = |t: &str| format!("Authorization: Bearer {t}");
+    assert_eq!(lab.api(None, &["-X", "POST", "-H", &bearer("not-the-token")], reprovision).0, 401);
+    // Another site's operator certificate does not even complete the handshake.
+    let other = herd_lab::pki::LabPki::make(&lab.dir.join("other-pki"), "10.99.0.2".parse().unwrap()).unwrap();
+    assert_eq!(lab.api(Some(&other.admin), &[], "/api/v1/machines").0, 0);
+    // An admin's certificate and the operator token change things, and the timeline says who asked.
+    assert_eq!(lab.admin(&["-X", "POST"], reprovision).0, 200);
+    assert_eq!(lab.api(None, &["-X", "POST", "-H", &bearer(common::TOKEN)], reprovision).0, 200);
+    let (_, timeline) = lab.admin(&[], "/api/v1/machines/node1/timeline");
+    for who in ["requested by operator:admin", "requested by token:ci"] {
+        assert!(timeline.contains(who), "{who} in {timeline}");
+    }
+    let (_, metrics) = curl(&lab, &["http://10.99.0.2/metrics"]);
+    for (reason, n) in [("boot-port", 2), ("no-credential", 1), ("role", 1), ("unknown-token", 1)] {
+        let line = format!("herd_api_refused_total{{reason=\"{reason}\"}} {n}");
+        assert!(metrics.contains(&line), "{line} in {metrics}");
+    }
+    assert!(!lab.log().contains(common::TOKEN) && !lab.log().contains("not-the-token"), "a token reached the log");
+}
+
+#[test]
+fn open_reads_serve_the_listing_on_the_boot_port_but_never_a_change() {
+    let mut lab = Lab::qemu3(&["--api-reads", "open"]);
+    lab.start();
+    lab.client_address("10.99.0.50/24");
+    let (code, list) = curl(&lab, &["http://10.99.0.2/api/v1/machines"]);
+    assert_eq!(code, 200, "{list}");
+    assert!(list.contains("node3"), "{list}");
+    assert_eq!(curl(&lab, &["-X", "POST", "http://10.99.0.2/api/v1/machines/node1/reprovision"]).0, 403);
 }

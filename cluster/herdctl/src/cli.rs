@@ -45,7 +45,11 @@ pub fn command() -> clap::Command {
             Some((first, rest)) => cmd.mut_subcommand(*first, |sc| hide(sc, rest, hidden)),
         }
     }
-    WITHOUT_CLUSTER.iter().fold(Cli::command(), |cmd, path| hide(cmd, path, &hidden))
+    // The machine commands talk to the provisioner's operator API with the same credential.
+    let but_credentials: Vec<clap::Arg> = hidden.iter().filter(|a| a.get_id() != "credentials").cloned().collect();
+    WITHOUT_CLUSTER.iter().fold(Cli::command(), |cmd, path| {
+        hide(cmd, path, if path[0] == "machine" { &but_credentials } else { &hidden })
+    })
 }
 
 /// Parses the process's arguments with [`command`] (clap's usual exit on `--help` or a mistake).
@@ -60,8 +64,8 @@ pub struct ClusterArgs {
     /// etcd endpoints, comma-separated.
     #[arg(long, global = true, env = "HERD_ENDPOINT", value_delimiter = ',', default_value = "http://127.0.0.1:2379")]
     pub endpoint: Vec<String>,
-    /// An operator credential from `herdctl pki issue operator` (its etcd CA, certificate and key; turns on
-    /// TLS). --ca-file, --cert-file and --key-file override its parts.
+    /// An operator credential directory from `herdctl pki issue operator`: the CAs, certificates and keys for
+    /// etcd (https endpoints) and the provisioner's operator API; the etcd file flags below override its parts.
     #[arg(long, global = true, env = "HERD_CREDENTIALS", value_name = "DIR")]
     pub credentials: Option<PathBuf>,
     /// CA bundle that signed etcd's certificates (turns on TLS).
@@ -118,8 +122,8 @@ pub enum Command {
     },
     /// Machines as the provisioner sees them: state, boot timeline, reprovisioning.
     Machine {
-        /// Base URL of the provisioner's HTTP API.
-        #[arg(long, global = true, env = "HERD_PROVISIONER", default_value = "http://127.0.0.1")]
+        /// Base URL of the provisioner's operator API (HTTPS; with --credentials DIR or HERD_API_TOKEN).
+        #[arg(long, global = true, env = "HERD_PROVISIONER", default_value = "https://127.0.0.1:8443")]
         provisioner: String,
         /// What to do.
         #[command(subcommand)]

@@ -407,6 +407,10 @@ fn bring_up(args: &DemoArgs, output: Output) -> anyhow::Result<ExitCode> {
     run("ip", &["link", "set", NETNS, "up"])?;
     done(&bar, format!("namespace {NETNS}, bridge {BRIDGE}; this host is {HOST_CIDR} on interface {NETNS}"));
 
+    // The site PKI: the provisioner's operator API certificate and the demo's admin credential.
+    let services_ip: std::net::IpAddr = SERVICES_IP.parse()?;
+    let pki = herd_lab::pki::LabPki::make(&dir.join("pki"), services_ip)?;
+
     // The provisioner.
     let bar = spinner(&mp, "starting");
     bar.set_prefix("provisioner");
@@ -420,10 +424,12 @@ fn bring_up(args: &DemoArgs, output: Output) -> anyhow::Result<ExitCode> {
         dir.join("provisioner-state").display().to_string(),
         "--assets".into(),
         dir.join("image").display().to_string(),
+        "--api-credentials".into(),
+        pki.server.display().to_string(),
     ]
     .into();
     let pid = spawn_in_netns(&dir, &mut state, "provisioner", &argv, "provisioner.log")?;
-    let provisioner = format!("http://{SERVICES_IP}");
+    let provisioner = format!("https://{SERVICES_IP}:8443");
     let agent = ureq::Agent::new_with_config(
         ureq::Agent::config_builder().timeout_global(Some(Duration::from_secs(2))).build(),
     );
@@ -431,9 +437,9 @@ fn bring_up(args: &DemoArgs, output: Output) -> anyhow::Result<ExitCode> {
         if !alive(&state.procs[0]) {
             bail!("the provisioner exited: {}", tail(&dir.join("provisioner.log")));
         }
-        Ok(agent.get(&format!("{provisioner}/metrics")).call().is_ok().then_some(()))
+        Ok(agent.get(&format!("http://{SERVICES_IP}/metrics")).call().is_ok().then_some(()))
     })?;
-    done(&bar, format!("{provisioner} (pid {pid}): DHCP, TFTP, HTTP on {BRIDGE}"));
+    done(&bar, format!("http://{SERVICES_IP} (pid {pid}): DHCP, TFTP, HTTP on {BRIDGE}; operator API {provisioner}"));
 
     // The registry, and the web server's image in it.
     let bar = spinner(&mp, "starting docker-registry");
@@ -463,11 +469,12 @@ fn bring_up(args: &DemoArgs, output: Output) -> anyhow::Result<ExitCode> {
         power_on_machine(&dir, &mut state, &m)?;
         boot_started.push(Instant::now());
     }
-    let api = herd_api::Client::new(&provisioner, Duration::from_secs(2));
+    let cluster_args = cluster_args(&state, &dir);
+    let api = crate::machine_cmd::Api::new(&provisioner, &cluster_args)?;
     let mut registered: Vec<Option<f64>> = vec![None; state.machines.len()];
     poll(BOOT_LIMIT, "every machine registered", || {
         // Progress only: a provisioner that does not answer this round is asked again the next.
-        let summaries = api.machines().unwrap_or_default();
+        let summaries = api.client().machines().unwrap_or_default();
         for (i, m) in state.machines.iter().enumerate() {
             if registered[i].is_some() {
                 continue;
@@ -500,7 +507,6 @@ fn bring_up(args: &DemoArgs, output: Output) -> anyhow::Result<ExitCode> {
     // The work: a container and a global unit.
     let bar = spinner(&mp, "connecting to etcd");
     bar.set_prefix("units");
-    let cluster_args = cluster_args(&state, &dir);
     let cluster = Cluster::connect(&cluster_args)?;
 
     // Pre-warm: the web image on every machine before any work lands (a unit that moves then starts at once).
@@ -574,7 +580,6 @@ fn bring_up(args: &DemoArgs, output: Output) -> anyhow::Result<ExitCode> {
     cluster.list_machines(Output::Text)?;
     println!("\n$ herdctl list-units");
     cluster.list_units(Output::Text)?;
-    let api = crate::machine_cmd::Api::new(&provisioner);
     for m in &state.machines {
         println!("\n$ herdctl machine timeline {}", m.name);
         api.timeline(&m.name, &cluster_args, Output::Text)?;
@@ -582,11 +587,12 @@ fn bring_up(args: &DemoArgs, output: Output) -> anyhow::Result<ExitCode> {
     println!("\n$ curl {url}\n{}", body.trim_end());
     println!(
         "\nTry next (as root, from this host):\n  \
-         export HERD_ENDPOINT={endpoint} HERD_PROVISIONER={provisioner} HERD_SSH_IDENTITY={}\n  \
+         export HERD_ENDPOINT={endpoint} HERD_PROVISIONER={provisioner} HERD_CREDENTIALS={} HERD_SSH_IDENTITY={}\n  \
          herdctl list-units; herdctl journal hello.service; herdctl status web.service\n  \
          herdctl demo power-off {web_machine}    # a power cut: web.service moves once the machine is declared dead\n  \
          herdctl machine timeline {web_machine}  # shows the death; herdctl demo power-on {web_machine} brings it back\n  \
          herdctl demo down                  # stops everything and removes {}",
+        pki.admin.display(),
         key.display(),
         dir.display()
     );
@@ -597,7 +603,7 @@ fn bring_up(args: &DemoArgs, output: Output) -> anyhow::Result<ExitCode> {
 fn cluster_args(state: &State, dir: &Path) -> ClusterArgs {
     ClusterArgs {
         endpoint: state.endpoints.clone(),
-        credentials: None,
+        credentials: Some(dir.join("pki/credentials/admin")),
         ca_file: None,
         cert_file: None,
         key_file: None,

@@ -39,12 +39,12 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         },
         Command::Machine { provisioner, command } => {
-            let api = machine_cmd::Api::new(&provisioner);
+            let api = || machine_cmd::Api::new(&provisioner, &cli.cluster);
             match command {
-                MachineCommand::List { output } => api.list(output),
-                MachineCommand::Show { name, output } => api.show(&name, output),
-                MachineCommand::Timeline { name, output } => api.timeline(&name, &cli.cluster, output),
-                MachineCommand::Reprovision { name } => api.reprovision(&name),
+                MachineCommand::List { output } => api()?.list(output),
+                MachineCommand::Show { name, output } => api()?.show(&name, output),
+                MachineCommand::Timeline { name, output } => api()?.timeline(&name, &cli.cluster, output),
+                MachineCommand::Reprovision { name } => api()?.reprovision(&name),
                 MachineCommand::Cordon { name } => unit_cmd::Cluster::connect(&cli.cluster)?.cordon(&name, false),
                 MachineCommand::Uncordon { name } => unit_cmd::Cluster::connect(&cli.cluster)?.uncordon(&name),
                 MachineCommand::Drain { name, no_block, timeout } => {

@@ -3,6 +3,8 @@
 
 use std::process::ExitCode;
 
+use anyhow::Context as _;
+
 use herd_api::{Client, TimelineEntry};
 
 use crate::cli::{ClusterArgs, Output};
@@ -23,16 +25,57 @@ fn when(at_ms: u64) -> String {
 /// What to do when the provisioner cannot be reached or refuses.
 fn advice(e: herd_api::ApiError) -> anyhow::Error {
     let hint = match &e {
-        herd_api::ApiError::Unreachable { .. } => "pass --provisioner http://ADDRESS or set HERD_PROVISIONER",
+        herd_api::ApiError::Unreachable { .. } => {
+            "pass --provisioner https://ADDRESS:8443 (or set HERD_PROVISIONER), and --credentials DIR from `herdctl \
+             pki issue operator`"
+        }
+        herd_api::ApiError::Status { status: 401, .. } => {
+            "pass --credentials DIR (from `herdctl pki issue operator NAME`) or set HERD_API_TOKEN"
+        }
+        herd_api::ApiError::Status { status: 403, .. } => {
+            "this needs an operator or admin credential; on the boot port, use the operator API (https://ADDRESS:8443)"
+        }
         e if e.not_found() => "`herdctl machine list` shows the machines of the inventory",
         _ => "its log says more",
     };
     anyhow::Error::new(e).context(hint.to_owned())
 }
 
+/// The operator API credentials of `args`: the api part of `--credentials DIR`, and a bearer token from
+/// `HERD_API_TOKEN` (never a flag: flags show in `ps`).
+fn credentials(args: &ClusterArgs) -> anyhow::Result<Option<herd_api::Credentials>> {
+    let token = std::env::var("HERD_API_TOKEN").ok().filter(|t| !t.is_empty());
+    let Some(dir) = &args.credentials else {
+        return Ok(token.map(|t| herd_api::Credentials { token: Some(t), ..Default::default() }));
+    };
+    let read = |f: &str| std::fs::read(dir.join(f)).with_context(|| format!("cannot read {}", dir.join(f).display()));
+    let ca_pem = read("api-ca.crt")?;
+    let identity = if dir.join("api.crt").exists() {
+        herd_pki::check_private(&dir.join("api.key"))?;
+        Some((read("api.crt")?, read("api.key")?))
+    } else {
+        None
+    };
+    Ok(Some(herd_api::Credentials { ca_pem, identity, token }))
+}
+
 impl Api {
-    pub(crate) fn new(base: &str) -> Self {
-        Api { client: Client::new(base, std::time::Duration::from_secs(10)) }
+    pub(crate) fn new(base: &str, args: &ClusterArgs) -> anyhow::Result<Self> {
+        let timeout = std::time::Duration::from_secs(10);
+        let client = match credentials(args)? {
+            Some(c) if base.starts_with("https://") => Client::with_credentials(base, timeout, &c)?,
+            None if base.starts_with("https://") => anyhow::bail!(
+                "the operator API at {base} needs a credential: pass --credentials DIR (from `herdctl pki issue \
+                 operator NAME`) or set HERD_API_TOKEN"
+            ),
+            _ => Client::new(base, timeout),
+        };
+        Ok(Api { client })
+    }
+
+    /// The API client.
+    pub(crate) fn client(&self) -> &Client {
+        &self.client
     }
 
     pub(crate) fn list(&self, output: Output) -> anyhow::Result<ExitCode> {

@@ -13,7 +13,7 @@ use anyhow::Context as _;
 use herd_cluster::access::{self, Policy};
 use herd_cluster::schema::MachineKey;
 use herd_cluster::store::TlsFiles;
-use herd_pki::{Authority, Holder, KeySource, Role, Site, Standing, Subject};
+use herd_pki::{Authority, Holder, Role, Site, Standing, Subject};
 use time::OffsetDateTime;
 
 use crate::cli::{ClusterArgs, IssueKind, Output};
@@ -68,7 +68,7 @@ pub(crate) fn issue(
     Ok(ExitCode::SUCCESS)
 }
 
-/// Issues `holder`'s certificates from the CAs it needs and writes them, with their CAs, into `out`.
+/// Issues `holder`'s credential (validity: `days`, or the kind's default) into `out`.
 fn write_credential(
     pki: &Site,
     holder: &Holder,
@@ -77,32 +77,24 @@ fn write_credential(
     days: Option<u32>,
     out: &Path,
 ) -> anyhow::Result<()> {
-    let (authorities, default_days): (&[Authority], i64) = match holder {
-        Holder::Operator(..) => (&Authority::ALL, 90),
-        Holder::Machine(_) => (&[Authority::Etcd], 7),
-        Holder::Member(_) => (&[Authority::Etcd], 365),
-        Holder::Server(_) => (&[Authority::Api], 365),
+    let default_days = match holder {
+        Holder::Operator(..) => 90,
+        Holder::Machine(_) => 7,
+        Holder::Member(_) | Holder::Server(_) => 365,
     };
     let validity = time::Duration::days(days.map_or(default_days, i64::from));
     let subject = Subject { holder: holder.clone(), dns: dns.to_vec(), ips: ips.to_vec(), validity };
-    // Everything is issued before anything is written: a refusal leaves `out` as it was.
-    let issued = authorities
-        .iter()
-        .map(|a| Ok((*a, pki.issue(*a, &subject, KeySource::Generate, now())?)))
-        .collect::<Result<Vec<_>, herd_pki::PkiError>>()?;
-    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
-    for (a, cert) in issued {
-        herd_pki::write_public(&out.join(format!("{a}-ca.crt")), pki.ca_pem(a).as_bytes())?;
-        herd_pki::write_private(&out.join(format!("{a}.key")), cert.key_pem.unwrap_or_default().as_bytes())?;
-        herd_pki::write_public(&out.join(format!("{a}.crt")), cert.cert_pem.as_bytes())?;
-    }
+    herd_pki::write_credential(pki, &subject, out, now())?;
     Ok(())
 }
 
-/// The etcd TLS files of `args`: a credential directory's parts, each overridden by its own flag.
+/// The etcd TLS files of `args`: a credential directory's parts (for `https://` endpoints: a credential also
+/// serves the provisioner's API when etcd itself runs without TLS), each overridden by its own flag.
 pub(crate) fn etcd_tls(args: &ClusterArgs) -> anyhow::Result<TlsFiles> {
+    let tls_endpoints = args.endpoint.iter().any(|e| e.starts_with("https://"));
     let part = |flag: &Option<String>, file: &str| -> Option<String> {
-        flag.clone().or_else(|| args.credentials.as_ref().map(|d| d.join(file).display().to_string()))
+        let from_dir = args.credentials.as_ref().filter(|_| tls_endpoints).map(|d| d.join(file).display().to_string());
+        flag.clone().or(from_dir)
     };
     let tls = TlsFiles {
         ca: part(&args.ca_file, "etcd-ca.crt"),

@@ -49,6 +49,7 @@ fn the_cluster_flags_show_only_on_commands_that_use_them() {
             assert!(!h.contains(flag), "{args:?} lists {flag}:\n{h}");
         }
     }
+    assert!(help(&["machine", "show", "--help"]).contains("--credentials"), "the operator API's credential");
     for args in [&["start", "--help"][..], &["list-units", "--help"], &["machine", "drain", "--help"]] {
         assert!(help(args).contains("--endpoint"), "{args:?}");
     }

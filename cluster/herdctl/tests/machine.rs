@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use herd_provisioner::daemon::{DaemonConfig, run};
+use herd_provisioner::daemon::{ApiConfig, ApiReads, DaemonConfig, run};
 use herd_provisioner::dhcp::server::{Mode, UnknownMacs};
 use tokio_util::sync::CancellationToken;
 
@@ -39,6 +39,7 @@ fn list_show_timeline_and_reprovision() {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(dir.join("assets")).unwrap();
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let pki = herd_lab::pki::LabPki::make(&dir.join("pki"), "10.99.0.2".parse().unwrap()).unwrap();
     let config = DaemonConfig {
         inventory: repo.join("examples/qemu-3.toml"),
         interface: "d0".into(),
@@ -51,6 +52,8 @@ fn list_show_timeline_and_reprovision() {
         lease_secs: 3600,
         tftp_root: None,
         assets: dir.join("assets"),
+        api: Some(ApiConfig { port: 8443, credentials: pki.server.clone(), tokens: None }),
+        api_reads: ApiReads::Operators,
     };
     let cancel = CancellationToken::new();
     let daemon_cancel = cancel.clone();
@@ -60,10 +63,12 @@ fn list_show_timeline_and_reprovision() {
         let rt = tokio::runtime::Runtime::new().unwrap();
         rt.block_on(run(config, daemon_cancel))
     });
-    let api = "--provisioner=http://10.99.0.2:8080";
+    let admin = format!("--credentials={}", pki.admin.display());
+    let reader = format!("--credentials={}", pki.reader.display());
+    let api = "--provisioner=https://10.99.0.2:8443";
     let start = Instant::now();
     let list = loop {
-        let out = herdctl(&ns.0, &["machine", "list", api]);
+        let out = herdctl(&ns.0, &["machine", "list", api, &reader]);
         if out.status.success() {
             break String::from_utf8_lossy(&out.stdout).into_owned();
         }
@@ -73,13 +78,20 @@ fn list_show_timeline_and_reprovision() {
     assert!(list.starts_with("NAME   STATE"), "{list}");
     assert!(list.contains("node3  unknown  master  vr1   10.99.0.13"), "{list}");
 
-    let out = herdctl(&ns.0, &["machine", "reprovision", "node2", api]);
-    assert!(out.status.success());
+    let out = herdctl(&ns.0, &["machine", "reprovision", "node2", api, &reader]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("needs an operator or admin credential"), "{err}");
+    let out = herdctl(&ns.0, &["machine", "list", api]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("--credentials DIR"), "{err}");
+    let out = herdctl(&ns.0, &["machine", "reprovision", "node2", api, &admin]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stdout).contains("node2: provisioning"));
-    let out = herdctl(&ns.0, &["machine", "timeline", "node2", api]);
+    let out = herdctl(&ns.0, &["machine", "timeline", "node2", api, &reader]);
     let timeline = String::from_utf8_lossy(&out.stdout);
     assert!(timeline.contains("reprovision") && timeline.contains("unknown -> provisioning"), "{timeline}");
-    let out = herdctl(&ns.0, &["machine", "show", "-o", "json", "node2", api]);
+    assert!(timeline.contains("requested by operator:admin"), "{timeline}");
+    let out = herdctl(&ns.0, &["machine", "show", "-o", "json", "node2", api, &reader]);
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(json["state"], "provisioning");
     assert_eq!(json["fqdn"], "node2.qemu.herd.test");

@@ -230,18 +230,79 @@ impl ApiError {
     }
 }
 
+/// How a client proves who it is to the operator API (docs/security.md).
+#[derive(Clone, Default)]
+pub struct Credentials {
+    /// The site's api CA (PEM): the provisioner's certificate must come from it.
+    pub ca_pem: Vec<u8>,
+    /// A client certificate and its key (PEM), from the same CA.
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+    /// A bearer token, for automation.
+    pub token: Option<String>,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("identity", &self.identity.is_some())
+            .field("token", &self.token.as_ref().map(|_| "(set)"))
+            .finish_non_exhaustive()
+    }
+}
+
+/// Credentials that cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[error("unusable operator credentials: {0}")]
+pub struct CredentialsError(String);
+
 /// A client of one provisioner's operator API.
 #[derive(Debug, Clone)]
 pub struct Client {
     base: String,
     agent: ureq::Agent,
+    token: Option<String>,
 }
 
 impl Client {
     /// A client of the provisioner at `base` (`http://10.0.0.2`), each request bounded by `timeout`.
     pub fn new(base: &str, timeout: std::time::Duration) -> Client {
         let agent = ureq::Agent::config_builder().timeout_global(Some(timeout)).http_status_as_error(false).build();
-        Client { base: base.trim_end_matches('/').to_owned(), agent: agent.into() }
+        Client { base: base.trim_end_matches('/').to_owned(), agent: agent.into(), token: None }
+    }
+
+    /// A client of the operator API at `base` (`https://10.0.0.2:8443`) that checks the provisioner against the
+    /// site's api CA and presents `credentials`.
+    pub fn with_credentials(
+        base: &str,
+        timeout: std::time::Duration,
+        credentials: &Credentials,
+    ) -> Result<Client, CredentialsError> {
+        use ureq::tls::{Certificate, ClientCert, PrivateKey, RootCerts, TlsConfig};
+        let bad = |what: &str, e: ureq::Error| CredentialsError(format!("{what}: {e}"));
+        let ca = Certificate::from_pem(&credentials.ca_pem).map_err(|e| bad("the api CA certificate", e))?;
+        let mut tls = TlsConfig::builder().root_certs(RootCerts::new_with_certs(&[ca]));
+        if let Some((cert, key)) = &credentials.identity {
+            let cert = Certificate::from_pem(cert).map_err(|e| bad("the client certificate", e))?;
+            let key = PrivateKey::from_pem(key).map_err(|e| bad("the client key", e))?;
+            tls = tls.client_cert(Some(ClientCert::new_with_certs(&[cert], key)));
+        }
+        let agent = ureq::Agent::config_builder()
+            .timeout_global(Some(timeout))
+            .http_status_as_error(false)
+            .tls_config(tls.build())
+            .build();
+        Ok(Client {
+            base: base.trim_end_matches('/').to_owned(),
+            agent: agent.into(),
+            token: credentials.token.clone(),
+        })
+    }
+
+    fn authorized<B>(&self, request: ureq::RequestBuilder<B>) -> ureq::RequestBuilder<B> {
+        match &self.token {
+            Some(t) => request.header("authorization", format!("Bearer {t}")),
+            None => request,
+        }
     }
 
     /// The base URL.
@@ -265,7 +326,7 @@ impl Client {
 
     fn get<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T, ApiError> {
         let url = format!("{}{path}", self.base);
-        Self::answer(url.clone(), self.agent.get(&url).call())
+        Self::answer(url.clone(), self.authorized(self.agent.get(&url)).call())
     }
 
     /// Every machine of the inventory, with its state and latest event.
@@ -298,7 +359,7 @@ impl Client {
     /// Makes `name` install on its next boot.
     pub fn reprovision(&self, name: &str) -> Result<StateChange, ApiError> {
         let url = format!("{}{}", self.base, paths::reprovision(name));
-        Self::answer(url.clone(), self.agent.post(&url).send_empty())
+        Self::answer(url.clone(), self.authorized(self.agent.post(&url)).send_empty())
     }
 }
 

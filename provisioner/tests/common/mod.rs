@@ -11,6 +11,12 @@ use std::time::{Duration, Instant};
 
 pub const SERVER_IP: &str = "10.99.0.2";
 
+/// The bearer token every lab's provisioner accepts (role operator), by its hash in the tokens file.
+pub const TOKEN: &str = "lab-token-for-tests-only-9f2c4e1a";
+
+/// The operator API's base URL.
+pub const API: &str = "https://10.99.0.2:8443";
+
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
 pub fn repo() -> PathBuf {
@@ -50,6 +56,8 @@ pub struct Lab {
     pub inventory: PathBuf,
     provisioner: Option<Child>,
     pub args: Vec<String>,
+    /// The site PKI: the provisioner's operator API certificate, admin and read-only operators.
+    pub pki: herd_lab::pki::LabPki,
 }
 
 impl Lab {
@@ -63,6 +71,10 @@ impl Lab {
         std::fs::create_dir_all(&dir).unwrap();
         let inv_path = dir.join("inventory.toml");
         std::fs::write(&inv_path, inventory).unwrap();
+        let pki = herd_lab::pki::LabPki::make(&dir.join("pki"), SERVER_IP.parse().unwrap()).unwrap();
+        let hash = herd_provisioner::operator::token_hash(TOKEN);
+        let tokens = format!("version = 1\n[[token]]\nname = \"ci\"\nrole = \"operator\"\nsha256 = \"{hash}\"\n");
+        std::fs::write(dir.join("tokens.toml"), tokens).unwrap();
         let lab = Lab {
             server_ns: format!("hs{id}"),
             client_ns: format!("hc{id}"),
@@ -72,6 +84,7 @@ impl Lab {
             inventory: inv_path,
             provisioner: None,
             args: args.iter().map(|s| s.to_string()).collect(),
+            pki,
         };
         sh("ip", &["netns", "add", &lab.server_ns]);
         sh("ip", &["netns", "add", &lab.client_ns]);
@@ -119,6 +132,10 @@ impl Lab {
             .arg(self.state_dir())
             .arg("--assets")
             .arg(self.assets_dir())
+            .arg("--api-credentials")
+            .arg(&self.pki.server)
+            .arg("--api-tokens")
+            .arg(self.dir.join("tokens.toml"))
             .args(&self.args)
             .env("RUST_LOG", "debug")
             .stdout(Stdio::null())
@@ -163,6 +180,28 @@ impl Lab {
     /// Gives the client interface an address (for unicast protocols: TFTP, HTTP, INFORM).
     pub fn client_address(&self, cidr: &str) {
         sh("ip", &["-n", &self.client_ns, "addr", "add", cidr, "dev", &self.client_if]);
+    }
+
+    /// curl in the client namespace against the operator API (`path` under [`API`]) with the credential in
+    /// `credential` (None: none); returns the status code (0: no HTTP answer, e.g. a refused handshake) and body.
+    pub fn api(&self, credential: Option<&Path>, args: &[&str], path: &str) -> (u16, String) {
+        let mut all: Vec<String> = ["-s", "-w", "\n%{http_code}", "--cacert"].map(String::from).to_vec();
+        all.push(self.pki.admin.join("api-ca.crt").display().to_string());
+        if let Some(c) = credential {
+            all.extend(["--cert".to_owned(), c.join("api.crt").display().to_string()]);
+            all.extend(["--key".to_owned(), c.join("api.key").display().to_string()]);
+        }
+        all.extend(args.iter().map(|a| a.to_string()));
+        all.push(format!("{API}{path}"));
+        let refs: Vec<&str> = all.iter().map(String::as_str).collect();
+        let text = String::from_utf8_lossy(&self.in_client("curl", &refs).stdout).into_owned();
+        let (content, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+        (code.trim().parse().unwrap_or(0), content.to_owned())
+    }
+
+    /// [`Lab::api`] as the lab's admin.
+    pub fn admin(&self, args: &[&str], path: &str) -> (u16, String) {
+        self.api(Some(&self.pki.admin), args, path)
     }
 
     /// Runs a command in the client namespace.

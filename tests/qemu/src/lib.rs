@@ -28,7 +28,7 @@ pub use herd_lab::qemu::{
     CABLE_SPEED, DEBIAN_IPXE_DIR, Firmware, KERNEL, Link, OVMF_CODE, OVMF_VARS, VmSpec, add_tap, bridge_netns,
     cable_netdev, ip, pxe_qemu_args, qcow2,
 };
-use herd_provisioner::daemon::DaemonConfig;
+use herd_provisioner::daemon::{ApiConfig, ApiReads, DaemonConfig};
 pub use herd_provisioner::dhcp::server::Mode;
 use herd_provisioner::dhcp::server::UnknownMacs;
 use tokio_util::sync::CancellationToken;
@@ -203,6 +203,8 @@ pub struct Lab {
     /// Full DHCP (default) or proxyDHCP.
     pub mode: Mode,
     hosts: Vec<(String, Option<Daemon>)>,
+    /// A read-only operator's credential for the operator API (made when the provisioner starts).
+    reader: Option<PathBuf>,
 }
 
 impl Lab {
@@ -223,6 +225,7 @@ impl Lab {
             vms: Vec::new(),
             mode: Mode::Full,
             hosts: Vec::new(),
+            reader: None,
         };
         bridge_netns(&lab.ns, &lab.bridge, &[&format!("{PROVISIONER_IP}/24"), "10.99.0.1/24"])?;
         Ok(lab)
@@ -286,6 +289,7 @@ impl Lab {
 
     /// Starts the provisioner (in-process, inside the namespace) on the bridge.
     pub fn start_provisioner(&mut self) -> anyhow::Result<()> {
+        let pki = herd_lab::pki::LabPki::make(&self.dir.join("pki"), PROVISIONER_IP.parse()?)?;
         let config = DaemonConfig {
             inventory: self.inventory.clone(),
             interface: self.bridge.clone(),
@@ -298,7 +302,10 @@ impl Lab {
             lease_secs: 3600,
             tftp_root: None,
             assets: self.dir.join("assets"),
+            api: Some(ApiConfig { port: 8443, credentials: pki.server.clone(), tokens: None }),
+            api_reads: ApiReads::Operators,
         };
+        self.reader = Some(pki.reader);
         let cancel = CancellationToken::new();
         let run_cancel = cancel.clone();
         let ns = format!("/run/netns/{}", self.ns);
@@ -410,10 +417,14 @@ impl Lab {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
-    /// The provisioner's JSON API at `path`.
+    /// The provisioner's operator API at `path`, read as a read-only operator over its TLS.
     pub fn api(&self, path: &str) -> anyhow::Result<serde_json::Value> {
+        let cred = self.reader.as_ref().context("the provisioner is not started")?;
+        let file = |f: &str| cred.join(f).display().to_string();
         let out = Command::new("ip")
-            .args(["netns", "exec", &self.ns, "curl", "-sf", &format!("http://{PROVISIONER_IP}{path}")])
+            .args(["netns", "exec", &self.ns, "curl", "-sf", "--cacert", &file("api-ca.crt")])
+            .args(["--cert", &file("api.crt"), "--key", &file("api.key")])
+            .arg(format!("https://{PROVISIONER_IP}:8443{path}"))
             .output()?;
         if !out.status.success() {
             bail!("GET {path} failed");
