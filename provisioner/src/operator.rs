@@ -30,7 +30,6 @@ use axum::response::{IntoResponse, Response};
 use herd_pki::{Holder, Role};
 use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use sha2::{Digest as _, Sha256};
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
@@ -102,17 +101,8 @@ impl Tokens {
     }
 
     fn find(&self, token: &str) -> Option<&Caller> {
-        self.0.get(&hex(&Sha256::digest(token.as_bytes())))
+        self.0.get(&herd_api::token_hash(token))
     }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// The SHA-256 of a token as the tokens file holds it.
-pub fn token_hash(token: &str) -> String {
-    hex(&Sha256::digest(token.as_bytes()))
 }
 
 /// What the door needs.

@@ -433,6 +433,18 @@ pub enum PkiCommand {
         #[arg(long, value_name = "DIR")]
         out: Option<PathBuf>,
     },
+    /// Make a bearer token for automation (printed once, never stored) and add its hash to a tokens file that
+    /// the provisioner reads (--api-tokens).
+    Token {
+        /// The token's name (logged and in timelines as token:NAME).
+        name: String,
+        /// Its role.
+        #[arg(long, default_value = "read-only", value_parser = parse_role)]
+        role: herd_pki::Role,
+        /// The tokens file [default: DIR/api-tokens.toml].
+        #[arg(long, value_name = "FILE")]
+        file: Option<PathBuf>,
+    },
     /// Both CAs and every certificate issued, with expiries (soonest first).
     Status {
         /// Print a table or JSON.

@@ -69,6 +69,8 @@ struct Summary {
     wall_s: f64,
     endpoints: Vec<String>,
     provisioner: String,
+    /// The admin credential for the operator API (`HERD_CREDENTIALS`).
+    credentials: PathBuf,
     registry: String,
     ssh_identity: PathBuf,
     machines: Vec<MachineFigure>,
@@ -555,6 +557,7 @@ fn bring_up(args: &DemoArgs, output: Output) -> anyhow::Result<ExitCode> {
             wall_s: wall,
             endpoints: state.endpoints.clone(),
             provisioner,
+            credentials: pki.admin.clone(),
             registry,
             ssh_identity: key,
             machines: state

@@ -63,6 +63,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             PkiCommand::Issue { kind, name, role, ips, dns, days, out } => {
                 pki_cmd::issue(&dir, kind, &name, role, &ips, &dns, days, out.as_deref())
             }
+            PkiCommand::Token { name, role, file } => pki_cmd::token(&dir, &name, role, file.as_deref()),
             PkiCommand::Status { output } => pki_cmd::status(&dir, output),
         },
         Command::Access { command } => match command {

@@ -88,6 +88,36 @@ fn write_credential(
     Ok(())
 }
 
+/// `herdctl pki token`: a new random token, printed once; its hash is added to the tokens file (made if missing).
+pub(crate) fn token(dir: &Path, name: &str, role: Role, file: Option<&Path>) -> anyhow::Result<ExitCode> {
+    anyhow::ensure!(herd_pki::is_name(name), "token name {name:?}: use 1-63 of a-z, 0-9 and '-'");
+    let path = file.map_or_else(|| dir.join("api-tokens.toml"), Path::to_owned);
+    let mut text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => "version = 1\n".to_owned(),
+        Err(e) => return Err(anyhow::Error::new(e).context(format!("cannot read {}", path.display()))),
+    };
+    if text.contains(&format!("name = \"{name}\"\n")) {
+        anyhow::bail!("{} already has a token named {name}: pick another name (or remove its entry)", path.display());
+    }
+    let mut secret = [0u8; 32];
+    getrandom::fill(&mut secret).map_err(|e| anyhow::anyhow!("no randomness from the OS: {e}"))?;
+    let token: String = secret.iter().map(|b| format!("{b:02x}")).collect();
+    text.push_str(&format!(
+        "\n[[token]]\nname = \"{name}\"\nrole = \"{role}\"\nsha256 = \"{}\"\n",
+        herd_api::token_hash(&token)
+    ));
+    herd_pki::write_public(&path, text.as_bytes())?;
+    eprintln!(
+        "token:{name} ({role}) added to {}; restart the provisioner with --api-tokens {} to accept it. The token \
+         (shown once, keep it secret; clients send it as HERD_API_TOKEN):",
+        path.display(),
+        path.display()
+    );
+    println!("{token}");
+    Ok(ExitCode::SUCCESS)
+}
+
 /// The etcd TLS files of `args`: a credential directory's parts (for `https://` endpoints: a credential also
 /// serves the provisioner's API when etcd itself runs without TLS), each overridden by its own flag.
 pub(crate) fn etcd_tls(args: &ClusterArgs) -> anyhow::Result<TlsFiles> {

@@ -84,6 +84,15 @@ fn init_issue_status_and_the_refusals_that_lose_nothing() {
     assert_eq!(header, ["CA", "SUBJECT", "ROLE", "NOT", "AFTER", "DAYS", "STANDING", "SERIAL"], "{text}");
     assert!(text.contains("operator:olga     operator"), "{text}");
 
+    // A bearer token: printed once, only its hash kept, in a file the provisioner reads.
+    let token = ok(&herdctl(&["pki", "--dir", pki_s, "token", "ci", "--role", "operator"])).trim().to_owned();
+    assert_eq!(token.len(), 64, "{token}");
+    let file = std::fs::read_to_string(pki.join("api-tokens.toml")).unwrap();
+    assert!(file.contains(&herd_api::token_hash(&token)) && !file.contains(&token), "{file}");
+    herd_provisioner::operator::Tokens::load(&pki.join("api-tokens.toml")).unwrap();
+    let err = refused(&herdctl(&["pki", "--dir", pki_s, "token", "ci"]));
+    assert!(err.contains("already has a token named ci"), "{err}");
+
     std::fs::set_permissions(pki.join("api-ca.key"), std::fs::Permissions::from_mode(0o644)).unwrap();
     let err = refused(&herdctl(&["pki", "--dir", pki_s, "issue", "operator", "late"]));
     assert!(err.contains("chmod 600"), "{err}");

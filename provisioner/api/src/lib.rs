@@ -230,6 +230,12 @@ impl ApiError {
     }
 }
 
+/// The SHA-256 of a bearer token, as hex: what a tokens file holds (never the token).
+pub fn token_hash(token: &str) -> String {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(token.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// How a client proves who it is to the operator API (docs/security.md).
 #[derive(Clone, Default)]
 pub struct Credentials {

@@ -72,7 +72,7 @@ impl Lab {
         let inv_path = dir.join("inventory.toml");
         std::fs::write(&inv_path, inventory).unwrap();
         let pki = herd_lab::pki::LabPki::make(&dir.join("pki"), SERVER_IP.parse().unwrap()).unwrap();
-        let hash = herd_provisioner::operator::token_hash(TOKEN);
+        let hash = herd_api::token_hash(TOKEN);
         let tokens = format!("version = 1\n[[token]]\nname = \"ci\"\nrole = \"operator\"\nsha256 = \"{hash}\"\n");
         std::fs::write(dir.join("tokens.toml"), tokens).unwrap();
         let lab = Lab {

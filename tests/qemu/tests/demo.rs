@@ -149,6 +149,7 @@ fn the_demo_comes_up_serves_http_survives_a_power_cut_and_goes_down_cleanly() {
             up["endpoints"].as_array().unwrap().iter().map(|e| e.as_str().unwrap()).collect::<Vec<_>>().join(","),
         ),
         ("HERD_PROVISIONER".into(), up["provisioner"].as_str().unwrap().to_owned()),
+        ("HERD_CREDENTIALS".into(), up["credentials"].as_str().unwrap().to_owned()),
         ("HERD_SSH_IDENTITY".into(), up["ssh_identity"].as_str().unwrap().to_owned()),
     ]);
 
