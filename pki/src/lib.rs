@@ -659,6 +659,12 @@ pub fn request(common_name: &str) -> Result<(String, String), PkiError> {
     Ok((key.serialize_pem(), csr.pem()?))
 }
 
+/// Checks a PEM certificate request: it parses and its signature matches its key (so a credential is not spent
+/// on a request that cannot be signed).
+pub fn check_request(pem: &str) -> Result<(), String> {
+    CertificateSigningRequestParams::from_pem(pem).map(|_| ()).map_err(|e| format!("not a valid signed request ({e})"))
+}
+
 /// Checks that `cert_pem` was signed by the CA in `ca_pem` and is valid at `now`.
 pub fn verify(
     ca_pem: &str,

@@ -53,6 +53,8 @@ pub struct DaemonConfig {
     pub api: Option<ApiConfig>,
     /// Whether the machine API's reads are also served, unauthenticated, on the boot port.
     pub api_reads: ApiReads,
+    /// The site PKI, from which machines get their certificates at a join, and whether they may.
+    pub site_pki: Option<(PathBuf, crate::join::JoinPolicy)>,
 }
 
 /// The operator API's settings.
@@ -133,6 +135,13 @@ pub struct Settings {
     /// Who may read the machine API [default: operators].
     #[arg(long, value_enum)]
     pub api_reads: Option<ApiReads>,
+    /// The site PKI's directory (`herdctl pki init`): configs then carry its CA certificates and a one-time join
+    /// credential, and machines trade it for their certificates.
+    #[arg(long, value_name = "DIR")]
+    pub site_pki: Option<PathBuf>,
+    /// Whether machines may join (get certificates) [default: open].
+    #[arg(long, value_enum)]
+    pub join: Option<crate::join::JoinPolicy>,
 }
 
 impl Settings {
@@ -155,6 +164,8 @@ impl Settings {
             api_credentials: None,
             api_tokens: None,
             api_reads: Some(ApiReads::Operators),
+            site_pki: None,
+            join: Some(crate::join::JoinPolicy::Open),
         }
     }
 
@@ -177,6 +188,7 @@ impl Settings {
             &mut config.assets,
             &mut config.api_credentials,
             &mut config.api_tokens,
+            &mut config.site_pki,
         ]
         .into_iter()
         .flatten()
@@ -207,6 +219,8 @@ impl Settings {
             api_credentials: self.api_credentials.or(under.api_credentials),
             api_tokens: self.api_tokens.or(under.api_tokens),
             api_reads: self.api_reads.or(under.api_reads),
+            site_pki: self.site_pki.or(under.site_pki),
+            join: self.join.or(under.join),
         }
     }
 
@@ -239,6 +253,7 @@ impl Settings {
                 None => None,
             },
             api_reads: s.api_reads.unwrap_or_default(),
+            site_pki: s.site_pki.map(|dir| (dir, s.join.unwrap_or_default())),
         })
     }
 }
@@ -357,6 +372,13 @@ pub async fn run(config: DaemonConfig, cancel: CancellationToken) -> anyhow::Res
         },
         Arc::clone(&metrics),
     );
+    let http_state = match &config.site_pki {
+        Some((dir, policy)) => http_state.with_joining(
+            crate::join::Joining::open(dir, *policy)
+                .with_context(|| format!("cannot use the site PKI in {}", dir.display()))?,
+        ),
+        None => http_state,
+    };
     let operator = match &config.api {
         Some(api) => {
             let tls = crate::operator::tls_config(&api.credentials)

@@ -54,6 +54,7 @@ pub struct HttpState {
     metrics: Arc<Metrics>,
     refusals: Arc<LogLimiter>,
     files: Arc<crate::files::FileCache>,
+    joining: Option<Arc<crate::join::Joining>>,
 }
 
 /// What the HTTP server serves from where.
@@ -83,7 +84,14 @@ impl HttpState {
         // Canonical once, so confinement checks per request compare against a fixed root (a missing directory
         // stays as given and every request for it is a 404).
         let (assets, ipxe) = (assets.canonicalize().unwrap_or(assets), ipxe.canonicalize().unwrap_or(ipxe));
-        HttpState { inv, by_address, assets, ipxe, base, assets_base, metrics, refusals, files }
+        metrics.describe("herd_http_join_refused_total", "Join requests refused, by reason.");
+        HttpState { inv, by_address, assets, ipxe, base, assets_base, metrics, refusals, files, joining: None }
+    }
+
+    /// Issues machine certificates from `joining` (configs then carry the CAs and a join credential).
+    pub fn with_joining(mut self, joining: crate::join::Joining) -> Self {
+        self.joining = Some(Arc::new(joining));
+        self
     }
 }
 
@@ -96,6 +104,7 @@ pub fn router(state: HttpState, reads_open: bool) -> Router {
         .route("/ipxe/{*path}", get(ipxe_binary).head(ipxe_binary))
         .route("/config/{mac}", get(config))
         .route("/phone-home/{mac}", post(phone_home))
+        .route("/join/{mac}", post(join).layer(axum::extract::DefaultBodyLimit::max(4 * herd_api::CSR_MAX)))
         .route("/metrics", get(metrics));
     let api = if reads_open {
         api_reads().route("/api/v1/machines/{name}/reprovision", post(operator_only))
@@ -373,7 +382,20 @@ async fn config(
         return s.refuse("wrong-token", &mac_text, peer);
     }
     match ignition::render_machine(&s.inv, &name) {
-        Ok(cfg) => {
+        Ok(mut cfg) => {
+            if let Some(joining) = &s.joining {
+                for (file, pem) in joining.ca_files() {
+                    ignition::add_file(&mut cfg, &format!("{}/{file}", herd_api::CA_DIR), pem, 0o644);
+                }
+                if joining.policy == crate::join::JoinPolicy::Open {
+                    match s.by_address.machines.issue_join(&name).await {
+                        Ok(credential) => {
+                            ignition::add_file(&mut cfg, herd_api::JOIN_CREDENTIAL_PATH, &credential, 0o600);
+                        }
+                        Err(e) => return machines_error(&e),
+                    }
+                }
+            }
             s.by_address.machines.event(&name, "config", format!("served to {peer}"));
             (StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], ignition::to_json(&cfg)).into_response()
         }
@@ -391,8 +413,85 @@ fn machines_error(e: &MachinesError) -> Response {
         MachinesError::Unknown(_) => StatusCode::NOT_FOUND,
         MachinesError::Stopped => StatusCode::SERVICE_UNAVAILABLE,
         MachinesError::NotDurable(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        MachinesError::JoinRefused(_) => StatusCode::FORBIDDEN,
     };
     text(status, format!("{e}\n"))
+}
+
+/// `POST /join/MAC`: the machine's certificate requests with its one-time credential ([`crate::join`]).
+async fn join(
+    State(s): State<HttpState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Path(mac_text): Path<String>,
+    axum::Json(req): axum::Json<herd_api::JoinRequest>,
+) -> Response {
+    s.metrics.inc("herd_http_requests_total", "route=\"join\"");
+    let refuse = |name: Option<&str>, reason: &'static str, status: StatusCode, why: String| {
+        s.metrics.inc("herd_http_join_refused_total", &format!("reason=\"{reason}\""));
+        if let Some(name) = name {
+            s.by_address.machines.event(name, "join-refused", format!("from {peer}: {why}"));
+        }
+        if s.refusals.allow() {
+            tracing::warn!(%peer, mac = %mac_text, reason, "join refused (further refusals within 1 s are only counted)");
+        }
+        text(status, format!("{why}\n"))
+    };
+    let Some(mac) = parse_mac(&mac_text) else {
+        return refuse(None, "bad-mac", StatusCode::NOT_FOUND, "expected /join/MAC".into());
+    };
+    let Some(name) = s.by_address.macs.get(&mac).cloned() else {
+        return refuse(None, "unknown-mac", StatusCode::FORBIDDEN, format!("{mac} is not a machine of the inventory"));
+    };
+    let Some(machine) = s.inv.machine(&name) else { return text(StatusCode::NOT_FOUND, "unknown machine\n") };
+    let Some(joining) = s.joining.clone() else {
+        return refuse(Some(&name), "no-pki", StatusCode::NOT_FOUND, "this provisioner issues no certificates".into());
+    };
+    if joining.policy == crate::join::JoinPolicy::Closed {
+        return refuse(Some(&name), "closed", StatusCode::FORBIDDEN, "registration is closed".into());
+    }
+    let from = source_v4(peer);
+    let own = machine.internal.get_ref().0;
+    if from.is_none() || (from != s.by_address.leases.of(mac) && from != Some(own)) {
+        let why = format!("not {name}'s address");
+        return refuse(Some(&name), "wrong-source", StatusCode::FORBIDDEN, why);
+    }
+    if let Err(e) = req.check() {
+        return refuse(Some(&name), "invalid-request", StatusCode::BAD_REQUEST, e.to_string());
+    }
+    let member = s.inv.etcd_members().any(|m| m.name() == machine.name());
+    if req.member_csr.is_some() && !member {
+        let why = format!("{name} is not an etcd member: it gets no member certificate");
+        return refuse(Some(&name), "not-a-member", StatusCode::BAD_REQUEST, why);
+    }
+    for (at, csr) in [("machine_csr", Some(&req.machine_csr)), ("member_csr", req.member_csr.as_ref())] {
+        if let Some(Err(why)) = csr.map(|c| herd_pki::check_request(c)) {
+            return refuse(Some(&name), "invalid-request", StatusCode::BAD_REQUEST, format!("{at}: {why}"));
+        }
+    }
+    if let Err(e) = s.by_address.machines.spend_join(&name, &req.credential).await {
+        let reason = match e {
+            MachinesError::JoinRefused(r) => r,
+            _ => return machines_error(&e),
+        };
+        return refuse(
+            Some(&name),
+            reason,
+            StatusCode::FORBIDDEN,
+            format!("the join credential is refused ({reason})"),
+        );
+    }
+    match joining.issue(&s.inv, machine, member, &req) {
+        Ok(answer) => {
+            let fingerprint = |pem: &str| herd_pki::parse(pem).map(|i| i.fingerprint).unwrap_or_default();
+            let mut detail = format!("machine:{name} {}", fingerprint(&answer.machine_cert));
+            if let Some(m) = &answer.member_cert {
+                detail.push_str(&format!(", member:{name} {}", fingerprint(m)));
+            }
+            s.by_address.machines.event(&name, "join", detail);
+            axum::Json(answer).into_response()
+        }
+        Err(e) => refuse(Some(&name), "not-issued", StatusCode::BAD_REQUEST, e.to_string()),
+    }
 }
 
 async fn phone_home(

@@ -28,6 +28,7 @@ pub mod files;
 pub mod http;
 pub mod images;
 pub mod ipxe;
+pub mod join;
 pub mod machines;
 pub mod metrics;
 pub mod operator;

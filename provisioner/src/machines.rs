@@ -44,6 +44,23 @@ pub enum MachinesError {
     /// The change could not be made durable; it is not acknowledged.
     #[error("the machine state could not be written to the store: {0}")]
     NotDurable(String),
+    /// A join credential was refused (`reason`: `none`, `spent`, `expired`, `wrong`).
+    #[error("join credential refused: {0}")]
+    JoinRefused(&'static str),
+}
+
+/// How long a join credential is valid after the config carrying it was served.
+pub const JOIN_VALIDITY_MS: u64 = 10 * 60 * 1000;
+
+/// A machine's one-time join credential, as kept: its hash, never the credential.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JoinTicket {
+    /// SHA-256 of the credential, hex.
+    pub hash: String,
+    /// Valid until (ms since the epoch).
+    pub expires_ms: u64,
+    /// Spent (a certificate was issued for it).
+    pub spent: bool,
 }
 
 /// What moves a machine from one state to another.
@@ -93,6 +110,9 @@ pub struct MachineRecord {
     /// The machine's A/B slots as node-init last reported them (installed machines).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub slots: Option<SlotReport>,
+    /// The join credential of the config served last.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub join: Option<JoinTicket>,
 }
 
 /// A machine in a listing: its state and its last event.
@@ -132,6 +152,10 @@ pub enum Command {
         slots: Option<SlotReport>,
         reply: oneshot::Sender<Result<MachineState, MachinesError>>,
     },
+    /// A config is about to be served: make a new one-time join credential (replacing any earlier one).
+    IssueJoin { machine: String, reply: oneshot::Sender<Result<String, MachinesError>> },
+    /// Spend a join credential: valid, unspent and not expired, it is marked spent (durably) before the reply.
+    SpendJoin { machine: String, credential: String, reply: oneshot::Sender<Result<String, MachinesError>> },
     /// Force the next boot to install.
     Reprovision { machine: String, by: String, reply: oneshot::Sender<Result<MachineState, MachinesError>> },
     /// Read one machine.
@@ -209,6 +233,19 @@ impl Machines {
             .unwrap_or(false)
     }
 
+    /// A new join credential for the config about to be served to `machine`.
+    pub async fn issue_join(&self, machine: &str) -> Result<String, MachinesError> {
+        self.ask(|reply| Command::IssueJoin { machine: machine.to_owned(), reply })
+            .await
+            .unwrap_or(Err(MachinesError::Stopped))
+    }
+
+    /// Spends `credential`: Ok once it is durably marked spent; refused if unknown, spent, expired or wrong.
+    pub async fn spend_join(&self, machine: &str, credential: &str) -> Result<(), MachinesError> {
+        let cmd = |reply| Command::SpendJoin { machine: machine.to_owned(), credential: credential.to_owned(), reply };
+        self.ask(cmd).await.unwrap_or(Err(MachinesError::Stopped)).map(|_| ())
+    }
+
     /// Records a phone-home and applies its state transition.
     pub async fn phone_home(
         &self,
@@ -258,6 +295,7 @@ struct Task {
 enum Pending {
     Script(oneshot::Sender<Result<(String, BootMode), MachinesError>>, Result<(String, BootMode), MachinesError>),
     State(oneshot::Sender<Result<MachineState, MachinesError>>, Result<MachineState, MachinesError>),
+    Text(oneshot::Sender<Result<String, MachinesError>>, Result<String, MachinesError>),
 }
 
 /// A reply as it goes out: a success only if its batch was written.
@@ -305,6 +343,9 @@ impl Task {
                         let _ = tx.send(settle(v, &failed));
                     }
                     Pending::State(tx, v) => {
+                        let _ = tx.send(settle(v, &failed));
+                    }
+                    Pending::Text(tx, v) => {
                         let _ = tx.send(settle(v, &failed));
                     }
                 }
@@ -403,6 +444,38 @@ impl Task {
                     None => Err(unknown(&machine)),
                 };
                 pending.push(Pending::State(reply, result));
+            }
+            Command::IssueJoin { machine, reply } => {
+                let result = match self.records.get_mut(&machine) {
+                    Some(r) => {
+                        let credential = new_token() + &new_token();
+                        let hash = herd_api::token_hash(&credential);
+                        r.join = Some(JoinTicket { hash, expires_ms: now_ms() + JOIN_VALIDITY_MS, spent: false });
+                        dirty.push(machine);
+                        Ok(credential)
+                    }
+                    None => Err(unknown(&machine)),
+                };
+                pending.push(Pending::Text(reply, result));
+            }
+            Command::SpendJoin { machine, credential, reply } => {
+                let result = match self.records.get_mut(&machine) {
+                    Some(r) => match r.join.as_mut() {
+                        None => Err(MachinesError::JoinRefused("none")),
+                        Some(t) if t.hash != herd_api::token_hash(&credential) => {
+                            Err(MachinesError::JoinRefused("wrong"))
+                        }
+                        Some(t) if t.spent => Err(MachinesError::JoinRefused("spent")),
+                        Some(t) if now_ms() >= t.expires_ms => Err(MachinesError::JoinRefused("expired")),
+                        Some(t) => {
+                            t.spent = true;
+                            dirty.push(machine);
+                            Ok(String::new())
+                        }
+                    },
+                    None => Err(unknown(&machine)),
+                };
+                pending.push(Pending::Text(reply, result));
             }
             Command::Reprovision { machine, by, reply } => {
                 let result = match self.records.get_mut(&machine) {

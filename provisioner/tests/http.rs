@@ -343,3 +343,108 @@ fn open_reads_serve_the_listing_on_the_boot_port_but_never_a_change() {
     assert!(list.contains("node3"), "{list}");
     assert_eq!(curl(&lab, &["-X", "POST", "http://10.99.0.2/api/v1/machines/node1/reprovision"]).0, 403);
 }
+
+/// The contents of the file at `path` in a served Ignition config (a `data:,` URL), if any.
+fn config_file(config: &serde_json::Value, path: &str) -> Option<String> {
+    let files = config["storage"]["files"].as_array()?;
+    let source = files.iter().find(|f| f["path"] == path)?["contents"]["source"].as_str()?.to_owned();
+    let encoded = source.strip_prefix("data:,")?.as_bytes().to_vec();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < encoded.len() {
+        if encoded[i] == b'%' {
+            out.push(u8::from_str_radix(std::str::from_utf8(&encoded[i + 1..i + 3]).ok()?, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(encoded[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+fn fetch_config(lab: &Lab) -> serde_json::Value {
+    let (_, script) = curl(lab, &[&format!("http://10.99.0.2/boot/{NODE1_DASHED}.ipxe")]);
+    let token = token_of(&script);
+    let (code, json) = curl(lab, &[&format!("http://10.99.0.2/config/{NODE1_DASHED}?token={token}")]);
+    assert_eq!(code, 200, "{json}");
+    serde_json::from_str(&json).unwrap()
+}
+
+#[test]
+fn a_machine_trades_its_one_time_join_credential_for_certificates_of_its_own_keys() {
+    let lab = booted_lab();
+    let config = fetch_config(&lab);
+    let credential = config_file(&config, herd_api::JOIN_CREDENTIAL_PATH).expect("a join credential");
+    let etcd_ca = config_file(&config, &format!("{}/etcd-ca.crt", herd_api::CA_DIR)).expect("the etcd CA");
+    assert_eq!(etcd_ca, lab.pki.site.ca_pem(herd_pki::Authority::Etcd), "the site's CA, pinned by the machine");
+    assert!(!config.to_string().contains("PRIVATE KEY"), "no key in a config");
+    let (_machine_key, machine_csr) = herd_pki::request("node1").unwrap();
+    let (_, member_csr) = herd_pki::request("node1").unwrap();
+    let join = |body: &serde_json::Value, from: Option<&str>| {
+        let body = body.to_string();
+        let mut args = vec!["-X", "POST", "-H", "content-type: application/json", "-d", &body];
+        if let Some(ip) = from {
+            args.extend(["--interface", ip]);
+        }
+        let url = format!("http://10.99.0.2/join/{NODE1_DASHED}");
+        args.push(&url);
+        curl(&lab, &args)
+    };
+    let request = |credential: &str, csr: &str| serde_json::json!({"credential": credential, "machine_csr": csr, "member_csr": member_csr});
+    // Refused without spending the credential: a request that is not signed, another address, a wrong credential.
+    // One base64 character changed in the middle of the request: its signature no longer matches.
+    let mut lines: Vec<String> = machine_csr.lines().map(str::to_owned).collect();
+    let mid = lines.len() / 2;
+    let flipped: String = lines[mid]
+        .chars()
+        .enumerate()
+        .map(|(i, c)| if i == 20 { if c == 'A' { 'B' } else { 'A' } } else { c })
+        .collect();
+    lines[mid] = flipped;
+    let garbled = lines.join("\n") + "\n";
+    let (code, why) = join(&request(&credential, &garbled), None);
+    assert_eq!(code, 400, "{why}");
+    lab.client_address("10.99.0.97/24");
+    assert_eq!(join(&request(&credential, &machine_csr), Some("10.99.0.97")).0, 403);
+    assert_eq!(join(&request(&"0".repeat(64), &machine_csr), None).0, 403);
+    // The machine's own request: certificates for its keys, naming it, from the site's etcd CA.
+    let (code, answer) = join(&request(&credential, &machine_csr), None);
+    assert_eq!(code, 200, "{answer}");
+    let answer: herd_api::JoinAnswer = serde_json::from_str(&answer).unwrap();
+    let now = time::OffsetDateTime::now_utc();
+    let cert = lab.pki.site.verify(herd_pki::Authority::Etcd, &answer.machine_cert, now).unwrap();
+    assert_eq!(cert.holder, Some(herd_pki::Holder::Machine("node1".into())));
+    let member = lab.pki.site.verify(herd_pki::Authority::Etcd, answer.member_cert.as_deref().unwrap(), now).unwrap();
+    assert_eq!(member.holder, Some(herd_pki::Holder::Member("node1".into())), "node1 is an etcd member");
+    // Spent: the same credential again is refused, and so is the old one once a new boot's config is served.
+    let (code, why) = join(&request(&credential, &machine_csr), None);
+    assert_eq!((code, why.trim()), (403, "the join credential is refused (spent)"));
+    let fresh = config_file(&fetch_config(&lab), herd_api::JOIN_CREDENTIAL_PATH).unwrap();
+    assert_ne!(fresh, credential);
+    assert_eq!(join(&request(&credential, &machine_csr), None).1.trim(), "the join credential is refused (wrong)");
+    let (_, timeline) = lab.admin(&[], "/api/v1/machines/node1/timeline");
+    assert!(timeline.contains(&format!("machine:node1 {}", cert.fingerprint)), "{timeline}");
+    assert_eq!(timeline.matches("join-refused").count(), 5, "{timeline}");
+    assert!(!lab.log().contains(&credential) && !lab.log().contains(&fresh), "a credential reached the log");
+    let (_, metrics) = curl(&lab, &["http://10.99.0.2/metrics"]);
+    for reason in ["invalid-request", "wrong-source", "wrong", "spent"] {
+        assert!(metrics.contains(&format!("herd_http_join_refused_total{{reason=\"{reason}\"}}")), "{reason}");
+    }
+}
+
+#[test]
+fn with_registration_closed_configs_carry_no_credential_and_nothing_is_issued() {
+    let mut lab = Lab::qemu3(&["--join", "closed"]);
+    lab.start();
+    lab.set_client_mac(NODE1);
+    assert_eq!(lab.udhcpc(&[]).unwrap()["ip"], "10.99.0.11");
+    let config = fetch_config(&lab);
+    assert!(config_file(&config, herd_api::JOIN_CREDENTIAL_PATH).is_none());
+    assert!(config_file(&config, &format!("{}/api-ca.crt", herd_api::CA_DIR)).is_some(), "the CAs still");
+    let (_, csr) = herd_pki::request("node1").unwrap();
+    let body = serde_json::json!({"credential": "a".repeat(64), "machine_csr": csr}).to_string();
+    let url = format!("http://10.99.0.2/join/{NODE1_DASHED}");
+    let (code, why) = curl(&lab, &["-X", "POST", "-H", "content-type: application/json", "-d", &body, &url]);
+    assert_eq!((code, why.trim()), (403, "registration is closed"));
+}

@@ -54,6 +54,7 @@ fn list_show_timeline_and_reprovision() {
         assets: dir.join("assets"),
         api: Some(ApiConfig { port: 8443, credentials: pki.server.clone(), tokens: None }),
         api_reads: ApiReads::Operators,
+        site_pki: None,
     };
     let cancel = CancellationToken::new();
     let daemon_cancel = cancel.clone();

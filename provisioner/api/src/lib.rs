@@ -102,6 +102,67 @@ pub struct StateChange {
     pub state: MachineState,
 }
 
+/// Where a config carries the machine's one-time join credential (node-init reads it from the config and never
+/// writes it anywhere).
+pub const JOIN_CREDENTIAL_PATH: &str = "/run/herd/join-credential";
+
+/// Where a config puts the site's CA certificates (what the machine pins).
+pub const CA_DIR: &str = "/etc/herd/pki";
+
+/// The longest certificate request (PEM) a join may carry.
+pub const CSR_MAX: usize = 8 << 10;
+
+/// `POST /join/MAC`: a machine's certificate requests, with its one-time join credential.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JoinRequest {
+    /// The join credential from this boot's config.
+    pub credential: String,
+    /// A PEM certificate request for the machine's etcd client key (`machine:NAME`).
+    pub machine_csr: String,
+    /// An etcd member's request for its peer and server key (`member:NAME`), members only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub member_csr: Option<String>,
+}
+
+impl std::fmt::Debug for JoinRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JoinRequest").field("member_csr", &self.member_csr.is_some()).finish_non_exhaustive()
+    }
+}
+
+impl JoinRequest {
+    /// Checks the shape of every field before anything is looked up or signed.
+    pub fn check(&self) -> Result<(), herd_images::slot::ReportError> {
+        let bad = |at: &str, why: &'static str| Err(herd_images::slot::ReportError { at: at.to_owned(), why });
+        if self.credential.len() != 64 || !self.credential.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return bad("credential", "64 hex digits");
+        }
+        for (at, csr) in [("machine_csr", Some(&self.machine_csr)), ("member_csr", self.member_csr.as_ref())] {
+            if let Some(csr) = csr
+                && (csr.len() > CSR_MAX || !csr.trim_start().starts_with("-----BEGIN CERTIFICATE REQUEST-----"))
+            {
+                return bad(at, "a PEM certificate request of at most 8 KiB");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The answer to a join: the machine's certificates and the site's CAs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JoinAnswer {
+    /// The etcd CA (PEM).
+    pub etcd_ca: String,
+    /// The api CA (PEM).
+    pub api_ca: String,
+    /// The machine's etcd client certificate (PEM).
+    pub machine_cert: String,
+    /// The member's peer and server certificate (PEM), members only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub member_cert: Option<String>,
+}
+
 /// `POST /phone-home/MAC?token=T`: what node-init reports at each stage of a boot.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PhoneHome {
@@ -161,6 +222,11 @@ pub mod paths {
     /// Where node-init fetches its config.
     pub fn config(mac: &str, token: &str) -> String {
         format!("/config/{mac}?token={token}")
+    }
+
+    /// Where node-init trades its join credential for certificates (POST a [`super::JoinRequest`]).
+    pub fn join(mac: &str) -> String {
+        format!("/join/{mac}")
     }
 
     /// Where node-init reports its stages (POST a [`super::PhoneHome`]).

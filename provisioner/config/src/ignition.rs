@@ -183,6 +183,15 @@ pub(crate) fn assemble(files: Vec<ign::File>, units: Vec<ign::Unit>, users: Vec<
     config
 }
 
+/// Adds a file to a rendered config (what the provisioner adds per boot: the site's CA certificates, the join
+/// credential), replacing one at the same path.
+pub fn add_file(config: &mut ign::Config, path: &str, contents: &str, mode: u32) {
+    let storage = config.storage.get_or_insert_with(Default::default);
+    let files = storage.files.get_or_insert_with(Vec::new);
+    files.retain(|f| f.path != path);
+    files.push(file(path, contents, mode));
+}
+
 /// Serializes a config as pretty JSON with a trailing newline, leaving out unset (null) fields.
 pub fn to_json(config: &ign::Config) -> String {
     // The Ignition models serialize to JSON without fallible parts (string keys, no floats).

@@ -136,6 +136,8 @@ impl Lab {
             .arg(&self.pki.server)
             .arg("--api-tokens")
             .arg(self.dir.join("tokens.toml"))
+            .arg("--site-pki")
+            .arg(self.dir.join("pki"))
             .args(&self.args)
             .env("RUST_LOG", "debug")
             .stdout(Stdio::null())

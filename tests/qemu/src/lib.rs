@@ -31,6 +31,7 @@ pub use herd_lab::qemu::{
 use herd_provisioner::daemon::{ApiConfig, ApiReads, DaemonConfig};
 pub use herd_provisioner::dhcp::server::Mode;
 use herd_provisioner::dhcp::server::UnknownMacs;
+use herd_provisioner::join::JoinPolicy;
 use tokio_util::sync::CancellationToken;
 
 /// What the test initramfs prints once it has printed its kernel arguments.
@@ -304,6 +305,7 @@ impl Lab {
             assets: self.dir.join("assets"),
             api: Some(ApiConfig { port: 8443, credentials: pki.server.clone(), tokens: None }),
             api_reads: ApiReads::Operators,
+            site_pki: Some((self.dir.join("pki"), JoinPolicy::Open)),
         };
         self.reader = Some(pki.reader);
         let cancel = CancellationToken::new();

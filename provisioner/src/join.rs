@@ -1,0 +1,86 @@
+//! Machine identity (docs/security.md): a machine trades the one-time join credential of its config for
+//! certificates of its own key, kubeadm's TLS bootstrap.
+//!
+//! With `--site-pki DIR` the provisioner holds the site PKI. Every config it serves carries the site's CA
+//! certificates (which the machine pins) and a fresh join credential: 256 random bits, bound to that machine
+//! (and so to its MAC), replacing the one of any earlier boot, valid for [`crate::machines::JOIN_VALIDITY_MS`],
+//! kept only as a hash. The machine makes its keys, and `POST /join/MAC` with the credential and its certificate
+//! requests, from its own address: the credential is spent (durably) and the provisioner answers with a
+//! `machine:NAME` etcd client certificate (SANs: its host name, FQDN and internal address) and, for an etcd
+//! member, a `member:NAME` peer and server certificate. Only the requests' public keys are used. A credential
+//! used twice, late, wrong, or from another address is refused and the machine's timeline says so.
+//! `join = "closed"` issues nothing: registration is closed.
+
+use std::net::IpAddr;
+use std::path::Path;
+
+use herd_api::{JoinAnswer, JoinRequest};
+use herd_inventory::{Inventory, Machine};
+use herd_pki::{Authority, Holder, KeySource, PkiError, Site, Subject};
+
+/// Whether machines may join.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum JoinPolicy {
+    /// Every machine of the inventory that presents its credential gets its certificates.
+    #[default]
+    Open,
+    /// Nothing is issued: registration is closed.
+    Closed,
+}
+
+/// How long a certificate issued at a join is valid (the node renews it before; see docs/security.md).
+pub const MACHINE_VALIDITY: time::Duration = time::Duration::days(30);
+
+/// The site PKI as the provisioner uses it.
+#[derive(Debug)]
+pub struct Joining {
+    site: Site,
+    /// Whether machines may join.
+    pub policy: JoinPolicy,
+}
+
+impl Joining {
+    /// Opens the site PKI in `dir` (its keys must be the owner's alone).
+    pub fn open(dir: &Path, policy: JoinPolicy) -> Result<Joining, PkiError> {
+        Ok(Joining { site: Site::open(dir)?, policy })
+    }
+
+    /// The CA certificates a config carries: `(file name, PEM)`.
+    pub fn ca_files(&self) -> [(String, &str); 2] {
+        Authority::ALL.map(|a| (format!("{a}-ca.crt"), self.site.ca_pem(a)))
+    }
+
+    /// Issues `machine`'s certificates for `req` (already checked and its credential spent).
+    pub fn issue(
+        &self,
+        inv: &Inventory,
+        machine: &Machine,
+        member: bool,
+        req: &JoinRequest,
+    ) -> Result<JoinAnswer, PkiError> {
+        let now = time::OffsetDateTime::now_utc();
+        let name = machine.name().to_string();
+        let address: IpAddr = IpAddr::V4(machine.internal.get_ref().0);
+        let names = vec![name.clone(), inv.fqdn(machine)];
+        let mut subject = Subject::new(Holder::Machine(name.clone()), MACHINE_VALIDITY);
+        subject.dns = names.clone();
+        subject.ips = vec![address];
+        let machine_cert = self.site.issue(Authority::Etcd, &subject, KeySource::Request(&req.machine_csr), now)?;
+        let member_cert = match (&req.member_csr, member) {
+            (Some(csr), true) => {
+                let mut subject = Subject::new(Holder::Member(name), MACHINE_VALIDITY);
+                subject.dns = names;
+                subject.ips = vec![address];
+                Some(self.site.issue(Authority::Etcd, &subject, KeySource::Request(csr), now)?.cert_pem)
+            }
+            _ => None,
+        };
+        Ok(JoinAnswer {
+            etcd_ca: self.site.ca_pem(Authority::Etcd).to_owned(),
+            api_ca: self.site.ca_pem(Authority::Api).to_owned(),
+            machine_cert: machine_cert.cert_pem,
+            member_cert,
+        })
+    }
+}
