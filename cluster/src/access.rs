@@ -171,62 +171,20 @@ pub async fn apply(store: &Store, policy: &Policy) -> Result<Applied, StoreError
     let mut auth = store.client().auth_client();
     let (users, roles) = policy.wanted();
     let mut applied = Applied::default();
-
     let existing_roles: BTreeSet<String> = auth.role_list().await?.roles().iter().cloned().collect();
     for (name, grants) in &roles {
-        let have: BTreeSet<Grant> = if existing_roles.contains(name) {
-            auth.role_get(name.as_str()).await?.permissions().iter().filter_map(grant_of).collect()
-        } else {
-            auth.role_add(name.as_str()).await?;
-            BTreeSet::new()
-        };
-        if &have == grants {
-            continue;
+        if set_role(&mut auth, name, grants, existing_roles.contains(name)).await? {
+            applied.roles.push(name.clone());
         }
-        for g in grants.difference(&have) {
-            let (key, end) = g.range();
-            let kind = match g.access {
-                Access::Read => PermissionType::Read,
-                Access::Write => PermissionType::Write,
-                Access::ReadWrite => PermissionType::Readwrite,
-            };
-            let mut perm = Permission::new(kind, key);
-            if !end.is_empty() {
-                perm = perm.with_range_end(end);
-            }
-            auth.role_grant_permission(name.as_str(), perm).await?;
-        }
-        for g in have.difference(grants) {
-            let (key, end) = g.range();
-            let options =
-                (!end.is_empty()).then(|| etcd_client::RoleRevokePermissionOptions::new().with_range_end(end));
-            auth.role_revoke_permission(name.as_str(), key, options).await?;
-        }
-        applied.roles.push(name.clone());
     }
     if !existing_roles.contains(ROOT) {
         auth.role_add(ROOT).await?;
     }
-
     let existing_users: BTreeSet<String> = auth.user_list().await?.users().iter().cloned().collect();
     for (name, granted) in &users {
-        let have: BTreeSet<String> = if existing_users.contains(name) {
-            auth.user_get(name.as_str()).await?.roles().iter().cloned().collect()
-        } else {
-            let no_password = etcd_client::UserAddOptions::new().with_no_pwd();
-            auth.user_add(name.as_str(), "", Some(no_password)).await?;
-            BTreeSet::new()
-        };
-        if &have == granted {
-            continue;
+        if set_user(&mut auth, name, granted, existing_users.contains(name)).await? {
+            applied.users.push(name.clone());
         }
-        for r in granted.difference(&have) {
-            auth.user_grant_role(name.as_str(), r.as_str()).await?;
-        }
-        for r in have.difference(granted) {
-            auth.user_revoke_role(name.as_str(), r.as_str()).await?;
-        }
-        applied.users.push(name.clone());
     }
     for name in existing_users.iter().filter(|u| herds(u) && !users.contains_key(*u)) {
         auth.user_delete(name.as_str()).await?;
@@ -236,10 +194,89 @@ pub async fn apply(store: &Store, policy: &Policy) -> Result<Applied, StoreError
         auth.role_delete(name.as_str()).await?;
         applied.removed.push(name.clone());
     }
-
     // etcd answers an enable of an enabled cluster with success.
     auth.auth_enable().await?;
     Ok(applied)
+}
+
+/// Gives user `user` one role of its own, `role`, with `grants` (for holders that stand for several machines,
+/// as the hollow machines of `herdctl bench` sharing a connection do); needs an admin's store.
+pub async fn set_user_with_grants(
+    store: &Store,
+    user: &str,
+    role: &str,
+    grants: &BTreeSet<Grant>,
+) -> Result<(), StoreError> {
+    let mut auth = store.client().auth_client();
+    let roles: BTreeSet<String> = auth.role_list().await?.roles().iter().cloned().collect();
+    set_role(&mut auth, role, grants, roles.contains(role)).await?;
+    let users: BTreeSet<String> = auth.user_list().await?.users().iter().cloned().collect();
+    set_user(&mut auth, user, &BTreeSet::from([role.to_owned()]), users.contains(user)).await?;
+    Ok(())
+}
+
+/// Makes role `name` hold exactly `grants`; says whether anything changed.
+async fn set_role(
+    auth: &mut etcd_client::AuthClient,
+    name: &str,
+    grants: &BTreeSet<Grant>,
+    exists: bool,
+) -> Result<bool, StoreError> {
+    let have: BTreeSet<Grant> = if exists {
+        auth.role_get(name).await?.permissions().iter().filter_map(grant_of).collect()
+    } else {
+        auth.role_add(name).await?;
+        BTreeSet::new()
+    };
+    if &have == grants {
+        return Ok(!exists);
+    }
+    for g in grants.difference(&have) {
+        let (key, end) = g.range();
+        let kind = match g.access {
+            Access::Read => PermissionType::Read,
+            Access::Write => PermissionType::Write,
+            Access::ReadWrite => PermissionType::Readwrite,
+        };
+        let mut perm = Permission::new(kind, key);
+        if !end.is_empty() {
+            perm = perm.with_range_end(end);
+        }
+        auth.role_grant_permission(name, perm).await?;
+    }
+    for g in have.difference(grants) {
+        let (key, end) = g.range();
+        let options = (!end.is_empty()).then(|| etcd_client::RoleRevokePermissionOptions::new().with_range_end(end));
+        auth.role_revoke_permission(name, key, options).await?;
+    }
+    Ok(true)
+}
+
+/// Makes user `name` (no password: it authenticates by certificate) hold exactly `roles`; says whether anything
+/// changed.
+async fn set_user(
+    auth: &mut etcd_client::AuthClient,
+    name: &str,
+    roles: &BTreeSet<String>,
+    exists: bool,
+) -> Result<bool, StoreError> {
+    let have: BTreeSet<String> = if exists {
+        auth.user_get(name).await?.roles().iter().cloned().collect()
+    } else {
+        let no_password = etcd_client::UserAddOptions::new().with_no_pwd();
+        auth.user_add(name, "", Some(no_password)).await?;
+        BTreeSet::new()
+    };
+    if &have == roles {
+        return Ok(!exists);
+    }
+    for r in roles.difference(&have) {
+        auth.user_grant_role(name, r.as_str()).await?;
+    }
+    for r in have.difference(roles) {
+        auth.user_revoke_role(name, r.as_str()).await?;
+    }
+    Ok(true)
 }
 
 /// A permission etcd reports, as a grant (None for one herd never makes: a range that is not a prefix).

@@ -415,6 +415,16 @@ impl System for Linux<'_> {
     fn apply_config(&mut self, config: &Value) -> Result<crate::ignition::Applied, BootError> {
         Ok(crate::ignition::apply(config, Path::new(NEWROOT))?)
     }
+
+    fn join(
+        &mut self,
+        config: &Value,
+        node: &herd_config::node::NodeConfig,
+        credential: &str,
+    ) -> Result<crate::identity::Joined, BootError> {
+        let prov = self.prov()?;
+        Ok(crate::identity::join(prov, Path::new(NEWROOT), config, &node.machine, node.etcd_member, credential)?)
+    }
 }
 
 /// Moves the API file systems into the new root, makes it `/`, frees the initramfs and execs `init`.

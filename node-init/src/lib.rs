@@ -8,6 +8,7 @@ pub mod daemon;
 pub mod dhcp;
 pub mod dm;
 pub mod error;
+pub mod identity;
 pub mod ignition;
 pub mod initrd;
 pub mod log;

@@ -94,6 +94,9 @@ pub enum ProvisionError {
     /// The config lacks node-init's own file, or it does not parse.
     #[error("{NODE_CONFIG_PATH} in the config: {0}")]
     NodeConfig(String),
+    /// The machine's keys or certificates (docs/security.md): what is wrong with them or with a join's answer.
+    #[error("machine identity: {0}")]
+    Identity(String),
     /// The root's mke2fs failed.
     #[error("mke2fs {}: {stderr}", dev.display())]
     Mkfs {
@@ -212,6 +215,14 @@ impl Provisioner {
             .send_json(&body)
             .map_err(ProvisionError::http(format!("phone-home to {}", self.url)))?;
         status(r).map(drop)
+    }
+
+    /// Trades this boot's join credential for certificates (`POST /join/MAC`).
+    pub fn join(&self, body: &herd_api::JoinRequest) -> Result<herd_api::JoinAnswer, ProvisionError> {
+        let url = format!("{}{}", self.url, herd_api::paths::join(&self.mac));
+        let what = format!("join at {}", self.url);
+        let r = self.agent.post(&url).send_json(body).map_err(ProvisionError::http(what.clone()))?;
+        status(r)?.body_mut().read_json().map_err(ProvisionError::http(format!("{what} (as JSON)")))
     }
 
     /// Reports a stage, best effort: a report that cannot be sent is logged.

@@ -650,13 +650,25 @@ pub struct StatusLine {
 /// Makes a key and a certificate request for it (what a machine sends; the subject in it is ignored by the
 /// issuer, which names the machine from the inventory). Returns (key PEM, request PEM).
 pub fn request(common_name: &str) -> Result<(String, String), PkiError> {
-    let key = KeyPair::generate()?;
+    let key = KeyPair::generate()?.serialize_pem();
+    let csr = request_for(&key, common_name)?;
+    Ok((key, csr))
+}
+
+/// A new key (PEM), for [`request_for`].
+pub fn new_key() -> Result<String, PkiError> {
+    Ok(KeyPair::generate()?.serialize_pem())
+}
+
+/// A certificate request (PEM) for the key in `key_pem` (a machine keeps its key across boots and asks again).
+pub fn request_for(key_pem: &str, common_name: &str) -> Result<String, PkiError> {
+    let key = KeyPair::from_pem(key_pem)
+        .map_err(|e| PkiError::Request { holder: common_name.to_owned(), why: format!("not a private key: {e}") })?;
     let mut params = CertificateParams::default();
     let mut dn = DistinguishedName::new();
     dn.push(DnType::CommonName, common_name);
     params.distinguished_name = dn;
-    let csr = params.serialize_request(&key)?;
-    Ok((key.serialize_pem(), csr.pem()?))
+    Ok(params.serialize_request(&key)?.pem()?)
 }
 
 /// Checks a PEM certificate request: it parses and its signature matches its key (so a credential is not spent

@@ -18,7 +18,13 @@ fn config(cluster: &ClusterArgs, args: &BenchArgs, ttl: u64) -> BenchConfig {
         endpoints: args.use_endpoint.then(|| cluster.endpoint.clone()),
         etcd_members: args.etcd_members,
         dir: std::env::temp_dir().join(format!("herd-bench-{}", std::process::id())),
+        secure: false,
     }
+}
+
+/// The main phase's placement rate (units placed per second).
+fn placed_per_s(report: &bench::SchedulerReport) -> f64 {
+    report.phases.last().map_or(0.0, |p| p.units as f64 / p.placed.as_secs_f64())
 }
 
 fn bar() -> ProgressBar {
@@ -45,58 +51,28 @@ pub(crate) fn run(cluster: &ClusterArgs, command: BenchCommand) -> anyhow::Resul
         bar.set_position(done);
     };
     match command {
-        BenchCommand::Scheduler { args, ttl } => {
-            let cfg = config(cluster, &args, ttl);
-            let report = rt.block_on(bench::scheduler(&cfg, &progress));
-            bar.finish_and_clear();
-            let _ = std::fs::remove_dir_all(&cfg.dir);
-            let report = report?;
-            let etcd = if args.use_endpoint {
-                format!("etcd at {}", cluster.endpoint.join(","))
-            } else {
-                format!("a local {}-member etcd", args.etcd_members)
-            };
-            println!(
-                "scheduler: {} hollow machines ({} racks) on {etcd} registered in {:.1} s; {:.0} KiB of memory per \
-                 hollow machine (goal <= {MEMORY_GOAL_KIB:.0})",
-                report.machines,
-                args.racks,
-                report.registered.as_secs_f64(),
-                report.rss_per_machine_kib
-            );
-            println!(
-                "  phase   units   total   submit s  placed s  running s  placed/s  running/s  etcd req/unit  idle etcd req/s"
-            );
-            for (i, p) in report.phases.iter().enumerate() {
-                println!(
-                    "  {:<5} {:>7} {:>7} {:>10.2} {:>9.2} {:>10.2} {:>9.0} {:>10.0} {:>14.2} {:>16.0}",
-                    i + 1,
-                    p.units,
-                    p.total,
-                    p.submit.as_secs_f64(),
-                    p.placed.as_secs_f64(),
-                    p.running.as_secs_f64(),
-                    p.units as f64 / p.placed.as_secs_f64(),
-                    p.units as f64 / p.running.as_secs_f64(),
-                    p.requests_per_unit,
-                    p.idle_requests_per_sec
-                );
+        BenchCommand::Scheduler { args, ttl, tls } => {
+            let mut runs = Vec::new();
+            for secure in if tls { &[false, true][..] } else { &[false][..] } {
+                let cfg = BenchConfig { secure: *secure, ..config(cluster, &args, ttl) };
+                let report = rt.block_on(bench::scheduler(&cfg, &progress));
+                bar.reset();
+                let _ = std::fs::remove_dir_all(&cfg.dir);
+                let report = report?;
+                let failed = print_scheduler(cluster, &args, &cfg, &report);
+                if failed {
+                    return Ok(ExitCode::FAILURE);
+                }
+                runs.push(report);
             }
-            println!(
-                "  anchors (published): fleet ~100 machines / 1,000 units ceiling; Kubernetes ~100 pods/s; \
-                 Nomad C2M ~1,500 units/s. herd goal: >= 1,500 units/s placed, idle etcd traffic flat as units grow \
-                 (keep-alives only: {} machines / {} s = {:.0} req/s)",
-                args.machines,
-                cfg.ttl.as_secs() / 3,
-                args.machines as f64 / (cfg.ttl.as_secs_f64() / 3.0)
-            );
-            // Timings are figures; memory over its goal is a wrong outcome (a node could not host the agent).
-            if report.rss_per_machine_kib > MEMORY_GOAL_KIB {
-                eprintln!(
-                    "herdctl: bench failed: {:.0} KiB per hollow machine, over the goal of {MEMORY_GOAL_KIB:.0}",
-                    report.rss_per_machine_kib
+            bar.finish_and_clear();
+            if let [plain, secure] = &runs[..] {
+                let (a, b) = (placed_per_s(plain), placed_per_s(secure));
+                println!(
+                    "scheduler with mutual TLS and etcd roles: {b:.0} units/s placed vs {a:.0} without, {:+.1} % \
+                     (goal: at most 15 % slower, and >= 1,500 units/s)",
+                    (b / a - 1.0) * 100.0
                 );
-                return Ok(ExitCode::FAILURE);
             }
         }
         BenchCommand::Failover { args, ttl, trials } => {
@@ -124,4 +100,63 @@ pub(crate) fn run(cluster: &ClusterArgs, command: BenchCommand) -> anyhow::Resul
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Prints one scheduler run; true if its outcome is wrong (memory over the goal).
+fn print_scheduler(
+    cluster: &ClusterArgs,
+    args: &crate::cli::BenchArgs,
+    cfg: &BenchConfig,
+    report: &bench::SchedulerReport,
+) -> bool {
+    let etcd = if args.use_endpoint {
+        format!("etcd at {}", cluster.endpoint.join(","))
+    } else if cfg.secure {
+        format!("a local {}-member etcd with mutual TLS and users and roles", args.etcd_members)
+    } else {
+        format!("a local {}-member etcd", args.etcd_members)
+    };
+    println!(
+        "scheduler: {} hollow machines ({} racks) on {etcd} registered in {:.1} s; {:.0} KiB of memory per \
+         hollow machine (goal <= {MEMORY_GOAL_KIB:.0})",
+        report.machines,
+        args.racks,
+        report.registered.as_secs_f64(),
+        report.rss_per_machine_kib
+    );
+    println!(
+        "  phase   units   total   submit s  placed s  running s  placed/s  running/s  etcd req/unit  idle etcd req/s"
+    );
+    for (i, p) in report.phases.iter().enumerate() {
+        println!(
+            "  {:<5} {:>7} {:>7} {:>10.2} {:>9.2} {:>10.2} {:>9.0} {:>10.0} {:>14.2} {:>16.0}",
+            i + 1,
+            p.units,
+            p.total,
+            p.submit.as_secs_f64(),
+            p.placed.as_secs_f64(),
+            p.running.as_secs_f64(),
+            p.units as f64 / p.placed.as_secs_f64(),
+            p.units as f64 / p.running.as_secs_f64(),
+            p.requests_per_unit,
+            p.idle_requests_per_sec
+        );
+    }
+    println!(
+        "  anchors (published): fleet ~100 machines / 1,000 units ceiling; Kubernetes ~100 pods/s; \
+         Nomad C2M ~1,500 units/s. herd goal: >= 1,500 units/s placed, idle etcd traffic flat as units grow \
+         (keep-alives only: {} machines / {} s = {:.0} req/s)",
+        args.machines,
+        cfg.ttl.as_secs() / 3,
+        args.machines as f64 / (cfg.ttl.as_secs_f64() / 3.0)
+    );
+    // Timings are figures; memory over its goal is a wrong outcome (a node could not host the agent).
+    if report.rss_per_machine_kib > MEMORY_GOAL_KIB {
+        eprintln!(
+            "herdctl: bench failed: {:.0} KiB per hollow machine, over the goal of {MEMORY_GOAL_KIB:.0}",
+            report.rss_per_machine_kib
+        );
+        return true;
+    }
+    false
 }

@@ -360,6 +360,10 @@ pub enum BenchCommand {
         /// Agent lease TTL in seconds (keep-alives every third of it).
         #[arg(long, default_value_t = 30)]
         ttl: u64,
+        /// Run it twice in one go, without and then with mutual TLS and etcd's users and roles (each hollow
+        /// machine with a machine's permissions), and print the cost (goal: at most 15 % slower).
+        #[arg(long, conflicts_with = "use_endpoint")]
+        tls: bool,
     },
     /// Kill hollow machines and time until their units run elsewhere. Goal: <= 2 x TTL.
     Failover {

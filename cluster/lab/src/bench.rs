@@ -37,6 +37,10 @@ pub struct BenchConfig {
     pub etcd_members: usize,
     /// Scratch directory.
     pub dir: PathBuf,
+    /// Mutual TLS and etcd's users and roles (the local etcd only): every connection with its own certificate,
+    /// each hollow machine's permissions those of a machine (the machines sharing a connection share a role
+    /// holding all of theirs), the engine's and the submitter's their roles'.
+    pub secure: bool,
 }
 
 /// One placement phase of the scheduler bench.
@@ -99,6 +103,78 @@ struct Hollow {
     task: tokio::task::JoinHandle<()>,
 }
 
+/// The TLS files each part of a bench cluster connects with (none without TLS).
+#[derive(Debug, Default)]
+struct Credentials {
+    admin: TlsFiles,
+    submit: TlsFiles,
+    engine: TlsFiles,
+    groups: Vec<TlsFiles>,
+}
+
+/// The id of hollow machine `i`.
+fn hollow_id(i: usize) -> String {
+    format!("hollow-{i:05}")
+}
+
+/// Issues the bench's certificates from the site the secure `etcd` was started with and applies etcd's users and
+/// roles: an operator submits, a machine runs the engine, and connection group `k` (the hollow machines `i` with
+/// `i % groups == k`) is one user whose role holds every one of its machines' permissions.
+async fn secure(
+    cfg: &BenchConfig,
+    etcd: &LocalEtcd,
+    endpoints: &[String],
+    groups: usize,
+) -> anyhow::Result<Credentials> {
+    use herd_cluster::access::{self, Policy};
+    use herd_pki::{Holder, Role, Subject};
+    let site = herd_pki::Site::open(&cfg.dir.join("pki"))?;
+    let now = time::OffsetDateTime::now_utc();
+    let issue = |holder: Holder| -> anyhow::Result<TlsFiles> {
+        let out = cfg.dir.join("credentials").join(holder.common_name().replace(':', "-"));
+        herd_pki::write_credential(&site, &Subject::new(holder, time::Duration::days(1)), &out, now)?;
+        let file = |f: &str| Some(out.join(f).display().to_string());
+        Ok(TlsFiles { ca: file("etcd-ca.crt"), cert: file("etcd.crt"), key: file("etcd.key") })
+    };
+    let admin = Store::connect(endpoints, &etcd.tls(), Duration::from_secs(10)).await?;
+    let engine_key = schema::MachineKey::new("bench-engine").ok_or_else(|| anyhow::anyhow!("machine id"))?;
+    let policy = Policy {
+        machines: vec![(engine_key, true)],
+        operators: vec![(crate::local::LAB_ADMIN.to_owned(), Role::Admin), ("bench".to_owned(), Role::Operator)],
+    };
+    access::apply(&admin, &policy).await?;
+    let mut creds = Credentials {
+        admin: etcd.tls(),
+        submit: issue(Holder::Operator("bench".to_owned(), Role::Operator))?,
+        engine: issue(Holder::Machine("bench-engine".to_owned()))?,
+        groups: Vec::new(),
+    };
+    let mut set = tokio::task::JoinSet::new();
+    for k in 0..groups {
+        let name = format!("hollow-group-{k}");
+        let mut grants = std::collections::BTreeSet::new();
+        for i in (k..cfg.machines).step_by(groups) {
+            let key = schema::MachineKey::new(&hollow_id(i)).ok_or_else(|| anyhow::anyhow!("machine id"))?;
+            grants.extend(access::machine_role(&key).1);
+        }
+        creds.groups.push(issue(Holder::Machine(name.clone()))?);
+        let admin = admin.clone();
+        set.spawn(async move {
+            access::set_user_with_grants(&admin, &format!("machine:{name}"), &format!("herd-machine:{name}"), &grants)
+                .await
+        });
+        while set.len() >= 8 {
+            if let Some(r) = set.join_next().await {
+                r??;
+            }
+        }
+    }
+    while let Some(r) = set.join_next().await {
+        r??;
+    }
+    Ok(creds)
+}
+
 /// A running bench cluster: etcd, one engine, hollow machines.
 struct BenchCluster {
     _etcd: Option<LocalEtcd>,
@@ -115,19 +191,29 @@ impl BenchCluster {
         let (etcd, endpoints) = match &cfg.endpoints {
             Some(e) => (None, e.clone()),
             None => {
-                let etcd = LocalEtcd::start(&cfg.dir.join("etcd"), cfg.etcd_members.max(1))?;
+                let dir = cfg.dir.join("etcd");
+                let etcd = if cfg.secure {
+                    let now = time::OffsetDateTime::now_utc();
+                    let site = herd_pki::Site::init(&cfg.dir.join("pki"), "bench", now)?;
+                    LocalEtcd::start_secure(&dir, cfg.etcd_members.max(1), &site)?
+                } else {
+                    LocalEtcd::start(&dir, cfg.etcd_members.max(1))?
+                };
                 etcd.ready(Duration::from_secs(60)).await?;
                 let e = etcd.endpoints();
                 (Some(etcd), e)
             }
         };
         let timeout = Duration::from_secs(10);
-        let tls = TlsFiles::default();
-        let connect = || Store::connect(&endpoints, &tls, timeout);
-        let submit = connect().await?;
+        let groups = cfg.connections.max(1);
+        let tls = match (&etcd, cfg.secure) {
+            (Some(etcd), true) => secure(cfg, etcd, &endpoints, groups).await?,
+            _ => Credentials::default(),
+        };
         // A previous run's keys would skew every figure.
-        submit.delete_prefix(schema::ROOT).await?;
-        let engine_store = connect().await?;
+        Store::connect(&endpoints, &tls.admin, timeout).await?.delete_prefix(schema::ROOT).await?;
+        let submit = Store::connect(&endpoints, &tls.submit, timeout).await?;
+        let engine_store = Store::connect(&endpoints, &tls.engine, timeout).await?;
         let engine_stats = engine_store.stats().clone();
         let engine = Arc::new(Engine::new(
             engine_store,
@@ -137,14 +223,15 @@ impl BenchCluster {
         let (e, s) = (engine.clone(), stop.clone());
         tokio::spawn(async move { e.run(s).await });
         let mut conns = Vec::new();
-        for _ in 0..cfg.connections.max(1) {
-            conns.push(connect().await?);
+        for k in 0..groups {
+            let files = tls.groups.get(k).cloned().unwrap_or_default();
+            conns.push(Store::connect(&endpoints, &files, timeout).await?);
         }
         let agent_stats = Arc::new(Stats::default());
         let mut machines = Vec::with_capacity(cfg.machines);
         for i in 0..cfg.machines {
             let rack = format!("r{:03}", i % cfg.racks.max(1));
-            let id = format!("hollow-{i:05}");
+            let id = hollow_id(i);
             let machine = MachineRecord {
                 id: id.clone(),
                 hostname: id.clone(),

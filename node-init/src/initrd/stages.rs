@@ -155,6 +155,14 @@ pub trait System {
     fn mount(&mut self, m: &Mount) -> Result<(), BootError>;
     /// Applies the config to the new root.
     fn apply_config(&mut self, config: &Value) -> Result<Applied, BootError>;
+    /// Trades the join credential for certificates of the machine's keys, kept on the new root's STATE; returns
+    /// their fingerprints.
+    fn join(
+        &mut self,
+        config: &Value,
+        node: &NodeConfig,
+        credential: &str,
+    ) -> Result<crate::identity::Joined, BootError>;
 }
 
 /// What the provisioner gave this boot.
@@ -197,7 +205,7 @@ pub fn boot(
     let state = state_device(sys, cmd.state.as_deref(), state_dev)?;
     mount_state(sys, state.as_deref(), source.fresh_install, report)?;
     if let Some(p) = &provisioned {
-        configure(sys, &p.config, slots.as_ref())?;
+        configure(sys, &p.config, &p.node, slots.as_ref())?;
     }
     Ok(provisioned)
 }
@@ -403,8 +411,33 @@ pub fn mount_state(
 
 /// Stage 5: the config applied to the new root, reported with the slot table as the slot choice left it (a try
 /// spent, a bad slot marked).
-pub fn configure(sys: &mut impl System, config: &Value, slots: Option<&SlotReport>) -> Result<(), BootError> {
-    let done = sys.apply_config(config)?;
+pub fn configure(
+    sys: &mut impl System,
+    config: &Value,
+    node: &NodeConfig,
+    slots: Option<&SlotReport>,
+) -> Result<(), BootError> {
+    let mut config = config.clone();
+    // The credential never reaches a file; a failed join is reported and the boot goes on (the machine may hold
+    // valid certificates from an earlier boot; etcd decides whether it may in).
+    if let Some(credential) = crate::identity::take_credential(&mut config) {
+        match sys.join(&config, node, &credential) {
+            Ok(joined) => {
+                let mut detail = format!("machine:{} {}", node.machine, joined.machine);
+                if let Some(m) = &joined.member {
+                    detail.push_str(&format!(", member:{} {m}", node.machine));
+                }
+                sys.say(&format!("joined: {detail}"));
+                sys.phone("joined", &detail, None);
+            }
+            Err(e) => {
+                let why = crate::error::chain(&e);
+                sys.say(&format!("join failed: {why}"));
+                sys.phone("join-failed", &why, None);
+            }
+        }
+    }
+    let done = sys.apply_config(&config)?;
     let detail = format!(
         "{} files, {} directories, {} links, {} users, {} units",
         done.files, done.directories, done.links, done.users, done.units

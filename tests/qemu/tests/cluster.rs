@@ -43,7 +43,8 @@ ExecStart=/bin/sh -c 'echo HERD-CHECK host=$(cat /etc/hostname) user=$(id -un he
 keys=$(wc -l < /home/herd/.ssh/authorized_keys) etcd=$(systemctl is-enabled etcd) usr=$(touch /usr/x 2>/dev/null && echo rw || echo ro) \
 link-failures=$(grep \"Link Failure Count\" /proc/net/bonding/bond0 | grep -cv \": 0\") \
 networkd-keepmaster-warnings=$(journalctl -b -q -u systemd-networkd | grep -c KeepMaster) \
-sudo=$(runuser -u herd -- sudo -n true 2>/dev/null && echo yes || echo no) literal=100%%-%%n-%n'
+sudo=$(runuser -u herd -- sudo -n true 2>/dev/null && echo yes || echo no) literal=100%%-%%n-%n \
+tls=$(ls /var/lib/herd/tls | xargs | tr \" \" ,) key-mode=$(stat -c %%a /var/lib/herd/tls/machine.key)'
 [X-Fleet]
 Global=true
 ";
@@ -246,9 +247,12 @@ fn three_machines_install_from_the_provisioner_form_etcd_register_and_run_a_glob
         let timeline = lab.api(&format!("/api/v1/machines/{name}/timeline")).unwrap();
         let events: Vec<String> =
             timeline.as_array().unwrap().iter().filter_map(|e| e["event"].as_str().map(str::to_owned)).collect();
-        for stage in ["initramfs", "installing", "installed", "configured", "healthy"] {
+        for stage in ["initramfs", "installing", "installed", "joined", "configured", "healthy"] {
             assert!(events.contains(&format!("phone-home:{stage}")), "{name}: no {stage} in {events:?}");
         }
+        // The provisioner issued the certificates of the machine's own keys, once (docs/security.md).
+        assert_eq!(events.iter().filter(|e| *e == "join").count(), 1, "{name}: {events:?}");
+        assert!(!events.iter().any(|e| e == "join-refused"), "{name}: {events:?}");
     }
 
     // A global unit, run by each machine's systemd, shows what the config installed there.
@@ -257,7 +261,8 @@ fn three_machines_install_from_the_provisioner_form_etcd_register_and_run_a_glob
         let (_, line) = lab.vms()[i].wait_for_within("HERD-CHECK", Duration::from_secs(30)).unwrap();
         let want = format!(
             "HERD-CHECK host={name} user=herd groups=adm,docker,herd,sudo,systemd-journal keys=1 etcd=enabled usr=ro \
-             link-failures=0 networkd-keepmaster-warnings=0 sudo=yes literal=100%-%n-check.service"
+             link-failures=0 networkd-keepmaster-warnings=0 sudo=yes literal=100%-%n-check.service \
+             tls=api-ca.crt,etcd-ca.crt,machine.crt,machine.key,member.crt,member.key key-mode=600"
         );
         assert!(line.contains(&want), "{name}: {line}");
     }

@@ -173,9 +173,15 @@ impl System for Fake {
         Ok(())
     }
 
-    fn apply_config(&mut self, _: &Value) -> Result<Applied, BootError> {
+    fn apply_config(&mut self, config: &Value) -> Result<Applied, BootError> {
+        assert!(!config.to_string().contains(herd_api::JOIN_CREDENTIAL_PATH), "the credential would be written");
         self.did("apply_config".into());
         Ok(Applied { files: 1, ..Applied::default() })
+    }
+
+    fn join(&mut self, _: &Value, node: &NodeConfig, credential: &str) -> Result<crate::identity::Joined, BootError> {
+        self.did(format!("join {} {credential}", node.machine));
+        Ok(crate::identity::Joined { machine: "AA:BB".into(), member: None })
     }
 }
 
@@ -362,4 +368,23 @@ fn a_config_that_does_not_come_stops_the_boot_before_any_disk_is_touched() {
     let err = boot(&mut fake, &cmdline(""), Some(Mode::Install), &mut report()).unwrap_err();
     assert!(crate::error::chain(&err).contains("node-init.json in the config: missing"), "{err}");
     assert!(fake.only(&["install", "resolve", "mount"]).is_empty());
+}
+
+#[test]
+fn a_join_credential_is_traded_after_state_is_mounted_and_never_applied_to_the_root() {
+    let mut fake = Fake::new(Vec::new());
+    let mut config = ignition(Some("/dev/vda"));
+    let credential = json!({"path": herd_api::JOIN_CREDENTIAL_PATH, "contents": {"source": "data:,c0ffee"}});
+    config["storage"]["files"].as_array_mut().unwrap().push(credential);
+    fake.config = Ok(config);
+    boot(&mut fake, &cmdline(""), Some(Mode::Install), &mut report()).unwrap();
+    assert_eq!(
+        fake.only(&["mount State", "join", "phone joined", "apply_config", "phone configured"]),
+        ["mount State(\"/dev/vda3\")", "join node1 c0ffee", "phone joined", "apply_config", "phone configured slots a"],
+        "keys go to STATE, so it is mounted first; the config applied holds no credential (Fake::apply_config)"
+    );
+    // Without a credential (a provisioner without a site PKI) there is no join.
+    let mut plain = Fake::new(Vec::new());
+    boot(&mut plain, &cmdline(""), Some(Mode::Install), &mut report()).unwrap();
+    assert!(plain.only(&["join"]).is_empty());
 }

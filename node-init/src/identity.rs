@@ -1,0 +1,131 @@
+//! The machine's identity (docs/security.md): keys made here and kept on STATE, certificates for them from the
+//! provisioner at a join.
+//!
+//! A config from a provisioner with a site PKI carries the site's CA certificates and a one-time join
+//! credential. node-init takes the credential out of the config (it is never written anywhere), makes the
+//! machine's etcd client key (and an etcd member's peer and server key) unless STATE already holds them, sends
+//! their certificate requests with the credential (`POST /join/MAC`), checks what comes back against the CA the
+//! config pinned and the machine's own name, and keeps keys, certificates and CAs in `/var/lib/herd/tls/`
+//! (on STATE, keys 0600).
+
+use std::path::Path;
+
+use herd_api::{JoinAnswer, JoinRequest};
+use herd_pki::{Authority, Holder};
+use serde_json::Value;
+
+use crate::provision::{ProvisionError, Provisioner};
+
+/// Where the machine's keys and certificates live, under the root.
+pub const TLS_DIR: &str = "var/lib/herd/tls";
+
+/// Takes the join credential out of `config` (None when the provisioner issued none).
+pub fn take_credential(config: &mut Value) -> Option<String> {
+    let files = config.pointer_mut("/storage/files")?.as_array_mut()?;
+    let at = files.iter().position(|f| f["path"] == herd_api::JOIN_CREDENTIAL_PATH)?;
+    let file = files.remove(at);
+    let source = file["contents"]["source"].as_str()?;
+    let bytes = crate::ignition::data_url(source).ok()?;
+    String::from_utf8(bytes).ok().map(|s| s.trim().to_owned())
+}
+
+/// The CA certificate `config` pins for `authority`.
+fn pinned(config: &Value, authority: Authority) -> Option<String> {
+    let path = format!("{}/{authority}-ca.crt", herd_api::CA_DIR);
+    let files = config.pointer("/storage/files")?.as_array()?;
+    let source = files.iter().find(|f| f["path"] == path.as_str())?["contents"]["source"].as_str()?;
+    String::from_utf8(crate::ignition::data_url(source).ok()?).ok()
+}
+
+/// What a join gave.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Joined {
+    /// The machine certificate's fingerprint.
+    pub machine: String,
+    /// The member certificate's, for an etcd member.
+    pub member: Option<String>,
+}
+
+fn bad(why: String) -> ProvisionError {
+    ProvisionError::Identity(why)
+}
+
+/// The key at `path`, made (0600) if missing; one readable by others is refused.
+fn key(path: &Path) -> Result<String, ProvisionError> {
+    if path.exists() {
+        herd_pki::check_private(path).map_err(|e| bad(e.to_string()))?;
+        return std::fs::read_to_string(path).map_err(|e| bad(format!("{}: {e}", path.display())));
+    }
+    let pem = herd_pki::new_key().map_err(|e| bad(e.to_string()))?;
+    herd_pki::write_private(path, pem.as_bytes()).map_err(|e| bad(e.to_string()))?;
+    Ok(pem)
+}
+
+/// Joins: keys (kept or made) under `root`'s [`TLS_DIR`], their requests with `credential`, the answer checked
+/// against what `config` pinned and written beside the keys.
+pub fn join(
+    prov: &Provisioner,
+    root: &Path,
+    config: &Value,
+    machine: &str,
+    member: bool,
+    credential: &str,
+) -> Result<Joined, ProvisionError> {
+    let dir = root.join(TLS_DIR);
+    std::fs::create_dir_all(&dir).map_err(|e| bad(format!("{}: {e}", dir.display())))?;
+    let request = |file: &str, holder: &Holder| -> Result<String, ProvisionError> {
+        let key = key(&dir.join(file))?;
+        herd_pki::request_for(&key, &holder.common_name()).map_err(|e| bad(e.to_string()))
+    };
+    let (me, member_holder) = (Holder::Machine(machine.to_owned()), Holder::Member(machine.to_owned()));
+    let body = JoinRequest {
+        credential: credential.to_owned(),
+        machine_csr: request("machine.key", &me)?,
+        member_csr: if member { Some(request("member.key", &member_holder)?) } else { None },
+    };
+    let answer: JoinAnswer = prov.join(&body)?;
+    let etcd_ca = pinned(config, Authority::Etcd).ok_or_else(|| bad("the config pins no etcd CA".into()))?;
+    if answer.etcd_ca != etcd_ca {
+        return Err(bad("the join answer's etcd CA is not the one the config pinned".into()));
+    }
+    let now = time::OffsetDateTime::now_utc();
+    let check = |pem: &str, holder: &Holder| -> Result<String, ProvisionError> {
+        let info = herd_pki::verify(&etcd_ca, Authority::Etcd, pem, now).map_err(|e| bad(format!("{holder}: {e}")))?;
+        if info.holder.as_ref() != Some(holder) {
+            return Err(bad(format!("a certificate for {}, not {holder}", info.common_name)));
+        }
+        Ok(info.fingerprint)
+    };
+    let machine_fp = check(&answer.machine_cert, &me)?;
+    let member_fp = match (&answer.member_cert, member) {
+        (Some(pem), true) => Some(check(pem, &member_holder)?),
+        (None, true) => return Err(bad("an etcd member got no member certificate".into())),
+        _ => None,
+    };
+    let write =
+        |file: &str, pem: &str| herd_pki::write_public(&dir.join(file), pem.as_bytes()).map_err(|e| bad(e.to_string()));
+    write("etcd-ca.crt", &answer.etcd_ca)?;
+    write("api-ca.crt", &answer.api_ca)?;
+    write("machine.crt", &answer.machine_cert)?;
+    if let Some(pem) = &answer.member_cert {
+        write("member.crt", pem)?;
+    }
+    Ok(Joined { machine: machine_fp, member: member_fp })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_credential_leaves_the_config_and_nothing_else_does() {
+        let mut config = serde_json::json!({"storage": {"files": [
+            {"path": "/etc/hostname", "contents": {"source": "data:,node1%0A"}},
+            {"path": herd_api::JOIN_CREDENTIAL_PATH, "contents": {"source": "data:,abc123"}},
+        ]}});
+        assert_eq!(take_credential(&mut config).as_deref(), Some("abc123"));
+        assert_eq!(config["storage"]["files"].as_array().map(Vec::len), Some(1));
+        assert!(!config.to_string().contains("abc123"));
+        assert_eq!(take_credential(&mut config), None, "taken once");
+    }
+}
