@@ -24,6 +24,6 @@ cargo bench --locked -p herd-provisioner --bench dhcp
 cargo bench --locked -p herd-provisioner --bench tftp
 cargo bench --locked -p herd-provisioner --bench storm
 cargo bench --locked -p herd-cluster --bench plan
-cargo run --release --locked -q -p herdctl -- bench scheduler --machines 1000 --units 10000 --racks 25
+cargo run --release --locked -q -p herdctl -- bench scheduler --machines 1000 --units 10000 --racks 25 --tls
 cargo run --release --locked -q -p herdctl -- bench scheduler --machines 5000 --units 50000 --racks 50
 cargo run --release --locked -q -p herdctl -- bench failover --machines 20 --units 200 --ttl 4
