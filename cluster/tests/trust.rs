@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -210,5 +209,4 @@ async fn a_cluster_runs_end_to_end_on_mutual_tls_with_least_privilege() {
         assert_eq!(active, [on], "{name}");
     }
     shutdown.cancel();
-    let _ = Path::new(&lab.dir);
 }

@@ -19,22 +19,25 @@ use crate::provision::{ProvisionError, Provisioner};
 /// Where the machine's keys and certificates live, under the root.
 pub const TLS_DIR: &str = "var/lib/herd/tls";
 
+/// The contents of the file at `path` in `config` (a `data:` URL), if it is there.
+fn config_file(config: &Value, path: &str) -> Option<String> {
+    let files = config.pointer("/storage/files")?.as_array()?;
+    let source = files.iter().find(|f| f["path"] == path)?["contents"]["source"].as_str()?;
+    String::from_utf8(crate::ignition::data_url(source).ok()?).ok()
+}
+
 /// Takes the join credential out of `config` (None when the provisioner issued none).
 pub fn take_credential(config: &mut Value) -> Option<String> {
-    let files = config.pointer_mut("/storage/files")?.as_array_mut()?;
-    let at = files.iter().position(|f| f["path"] == herd_api::JOIN_CREDENTIAL_PATH)?;
-    let file = files.remove(at);
-    let source = file["contents"]["source"].as_str()?;
-    let bytes = crate::ignition::data_url(source).ok()?;
-    String::from_utf8(bytes).ok().map(|s| s.trim().to_owned())
+    let credential = config_file(config, herd_api::JOIN_CREDENTIAL_PATH)?;
+    if let Some(files) = config.pointer_mut("/storage/files").and_then(Value::as_array_mut) {
+        files.retain(|f| f["path"] != herd_api::JOIN_CREDENTIAL_PATH);
+    }
+    Some(credential.trim().to_owned())
 }
 
 /// The CA certificate `config` pins for `authority`.
 fn pinned(config: &Value, authority: Authority) -> Option<String> {
-    let path = format!("{}/{authority}-ca.crt", herd_api::CA_DIR);
-    let files = config.pointer("/storage/files")?.as_array()?;
-    let source = files.iter().find(|f| f["path"] == path.as_str())?["contents"]["source"].as_str()?;
-    String::from_utf8(crate::ignition::data_url(source).ok()?).ok()
+    config_file(config, &format!("{}/{authority}-ca.crt", herd_api::CA_DIR))
 }
 
 /// What a join gave.

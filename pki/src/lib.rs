@@ -187,10 +187,6 @@ impl fmt::Display for Holder {
 /// Whether `s` may name a holder: 1-63 of `a-z 0-9 -`, starting and ending with a letter or digit (a DNS label,
 /// as inventory host names are), so it goes into a common name and a DNS name unchanged.
 pub fn is_name(s: &str) -> bool {
-    is_label(s)
-}
-
-fn is_label(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
         && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
@@ -200,7 +196,7 @@ fn is_label(s: &str) -> bool {
 
 /// Whether `s` is a DNS name a certificate may carry: dot-separated labels, at most 253 characters.
 pub fn is_dns_name(s: &str) -> bool {
-    s.len() <= 253 && s.split('.').all(is_label)
+    s.len() <= 253 && s.split('.').all(is_name)
 }
 
 /// What a certificate says and how long it lasts.
