@@ -109,6 +109,28 @@ pub struct Policy {
 }
 
 impl Policy {
+    /// The policy of `machines` (and whether each runs the engine) and of every operator `site` issued an etcd
+    /// certificate to that is still valid at `now` (the latest one's role, if a name was issued twice).
+    pub fn of_site(
+        machines: Vec<(MachineKey, bool)>,
+        site: &herd_pki::Site,
+        now: time::OffsetDateTime,
+    ) -> Result<Policy, herd_pki::PkiError> {
+        let mut operators: BTreeMap<String, (i64, Role)> = BTreeMap::new();
+        for line in site.status(now)? {
+            let usable = matches!(line.standing, herd_pki::Standing::Valid | herd_pki::Standing::RenewSoon);
+            if let (herd_pki::Authority::Etcd, true, Some(Holder::Operator(name, role))) =
+                (line.authority, usable, &line.cert.holder)
+            {
+                let entry = operators.entry(name.clone()).or_insert((line.cert.not_after, *role));
+                if line.cert.not_after >= entry.0 {
+                    *entry = (line.cert.not_after, *role);
+                }
+            }
+        }
+        Ok(Policy { machines, operators: operators.into_iter().map(|(n, (_, r))| (n, r)).collect() })
+    }
+
     /// Every user with its roles, and every role with its grants.
     fn wanted(&self) -> (BTreeMap<String, BTreeSet<String>>, BTreeMap<String, BTreeSet<Grant>>) {
         let mut users = BTreeMap::new();

@@ -49,7 +49,7 @@ impl StoreError {
 }
 
 /// TLS material for etcd (`--ca-file`, `--cert-file`, `--key-file`).
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TlsFiles {
     /// CA bundle that signed the etcd servers' certificates.
     pub ca: Option<String>,

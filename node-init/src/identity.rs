@@ -16,8 +16,8 @@ use serde_json::Value;
 
 use crate::provision::{ProvisionError, Provisioner};
 
-/// Where the machine's keys and certificates live, under the root.
-pub const TLS_DIR: &str = "var/lib/herd/tls";
+/// The user etcd runs as (Debian's unit): it reads the member's key and certificate.
+const ETCD_USER: &str = "etcd";
 
 /// The contents of the file at `path` in `config` (a `data:` URL), if it is there.
 fn config_file(config: &Value, path: &str) -> Option<String> {
@@ -64,8 +64,9 @@ fn key(path: &Path) -> Result<String, ProvisionError> {
     Ok(pem)
 }
 
-/// Joins: keys (kept or made) under `root`'s [`TLS_DIR`], their requests with `credential`, the answer checked
-/// against what `config` pinned and written beside the keys.
+/// Joins: keys (kept or made) under `root`'s [`herd_config::node::TLS_DIR`], their requests with `credential`, the
+/// answer checked against what `config` pinned and written beside the keys (a member's key and certificate owned by
+/// etcd's user).
 pub fn join(
     prov: &Provisioner,
     root: &Path,
@@ -74,7 +75,7 @@ pub fn join(
     member: bool,
     credential: &str,
 ) -> Result<Joined, ProvisionError> {
-    let dir = root.join(TLS_DIR);
+    let dir = root.join(herd_config::node::TLS_DIR.trim_start_matches('/'));
     std::fs::create_dir_all(&dir).map_err(|e| bad(format!("{}: {e}", dir.display())))?;
     let request = |file: &str, holder: &Holder| -> Result<String, ProvisionError> {
         let key = key(&dir.join(file))?;
@@ -112,6 +113,14 @@ pub fn join(
     write("machine.crt", &answer.machine_cert)?;
     if let Some(pem) = &answer.member_cert {
         write("member.crt", pem)?;
+        // etcd reads its key as its own user; the key stays 0600, readable by etcd alone.
+        let (uid, gid) = crate::ignition::user_ids(root, ETCD_USER)
+            .ok_or_else(|| bad(format!("the image has no {ETCD_USER} user to run the etcd member")))?;
+        for file in ["member.key", "member.crt"] {
+            let path = dir.join(file);
+            std::os::unix::fs::chown(&path, Some(uid), Some(gid))
+                .map_err(|e| bad(format!("chown {}: {e}", path.display())))?;
+        }
     }
     Ok(Joined { machine: machine_fp, member: member_fp })
 }

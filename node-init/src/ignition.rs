@@ -247,6 +247,13 @@ fn read_db(path: &Path) -> Vec<Vec<String>> {
         .collect()
 }
 
+/// The uid and gid of user `name` in `root`'s `/etc/passwd`.
+pub(crate) fn user_ids(root: &Path, name: &str) -> Option<(u32, u32)> {
+    let rows = read_db(&root.join("etc/passwd"));
+    let row = rows.iter().find(|r| r[0] == name)?;
+    Some((row.get(2)?.parse().ok()?, row.get(3)?.parse().ok()?))
+}
+
 fn write_db(path: &Path, rows: &[Vec<String>], mode: u32) -> Result<(), SysError> {
     let text: String = rows.iter().map(|r| r.join(":") + "\n").collect();
     write_file(path, text.as_bytes(), mode)

@@ -25,23 +25,20 @@ const QUORUM_LIMIT: Duration = Duration::from_secs(600);
 const TTL: Duration = Duration::from_secs(10);
 /// Where this node keeps its agent instance token (on STATE: it survives reboots, and a cloned disk is caught).
 const INSTANCE: &str = "/var/lib/herd/instance";
-/// The local etcd member's client URL (the provisioner's config has every member listen there too).
-const LOCAL_MEMBER: &str = "http://127.0.0.1:2379";
 /// The line printed once the machine is registered.
 pub const REGISTERED: &str = "herd-node-init: registered";
 
-/// Waits until the local etcd member reports itself healthy (which needs a leader, so a quorum).
-fn wait_for_quorum() -> anyhow::Result<Duration> {
+/// Waits until the local etcd member knows a leader (so it is part of a quorum), asking it over `tls`.
+async fn wait_for_quorum(endpoint: &str, tls: &TlsFiles) -> anyhow::Result<Duration> {
     let started = Instant::now();
-    let agent: ureq::Agent = ureq::Agent::config_builder().timeout_global(Some(Duration::from_secs(3))).build().into();
     let mut said = Instant::now();
+    let endpoints = [endpoint.to_owned()];
     loop {
-        let health = agent
-            .get(format!("{LOCAL_MEMBER}/health"))
-            .call()
-            .ok()
-            .and_then(|mut r| r.body_mut().read_json::<serde_json::Value>().ok());
-        if health.as_ref().is_some_and(|h| h["health"] == "true") {
+        let leader = match Store::connect(&endpoints, tls, Duration::from_secs(3)).await {
+            Ok(store) => store.client().status().await.map(|s| s.leader()).unwrap_or(0),
+            Err(_) => 0,
+        };
+        if leader != 0 {
             return Ok(started.elapsed());
         }
         if started.elapsed() > QUORUM_LIMIT {
@@ -51,8 +48,22 @@ fn wait_for_quorum() -> anyhow::Result<Duration> {
             println!("herd-node-init: waiting for etcd to form a quorum ({} s)", started.elapsed().as_secs());
             said = Instant::now();
         }
-        std::thread::sleep(Duration::from_millis(200));
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// The local member's client URL.
+fn local_member(node: &NodeConfig) -> String {
+    format!("{}://127.0.0.1:2379", if node.etcd_tls() { "https" } else { "http" })
+}
+
+/// The machine's etcd client identity: with TLS, its certificate from the join and the pinned etcd CA.
+fn tls_files(node: &NodeConfig) -> TlsFiles {
+    if !node.etcd_tls() {
+        return TlsFiles::default();
+    }
+    let file = |name: &str| Some(format!("{}/{name}", herd_config::node::TLS_DIR));
+    TlsFiles { ca: file("etcd-ca.crt"), cert: file("machine.crt"), key: file("machine.key") }
 }
 
 /// Where this node reaches etcd. A master: only through its own member on the loopback, as Kubernetes' stacked
@@ -62,7 +73,7 @@ fn wait_for_quorum() -> anyhow::Result<Duration> {
 /// watch stuck there delayed a failover by that much. A master whose own member is down is not a working member of
 /// the cluster; its lease lapses and its units move. Other nodes: through every member.
 fn endpoints(node: &NodeConfig) -> Vec<String> {
-    if node.etcd_member { vec![LOCAL_MEMBER.to_owned()] } else { node.etcd_endpoints.clone() }
+    if node.etcd_member { vec![local_member(node)] } else { node.etcd_endpoints.clone() }
 }
 
 /// This node's instance token: read from [`INSTANCE`], or made and stored there.
@@ -130,19 +141,20 @@ pub fn run(
     report: &SystemReport,
     registered: impl FnOnce(&str) + Send + 'static,
 ) -> anyhow::Result<()> {
-    if node.etcd_member {
-        let took = wait_for_quorum()?;
-        println!("herd-node-init: etcd member healthy (quorum) after {:.1} s", took.as_secs_f64());
-    }
     let instance = instance_token()?;
     let machine = machine_record(node, report, instance);
     let endpoints = endpoints(node);
+    let tls = tls_files(node);
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(async move {
+        if node.etcd_member {
+            let took = wait_for_quorum(&endpoints[0], &tls).await?;
+            println!("herd-node-init: etcd member healthy (quorum) after {:.1} s", took.as_secs_f64());
+        }
         let store = loop {
             // Requests bounded by 2 s (etcd answers in milliseconds): one that went to a member that just died is
             // sent again to another soon, and the engine's view of the cluster does not lag by a long timeout.
-            match Store::connect(&endpoints, &TlsFiles::default(), Duration::from_secs(2)).await {
+            match Store::connect(&endpoints, &tls, Duration::from_secs(2)).await {
                 Ok(s) => break s,
                 Err(e) => {
                     tracing::warn!(?endpoints, error = %e, "cannot reach etcd; retrying");
@@ -200,8 +212,20 @@ mod tests {
 
     #[test]
     fn a_master_reaches_etcd_through_its_own_member_on_the_loopback() {
-        assert_eq!(endpoints(&node(true)), [LOCAL_MEMBER]);
+        assert_eq!(endpoints(&node(true)), ["http://127.0.0.1:2379"]);
         let worker = endpoints(&node(false));
         assert_eq!(worker, ["http://10.0.0.11:2379", "http://10.0.0.12:2379", "http://10.0.0.13:2379"]);
+        assert_eq!(tls_files(&node(true)), TlsFiles::default());
+    }
+
+    #[test]
+    fn with_tls_a_machine_connects_over_https_with_its_own_certificate() {
+        let mut master = node(true);
+        master.etcd_endpoints = master.etcd_endpoints.iter().map(|e| e.replace("http:", "https:")).collect();
+        assert_eq!(endpoints(&master), ["https://127.0.0.1:2379"]);
+        let tls = tls_files(&master);
+        assert_eq!(tls.cert.as_deref(), Some("/var/lib/herd/tls/machine.crt"));
+        assert_eq!(tls.key.as_deref(), Some("/var/lib/herd/tls/machine.key"));
+        assert_eq!(tls.ca.as_deref(), Some("/var/lib/herd/tls/etcd-ca.crt"));
     }
 }

@@ -381,7 +381,8 @@ async fn config(
         s.by_address.machines.event(&name, "config-refused", format!("from {peer}: wrong token"));
         return s.refuse("wrong-token", &mac_text, peer);
     }
-    match ignition::render_machine(&s.inv, &name) {
+    let options = ignition::RenderOptions { etcd_tls: s.joining.is_some() };
+    match ignition::render_machine_with(&s.inv, &name, options) {
         Ok(mut cfg) => {
             if let Some(joining) = &s.joining {
                 for (file, pem) in joining.ca_files() {

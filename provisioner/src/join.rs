@@ -7,8 +7,9 @@
 //! kept only as a hash. The machine makes its keys, and `POST /join/MAC` with the credential and its certificate
 //! requests, from its own address: the credential is spent (durably) and the provisioner answers with a
 //! `machine:NAME` etcd client certificate (SANs: its host name, FQDN and internal address) and, for an etcd
-//! member, a `member:NAME` peer and server certificate. Only the requests' public keys are used. A credential
-//! used twice, late, wrong, or from another address is refused and the machine's timeline says so.
+//! member, a `member:NAME` peer and server certificate (SANs: those and the loopback, where its own machine reaches
+//! it). Only the requests' public keys are used. A credential used twice, late, wrong, or from another address is
+//! refused and the machine's timeline says so.
 //! `join = "closed"` issues nothing: registration is closed.
 
 use std::net::IpAddr;
@@ -69,9 +70,10 @@ impl Joining {
         let machine_cert = self.site.issue(Authority::Etcd, &subject, KeySource::Request(&req.machine_csr), now)?;
         let member_cert = match (&req.member_csr, member) {
             (Some(csr), true) => {
+                // The member serves its own machine on the loopback too (node-init, the agent, the engine).
                 let mut subject = Subject::new(Holder::Member(name), MACHINE_VALIDITY);
-                subject.dns = names;
-                subject.ips = vec![address];
+                subject.dns = names.into_iter().chain(["localhost".to_owned()]).collect();
+                subject.ips = vec![address, IpAddr::V4(std::net::Ipv4Addr::LOCALHOST)];
                 Some(self.site.issue(Authority::Etcd, &subject, KeySource::Request(csr), now)?.cert_pem)
             }
             _ => None,

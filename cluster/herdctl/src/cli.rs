@@ -567,6 +567,10 @@ pub enum ConfigCommand {
         /// Ignition JSON, or the same config as a #cloud-config for machines still on CoreOS-style cloud-init.
         #[arg(long, short = 'f', value_enum, default_value_t)]
         format: ConfigFormat,
+        /// The config of a provisioner with a site PKI (`--site-pki`): etcd over mutual TLS. Without the join
+        /// credential and CA certificates, which the provisioner adds per boot.
+        #[arg(long)]
+        etcd_tls: bool,
     },
     /// Translate a legacy CoreOS #cloud-config (hostname, users, ssh_authorized_keys, write_files, coreos.units,
     /// coreos.etcd2) into Ignition 3.3.0. Keys it cannot translate are refused by name.

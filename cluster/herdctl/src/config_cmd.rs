@@ -9,9 +9,14 @@ use herd_config::{cloud_config, ignition, lint};
 use crate::cli::ConfigFormat;
 use crate::inventory_cmd;
 
-pub(crate) fn render(inventory: &Path, machine: &str, format: ConfigFormat) -> anyhow::Result<ExitCode> {
+pub(crate) fn render(
+    inventory: &Path,
+    machine: &str,
+    format: ConfigFormat,
+    options: ignition::RenderOptions,
+) -> anyhow::Result<ExitCode> {
     let inv = inventory_cmd::load(inventory)?;
-    let config = ignition::render_machine(&inv, machine)
+    let config = ignition::render_machine_with(&inv, machine, options)
         .with_context(|| format!("cannot render the config of {machine} from {}", inventory.display()))?;
     match format {
         ConfigFormat::Ignition => print!("{}", ignition::to_json(&config)),

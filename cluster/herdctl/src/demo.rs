@@ -384,7 +384,8 @@ fn bring_up(args: &DemoArgs, output: Output) -> anyhow::Result<ExitCode> {
         let member = role.is_some_and(|(_, r)| r.etcd == EtcdRole::Member);
         let address = m.internal.get_ref().to_string();
         if member {
-            state.endpoints.push(format!("http://{address}:2379"));
+            // etcd speaks mutual TLS: the provisioner holds the site PKI (`--site-pki`).
+            state.endpoints.push(format!("https://{address}:2379"));
         }
         state.machines.push(DemoMachine {
             name: m.name.get_ref().to_string(),
@@ -428,6 +429,8 @@ fn bring_up(args: &DemoArgs, output: Output) -> anyhow::Result<ExitCode> {
         dir.join("image").display().to_string(),
         "--api-credentials".into(),
         pki.server.display().to_string(),
+        "--site-pki".into(),
+        dir.join("pki").display().to_string(),
     ]
     .into();
     let pid = spawn_in_netns(&dir, &mut state, "provisioner", &argv, "provisioner.log")?;
@@ -506,10 +509,24 @@ fn bring_up(args: &DemoArgs, output: Output) -> anyhow::Result<ExitCode> {
     })?;
     save_state(&dir, &state)?;
 
-    // The work: a container and a global unit.
+    // Least privilege in etcd: every machine and operator its own user and role, authentication on.
     let bar = spinner(&mp, "connecting to etcd");
-    bar.set_prefix("units");
+    bar.set_prefix("etcd");
     let cluster = Cluster::connect(&cluster_args)?;
+    let policy = crate::pki_cmd::policy(&inventory_path, &dir.join("pki"))?;
+    cluster.block_on(herd_cluster::access::apply(cluster.store(), &policy))?;
+    done(
+        &bar,
+        format!(
+            "mutual TLS; users and roles for {} machines and {} operators; authentication on",
+            policy.machines.len(),
+            policy.operators.len()
+        ),
+    );
+
+    // The work: a container and a global unit.
+    let bar = spinner(&mp, "pre-warming");
+    bar.set_prefix("units");
 
     // Pre-warm: the web image on every machine before any work lands (a unit that moves then starts at once).
     bar.set_message(format!("pre-warming {web_image} on every machine"));

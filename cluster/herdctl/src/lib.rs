@@ -53,7 +53,9 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Config { command } => match command {
-            ConfigCommand::Render { inventory, machine, format } => config_cmd::render(&inventory, &machine, format),
+            ConfigCommand::Render { inventory, machine, format, etcd_tls } => {
+                config_cmd::render(&inventory, &machine, format, herd_config::ignition::RenderOptions { etcd_tls })
+            }
             ConfigCommand::Lint { file } => config_cmd::lint(&file),
             ConfigCommand::Translate { file } => config_cmd::translate(&file),
         },

@@ -5,7 +5,6 @@
 //! for herd's APIs (an operator's holds both; a machine's or a member's the etcd part, a server's the api part).
 //! `--credentials DIR` (or `HERD_CREDENTIALS`) points herdctl at one.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::ExitCode;
 
@@ -199,8 +198,7 @@ fn date(unix: i64) -> String {
     format!("{:04}-{:02}-{:02} {:02}:{:02}Z", t.year(), u8::from(t.month()), t.day(), t.hour(), t.minute())
 }
 
-/// The policy: every inventory machine (etcd members run the engine) and every operator the site PKI issued an
-/// etcd certificate to that is still valid (the latest one's role, if a name was issued twice).
+/// The policy: every inventory machine (etcd members run the engine) and every operator of the site PKI.
 pub(crate) fn policy(inventory: &Path, pki_dir: &Path) -> anyhow::Result<Policy> {
     let inv = herd_inventory::load(inventory).map_err(|e| anyhow::anyhow!("{e}"))?;
     let members: Vec<String> = inv.etcd_members().map(|m| m.name.get_ref().to_string()).collect();
@@ -210,19 +208,7 @@ pub(crate) fn policy(inventory: &Path, pki_dir: &Path) -> anyhow::Result<Policy>
         let key = MachineKey::new(&name).with_context(|| format!("machine {name:?} cannot be an etcd user name"))?;
         machines.push((key, members.contains(&name)));
     }
-    let pki = Site::open(pki_dir)?;
-    let mut operators: BTreeMap<String, (i64, Role)> = BTreeMap::new();
-    for line in pki.status(now())? {
-        let usable = matches!(line.standing, Standing::Valid | Standing::RenewSoon);
-        if let (Authority::Etcd, true, Some(Holder::Operator(name, role))) = (line.authority, usable, &line.cert.holder)
-        {
-            let entry = operators.entry(name.clone()).or_insert((line.cert.not_after, *role));
-            if line.cert.not_after >= entry.0 {
-                *entry = (line.cert.not_after, *role);
-            }
-        }
-    }
-    Ok(Policy { machines, operators: operators.into_iter().map(|(n, (_, r))| (n, r)).collect() })
+    Ok(Policy::of_site(machines, &Site::open(pki_dir)?, now())?)
 }
 
 /// `herdctl access apply`.

@@ -66,14 +66,33 @@ pub enum RenderError {
 
 pub use crate::node::{BondConfig, EarlyBond, NodeConfig};
 
+/// What a config says beyond the inventory.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RenderOptions {
+    /// etcd with mutual TLS on client and peer URLs (the provisioner holds a site PKI, and every machine gets its
+    /// certificates at its join): `https://` everywhere, members requiring a certificate from the etcd CA of
+    /// every client and peer, with the keys and certificates in [`crate::node::TLS_DIR`].
+    pub etcd_tls: bool,
+}
+
 /// Renders the Ignition config of the machine named `name`.
 pub fn render_machine(inv: &Inventory, name: &str) -> Result<ign::Config, RenderError> {
+    render_machine_with(inv, name, RenderOptions::default())
+}
+
+/// [`render_machine`] with `options`.
+pub fn render_machine_with(inv: &Inventory, name: &str, options: RenderOptions) -> Result<ign::Config, RenderError> {
     let machine = inv.machine(name).ok_or_else(|| RenderError::UnknownMachine(name.to_owned()))?;
-    render(inv, machine)
+    render_with(inv, machine, options)
 }
 
 /// Renders one machine's Ignition config.
 pub fn render(inv: &Inventory, machine: &Machine) -> Result<ign::Config, RenderError> {
+    render_with(inv, machine, RenderOptions::default())
+}
+
+/// [`render`] with `options`.
+pub fn render_with(inv: &Inventory, machine: &Machine, options: RenderOptions) -> Result<ign::Config, RenderError> {
     let members: Vec<&Machine> = inv.etcd_members().collect();
     if members.is_empty() {
         return Err(RenderError::NoEtcdMembers);
@@ -87,7 +106,7 @@ pub fn render(inv: &Inventory, machine: &Machine) -> Result<ign::Config, RenderE
 
     let etcd_member = role.is_some_and(|r| r.etcd == EtcdRole::Member);
     if etcd_member {
-        files.push(file("/etc/default/etcd", &etcd_environment(inv, machine, &members), 0o644));
+        files.push(file("/etc/default/etcd", &etcd_environment(inv, machine, &members, options.etcd_tls), 0o644));
     }
     let node = NodeConfig {
         version: 1,
@@ -97,7 +116,10 @@ pub fn render(inv: &Inventory, machine: &Machine) -> Result<ign::Config, RenderE
         rack: machine.rack.get_ref().to_string(),
         provisioner_url: format!("http://{}", inv.site.provisioner.get_ref()),
         etcd_member,
-        etcd_endpoints: members.iter().map(|m| format!("http://{}:{ETCD_CLIENT_PORT}", m.internal.get_ref())).collect(),
+        etcd_endpoints: members
+            .iter()
+            .map(|m| format!("{}://{}:{ETCD_CLIENT_PORT}", scheme(options.etcd_tls), m.internal.get_ref()))
+            .collect(),
         labels: inv.labels_of(machine).into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
         disk: machine.disk.as_ref().map(|d| d.as_str().to_owned()),
         address: Some(machine.internal.get_ref().to_string()),
@@ -407,26 +429,46 @@ fn networkd(inv: &Inventory, machine: &Machine, files: &mut Vec<ign::File>) {
     }
 }
 
+fn scheme(tls: bool) -> &'static str {
+    if tls { "https" } else { "http" }
+}
+
 /// `/etc/default/etcd` for a member: the initial cluster is every member of the inventory, on internal addresses.
-fn etcd_environment(inv: &Inventory, machine: &Machine, members: &[&Machine]) -> String {
+/// With `tls`, client and peer URLs are `https://` and both require a certificate from the etcd CA (the member's
+/// own, `member.crt`, serves both); etcd reads its certificate files at every new connection, so a renewal is an
+/// atomic swap of the files.
+fn etcd_environment(inv: &Inventory, machine: &Machine, members: &[&Machine], tls: bool) -> String {
     let ip = machine.internal.get_ref();
+    let s = scheme(tls);
     let initial: Vec<String> =
-        members.iter().map(|m| format!("{}=http://{}:{ETCD_PEER_PORT}", m.name(), m.internal.get_ref())).collect();
-    format!(
+        members.iter().map(|m| format!("{}={s}://{}:{ETCD_PEER_PORT}", m.name(), m.internal.get_ref())).collect();
+    let mut text = format!(
         "# Rendered by herd from the inventory: every etcd member of site {site}.\n\
          ETCD_NAME={name}\n\
          ETCD_DATA_DIR=/var/lib/etcd/{site}\n\
-         ETCD_LISTEN_PEER_URLS=http://{ip}:{ETCD_PEER_PORT}\n\
-         ETCD_LISTEN_CLIENT_URLS=http://{ip}:{ETCD_CLIENT_PORT},http://127.0.0.1:{ETCD_CLIENT_PORT}\n\
-         ETCD_INITIAL_ADVERTISE_PEER_URLS=http://{ip}:{ETCD_PEER_PORT}\n\
-         ETCD_ADVERTISE_CLIENT_URLS=http://{ip}:{ETCD_CLIENT_PORT}\n\
+         ETCD_LISTEN_PEER_URLS={s}://{ip}:{ETCD_PEER_PORT}\n\
+         ETCD_LISTEN_CLIENT_URLS={s}://{ip}:{ETCD_CLIENT_PORT},{s}://127.0.0.1:{ETCD_CLIENT_PORT}\n\
+         ETCD_INITIAL_ADVERTISE_PEER_URLS={s}://{ip}:{ETCD_PEER_PORT}\n\
+         ETCD_ADVERTISE_CLIENT_URLS={s}://{ip}:{ETCD_CLIENT_PORT}\n\
          ETCD_INITIAL_CLUSTER={initial}\n\
          ETCD_INITIAL_CLUSTER_TOKEN=herd-{site}\n\
          ETCD_INITIAL_CLUSTER_STATE=new\n",
         site = inv.site.name,
         name = machine.name(),
         initial = initial.join(","),
-    )
+    );
+    if tls {
+        let dir = crate::node::TLS_DIR;
+        for side in ["", "PEER_"] {
+            text.push_str(&format!(
+                "ETCD_{side}CLIENT_CERT_AUTH=true\n\
+                 ETCD_{side}TRUSTED_CA_FILE={dir}/etcd-ca.crt\n\
+                 ETCD_{side}CERT_FILE={dir}/member.crt\n\
+                 ETCD_{side}KEY_FILE={dir}/member.key\n"
+            ));
+        }
+    }
+    text
 }
 
 #[cfg(test)]
@@ -489,6 +531,35 @@ mod tests {
         assert_eq!(node.labels["herd.io/rack"], "r01");
         let files = config.storage.as_ref().unwrap().files.as_ref().unwrap();
         assert!(files.iter().all(|f| f.path != "/etc/default/etcd"));
+    }
+
+    #[test]
+    fn with_etcd_tls_every_url_is_https_and_members_require_certificates_on_both_sides() {
+        let inv = fleet();
+        let tls = RenderOptions { etcd_tls: true };
+        let master = render_with(&inv, inv.etcd_members().next().unwrap(), tls).unwrap();
+        let etcd = file_text(&master, "/etc/default/etcd");
+        assert!(!etcd.contains("http://"), "{etcd}");
+        assert!(etcd.contains("ETCD_LISTEN_CLIENT_URLS=https://10.20.1.11:2379,https://127.0.0.1:2379\n"), "{etcd}");
+        assert!(etcd.contains("ETCD_INITIAL_CLUSTER=r01-m01=https://10.20.1.11:2380,"), "{etcd}");
+        for line in [
+            "ETCD_CLIENT_CERT_AUTH=true",
+            "ETCD_PEER_CLIENT_CERT_AUTH=true",
+            "ETCD_TRUSTED_CA_FILE=/var/lib/herd/tls/etcd-ca.crt",
+            "ETCD_PEER_TRUSTED_CA_FILE=/var/lib/herd/tls/etcd-ca.crt",
+            "ETCD_KEY_FILE=/var/lib/herd/tls/member.key",
+            "ETCD_PEER_CERT_FILE=/var/lib/herd/tls/member.crt",
+        ] {
+            assert!(etcd.lines().any(|l| l == line), "{line} missing from {etcd}");
+        }
+        let worker = render_with(&inv, inv.machine("r01-m02").unwrap(), tls).unwrap();
+        let node: NodeConfig = serde_json::from_str(&file_text(&worker, NODE_CONFIG_PATH)).unwrap();
+        assert!(node.etcd_tls());
+        assert!(node.etcd_endpoints.iter().all(|e| e.starts_with("https://")), "{:?}", node.etcd_endpoints);
+        // Without a site PKI nothing changes.
+        let plain = render(&inv, inv.machine("r01-m02").unwrap()).unwrap();
+        let node: NodeConfig = serde_json::from_str(&file_text(&plain, NODE_CONFIG_PATH)).unwrap();
+        assert!(!node.etcd_tls());
     }
 
     #[test]

@@ -9,6 +9,11 @@ use serde::{Deserialize, Serialize};
 /// Where the file is on a machine.
 pub const NODE_CONFIG_PATH: &str = "/etc/herd/node-init.json";
 
+/// Where a machine keeps its keys and certificates (on STATE): `etcd-ca.crt`, `api-ca.crt`, `machine.key` and
+/// `machine.crt` (its etcd client identity), and on an etcd member `member.key` and `member.crt` (its peer and
+/// server identity).
+pub const TLS_DIR: &str = "/var/lib/herd/tls";
+
 /// node-init's configuration.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -37,6 +42,14 @@ pub struct NodeConfig {
     /// The disk herd installs to (`USR-A`, `USR-B`, `STATE`); none: diskless, the image runs from RAM.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disk: Option<String>,
+}
+
+impl NodeConfig {
+    /// Whether the cluster's etcd speaks mutual TLS (its endpoints are `https://`): the machine then connects with
+    /// its certificate from [`TLS_DIR`].
+    pub fn etcd_tls(&self) -> bool {
+        self.etcd_endpoints.iter().any(|e| e.starts_with("https://"))
+    }
 }
 
 /// Where the provisioner writes [`BondConfig`]. A file of its own rather than a field of node-init.json: a

@@ -206,6 +206,8 @@ pub struct Lab {
     hosts: Vec<(String, Option<Daemon>)>,
     /// A read-only operator's credential for the operator API (made when the provisioner starts).
     reader: Option<PathBuf>,
+    /// An admin operator's credential (etcd and the operator API; made when the provisioner starts).
+    admin: Option<PathBuf>,
 }
 
 impl Lab {
@@ -227,6 +229,7 @@ impl Lab {
             mode: Mode::Full,
             hosts: Vec::new(),
             reader: None,
+            admin: None,
         };
         bridge_netns(&lab.ns, &lab.bridge, &[&format!("{PROVISIONER_IP}/24"), "10.99.0.1/24"])?;
         Ok(lab)
@@ -290,7 +293,7 @@ impl Lab {
 
     /// Starts the provisioner (in-process, inside the namespace) on the bridge.
     pub fn start_provisioner(&mut self) -> anyhow::Result<()> {
-        let pki = herd_lab::pki::LabPki::make(&self.dir.join("pki"), PROVISIONER_IP.parse()?)?;
+        let pki = herd_lab::pki::LabPki::make(&self.pki_dir(), PROVISIONER_IP.parse()?)?;
         let config = DaemonConfig {
             inventory: self.inventory.clone(),
             interface: self.bridge.clone(),
@@ -305,9 +308,10 @@ impl Lab {
             assets: self.dir.join("assets"),
             api: Some(ApiConfig { port: 8443, credentials: pki.server.clone(), tokens: None }),
             api_reads: ApiReads::Operators,
-            site_pki: Some((self.dir.join("pki"), JoinPolicy::Open)),
+            site_pki: Some((self.pki_dir(), JoinPolicy::Open)),
         };
         self.reader = Some(pki.reader);
+        self.admin = Some(pki.admin);
         let cancel = CancellationToken::new();
         let run_cancel = cancel.clone();
         let ns = format!("/run/netns/{}", self.ns);
@@ -419,9 +423,21 @@ impl Lab {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// The lab's site PKI (`herdctl pki` layout), made when the provisioner starts.
+    pub fn pki_dir(&self) -> PathBuf {
+        self.dir.join("pki")
+    }
+
+    /// An operator credential directory (`etcd-ca.crt etcd.crt etcd.key api-ca.crt api.crt api.key`): the admin's,
+    /// or the read-only operator's.
+    pub fn credential(&self, admin: bool) -> anyhow::Result<&Path> {
+        let cred = if admin { &self.admin } else { &self.reader };
+        cred.as_deref().context("the provisioner is not started")
+    }
+
     /// The provisioner's operator API at `path`, read as a read-only operator over its TLS.
     pub fn api(&self, path: &str) -> anyhow::Result<serde_json::Value> {
-        let cred = self.reader.as_ref().context("the provisioner is not started")?;
+        let cred = self.credential(false)?;
         let file = |f: &str| cred.join(f).display().to_string();
         let out = Command::new("ip")
             .args(["netns", "exec", &self.ns, "curl", "-sf", "--cacert", &file("api-ca.crt")])

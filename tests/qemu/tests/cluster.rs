@@ -25,7 +25,7 @@ const REGISTERED: &str = "herd-node-init: registered";
 /// node-init's line once the provisioner took its healthy report.
 const HEALTHY: &str = "herd-node-init: reported healthy";
 const LIMIT: Duration = Duration::from_secs(600);
-const ENDPOINTS: [&str; 3] = ["http://10.99.0.11:2379", "http://10.99.0.12:2379", "http://10.99.0.13:2379"];
+const ENDPOINTS: [&str; 3] = ["https://10.99.0.11:2379", "https://10.99.0.12:2379", "https://10.99.0.13:2379"];
 
 /// A global unit that prints, on each machine's console, what the config put there.
 /// It runs once networkd has configured every link (network-online), so `link-failures` counts any blip networkd's
@@ -44,7 +44,8 @@ keys=$(wc -l < /home/herd/.ssh/authorized_keys) etcd=$(systemctl is-enabled etcd
 link-failures=$(grep \"Link Failure Count\" /proc/net/bonding/bond0 | grep -cv \": 0\") \
 networkd-keepmaster-warnings=$(journalctl -b -q -u systemd-networkd | grep -c KeepMaster) \
 sudo=$(runuser -u herd -- sudo -n true 2>/dev/null && echo yes || echo no) literal=100%%-%%n-%n \
-tls=$(ls /var/lib/herd/tls | xargs | tr \" \" ,) key-mode=$(stat -c %%a /var/lib/herd/tls/machine.key)'
+tls=$(ls /var/lib/herd/tls | xargs | tr \" \" ,) key-mode=$(stat -c %%a /var/lib/herd/tls/machine.key) \
+member-key=$(stat -c %%U:%%a /var/lib/herd/tls/member.key)'
 [X-Fleet]
 Global=true
 ";
@@ -178,16 +179,77 @@ where
     T: Send + 'static,
     F: std::future::Future<Output = T>,
 {
+    with_etcd_as(lab, tls_of(lab.credential(true).unwrap()), endpoints, f)
+}
+
+/// [`with_etcd`] as the holder of `tls`.
+fn with_etcd_as<T, F>(
+    lab: &Lab,
+    tls: TlsFiles,
+    endpoints: &[&str],
+    f: impl FnOnce(ClusterClient) -> F + Send + 'static,
+) -> T
+where
+    T: Send + 'static,
+    F: std::future::Future<Output = T>,
+{
     let endpoints: Vec<String> = endpoints.iter().map(|s| (*s).to_owned()).collect();
     lab.in_netns(move || {
         let rt = tokio::runtime::Runtime::new().unwrap();
         rt.block_on(async move {
             // As herdctl does: three TCG machines on two cores can hold several election rounds in a row.
-            let store = Store::connect(&endpoints, &TlsFiles::default(), Duration::from_secs(5)).await.unwrap();
+            let store = Store::connect(&endpoints, &tls, Duration::from_secs(5)).await.unwrap();
             f(ClusterClient::new(store.with_retry_for(Duration::from_secs(30)))).await
         })
     })
     .unwrap()
+}
+
+/// The etcd client identity in a credential directory (`herdctl pki issue` layout).
+fn tls_of(dir: &Path) -> TlsFiles {
+    let file = |f: &str| Some(dir.join(f).display().to_string());
+    TlsFiles { ca: file("etcd-ca.crt"), cert: file("etcd.crt"), key: file("etcd.key") }
+}
+
+/// Turns on least privilege in the VMs' etcd (what `herdctl access apply` does): every machine of the inventory
+/// (all three run the engine) and the lab's operators get their users and roles. Then shows, against the real
+/// cluster, that a client without a certificate gets nothing, a read-only operator cannot submit, and a machine's
+/// certificate cannot write another machine's schedule.
+fn least_privilege(lab: &Lab) {
+    let machines =
+        ["node1", "node2", "node3"].map(|n| (herd_cluster::schema::MachineKey::new(n).unwrap(), true)).to_vec();
+    let site = herd_pki::Site::open(&lab.pki_dir()).unwrap();
+    let now = time::OffsetDateTime::now_utc();
+    let policy = herd_cluster::access::Policy::of_site(machines, &site, now).unwrap();
+    with_cluster(lab, move |c| async move { herd_cluster::access::apply(c.store(), &policy).await.unwrap() });
+
+    let ca_only = TlsFiles { cert: None, key: None, ..tls_of(lab.credential(true).unwrap()) };
+    let anonymous = lab.in_netns(move || {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async move {
+            let store = Store::connect(&[ENDPOINTS[0].to_owned()], &ca_only, Duration::from_secs(5)).await.ok()?;
+            store.get_prefix(herd_cluster::schema::ROOT).await.ok()
+        })
+    });
+    assert!(anonymous.unwrap().is_none(), "etcd answered a client without a certificate");
+
+    let reader = tls_of(lab.credential(false).unwrap());
+    let submitted = with_etcd_as(lab, reader, &ENDPOINTS, |c| async move {
+        let read = c.machines().await.ok().map(|m| m.len());
+        (read, c.submit("refused.service", "[Service]\nExecStart=/bin/true\n", false).await.is_ok())
+    });
+    assert_eq!(submitted, (Some(3), false), "a read-only operator reads everything and submits nothing");
+
+    let node2 = lab.dir.join("node2-credential");
+    let mut subject = herd_pki::Subject::new(herd_pki::Holder::Machine("node2".into()), time::Duration::hours(1));
+    subject.ips = vec!["10.99.0.12".parse().unwrap()];
+    herd_pki::write_credential(&site, &subject, &node2, now).unwrap();
+    let writes = with_etcd_as(lab, tls_of(&node2), &ENDPOINTS, |c| async move {
+        let node1 = herd_cluster::schema::MachineKey::new("node1").unwrap();
+        let other = format!("{}forged.service", herd_cluster::schema::schedule_prefix(&node1));
+        c.store().put(&other, b"{}".to_vec(), None).await.is_ok()
+    });
+    assert!(!writes, "node2's certificate wrote node1's schedule");
 }
 
 /// Submits `text` as `name`, launches it and waits until it is active wherever it is placed.
@@ -255,6 +317,9 @@ fn three_machines_install_from_the_provisioner_form_etcd_register_and_run_a_glob
         assert!(!events.iter().any(|e| e == "join-refused"), "{name}: {events:?}");
     }
 
+    // etcd over mutual TLS, and from here on with every holder's least privilege.
+    least_privilege(&lab);
+
     // A global unit, run by each machine's systemd, shows what the config installed there.
     with_cluster(&lab, |c| async move { launch(&c, "check.service", CHECK_UNIT).await });
     for (i, (name, _, _)) in machines.iter().enumerate() {
@@ -262,7 +327,7 @@ fn three_machines_install_from_the_provisioner_form_etcd_register_and_run_a_glob
         let want = format!(
             "HERD-CHECK host={name} user=herd groups=adm,docker,herd,sudo,systemd-journal keys=1 etcd=enabled usr=ro \
              link-failures=0 networkd-keepmaster-warnings=0 sudo=yes literal=100%-%n-check.service \
-             tls=api-ca.crt,etcd-ca.crt,machine.crt,machine.key,member.crt,member.key key-mode=600"
+             tls=api-ca.crt,etcd-ca.crt,machine.crt,machine.key,member.crt,member.key key-mode=600 member-key=etcd:600"
         );
         assert!(line.contains(&want), "{name}: {line}");
     }
@@ -310,6 +375,8 @@ fn three_machines_install_from_the_provisioner_form_etcd_register_and_run_a_glob
         "node2" => 1,
         _ => 2,
     };
+    let admin = tls_of(lab.credential(true).unwrap());
+    let tls = admin.clone();
     let placed_on = with_cluster(&lab, |c| async move {
         launch(&c, "mover.service", MOVER_UNIT).await;
         let mut on = active_machine(&c, "mover.service", None).await;
@@ -323,11 +390,11 @@ fn three_machines_install_from_the_provisioner_form_etcd_register_and_run_a_glob
             c.uncordon(&from).await.unwrap();
         }
         let address = machines.iter().find(|m| m.record.id == on).and_then(|m| m.record.address.clone()).unwrap();
-        move_raft_leader_off(&format!("http://{address}:2379")).await;
+        move_raft_leader_off(&format!("https://{address}:2379"), &tls).await;
         let survivor = ["node1", "node2", "node3"].into_iter().find(|m| *m != on).unwrap();
         let survivor = machines.iter().find(|m| m.record.id == survivor).unwrap().record.address.clone().unwrap();
-        let survivor = format!("http://{survivor}:2379");
-        let term = raft_term(&survivor).await;
+        let survivor = format!("https://{survivor}:2379");
+        let term = raft_term(&survivor, &tls).await;
         (on, survivor, term)
     });
     let (placed_on, survivor, term) = placed_on;
@@ -344,7 +411,7 @@ fn three_machines_install_from_the_provisioner_form_etcd_register_and_run_a_glob
             });
             if let Some(p) = active {
                 let after = died.elapsed();
-                return (p.machine.clone(), after, raft_term(&survivor).await - term);
+                return (p.machine.clone(), after, raft_term(&survivor, &admin).await - term);
             }
             assert!(died.elapsed() < Duration::from_secs(120), "mover.service did not move: {units:?}");
             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -479,14 +546,14 @@ async fn active_machine(c: &ClusterClient, unit: &str, not: Option<&str>) -> Str
 }
 
 /// The raft term the etcd member at `endpoint` is in (it grows with every election).
-async fn raft_term(endpoint: &str) -> u64 {
-    let store = Store::connect(&[endpoint.to_owned()], &TlsFiles::default(), Duration::from_secs(5)).await.unwrap();
+async fn raft_term(endpoint: &str, tls: &TlsFiles) -> u64 {
+    let store = Store::connect(&[endpoint.to_owned()], tls, Duration::from_secs(5)).await.unwrap();
     store.client().status().await.unwrap().header().unwrap().raft_term()
 }
 
-/// Moves etcd's raft leadership to another member if the member at `endpoint` has it.
-async fn move_raft_leader_off(endpoint: &str) {
-    let store = Store::connect(&[endpoint.to_owned()], &TlsFiles::default(), Duration::from_secs(5)).await.unwrap();
+/// Moves etcd's raft leadership to another member if the member at `endpoint` has it (an admin's `tls`).
+async fn move_raft_leader_off(endpoint: &str, tls: &TlsFiles) {
+    let store = Store::connect(&[endpoint.to_owned()], tls, Duration::from_secs(5)).await.unwrap();
     let mut client = store.client();
     let status = client.status().await.unwrap();
     let me = status.header().unwrap().member_id();

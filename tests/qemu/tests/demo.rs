@@ -44,9 +44,21 @@ impl Demo {
         self.command(cmd, "herdctl", args)
     }
 
-    fn command(&self, mut cmd: Command, what: &str, args: &[&str]) -> Output {
-        let out =
-            cmd.args(args).env("HERD_DEMO_DIR", &self.dir).envs(self.env.iter().map(|(k, v)| (k, v))).output().unwrap();
+    /// [`Demo::run`] with the operator credential in `credentials` instead of the demo's admin.
+    fn run_as(&self, credentials: &Path, args: &[&str]) -> Output {
+        let mut cmd = Command::new(&self.herdctl);
+        cmd.current_dir(workspace());
+        self.command_with(cmd, "herdctl", args, &[("HERD_CREDENTIALS", credentials)])
+    }
+
+    fn command(&self, cmd: Command, what: &str, args: &[&str]) -> Output {
+        self.command_with(cmd, what, args, &[])
+    }
+
+    /// Runs `cmd ARGS` with the demo's settings, then `env` (which wins).
+    fn command_with(&self, mut cmd: Command, what: &str, args: &[&str], env: &[(&str, &Path)]) -> Output {
+        cmd.args(args).env("HERD_DEMO_DIR", &self.dir).envs(self.env.iter().map(|(k, v)| (k, v)));
+        let out = cmd.envs(env.iter().copied()).output().unwrap();
         if !out.status.success() {
             eprintln!("{what} {args:?} failed:\n{}", String::from_utf8_lossy(&out.stderr));
         }
@@ -97,13 +109,21 @@ fn events(timeline: &Value) -> Vec<String> {
     timeline.as_array().unwrap().iter().map(|e| e["event"].as_str().unwrap().to_owned()).collect()
 }
 
-fn etcdctl(endpoints: &str, args: &[&str]) -> Output {
-    Command::new("etcdctl").env("ETCDCTL_API", "3").arg(format!("--endpoints={endpoints}")).args(args).output().unwrap()
+/// etcdctl on the demo's etcd (mutual TLS) with the credential in `credentials` (none: no client certificate).
+fn etcdctl(credentials: Option<&Path>, endpoints: &str, args: &[&str]) -> Output {
+    let mut cmd = Command::new("etcdctl");
+    cmd.env("ETCDCTL_API", "3").arg(format!("--endpoints={endpoints}")).arg("--command-timeout=10s");
+    if let Some(dir) = credentials {
+        let file = |f: &str| dir.join(f).display().to_string();
+        cmd.args([format!("--cacert={}", file("etcd-ca.crt")), format!("--cert={}", file("etcd.crt"))]);
+        cmd.arg(format!("--key={}", file("etcd.key")));
+    }
+    cmd.args(args).output().unwrap()
 }
 
 /// The etcd raft leader's member id, and each member's (client URL, member id).
-fn raft(endpoints: &str) -> (u64, Vec<(String, u64)>) {
-    let out = etcdctl(endpoints, &["endpoint", "status", "-w", "json"]);
+fn raft(credentials: &Path, endpoints: &str) -> (u64, Vec<(String, u64)>) {
+    let out = etcdctl(Some(credentials), endpoints, &["endpoint", "status", "-w", "json"]);
     assert!(out.status.success(), "etcdctl endpoint status: {}", String::from_utf8_lossy(&out.stderr));
     let status: Value = serde_json::from_slice(&out.stdout).unwrap();
     let list = status.as_array().unwrap();
@@ -153,6 +173,21 @@ fn the_demo_comes_up_serves_http_survives_a_power_cut_and_goes_down_cleanly() {
         ("HERD_SSH_IDENTITY".into(), up["ssh_identity"].as_str().unwrap().to_owned()),
     ]);
 
+    // etcd speaks mutual TLS only, with users and roles: no certificate, no answer; the read-only operator the
+    // demo's PKI holds reads but cannot submit.
+    let admin = PathBuf::from(up["credentials"].as_str().unwrap());
+    let endpoints = demo.env.iter().find(|(k, _)| k == "HERD_ENDPOINT").unwrap().1.clone();
+    assert!(endpoints.split(',').all(|e| e.starts_with("https://")), "{endpoints}");
+    let anonymous = etcdctl(None, &endpoints, &["get", "--prefix", "/herd/", "--keys-only"]);
+    assert!(!anonymous.status.success(), "etcd answered a client without a certificate");
+    let reader = admin.parent().unwrap().join("reader");
+    let listed = parse(&demo.run_as(&reader, &["list-machines", "-o", "json"]), &["list-machines"]);
+    assert_eq!(listed.as_array().map(Vec::len), Some(3), "{listed}");
+    let unit = dir.join("refused.service");
+    std::fs::write(&unit, "[Service]\nExecStart=/bin/true\n").unwrap();
+    let refused = demo.run_as(&reader, &["submit", &unit.display().to_string()]);
+    assert!(!refused.status.success(), "a read-only operator submitted a unit");
+
     // The global unit runs on all three; the registered machines are the inventory's.
     let now = units(&demo);
     let mut hello = active_on(&now, "hello.service");
@@ -193,15 +228,15 @@ fn the_demo_comes_up_serves_http_survives_a_power_cut_and_goes_down_cleanly() {
     let endpoints = demo.env.iter().find(|(k, _)| k == "HERD_ENDPOINT").unwrap().1.clone();
     let victim_url = listed.as_array().unwrap().iter().find(|m| m["id"] == web_on.as_str()).unwrap()["address"]
         .as_str()
-        .map(|a| format!("http://{a}:2379"))
+        .map(|a| format!("https://{a}:2379"))
         .unwrap();
-    let (raft_leader, members) = raft(&endpoints);
+    let (raft_leader, members) = raft(&admin, &endpoints);
     let victim_member = members.iter().find(|(url, _)| *url == victim_url).unwrap().1;
     if raft_leader == victim_member {
         let other = members.iter().find(|(_, id)| *id != victim_member).unwrap().1;
-        let moved = etcdctl(&victim_url, &["move-leader", &format!("{other:x}")]);
+        let moved = etcdctl(Some(&admin), &victim_url, &["move-leader", &format!("{other:x}")]);
         assert!(moved.status.success(), "etcdctl move-leader: {}", String::from_utf8_lossy(&moved.stderr));
-        assert_ne!(raft(&endpoints).0, victim_member, "etcd's leadership moved off {web_on}");
+        assert_ne!(raft(&admin, &endpoints).0, victim_member, "etcd's leadership moved off {web_on}");
     }
 
     // A power cut on web.service's machine (one of the three etcd members): the two left reschedule it.
