@@ -40,7 +40,7 @@ pub const CA_VALIDITY: Duration = Duration::days(3650);
 pub const RENEW_AT: f64 = 1.0 / 3.0;
 
 /// One of the site's two certificate authorities.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Authority {
     /// etcd's members and clients.

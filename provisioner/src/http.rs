@@ -546,7 +546,11 @@ async fn phone_home(
 }
 
 async fn metrics(State(s): State<HttpState>) -> Response {
-    (StatusCode::OK, [(header::CONTENT_TYPE, "text/plain; version=0.0.4")], s.metrics.render()).into_response()
+    let mut text = s.metrics.render();
+    if let Some(joining) = &s.joining {
+        text.push_str(&joining.expiry_metrics(time::OffsetDateTime::now_utc()));
+    }
+    (StatusCode::OK, [(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 
 /// `GET /api/v1/machines?after=NAME&limit=N`: a page of the listing.

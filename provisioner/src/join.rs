@@ -39,12 +39,38 @@ pub struct Joining {
     site: Site,
     /// Whether machines may join.
     pub policy: JoinPolicy,
+    /// The expiry gauges of `/metrics`, and when they were read from the PKI's `issued/` directory.
+    expiries: std::sync::Mutex<Option<(std::time::Instant, String)>>,
 }
+
+/// How long `/metrics` serves the expiry gauges it read before reading `issued/` again.
+const EXPIRIES_FOR: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl Joining {
     /// Opens the site PKI in `dir` (its keys must be the owner's alone).
     pub fn open(dir: &Path, policy: JoinPolicy) -> Result<Joining, PkiError> {
-        Ok(Joining { site: Site::open(dir)?, policy })
+        Ok(Joining { site: Site::open(dir)?, policy, expiries: std::sync::Mutex::new(None) })
+    }
+
+    /// The expiry gauges (Prometheus text) of the site PKI at `now`: when each CA ends, and per CA the soonest end
+    /// among every holder's newest certificate (an older one a renewal replaced does not count), with how many
+    /// holders stand `valid`, `renew-soon` or `expired`. Read again at most every [`EXPIRIES_FOR`].
+    pub fn expiry_metrics(&self, now: time::OffsetDateTime) -> String {
+        let mut cached = self.expiries.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((at, text)) = cached.as_ref()
+            && at.elapsed() < EXPIRIES_FOR
+        {
+            return text.clone();
+        }
+        let text = match self.site.status(now) {
+            Ok(lines) => expiry_text(&lines),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the site PKI's issued certificates");
+                return String::new();
+            }
+        };
+        *cached = Some((std::time::Instant::now(), text.clone()));
+        text
     }
 
     /// The CA certificates a config carries: `(file name, PEM)`.
@@ -85,4 +111,52 @@ impl Joining {
             member_cert,
         })
     }
+}
+
+/// [`Joining::expiry_metrics`] of `lines` (`Site::status`).
+fn expiry_text(lines: &[herd_pki::StatusLine]) -> String {
+    use std::collections::BTreeMap;
+    use std::fmt::Write as _;
+    // Per CA, each holder's newest certificate.
+    let mut newest: BTreeMap<(Authority, String), &herd_pki::StatusLine> = BTreeMap::new();
+    let mut out = String::new();
+    out.push_str(
+        "# HELP herd_pki_ca_expiry_timestamp_seconds When the CA ends (Unix seconds): rotate it before.\n\
+         # TYPE herd_pki_ca_expiry_timestamp_seconds gauge\n",
+    );
+    for line in lines {
+        if line.cert.is_ca {
+            let _ = writeln!(
+                out,
+                "herd_pki_ca_expiry_timestamp_seconds{{authority=\"{}\"}} {}",
+                line.authority, line.cert.not_after
+            );
+            continue;
+        }
+        let slot = newest.entry((line.authority, line.cert.common_name.clone())).or_insert(line);
+        if line.cert.not_after > slot.cert.not_after {
+            *slot = line;
+        }
+    }
+    out.push_str(
+        "# HELP herd_pki_soonest_expiry_timestamp_seconds The soonest end among every holder's newest certificate \
+         (Unix seconds).\n# TYPE herd_pki_soonest_expiry_timestamp_seconds gauge\n",
+    );
+    for authority in Authority::ALL {
+        let soonest = newest.iter().filter(|((a, _), _)| *a == authority).map(|(_, l)| l.cert.not_after).min();
+        if let Some(at) = soonest {
+            let _ = writeln!(out, "herd_pki_soonest_expiry_timestamp_seconds{{authority=\"{authority}\"}} {at}");
+        }
+    }
+    out.push_str(
+        "# HELP herd_pki_holders Holders by where their newest certificate stands.\n# TYPE herd_pki_holders gauge\n",
+    );
+    let mut counts: BTreeMap<(Authority, &str), u64> = BTreeMap::new();
+    for ((authority, _), line) in &newest {
+        *counts.entry((*authority, line.standing.as_str())).or_default() += 1;
+    }
+    for ((authority, standing), n) in counts {
+        let _ = writeln!(out, "herd_pki_holders{{authority=\"{authority}\",standing=\"{standing}\"}} {n}");
+    }
+    out
 }

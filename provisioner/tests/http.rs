@@ -431,6 +431,16 @@ fn a_machine_trades_its_one_time_join_credential_for_certificates_of_its_own_key
     for reason in ["invalid-request", "wrong-source", "wrong", "spent"] {
         assert!(metrics.contains(&format!("herd_http_join_refused_total{{reason=\"{reason}\"}}")), "{reason}");
     }
+    // The expiries, as gauges: the CAs', and the soonest among the holders' newest certificates (machine:node1
+    // and member:node1 just now, 30 days).
+    let gauge = |series: &str| -> i64 {
+        let line = metrics.lines().find(|l| l.starts_with(series)).unwrap_or_else(|| panic!("no {series}: {metrics}"));
+        line.rsplit(' ').next().unwrap().parse().unwrap()
+    };
+    let ca_ends = gauge("herd_pki_ca_expiry_timestamp_seconds{authority=\"etcd\"}");
+    let soonest = gauge("herd_pki_soonest_expiry_timestamp_seconds{authority=\"etcd\"}");
+    assert!(soonest <= cert.not_after && soonest > now.unix_timestamp() && ca_ends > soonest, "{metrics}");
+    assert!(metrics.contains("herd_pki_holders{authority=\"etcd\",standing=\"valid\"}"), "{metrics}");
 }
 
 #[test]
