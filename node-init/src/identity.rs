@@ -14,7 +14,7 @@ use herd_api::{JoinAnswer, JoinRequest};
 use herd_pki::{Authority, Holder};
 use serde_json::Value;
 
-use crate::provision::{ProvisionError, Provisioner};
+use crate::provision::{JoinReply, ProvisionError, Provisioner};
 
 /// The user etcd runs as (Debian's unit): it reads the member's key and certificate.
 const ETCD_USER: &str = "etcd";
@@ -64,6 +64,37 @@ fn key(path: &Path) -> Result<String, ProvisionError> {
     Ok(pem)
 }
 
+/// How long a machine waits for an admin to approve its keys (its join credential is valid that long).
+const APPROVAL_LIMIT: std::time::Duration = std::time::Duration::from_secs(10 * 60);
+
+/// Sends `body` until certificates come back: at once on an open site; on one that approves joins, once an admin
+/// has approved the keys whose fingerprint this prints on the console (asked again every 5 s, for at most
+/// [`APPROVAL_LIMIT`]).
+fn awaiting_approval(prov: &Provisioner, body: &JoinRequest, machine: &str) -> Result<JoinAnswer, ProvisionError> {
+    let started = std::time::Instant::now();
+    let mut said: Option<std::time::Instant> = None;
+    loop {
+        let fingerprint = match prov.join(body)? {
+            JoinReply::Issued(answer) => return Ok(answer),
+            JoinReply::Awaiting(fingerprint) => fingerprint,
+        };
+        if started.elapsed() > APPROVAL_LIMIT {
+            return Err(bad(format!(
+                "not approved within {} minutes (keys {fingerprint}): approve it, then power-cycle it",
+                APPROVAL_LIMIT.as_secs() / 60
+            )));
+        }
+        if said.is_none_or(|t| t.elapsed() > std::time::Duration::from_secs(60)) {
+            println!(
+                "herd-initrd: waiting for an admin to approve this machine's keys: herdctl machine approve {machine} \
+                 {fingerprint}"
+            );
+            said = Some(std::time::Instant::now());
+        }
+        std::thread::sleep(std::time::Duration::from_secs(5));
+    }
+}
+
 /// Joins: keys (kept or made) under `root`'s [`herd_config::node::TLS_DIR`], their requests with `credential`, the
 /// answer checked against what `config` pinned and written beside the keys (a member's key and certificate owned by
 /// etcd's user).
@@ -87,7 +118,7 @@ pub fn join(
         machine_csr: request("machine.key", &me)?,
         member_csr: if member { Some(request("member.key", &member_holder)?) } else { None },
     };
-    let answer: JoinAnswer = prov.join(&body)?;
+    let answer = awaiting_approval(prov, &body, machine)?;
     let etcd_ca = pinned(config, Authority::Etcd).ok_or_else(|| bad("the config pins no etcd CA".into()))?;
     if answer.etcd_ca != etcd_ca {
         return Err(bad("the join answer's etcd CA is not the one the config pinned".into()));

@@ -28,15 +28,21 @@ const INSTANCE: &str = "/var/lib/herd/instance";
 /// The line printed once the machine is registered.
 pub const REGISTERED: &str = "herd-node-init: registered";
 
-/// Waits until the local etcd member knows a leader (so it is part of a quorum), asking it over `tls`.
+/// Waits until the local etcd member knows a leader (so it is part of a quorum), asking it over `tls`. One
+/// connection serves every question: a TLS handshake costs real CPU under emulation, and the member is busy
+/// electing.
 async fn wait_for_quorum(endpoint: &str, tls: &TlsFiles) -> anyhow::Result<Duration> {
     let started = Instant::now();
     let mut said = Instant::now();
     let endpoints = [endpoint.to_owned()];
+    let mut store: Option<Store> = None;
     loop {
-        let leader = match Store::connect(&endpoints, tls, Duration::from_secs(3)).await {
-            Ok(store) => store.client().status().await.map(|s| s.leader()).unwrap_or(0),
-            Err(_) => 0,
+        if store.is_none() {
+            store = Store::connect(&endpoints, tls, Duration::from_secs(3)).await.ok();
+        }
+        let leader = match &store {
+            Some(s) => s.client().status().await.map(|s| s.leader()).unwrap_or(0),
+            None => 0,
         };
         if leader != 0 {
             return Ok(started.elapsed());

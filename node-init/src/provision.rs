@@ -131,6 +131,15 @@ pub enum Mode {
     Local,
 }
 
+/// What the provisioner answered a join request.
+#[derive(Debug)]
+pub enum JoinReply {
+    /// The certificates.
+    Issued(herd_api::JoinAnswer),
+    /// The keys with this fingerprint await an admin's approval (`--join approve`).
+    Awaiting(String),
+}
+
 /// The provisioner this machine booted from, and this boot's identity.
 #[derive(Debug, Clone)]
 pub struct Provisioner {
@@ -217,12 +226,19 @@ impl Provisioner {
         status(r).map(drop)
     }
 
-    /// Trades this boot's join credential for certificates (`POST /join/MAC`).
-    pub fn join(&self, body: &herd_api::JoinRequest) -> Result<herd_api::JoinAnswer, ProvisionError> {
+    /// Trades this boot's join credential for certificates (`POST /join/MAC`), or learns that its keys await an
+    /// admin's approval (202).
+    pub fn join(&self, body: &herd_api::JoinRequest) -> Result<JoinReply, ProvisionError> {
         let url = format!("{}{}", self.url, herd_api::paths::join(&self.mac));
         let what = format!("join at {}", self.url);
         let r = self.agent.post(&url).send_json(body).map_err(ProvisionError::http(what.clone()))?;
-        status(r)?.body_mut().read_json().map_err(ProvisionError::http(format!("{what} (as JSON)")))
+        let mut r = status(r)?;
+        let json = ProvisionError::http(format!("{what} (as JSON)"));
+        if r.status() == ureq::http::StatusCode::ACCEPTED {
+            let awaiting: herd_api::JoinAwaiting = r.body_mut().read_json().map_err(json)?;
+            return Ok(JoinReply::Awaiting(awaiting.fingerprint));
+        }
+        Ok(JoinReply::Issued(r.body_mut().read_json().map_err(json)?))
     }
 
     /// Reports a stage, best effort: a report that cannot be sent is logged.

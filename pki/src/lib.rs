@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName, DnType,
-    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, PublicKeyData as _, SanType, SerialNumber,
 };
 use sha2::{Digest, Sha256};
 use time::{Duration, OffsetDateTime};
@@ -671,6 +671,19 @@ pub fn request_for(key_pem: &str, common_name: &str) -> Result<String, PkiError>
 /// on a request that cannot be signed).
 pub fn check_request(pem: &str) -> Result<(), String> {
     CertificateSigningRequestParams::from_pem(pem).map(|_| ()).map_err(|e| format!("not a valid signed request ({e})"))
+}
+
+/// What an admin compares to approve a join (`herdctl machine approve`): SHA-256 of the public keys of `requests`
+/// (their SubjectPublicKeyInfo DER, in order), colon-separated hex. The machine prints it on its console; the
+/// provisioner's timeline shows the one it was sent. Requests that are not validly signed have none.
+pub fn requests_fingerprint(requests: &[&str]) -> Result<String, String> {
+    let mut keys = Vec::new();
+    for pem in requests {
+        let csr =
+            CertificateSigningRequestParams::from_pem(pem).map_err(|e| format!("not a valid signed request ({e})"))?;
+        keys.extend(csr.public_key.subject_public_key_info());
+    }
+    Ok(fingerprint(&keys))
 }
 
 /// Checks that `cert_pem` was signed by the CA in `ca_pem` and is valid at `now`.

@@ -178,3 +178,21 @@ fn subjects_round_trip_and_foreign_ones_are_not_ours() {
         assert_eq!(Holder::from_subject(cn, o), None, "{cn} {o}");
     }
 }
+
+#[test]
+fn a_requests_fingerprint_is_its_keys_and_nothing_else() {
+    let key = new_key().unwrap();
+    let (one, other) = (request_for(&key, "machine:a").unwrap(), request_for(&key, "machine:b").unwrap());
+    // The same key under another name: the same fingerprint (names come from the issuer, never the request).
+    assert_eq!(requests_fingerprint(&[&one]), requests_fingerprint(&[&other]));
+    let (_, fresh) = request("machine:a").unwrap();
+    assert_ne!(requests_fingerprint(&[&one]).unwrap(), requests_fingerprint(&[&fresh]).unwrap());
+    // Two requests: both keys count, in order.
+    let both = requests_fingerprint(&[&one, &fresh]).unwrap();
+    assert_ne!(both, requests_fingerprint(&[&fresh, &one]).unwrap());
+    assert_eq!(both.len(), 32 * 3 - 1, "{both}");
+    assert!(
+        requests_fingerprint(&["-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n"])
+            .is_err()
+    );
+}

@@ -18,7 +18,7 @@ use serde::Deserialize;
 use tower::ServiceExt as _;
 use tower_http::services::ServeDir;
 
-use crate::machines::{BootMode, ByAddress, MachinesError};
+use crate::machines::{BootMode, ByAddress, JoinSpend, MachinesError};
 use crate::metrics::Metrics;
 use herd_api::{MachineDetail, MachineSummary, PhoneHome, StateChange};
 use herd_config::ignition;
@@ -107,7 +107,9 @@ pub fn router(state: HttpState, reads_open: bool) -> Router {
         .route("/join/{mac}", post(join).layer(axum::extract::DefaultBodyLimit::max(4 * herd_api::CSR_MAX)))
         .route("/metrics", get(metrics));
     let api = if reads_open {
-        api_reads().route("/api/v1/machines/{name}/reprovision", post(operator_only))
+        api_reads()
+            .route("/api/v1/machines/{name}/reprovision", post(operator_only))
+            .route("/api/v1/machines/{name}/approve", post(operator_only))
     } else {
         Router::new().route("/api/v1/{*rest}", axum::routing::any(operator_only))
     };
@@ -118,6 +120,7 @@ pub fn router(state: HttpState, reads_open: bool) -> Router {
 pub fn operator_router(state: HttpState, door: crate::operator::Door) -> Router {
     api_reads()
         .route("/api/v1/machines/{name}/reprovision", post(reprovision))
+        .route("/api/v1/machines/{name}/approve", post(approve))
         .fallback(|| async { text(StatusCode::NOT_FOUND, "no such operator API route\n") })
         .layer(axum::middleware::from_fn_with_state(door, crate::operator::require))
         .with_state(state)
@@ -388,7 +391,7 @@ async fn config(
                 for (file, pem) in joining.ca_files() {
                     ignition::add_file(&mut cfg, &format!("{}/{file}", herd_api::CA_DIR), pem, 0o644);
                 }
-                if joining.policy == crate::join::JoinPolicy::Open {
+                if joining.policy != crate::join::JoinPolicy::Closed {
                     match s.by_address.machines.issue_join(&name).await {
                         Ok(credential) => {
                             ignition::add_file(&mut cfg, herd_api::JOIN_CREDENTIAL_PATH, &credential, 0o600);
@@ -469,17 +472,28 @@ async fn join(
             return refuse(Some(&name), "invalid-request", StatusCode::BAD_REQUEST, format!("{at}: {why}"));
         }
     }
-    if let Err(e) = s.by_address.machines.spend_join(&name, &req.credential).await {
-        let reason = match e {
-            MachinesError::JoinRefused(r) => r,
-            _ => return machines_error(&e),
-        };
-        return refuse(
-            Some(&name),
-            reason,
-            StatusCode::FORBIDDEN,
-            format!("the join credential is refused ({reason})"),
-        );
+    let approval = match joining.policy {
+        crate::join::JoinPolicy::Approve => {
+            let requests: Vec<&str> =
+                std::iter::once(req.machine_csr.as_str()).chain(req.member_csr.as_deref()).collect();
+            match herd_pki::requests_fingerprint(&requests) {
+                Ok(fp) => Some(fp),
+                Err(why) => return refuse(Some(&name), "invalid-request", StatusCode::BAD_REQUEST, why),
+            }
+        }
+        _ => None,
+    };
+    match s.by_address.machines.spend_join(&name, &req.credential, approval.as_deref()).await {
+        Ok(JoinSpend::Spent) => {}
+        Ok(JoinSpend::Awaiting) => {
+            let fingerprint = approval.unwrap_or_default();
+            return (StatusCode::ACCEPTED, axum::Json(herd_api::JoinAwaiting { fingerprint })).into_response();
+        }
+        Err(MachinesError::JoinRefused(reason)) => {
+            let why = format!("the join credential is refused ({reason})");
+            return refuse(Some(&name), reason, StatusCode::FORBIDDEN, why);
+        }
+        Err(e) => return machines_error(&e),
     }
     match joining.issue(&s.inv, machine, member, &req) {
         Ok(answer) => {
@@ -629,6 +643,44 @@ async fn reprovision(
     tracing::info!(machine = %name, by = %caller.name, "reprovision requested");
     match s.by_address.machines.reprovision(&name, &caller.name).await {
         Ok(state) => axum::Json(StateChange { machine: name, state }).into_response(),
+        Err(e) => machines_error(&e),
+    }
+}
+
+/// `POST /api/v1/machines/NAME/approve` `{"fingerprint": "..."}`: an admin approves the keys of NAME's awaiting
+/// join (`--join approve`), having compared the fingerprint with the machine's console.
+async fn approve(
+    State(s): State<HttpState>,
+    axum::Extension(caller): axum::Extension<crate::operator::Caller>,
+    Path(name): Path<String>,
+    axum::Json(body): axum::Json<herd_api::Approval>,
+) -> Response {
+    if caller.role != herd_pki::Role::Admin {
+        s.metrics.inc("herd_api_refused_total", "reason=\"role\"");
+        tracing::warn!(caller = %caller.name, role = %caller.role, machine = %name, "approve refused (role)");
+        return text(
+            StatusCode::FORBIDDEN,
+            format!("{} has role {}: approving a machine needs admin\n", caller.name, caller.role),
+        );
+    }
+    if s.joining.as_ref().is_none_or(|j| j.policy != crate::join::JoinPolicy::Approve) {
+        return text(
+            StatusCode::CONFLICT,
+            "this provisioner does not approve joins (start it with --join approve)\n".to_owned(),
+        );
+    }
+    match s.by_address.machines.approve(&name, body.fingerprint.trim(), &caller.name).await {
+        Ok(()) => {
+            tracing::info!(machine = %name, by = %caller.name, "join approved");
+            axum::Json(body).into_response()
+        }
+        Err(MachinesError::JoinRefused(_)) => text(
+            StatusCode::CONFLICT,
+            format!(
+                "{name} has no join awaiting approval with keys {}: see herdctl machine timeline {name}\n",
+                body.fingerprint
+            ),
+        ),
         Err(e) => machines_error(&e),
     }
 }

@@ -10,7 +10,9 @@
 //! member, a `member:NAME` peer and server certificate (SANs: those and the loopback, where its own machine reaches
 //! it). Only the requests' public keys are used. A credential used twice, late, wrong, or from another address is
 //! refused and the machine's timeline says so.
-//! `join = "closed"` issues nothing: registration is closed.
+//! `join = "approve"` issues only for keys an admin approved (the fingerprint the machine shows on its console,
+//! compared before `herdctl machine approve`): a host that took a machine's address and MAC, and with them its
+//! config, gets nothing. `join = "closed"` issues nothing: registration is closed.
 
 use std::net::IpAddr;
 use std::path::Path;
@@ -26,6 +28,9 @@ pub enum JoinPolicy {
     /// Every machine of the inventory that presents its credential gets its certificates.
     #[default]
     Open,
+    /// As `open`, and an admin approves each machine's keys first (`herdctl machine approve NAME FINGERPRINT`,
+    /// comparing the fingerprint the machine prints on its console); approved keys join again without asking.
+    Approve,
     /// Nothing is issued: registration is closed.
     Closed,
 }

@@ -44,13 +44,25 @@ pub enum MachinesError {
     /// The change could not be made durable; it is not acknowledged.
     #[error("the machine state could not be written to the store: {0}")]
     NotDurable(String),
-    /// A join credential was refused (`reason`: `none`, `spent`, `expired`, `wrong`).
+    /// A join credential was refused (`reason`: `none`, `spent`, `expired`, `wrong`), or an approval found no
+    /// join awaiting with those keys (`not-awaiting`).
     #[error("join credential refused: {0}")]
     JoinRefused(&'static str),
 }
 
 /// How long a join credential is valid after the config carrying it was served.
 pub const JOIN_VALIDITY_MS: u64 = 10 * 60 * 1000;
+
+/// What [`Machines::spend_join`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JoinSpend {
+    /// The credential is spent: issue the certificates.
+    Spent,
+    /// The keys await an admin's approval; the credential is kept.
+    Awaiting,
+}
+
+const AWAITING: &str = "awaiting";
 
 /// A machine's one-time join credential, as kept: its hash, never the credential.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -113,6 +125,13 @@ pub struct MachineRecord {
     /// The join credential of the config served last.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub join: Option<JoinTicket>,
+    /// With `--join approve`: the fingerprint (`herd_pki::requests_fingerprint`) of the keys an admin approved.
+    /// It stays: the machine keeps its keys on STATE, so its next boots join without asking again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approved: Option<String>,
+    /// With `--join approve`: the fingerprint of the keys of the last join waiting for an admin.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub awaiting: Option<String>,
 }
 
 /// A machine in a listing: its state and its last event.
@@ -155,7 +174,16 @@ pub enum Command {
     /// A config is about to be served: make a new one-time join credential (replacing any earlier one).
     IssueJoin { machine: String, reply: oneshot::Sender<Result<String, MachinesError>> },
     /// Spend a join credential: valid, unspent and not expired, it is marked spent (durably) before the reply.
-    SpendJoin { machine: String, credential: String, reply: oneshot::Sender<Result<String, MachinesError>> },
+    /// Spend a join credential; with `approval` (the request's key fingerprint, when the site requires approval)
+    /// only if an admin approved those keys, else keep it and record the fingerprint as awaiting (`pending`).
+    SpendJoin {
+        machine: String,
+        credential: String,
+        approval: Option<String>,
+        reply: oneshot::Sender<Result<String, MachinesError>>,
+    },
+    /// An admin (`by`) approves the awaiting join whose keys have `fingerprint`.
+    Approve { machine: String, fingerprint: String, by: String, reply: oneshot::Sender<Result<String, MachinesError>> },
     /// Force the next boot to install.
     Reprovision { machine: String, by: String, reply: oneshot::Sender<Result<MachineState, MachinesError>> },
     /// Read one machine.
@@ -240,10 +268,34 @@ impl Machines {
             .unwrap_or(Err(MachinesError::Stopped))
     }
 
-    /// Spends `credential`: Ok once it is durably marked spent; refused if unknown, spent, expired or wrong.
-    pub async fn spend_join(&self, machine: &str, credential: &str) -> Result<(), MachinesError> {
-        let cmd = |reply| Command::SpendJoin { machine: machine.to_owned(), credential: credential.to_owned(), reply };
-        self.ask(cmd).await.unwrap_or(Err(MachinesError::Stopped)).map(|_| ())
+    /// Spends `credential`: Ok(Spent) once it is durably marked spent; refused if unknown, spent, expired or
+    /// wrong. With `approval` (the fingerprint of the request's keys: the site requires approval), spent only if an
+    /// admin approved those keys; otherwise Ok(Awaiting), the credential kept and the fingerprint recorded.
+    pub async fn spend_join(
+        &self,
+        machine: &str,
+        credential: &str,
+        approval: Option<&str>,
+    ) -> Result<JoinSpend, MachinesError> {
+        let cmd = |reply| Command::SpendJoin {
+            machine: machine.to_owned(),
+            credential: credential.to_owned(),
+            approval: approval.map(str::to_owned),
+            reply,
+        };
+        let said = self.ask(cmd).await.unwrap_or(Err(MachinesError::Stopped))?;
+        Ok(if said == AWAITING { JoinSpend::Awaiting } else { JoinSpend::Spent })
+    }
+
+    /// Approves `machine`'s awaiting join whose keys have `fingerprint` (`by`: the admin, for the timeline).
+    pub async fn approve(&self, machine: &str, fingerprint: &str, by: &str) -> Result<(), MachinesError> {
+        let cmd = |reply| Command::Approve {
+            machine: machine.to_owned(),
+            fingerprint: fingerprint.to_owned(),
+            by: by.to_owned(),
+            reply,
+        };
+        self.ask(cmd).await.unwrap_or(Err(MachinesError::Stopped)).map(drop)
     }
 
     /// Records a phone-home and applies its state transition.
@@ -458,7 +510,7 @@ impl Task {
                 };
                 pending.push(Pending::Text(reply, result));
             }
-            Command::SpendJoin { machine, credential, reply } => {
+            Command::SpendJoin { machine, credential, approval, reply } => {
                 let result = match self.records.get_mut(&machine) {
                     Some(r) => match r.join.as_mut() {
                         None => Err(MachinesError::JoinRefused("none")),
@@ -467,12 +519,38 @@ impl Task {
                         }
                         Some(t) if t.spent => Err(MachinesError::JoinRefused("spent")),
                         Some(t) if now_ms() >= t.expires_ms => Err(MachinesError::JoinRefused("expired")),
+                        Some(_) if approval.is_some() && approval != r.approved => {
+                            if r.awaiting != approval {
+                                let fp = approval.clone().unwrap_or_default();
+                                Self::push(
+                                    r,
+                                    "join-awaiting",
+                                    format!("keys {fp}: herdctl machine approve {machine} FINGERPRINT"),
+                                );
+                                r.awaiting = approval;
+                                dirty.push(machine);
+                            }
+                            Ok(AWAITING.to_owned())
+                        }
                         Some(t) => {
                             t.spent = true;
                             dirty.push(machine);
                             Ok(String::new())
                         }
                     },
+                    None => Err(unknown(&machine)),
+                };
+                pending.push(Pending::Text(reply, result));
+            }
+            Command::Approve { machine, fingerprint, by, reply } => {
+                let result = match self.records.get_mut(&machine) {
+                    Some(r) if r.awaiting.as_deref() == Some(fingerprint.as_str()) => {
+                        Self::push(r, "join-approved", format!("keys {fingerprint}, by {by}"));
+                        r.approved = r.awaiting.take();
+                        dirty.push(machine);
+                        Ok(String::new())
+                    }
+                    Some(_) => Err(MachinesError::JoinRefused("not-awaiting")),
                     None => Err(unknown(&machine)),
                 };
                 pending.push(Pending::Text(reply, result));

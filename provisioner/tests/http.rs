@@ -458,3 +458,56 @@ fn with_registration_closed_configs_carry_no_credential_and_nothing_is_issued() 
     let (code, why) = curl(&lab, &["-X", "POST", "-H", "content-type: application/json", "-d", &body, &url]);
     assert_eq!((code, why.trim()), (403, "registration is closed"));
 }
+
+#[test]
+fn with_approval_only_keys_an_admin_approved_get_certificates() {
+    let mut lab = Lab::qemu3(&["--join", "approve"]);
+    lab.start();
+    lab.set_client_mac(NODE1);
+    assert_eq!(lab.udhcpc(&[]).unwrap()["ip"], "10.99.0.11");
+    let credential = config_file(&fetch_config(&lab), herd_api::JOIN_CREDENTIAL_PATH).expect("a join credential");
+    let (_, machine_csr) = herd_pki::request("node1").unwrap();
+    let (_, member_csr) = herd_pki::request("node1").unwrap();
+    let join = |credential: &str, machine_csr: &str| {
+        let body = serde_json::json!({"credential": credential, "machine_csr": machine_csr, "member_csr": member_csr});
+        let url = format!("http://10.99.0.2/join/{NODE1_DASHED}");
+        curl(&lab, &["-X", "POST", "-H", "content-type: application/json", "-d", &body.to_string(), &url])
+    };
+    // Awaiting: the answer names the keys' fingerprint, the credential is kept, and asking again changes nothing.
+    let want = herd_pki::requests_fingerprint(&[&machine_csr, &member_csr]).unwrap();
+    for _ in 0..2 {
+        let (code, answer) = join(&credential, &machine_csr);
+        assert_eq!(code, 202, "{answer}");
+        let awaiting: herd_api::JoinAwaiting = serde_json::from_str(&answer).unwrap();
+        assert_eq!(awaiting.fingerprint, want);
+    }
+    let (_, timeline) = lab.admin(&[], "/api/v1/machines/node1/timeline");
+    assert_eq!(timeline.matches("join-awaiting").count(), 1, "{timeline}");
+    assert!(timeline.contains(&want), "{timeline}");
+    // Only an admin approves, and only the keys that are awaiting.
+    let approve = |credential: &std::path::Path, fingerprint: &str| {
+        let body = serde_json::json!({ "fingerprint": fingerprint }).to_string();
+        let args = ["-X", "POST", "-H", "content-type: application/json", "-d", &body];
+        lab.api(Some(credential), &args, "/api/v1/machines/node1/approve")
+    };
+    assert_eq!(approve(&lab.pki.reader, &want).0, 403, "a read-only operator approved");
+    let other = herd_pki::requests_fingerprint(&[&herd_pki::request("node1").unwrap().1]).unwrap();
+    assert_eq!(approve(&lab.pki.admin, &other).0, 409, "keys that are not awaiting were approved");
+    assert_eq!(approve(&lab.pki.admin, &want).0, 200);
+    let (code, answer) = join(&credential, &machine_csr);
+    assert_eq!(code, 200, "{answer}");
+    let answer: herd_api::JoinAnswer = serde_json::from_str(&answer).unwrap();
+    let now = time::OffsetDateTime::now_utc();
+    let cert = lab.pki.site.verify(herd_pki::Authority::Etcd, &answer.machine_cert, now).unwrap();
+    assert_eq!(cert.holder, Some(herd_pki::Holder::Machine("node1".into())));
+    let (_, timeline) = lab.admin(&[], "/api/v1/machines/node1/timeline");
+    assert!(timeline.contains("by operator:admin"), "{timeline}");
+    // A host that took node1's address and got this boot's config (and credential) with keys of its own: it waits
+    // for an approval nobody gives.
+    let fresh = config_file(&fetch_config(&lab), herd_api::JOIN_CREDENTIAL_PATH).unwrap();
+    let (_, intruder_csr) = herd_pki::request("node1").unwrap();
+    assert_eq!(join(&fresh, &intruder_csr).0, 202);
+    // The machine's own keys at its next boot: approved already.
+    let again = config_file(&fetch_config(&lab), herd_api::JOIN_CREDENTIAL_PATH).unwrap();
+    assert_eq!(join(&again, &machine_csr).0, 200);
+}

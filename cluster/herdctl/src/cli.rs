@@ -520,6 +520,15 @@ pub enum MachineCommand {
         /// The machine's name.
         name: String,
     },
+    /// Approve a machine's keys (a provisioner started with `--join approve`): compare FINGERPRINT with the one the
+    /// machine shows on its console ("waiting for an admin to approve") and with its timeline's `join-awaiting`
+    /// event first. Needs an admin credential. Approved keys join again at later boots without asking.
+    Approve {
+        /// The machine's name.
+        name: String,
+        /// The fingerprint of its keys (colon-separated hex, as shown).
+        fingerprint: String,
+    },
     /// Stop placing new units on a machine (what runs there stays). Uses the cluster (--endpoint).
     Cordon {
         /// The machine id.

@@ -1,7 +1,7 @@
 //! herdctl: the admin's command line for a herd site.
 //!
 //! It covers the inventory (`check`, `show`, `gen`, `diff`), machine configs (`render`, `lint`, `translate`), the
-//! provisioner's view of machines (`machine list|show|timeline|reprovision`), and the cluster, fleetctl-style
+//! provisioner's view of machines (`machine list|show|timeline|reprovision|approve`), and the cluster, fleetctl-style
 //! (`submit load start stop unload destroy restart cat list-units list-unit-files list-machines status journal
 //! ssh`, `machine cordon|uncordon|drain`, `prewarm`), the site PKI (`pki init|issue|status`) and etcd's users and roles
 //! (`access apply`). Images and upgrades join as the crates behind them land.
@@ -45,6 +45,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 MachineCommand::Show { name, output } => api()?.show(&name, output),
                 MachineCommand::Timeline { name, output } => api()?.timeline(&name, &cli.cluster, output),
                 MachineCommand::Reprovision { name } => api()?.reprovision(&name),
+                MachineCommand::Approve { name, fingerprint } => api()?.approve(&name, &fingerprint),
                 MachineCommand::Cordon { name } => unit_cmd::Cluster::connect(&cli.cluster)?.cordon(&name, false),
                 MachineCommand::Uncordon { name } => unit_cmd::Cluster::connect(&cli.cluster)?.uncordon(&name),
                 MachineCommand::Drain { name, no_block, timeout } => {

@@ -1,4 +1,4 @@
-//! `herdctl machine list|show|timeline|reprovision`: the provisioner's JSON API (docs/provisioner-api.md); the
+//! `herdctl machine list|show|timeline|reprovision|approve`: the provisioner's JSON API (docs/provisioner-api.md); the
 //! timeline adds the cluster's events of the machine.
 
 use std::process::ExitCode;
@@ -146,6 +146,12 @@ impl Api {
     pub(crate) fn reprovision(&self, name: &str) -> anyhow::Result<ExitCode> {
         let change = self.client.reprovision(name).map_err(advice)?;
         println!("{name}: {} (installs on its next boot)", change.state);
+        Ok(ExitCode::SUCCESS)
+    }
+
+    pub(crate) fn approve(&self, name: &str, fingerprint: &str) -> anyhow::Result<ExitCode> {
+        self.client.approve(name, fingerprint).map_err(advice)?;
+        println!("{name}: keys {fingerprint} approved (the machine gets its certificates at its next join request)");
         Ok(ExitCode::SUCCESS)
     }
 }

@@ -163,6 +163,21 @@ pub struct JoinAnswer {
     pub member_cert: Option<String>,
 }
 
+/// `202 Accepted` to `POST /join/MAC` on a site that approves joins (`--join approve`): the keys of the request
+/// await an admin's approval (`herdctl machine approve NAME FINGERPRINT`); the credential is kept, ask again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JoinAwaiting {
+    /// `herd_pki::requests_fingerprint` of the request's keys: what the machine shows on its console.
+    pub fingerprint: String,
+}
+
+/// `POST /api/v1/machines/NAME/approve`: an admin approves the keys of NAME's awaiting join.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Approval {
+    /// The fingerprint the machine shows (and its timeline's `join-awaiting` event).
+    pub fingerprint: String,
+}
+
 /// `POST /phone-home/MAC?token=T`: what node-init reports at each stage of a boot.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PhoneHome {
@@ -217,6 +232,11 @@ pub mod paths {
     /// Makes a machine install on its next boot (POST).
     pub fn reprovision(name: &str) -> String {
         format!("{MACHINES}/{name}/reprovision")
+    }
+
+    /// Approves a machine's awaiting join (POST a [`super::Approval`]).
+    pub fn approve(name: &str) -> String {
+        format!("{MACHINES}/{name}/approve")
     }
 
     /// Where node-init fetches its config.
@@ -432,6 +452,13 @@ impl Client {
     pub fn reprovision(&self, name: &str) -> Result<StateChange, ApiError> {
         let url = format!("{}{}", self.base, paths::reprovision(name));
         Self::answer(url.clone(), self.authorized(self.agent.post(&url)).send_empty())
+    }
+
+    /// Approves the keys with `fingerprint` of `name`'s awaiting join (an admin's credential).
+    pub fn approve(&self, name: &str, fingerprint: &str) -> Result<Approval, ApiError> {
+        let url = format!("{}{}", self.base, paths::approve(name));
+        let body = Approval { fingerprint: fingerprint.to_owned() };
+        Self::answer(url.clone(), self.authorized(self.agent.post(&url)).send_json(&body))
     }
 }
 

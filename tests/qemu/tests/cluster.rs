@@ -214,7 +214,8 @@ fn tls_of(dir: &Path) -> TlsFiles {
 /// Turns on least privilege in the VMs' etcd (what `herdctl access apply` does): every machine of the inventory
 /// (all three run the engine) and the lab's operators get their users and roles. Then shows, against the real
 /// cluster, that a client without a certificate gets nothing, a read-only operator cannot submit, and a machine's
-/// certificate cannot write another machine's schedule.
+/// certificate cannot write another machine's registration (all three are etcd members here, so each also holds
+/// the engine's role and writes schedules).
 fn least_privilege(lab: &Lab) {
     let machines =
         ["node1", "node2", "node3"].map(|n| (herd_cluster::schema::MachineKey::new(n).unwrap(), true)).to_vec();
@@ -246,10 +247,10 @@ fn least_privilege(lab: &Lab) {
     herd_pki::write_credential(&site, &subject, &node2, now).unwrap();
     let writes = with_etcd_as(lab, tls_of(&node2), &ENDPOINTS, |c| async move {
         let node1 = herd_cluster::schema::MachineKey::new("node1").unwrap();
-        let other = format!("{}forged.service", herd_cluster::schema::schedule_prefix(&node1));
+        let other = herd_cluster::schema::Key::Machine(node1).path();
         c.store().put(&other, b"{}".to_vec(), None).await.is_ok()
     });
-    assert!(!writes, "node2's certificate wrote node1's schedule");
+    assert!(!writes, "node2's certificate wrote node1's registration");
 }
 
 /// Submits `text` as `name`, launches it and waits until it is active wherever it is placed.
