@@ -491,6 +491,11 @@ fn with_approval_only_keys_an_admin_approved_get_certificates() {
         lab.api(Some(credential), &args, "/api/v1/machines/node1/approve")
     };
     assert_eq!(approve(&lab.pki.reader, &want).0, 403, "a read-only operator approved");
+    let body = serde_json::json!({ "fingerprint": want }).to_string();
+    let args = ["-X", "POST", "-H", "content-type: application/json", "-d", &body];
+    assert_eq!(lab.api(None, &args, "/api/v1/machines/node1/approve").0, 401, "approved without a credential");
+    let boot_port = "http://10.99.0.2/api/v1/machines/node1/approve";
+    assert_eq!(curl(&lab, &[&args[..], &[boot_port]].concat()).0, 403, "approved on the boot port");
     let other = herd_pki::requests_fingerprint(&[&herd_pki::request("node1").unwrap().1]).unwrap();
     assert_eq!(approve(&lab.pki.admin, &other).0, 409, "keys that are not awaiting were approved");
     assert_eq!(approve(&lab.pki.admin, &want).0, 200);
