@@ -116,19 +116,17 @@ impl Policy {
         site: &herd_pki::Site,
         now: time::OffsetDateTime,
     ) -> Result<Policy, herd_pki::PkiError> {
-        let mut operators: BTreeMap<String, (i64, Role)> = BTreeMap::new();
-        for line in site.status(now)? {
-            let usable = matches!(line.standing, herd_pki::Standing::Valid | herd_pki::Standing::RenewSoon);
-            if let (herd_pki::Authority::Etcd, true, Some(Holder::Operator(name, role))) =
-                (line.authority, usable, &line.cert.holder)
-            {
-                let entry = operators.entry(name.clone()).or_insert((line.cert.not_after, *role));
-                if line.cert.not_after >= entry.0 {
-                    *entry = (line.cert.not_after, *role);
-                }
-            }
-        }
-        Ok(Policy { machines, operators: operators.into_iter().map(|(n, (_, r))| (n, r)).collect() })
+        let lines = site.status(now)?;
+        let operators = herd_pki::newest_per_holder(&lines)
+            .into_iter()
+            .filter(|l| l.authority == herd_pki::Authority::Etcd)
+            .filter(|l| matches!(l.standing, herd_pki::Standing::Valid | herd_pki::Standing::RenewSoon))
+            .filter_map(|l| match &l.cert.holder {
+                Some(Holder::Operator(name, role)) => Some((name.clone(), *role)),
+                _ => None,
+            })
+            .collect();
+        Ok(Policy { machines, operators })
     }
 
     /// Every user with its roles, and every role with its grants.

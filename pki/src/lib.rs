@@ -643,6 +643,19 @@ pub struct StatusLine {
     pub cert: CertInfo,
 }
 
+/// Every holder's newest certificate (the one that ends last) per CA, CAs left out: a certificate a renewal or a
+/// rejoin replaced does not count. In the order of `(authority, common name)`.
+pub fn newest_per_holder(lines: &[StatusLine]) -> Vec<&StatusLine> {
+    let mut newest: std::collections::BTreeMap<(Authority, &str), &StatusLine> = std::collections::BTreeMap::new();
+    for line in lines.iter().filter(|l| !l.cert.is_ca) {
+        let slot = newest.entry((line.authority, line.cert.common_name.as_str())).or_insert(line);
+        if line.cert.not_after > slot.cert.not_after {
+            *slot = line;
+        }
+    }
+    newest.into_values().collect()
+}
+
 /// Makes a key and a certificate request for it (what a machine sends; the subject in it is ignored by the
 /// issuer, which names the machine from the inventory). Returns (key PEM, request PEM).
 pub fn request(common_name: &str) -> Result<(String, String), PkiError> {

@@ -196,3 +196,20 @@ fn a_requests_fingerprint_is_its_keys_and_nothing_else() {
             .is_err()
     );
 }
+
+#[test]
+fn only_every_holders_newest_certificate_counts() {
+    let (_dir, site) = site();
+    let at = now();
+    let m1 = |days| Subject::new(Holder::Machine("m1".to_owned()), Duration::days(days));
+    for subject in [m1(7), m1(30), Subject::new(Holder::Machine("m2".to_owned()), Duration::days(3))] {
+        site.issue(Authority::Etcd, &subject, KeySource::Generate, at).unwrap();
+    }
+    let lines = site.status(at).unwrap();
+    let newest = newest_per_holder(&lines);
+    let seen: Vec<(&str, i64)> = newest
+        .iter()
+        .map(|l| (l.cert.common_name.as_str(), (l.cert.not_after - at.unix_timestamp() + 43_200) / 86_400))
+        .collect();
+    assert_eq!(seen, [("machine:m1", 30), ("machine:m2", 3)], "the CAs and m1's 7-day certificate left out");
+}

@@ -122,33 +122,22 @@ impl Joining {
 fn expiry_text(lines: &[herd_pki::StatusLine]) -> String {
     use std::collections::BTreeMap;
     use std::fmt::Write as _;
-    // Per CA, each holder's newest certificate.
-    let mut newest: BTreeMap<(Authority, String), &herd_pki::StatusLine> = BTreeMap::new();
     let mut out = String::new();
     out.push_str(
         "# HELP herd_pki_ca_expiry_timestamp_seconds When the CA ends (Unix seconds): rotate it before.\n\
          # TYPE herd_pki_ca_expiry_timestamp_seconds gauge\n",
     );
-    for line in lines {
-        if line.cert.is_ca {
-            let _ = writeln!(
-                out,
-                "herd_pki_ca_expiry_timestamp_seconds{{authority=\"{}\"}} {}",
-                line.authority, line.cert.not_after
-            );
-            continue;
-        }
-        let slot = newest.entry((line.authority, line.cert.common_name.clone())).or_insert(line);
-        if line.cert.not_after > slot.cert.not_after {
-            *slot = line;
-        }
+    for line in lines.iter().filter(|l| l.cert.is_ca) {
+        let (authority, at) = (line.authority, line.cert.not_after);
+        let _ = writeln!(out, "herd_pki_ca_expiry_timestamp_seconds{{authority=\"{authority}\"}} {at}");
     }
+    let newest = herd_pki::newest_per_holder(lines);
     out.push_str(
         "# HELP herd_pki_soonest_expiry_timestamp_seconds The soonest end among every holder's newest certificate \
          (Unix seconds).\n# TYPE herd_pki_soonest_expiry_timestamp_seconds gauge\n",
     );
     for authority in Authority::ALL {
-        let soonest = newest.iter().filter(|((a, _), _)| *a == authority).map(|(_, l)| l.cert.not_after).min();
+        let soonest = newest.iter().filter(|l| l.authority == authority).map(|l| l.cert.not_after).min();
         if let Some(at) = soonest {
             let _ = writeln!(out, "herd_pki_soonest_expiry_timestamp_seconds{{authority=\"{authority}\"}} {at}");
         }
@@ -157,8 +146,8 @@ fn expiry_text(lines: &[herd_pki::StatusLine]) -> String {
         "# HELP herd_pki_holders Holders by where their newest certificate stands.\n# TYPE herd_pki_holders gauge\n",
     );
     let mut counts: BTreeMap<(Authority, &str), u64> = BTreeMap::new();
-    for ((authority, _), line) in &newest {
-        *counts.entry((*authority, line.standing.as_str())).or_default() += 1;
+    for line in &newest {
+        *counts.entry((line.authority, line.standing.as_str())).or_default() += 1;
     }
     for ((authority, standing), n) in counts {
         let _ = writeln!(out, "herd_pki_holders{{authority=\"{authority}\",standing=\"{standing}\"}} {n}");
