@@ -686,6 +686,19 @@ pub fn check_request(pem: &str) -> Result<(), String> {
     CertificateSigningRequestParams::from_pem(pem).map(|_| ()).map_err(|e| format!("not a valid signed request ({e})"))
 }
 
+/// Whether the signed request `csr_pem` proves possession of the key of `cert_pem`: its signature checks out and
+/// its public key is the certificate's (a renewal: only the holder of a certificate's key can sign such a request;
+/// a copy of one seen on the wire only gets another certificate for a key the copier does not have).
+pub fn request_proves(csr_pem: &str, cert_pem: &str) -> Result<(), String> {
+    let csr =
+        CertificateSigningRequestParams::from_pem(csr_pem).map_err(|e| format!("not a valid signed request ({e})"))?;
+    match public_key(cert_pem) {
+        Some(key) if key == csr.public_key.der_bytes() => Ok(()),
+        Some(_) => Err("the request is not signed by the certificate's key".to_owned()),
+        None => Err("not a PEM certificate".to_owned()),
+    }
+}
+
 /// What an admin compares to approve a join (`herdctl machine approve`): SHA-256 of the public keys of `requests`
 /// (their SubjectPublicKeyInfo DER, in order), colon-separated hex. The machine prints it on its console; the
 /// provisioner's timeline shows the one it was sent. Requests that are not validly signed have none.

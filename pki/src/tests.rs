@@ -213,3 +213,20 @@ fn only_every_holders_newest_certificate_counts() {
         .collect();
     assert_eq!(seen, [("machine:m1", 30), ("machine:m2", 3)], "the CAs and m1's 7-day certificate left out");
 }
+
+#[test]
+fn only_a_request_signed_by_a_certificates_own_key_proves_possession_of_it() {
+    let (_dir, site) = site();
+    let key = new_key().unwrap();
+    let csr = request_for(&key, "machine:m1").unwrap();
+    let subject = Subject::new(Holder::Machine("m1".into()), Duration::days(1));
+    let cert = site.issue(Authority::Etcd, &subject, KeySource::Request(&csr), now()).unwrap().cert_pem;
+    // The same key asks again (a renewal): proven, with a fresh request too.
+    assert_eq!(request_proves(&csr, &cert), Ok(()));
+    assert_eq!(request_proves(&request_for(&key, "machine:m1").unwrap(), &cert), Ok(()));
+    // Another key, whatever its request says, proves nothing.
+    let (_, other) = request("machine:m1").unwrap();
+    assert_eq!(request_proves(&other, &cert).unwrap_err(), "the request is not signed by the certificate's key");
+    assert!(request_proves(&csr, "not a certificate").is_err());
+    assert!(request_proves(&cert, &cert).unwrap_err().contains("not a valid signed request"));
+}

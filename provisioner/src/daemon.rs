@@ -53,8 +53,19 @@ pub struct DaemonConfig {
     pub api: Option<ApiConfig>,
     /// Whether the machine API's reads are also served, unauthenticated, on the boot port.
     pub api_reads: ApiReads,
-    /// The site PKI, from which machines get their certificates at a join, and whether they may.
-    pub site_pki: Option<(PathBuf, crate::join::JoinPolicy)>,
+    /// The site PKI, from which machines get their certificates at a join and renew them.
+    pub site_pki: Option<SitePki>,
+}
+
+/// The site PKI's settings.
+#[derive(Debug, Clone)]
+pub struct SitePki {
+    /// Its directory (`herdctl pki init`).
+    pub dir: PathBuf,
+    /// Whether machines may join.
+    pub join: crate::join::JoinPolicy,
+    /// How long a machine's certificates are valid.
+    pub cert_validity: time::Duration,
 }
 
 /// The operator API's settings.
@@ -142,6 +153,10 @@ pub struct Settings {
     /// Whether machines may join (get certificates) [default: open].
     #[arg(long, value_enum)]
     pub join: Option<crate::join::JoinPolicy>,
+    /// How long a machine's certificates are valid, in seconds (60 to 31536000); the machine renews them once two
+    /// thirds of that have passed (30 days) [default: 2592000].
+    #[arg(long, value_name = "SECONDS")]
+    pub cert_validity_secs: Option<u64>,
 }
 
 impl Settings {
@@ -166,6 +181,7 @@ impl Settings {
             api_reads: Some(ApiReads::Operators),
             site_pki: None,
             join: Some(crate::join::JoinPolicy::Open),
+            cert_validity_secs: Some(crate::join::MACHINE_VALIDITY.whole_seconds().unsigned_abs()),
         }
     }
 
@@ -221,6 +237,7 @@ impl Settings {
             api_reads: self.api_reads.or(under.api_reads),
             site_pki: self.site_pki.or(under.site_pki),
             join: self.join.or(under.join),
+            cert_validity_secs: self.cert_validity_secs.or(under.cert_validity_secs),
         }
     }
 
@@ -253,7 +270,24 @@ impl Settings {
                 None => None,
             },
             api_reads: s.api_reads.unwrap_or_default(),
-            site_pki: s.site_pki.map(|dir| (dir, s.join.unwrap_or_default())),
+            site_pki: match s.site_pki {
+                Some(dir) => {
+                    let secs = s.cert_validity_secs.ok_or_else(|| defaulted("cert_validity_secs"))?;
+                    if !crate::join::VALIDITY_RANGE.contains(&secs) {
+                        bail!(
+                            "--cert-validity-secs {secs} is out of range: use {} to {} seconds",
+                            crate::join::VALIDITY_RANGE.start(),
+                            crate::join::VALIDITY_RANGE.end()
+                        );
+                    }
+                    Some(SitePki {
+                        dir,
+                        join: s.join.unwrap_or_default(),
+                        cert_validity: time::Duration::seconds(secs as i64),
+                    })
+                }
+                None => None,
+            },
         })
     }
 }
@@ -373,9 +407,9 @@ pub async fn run(config: DaemonConfig, cancel: CancellationToken) -> anyhow::Res
         Arc::clone(&metrics),
     );
     let http_state = match &config.site_pki {
-        Some((dir, policy)) => http_state.with_joining(
-            crate::join::Joining::open(dir, *policy)
-                .with_context(|| format!("cannot use the site PKI in {}", dir.display()))?,
+        Some(pki) => http_state.with_joining(
+            crate::join::Joining::open(&pki.dir, pki.join, pki.cert_validity)
+                .with_context(|| format!("cannot use the site PKI in {}", pki.dir.display()))?,
         ),
         None => http_state,
     };

@@ -14,6 +14,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use herd_images::slot::SlotReport;
 use herd_inventory::{Inventory, Mac};
+use herd_pki::Holder;
 use serde::Deserialize;
 use tower::ServiceExt as _;
 use tower_http::services::ServeDir;
@@ -85,6 +86,7 @@ impl HttpState {
         // stays as given and every request for it is a 404).
         let (assets, ipxe) = (assets.canonicalize().unwrap_or(assets), ipxe.canonicalize().unwrap_or(ipxe));
         metrics.describe("herd_http_join_refused_total", "Join requests refused, by reason.");
+        metrics.describe("herd_http_renew_refused_total", "Certificate renewals refused, by reason.");
         HttpState { inv, by_address, assets, ipxe, base, assets_base, metrics, refusals, files, joining: None }
     }
 
@@ -105,6 +107,7 @@ pub fn router(state: HttpState, reads_open: bool) -> Router {
         .route("/config/{mac}", get(config))
         .route("/phone-home/{mac}", post(phone_home))
         .route("/join/{mac}", post(join).layer(axum::extract::DefaultBodyLimit::max(4 * herd_api::CSR_MAX)))
+        .route("/renew/{mac}", post(renew).layer(axum::extract::DefaultBodyLimit::max(6 * herd_api::CSR_MAX)))
         .route("/metrics", get(metrics));
     let api = if reads_open {
         api_reads()
@@ -495,17 +498,99 @@ async fn join(
         }
         Err(e) => return machines_error(&e),
     }
-    match joining.issue(&s.inv, machine, member, &req) {
-        Ok(answer) => {
-            let fingerprint = |pem: &str| herd_pki::parse(pem).map(|i| i.fingerprint).unwrap_or_default();
-            let mut detail = format!("machine:{name} {}", fingerprint(&answer.machine_cert));
-            if let Some(m) = &answer.member_cert {
-                detail.push_str(&format!(", member:{name} {}", fingerprint(m)));
-            }
-            s.by_address.machines.event(&name, "join", detail);
-            axum::Json(answer).into_response()
-        }
+    match joining.issue(&s.inv, machine, member, &req.machine_csr, req.member_csr.as_deref()) {
+        Ok(answer) => match s.by_address.machines.issued(&name, "join", held(&answer), None).await {
+            Ok(()) => axum::Json(answer).into_response(),
+            Err(e) => machines_error(&e),
+        },
         Err(e) => refuse(Some(&name), "not-issued", StatusCode::BAD_REQUEST, e.to_string()),
+    }
+}
+
+/// The fingerprints of the certificates in `answer`.
+fn held(answer: &herd_api::JoinAnswer) -> crate::machines::HeldCerts {
+    let fingerprint = |pem: &str| herd_pki::parse(pem).map(|i| i.fingerprint).unwrap_or_default();
+    crate::machines::HeldCerts {
+        machine: fingerprint(&answer.machine_cert),
+        member: answer.member_cert.as_deref().map(fingerprint),
+    }
+}
+
+/// `POST /renew/MAC`: a machine renews the certificates it holds before they end ([`crate::join`]). No credential:
+/// from the machine's own address, each certificate still valid, from the site's etcd CA, naming the machine, the
+/// one it was issued last (not one a rejoin replaced), and each request signed by its certificate's key. Allowed
+/// with registration closed: closing it stops new machines, not the ones the site has.
+async fn renew(
+    State(s): State<HttpState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Path(mac_text): Path<String>,
+    axum::Json(req): axum::Json<herd_api::RenewRequest>,
+) -> Response {
+    s.metrics.inc("herd_http_requests_total", "route=\"renew\"");
+    let refuse = |name: Option<&str>, reason: &'static str, status: StatusCode, why: String| {
+        s.metrics.inc("herd_http_renew_refused_total", &format!("reason=\"{reason}\""));
+        if let Some(name) = name {
+            s.by_address.machines.event(name, "renew-refused", format!("from {peer}: {why}"));
+        }
+        if s.refusals.allow() {
+            tracing::warn!(%peer, mac = %mac_text, reason, "renewal refused (further refusals within 1 s are only counted)");
+        }
+        text(status, format!("{why}\n"))
+    };
+    let Some(mac) = parse_mac(&mac_text) else {
+        return refuse(None, "bad-mac", StatusCode::NOT_FOUND, "expected /renew/MAC".into());
+    };
+    let Some(name) = s.by_address.macs.get(&mac).cloned() else {
+        return refuse(None, "unknown-mac", StatusCode::FORBIDDEN, format!("{mac} is not a machine of the inventory"));
+    };
+    let Some(machine) = s.inv.machine(&name) else { return text(StatusCode::NOT_FOUND, "unknown machine\n") };
+    let Some(joining) = s.joining.clone() else {
+        return refuse(Some(&name), "no-pki", StatusCode::NOT_FOUND, "this provisioner issues no certificates".into());
+    };
+    let from = source_v4(peer);
+    if from.is_none() || (from != s.by_address.leases.of(mac) && from != Some(machine.internal.get_ref().0)) {
+        return refuse(Some(&name), "wrong-source", StatusCode::FORBIDDEN, format!("not {name}'s address"));
+    }
+    if let Err(e) = req.check() {
+        return refuse(Some(&name), "invalid-request", StatusCode::BAD_REQUEST, e.to_string());
+    }
+    let member = s.inv.etcd_members().any(|m| m.name() == machine.name());
+    if req.member_cert.is_some() && !member {
+        let why = format!("{name} is not an etcd member: it gets no member certificate");
+        return refuse(Some(&name), "not-a-member", StatusCode::BAD_REQUEST, why);
+    }
+    let pairs = [
+        ("machine", Some((&req.machine_cert, &req.machine_csr)), Holder::Machine(name.clone())),
+        ("member", req.member_cert.as_ref().zip(req.member_csr.as_ref()), Holder::Member(name.clone())),
+    ];
+    let mut presented = crate::machines::HeldCerts::default();
+    for (at, pair, holder) in pairs {
+        let Some((cert, csr)) = pair else { continue };
+        let info = match joining.current(cert, &holder) {
+            Ok(info) => info,
+            Err(why) => return refuse(Some(&name), "not-current", StatusCode::FORBIDDEN, format!("{at}_cert: {why}")),
+        };
+        if let Err(why) = herd_pki::request_proves(csr, cert) {
+            return refuse(Some(&name), "no-proof", StatusCode::FORBIDDEN, format!("{at}_csr: {why}"));
+        }
+        match at {
+            "machine" => presented.machine = info.fingerprint,
+            _ => presented.member = Some(info.fingerprint),
+        }
+    }
+    let answer = match joining.issue(&s.inv, machine, member, &req.machine_csr, req.member_csr.as_deref()) {
+        Ok(answer) => answer,
+        Err(e) => return refuse(Some(&name), "not-issued", StatusCode::BAD_REQUEST, e.to_string()),
+    };
+    match s.by_address.machines.issued(&name, "renewed", held(&answer), Some(presented)).await {
+        Ok(()) => axum::Json(answer).into_response(),
+        Err(MachinesError::JoinRefused(reason)) => {
+            let why = format!(
+                "these certificates are no longer {name}'s (a later join replaced them): power-cycle it to join again"
+            );
+            refuse(Some(&name), reason, StatusCode::FORBIDDEN, why)
+        }
+        Err(e) => machines_error(&e),
     }
 }
 

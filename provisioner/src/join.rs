@@ -17,7 +17,7 @@
 use std::net::IpAddr;
 use std::path::Path;
 
-use herd_api::{JoinAnswer, JoinRequest};
+use herd_api::JoinAnswer;
 use herd_inventory::{Inventory, Machine};
 use herd_pki::{Authority, Holder, KeySource, PkiError, Site, Subject};
 
@@ -35,8 +35,12 @@ pub enum JoinPolicy {
     Closed,
 }
 
-/// How long a certificate issued at a join is valid (the node renews it before; see docs/security.md).
+/// How long a certificate issued at a join or a renewal is valid by default (`--cert-validity-secs`; the node
+/// renews it once two thirds of it have passed, see docs/security.md).
 pub const MACHINE_VALIDITY: time::Duration = time::Duration::days(30);
+
+/// The shortest and the longest validity `--cert-validity-secs` accepts.
+pub const VALIDITY_RANGE: std::ops::RangeInclusive<u64> = 60..=365 * 86_400;
 
 /// The site PKI as the provisioner uses it.
 #[derive(Debug)]
@@ -44,6 +48,8 @@ pub struct Joining {
     site: Site,
     /// Whether machines may join.
     pub policy: JoinPolicy,
+    /// How long the certificates issued are valid.
+    pub validity: time::Duration,
     /// The expiry gauges of `/metrics`, and when they were read from the PKI's `issued/` directory.
     expiries: std::sync::Mutex<Option<(std::time::Instant, String)>>,
 }
@@ -52,9 +58,9 @@ pub struct Joining {
 const EXPIRIES_FOR: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl Joining {
-    /// Opens the site PKI in `dir` (its keys must be the owner's alone).
-    pub fn open(dir: &Path, policy: JoinPolicy) -> Result<Joining, PkiError> {
-        Ok(Joining { site: Site::open(dir)?, policy, expiries: std::sync::Mutex::new(None) })
+    /// Opens the site PKI in `dir` (its keys must be the owner's alone); certificates are issued for `validity`.
+    pub fn open(dir: &Path, policy: JoinPolicy, validity: time::Duration) -> Result<Joining, PkiError> {
+        Ok(Joining { site: Site::open(dir)?, policy, validity, expiries: std::sync::Mutex::new(None) })
     }
 
     /// The expiry gauges (Prometheus text) of the site PKI at `now`: when each CA ends, and per CA the soonest end
@@ -83,26 +89,39 @@ impl Joining {
         Authority::ALL.map(|a| (format!("{a}-ca.crt"), self.site.ca_pem(a)))
     }
 
-    /// Issues `machine`'s certificates for `req` (already checked and its credential spent).
+    /// Checks a certificate a machine presents to renew it: the site's etcd CA signed it, it has not ended, and it
+    /// names `holder`. Returns what it says.
+    pub fn current(&self, cert_pem: &str, holder: &Holder) -> Result<herd_pki::CertInfo, String> {
+        let now = time::OffsetDateTime::now_utc();
+        let info = self.site.verify(Authority::Etcd, cert_pem, now).map_err(|e| e.to_string())?;
+        if info.holder.as_ref() != Some(holder) {
+            return Err(format!("a certificate for {}, not {holder}", info.common_name));
+        }
+        Ok(info)
+    }
+
+    /// Issues `machine`'s certificates for its requests (already checked: a join's credential spent, a renewal's
+    /// possession proven): the machine's, and an etcd member's if `member` and it asked.
     pub fn issue(
         &self,
         inv: &Inventory,
         machine: &Machine,
         member: bool,
-        req: &JoinRequest,
+        machine_csr: &str,
+        member_csr: Option<&str>,
     ) -> Result<JoinAnswer, PkiError> {
         let now = time::OffsetDateTime::now_utc();
         let name = machine.name().to_string();
         let address: IpAddr = IpAddr::V4(machine.internal.get_ref().0);
         let names = vec![name.clone(), inv.fqdn(machine)];
-        let mut subject = Subject::new(Holder::Machine(name.clone()), MACHINE_VALIDITY);
+        let mut subject = Subject::new(Holder::Machine(name.clone()), self.validity);
         subject.dns = names.clone();
         subject.ips = vec![address];
-        let machine_cert = self.site.issue(Authority::Etcd, &subject, KeySource::Request(&req.machine_csr), now)?;
-        let member_cert = match (&req.member_csr, member) {
+        let machine_cert = self.site.issue(Authority::Etcd, &subject, KeySource::Request(machine_csr), now)?;
+        let member_cert = match (member_csr, member) {
             (Some(csr), true) => {
                 // The member serves its own machine on the loopback too (node-init, the agent, the engine).
-                let mut subject = Subject::new(Holder::Member(name), MACHINE_VALIDITY);
+                let mut subject = Subject::new(Holder::Member(name), self.validity);
                 subject.dns = names.into_iter().chain(["localhost".to_owned()]).collect();
                 subject.ips = vec![address, IpAddr::V4(std::net::Ipv4Addr::LOCALHOST)];
                 Some(self.site.issue(Authority::Etcd, &subject, KeySource::Request(csr), now)?.cert_pem)

@@ -44,8 +44,9 @@ pub enum MachinesError {
     /// The change could not be made durable; it is not acknowledged.
     #[error("the machine state could not be written to the store: {0}")]
     NotDurable(String),
-    /// A join credential was refused (`reason`: `none`, `spent`, `expired`, `wrong`), or an approval found no
-    /// join awaiting with those keys (`not-awaiting`).
+    /// A join credential was refused (`reason`: `none`, `spent`, `expired`, `wrong`), an approval found no
+    /// join awaiting with those keys (`not-awaiting`), or a renewal presented certificates the machine no longer
+    /// holds (`superseded`).
     #[error("join credential refused: {0}")]
     JoinRefused(&'static str),
 }
@@ -73,6 +74,17 @@ pub struct JoinTicket {
     pub expires_ms: u64,
     /// Spent (a certificate was issued for it).
     pub spent: bool,
+}
+
+/// The certificates a machine holds now (issued at its last join or renewal), by fingerprint: only these may be
+/// renewed, so a certificate a rejoin replaced (its keys perhaps lost with a disk) ends with its validity.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeldCerts {
+    /// The machine's etcd client certificate.
+    pub machine: String,
+    /// An etcd member's peer and server certificate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub member: Option<String>,
 }
 
 /// What moves a machine from one state to another.
@@ -132,6 +144,9 @@ pub struct MachineRecord {
     /// With `--join approve`: the fingerprint of the keys of the last join waiting for an admin.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub awaiting: Option<String>,
+    /// The certificates issued last.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certs: Option<HeldCerts>,
 }
 
 /// A machine in a listing: its state and its last event.
@@ -180,6 +195,15 @@ pub enum Command {
         machine: String,
         credential: String,
         approval: Option<String>,
+        reply: oneshot::Sender<Result<String, MachinesError>>,
+    },
+    /// Certificates were issued (`event`: `join` or `renewed`); with `replacing`, only if the machine still holds
+    /// those (a renewal), else refused as `superseded`.
+    Issued {
+        machine: String,
+        event: &'static str,
+        certs: HeldCerts,
+        replacing: Option<HeldCerts>,
         reply: oneshot::Sender<Result<String, MachinesError>>,
     },
     /// An admin (`by`) approves the awaiting join whose keys have `fingerprint`.
@@ -285,6 +309,19 @@ impl Machines {
         };
         let said = self.ask(cmd).await.unwrap_or(Err(MachinesError::Stopped))?;
         Ok(if said == AWAITING { JoinSpend::Awaiting } else { JoinSpend::Spent })
+    }
+
+    /// Records, durably, that `machine` now holds `certs` (a timeline `event` names them). A renewal passes the
+    /// certificates it renews as `replacing`: refused (`superseded`) unless they are still the machine's.
+    pub async fn issued(
+        &self,
+        machine: &str,
+        event: &'static str,
+        certs: HeldCerts,
+        replacing: Option<HeldCerts>,
+    ) -> Result<(), MachinesError> {
+        let cmd = |reply| Command::Issued { machine: machine.to_owned(), event, certs, replacing, reply };
+        self.ask(cmd).await.unwrap_or(Err(MachinesError::Stopped)).map(drop)
     }
 
     /// Approves `machine`'s awaiting join whose keys have `fingerprint` (`by`: the admin, for the timeline).
@@ -538,6 +575,25 @@ impl Task {
                             Ok(String::new())
                         }
                     },
+                    None => Err(unknown(&machine)),
+                };
+                pending.push(Pending::Text(reply, result));
+            }
+            Command::Issued { machine, event, certs, replacing, reply } => {
+                let result = match self.records.get_mut(&machine) {
+                    Some(r) if replacing.is_some() && r.certs != replacing => {
+                        Err(MachinesError::JoinRefused("superseded"))
+                    }
+                    Some(r) => {
+                        let mut detail = format!("machine:{machine} {}", certs.machine);
+                        if let Some(m) = &certs.member {
+                            detail.push_str(&format!(", member:{machine} {m}"));
+                        }
+                        Self::push(r, event, detail);
+                        r.certs = Some(certs);
+                        dirty.push(machine);
+                        Ok(String::new())
+                    }
                     None => Err(unknown(&machine)),
                 };
                 pending.push(Pending::Text(reply, result));

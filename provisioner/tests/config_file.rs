@@ -55,6 +55,18 @@ fn flags_override_the_file_and_missing_settings_are_named() {
     // The inventory came from the file (it loaded), the interface from the flag.
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("no network interface named \"no-such-nic0\""), "{stderr}");
+    // A certificate validity out of range is named before anything starts.
+    let pki = |secs| Settings {
+        inventory: Some("i.toml".into()),
+        interface: Some("eth0".into()),
+        state_dir: Some("/tmp/s".into()),
+        site_pki: Some("/tmp/pki".into()),
+        cert_validity_secs: Some(secs),
+        ..Settings::default()
+    };
+    let err = pki(59).resolve().unwrap_err().to_string();
+    assert!(err.contains("--cert-validity-secs 59 is out of range: use 60 to 31536000 seconds"), "{err}");
+    assert_eq!(pki(3600).resolve().unwrap().site_pki.unwrap().cert_validity, time::Duration::hours(1));
 }
 
 #[test]
@@ -72,6 +84,7 @@ fn the_help_states_the_defaults_the_daemon_uses() {
         ("--assets-port", d.assets_port.unwrap().to_string()),
         ("--lease-secs", d.lease_secs.unwrap().to_string()),
         ("--assets", path(d.assets)),
+        ("--cert-validity-secs", d.cert_validity_secs.unwrap().to_string()),
     ] {
         let at = help.find(&format!("{flag} <")).unwrap_or_else(|| panic!("no {flag} in {help}"));
         let text = &help[at..];

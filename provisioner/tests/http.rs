@@ -516,3 +516,84 @@ fn with_approval_only_keys_an_admin_approved_get_certificates() {
     let again = config_file(&fetch_config(&lab), herd_api::JOIN_CREDENTIAL_PATH).unwrap();
     assert_eq!(join(&again, &machine_csr).0, 200);
 }
+
+/// POSTs `body` to `path` on the boot port from node1's leased address (or `from`).
+fn post_json(lab: &Lab, path: &str, body: &serde_json::Value, from: Option<&str>) -> (u16, String) {
+    let body = body.to_string();
+    let url = format!("http://10.99.0.2{path}");
+    let mut args = vec!["-X", "POST", "-H", "content-type: application/json", "-d", &body];
+    if let Some(ip) = from {
+        args.extend(["--interface", ip]);
+    }
+    args.push(&url);
+    curl(lab, &args)
+}
+
+#[test]
+fn a_machine_renews_only_the_certificates_it_holds_proving_it_has_their_keys() {
+    let lab = booted_lab();
+    let credential = config_file(&fetch_config(&lab), herd_api::JOIN_CREDENTIAL_PATH).expect("a join credential");
+    let (machine_key, machine_csr) = herd_pki::request("node1").unwrap();
+    let (member_key, member_csr) = herd_pki::request("node1").unwrap();
+    let join = serde_json::json!({"credential": credential, "machine_csr": machine_csr, "member_csr": member_csr});
+    let (code, answer) = post_json(&lab, &format!("/join/{NODE1_DASHED}"), &join, None);
+    assert_eq!(code, 200, "{answer}");
+    let joined: herd_api::JoinAnswer = serde_json::from_str(&answer).unwrap();
+    let member_cert = joined.member_cert.clone().unwrap();
+    let renew_path = format!("/renew/{NODE1_DASHED}");
+    let renewal = |machine_cert: &str, machine_csr: &str| {
+        serde_json::json!({"machine_cert": machine_cert, "machine_csr": machine_csr,
+            "member_cert": member_cert, "member_csr": herd_pki::request_for(&member_key, "member:node1").unwrap()})
+    };
+    let fresh_csr = || herd_pki::request_for(&machine_key, "machine:node1").unwrap();
+    // Refused: another address; a request of another key; a certificate of another CA, an ended one, one that names
+    // the member for the machine's.
+    lab.client_address("10.99.0.97/24");
+    let (code, why) = post_json(&lab, &renew_path, &renewal(&joined.machine_cert, &fresh_csr()), Some("10.99.0.97"));
+    assert_eq!((code, why.trim()), (403, "not node1's address"));
+    let (_, stranger_csr) = herd_pki::request("machine:node1").unwrap();
+    let (code, why) = post_json(&lab, &renew_path, &renewal(&joined.machine_cert, &stranger_csr), None);
+    assert_eq!((code, why.trim()), (403, "machine_csr: the request is not signed by the certificate's key"));
+    let elsewhere = tempfile::tempdir().unwrap();
+    let now = time::OffsetDateTime::now_utc();
+    let other_site = herd_pki::Site::init(elsewhere.path(), "other", now).unwrap();
+    let subject = |validity| herd_pki::Subject::new(herd_pki::Holder::Machine("node1".into()), validity);
+    let source = herd_pki::KeySource::Request(&machine_csr);
+    let foreign =
+        other_site.issue(herd_pki::Authority::Etcd, &subject(time::Duration::days(30)), source, now).unwrap().cert_pem;
+    let (code, why) = post_json(&lab, &renew_path, &renewal(&foreign, &fresh_csr()), None);
+    assert_eq!(code, 403, "{why}");
+    assert!(why.starts_with("machine_cert: ") && why.contains("etcd CA"), "{why}");
+    // Issued four minutes ago (the lab's CA is valid from five minutes before it was made) for one minute.
+    let (a_minute, ago) = (time::Duration::minutes(1), now - time::Duration::minutes(4));
+    let ended = lab.pki.site.issue(herd_pki::Authority::Etcd, &subject(a_minute), source, ago).unwrap().cert_pem;
+    let (code, why) = post_json(&lab, &renew_path, &renewal(&ended, &fresh_csr()), None);
+    assert_eq!(code, 403, "{why}");
+    assert!(why.contains("expired"), "{why}");
+    let (code, why) = post_json(&lab, &renew_path, &renewal(&member_cert, &fresh_csr()), None);
+    assert_eq!((code, why.trim()), (403, "machine_cert: a certificate for member:node1, not machine:node1"));
+    // The machine's own certificates and keys: new certificates for the same keys.
+    let (code, answer) = post_json(&lab, &renew_path, &renewal(&joined.machine_cert, &fresh_csr()), None);
+    assert_eq!(code, 200, "{answer}");
+    let renewed: herd_api::JoinAnswer = serde_json::from_str(&answer).unwrap();
+    let now = time::OffsetDateTime::now_utc();
+    let before = lab.pki.site.verify(herd_pki::Authority::Etcd, &joined.machine_cert, now).unwrap();
+    let after = lab.pki.site.verify(herd_pki::Authority::Etcd, &renewed.machine_cert, now).unwrap();
+    assert_eq!(after.holder, Some(herd_pki::Holder::Machine("node1".into())));
+    assert_ne!(after.serial, before.serial);
+    assert_eq!(herd_pki::request_proves(&fresh_csr(), &renewed.machine_cert), Ok(()), "the same key");
+    let member = lab.pki.site.verify(herd_pki::Authority::Etcd, renewed.member_cert.as_deref().unwrap(), now).unwrap();
+    assert_eq!(member.holder, Some(herd_pki::Holder::Member("node1".into())));
+    // The certificates it renewed are no longer the machine's: they cannot be renewed again.
+    let (code, why) = post_json(&lab, &renew_path, &renewal(&joined.machine_cert, &fresh_csr()), None);
+    assert_eq!(code, 403, "{why}");
+    assert!(why.contains("no longer node1's"), "{why}");
+    let (_, timeline) = lab.admin(&[], "/api/v1/machines/node1/timeline");
+    assert!(timeline.contains(&format!("machine:node1 {}", after.fingerprint)), "{timeline}");
+    assert_eq!(timeline.matches("renew-refused").count(), 6, "{timeline}");
+    let (_, metrics) = curl(&lab, &["http://10.99.0.2/metrics"]);
+    for (reason, n) in [("wrong-source", 1), ("no-proof", 1), ("not-current", 3), ("superseded", 1)] {
+        let series = format!("herd_http_renew_refused_total{{reason=\"{reason}\"}} {n}");
+        assert!(metrics.contains(&series), "no {series}: {metrics}");
+    }
+}

@@ -149,6 +149,51 @@ impl JoinRequest {
     }
 }
 
+/// The longest certificate (PEM) a renewal may present.
+pub const CERT_MAX: usize = 8 << 10;
+
+/// `POST /renew/MAC`: a machine renews its certificates before they end, proving it holds their keys (no
+/// credential: each request must be signed by the key of the certificate it renews). The answer is a
+/// [`JoinAnswer`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RenewRequest {
+    /// The machine's current etcd client certificate (PEM).
+    pub machine_cert: String,
+    /// A certificate request signed by that certificate's key.
+    pub machine_csr: String,
+    /// An etcd member's current peer and server certificate, members only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub member_cert: Option<String>,
+    /// A request signed by the member certificate's key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub member_csr: Option<String>,
+}
+
+impl RenewRequest {
+    /// Checks the shape of every field before anything is looked up or signed.
+    pub fn check(&self) -> Result<(), herd_images::slot::ReportError> {
+        let bad = |at: &str, why: &'static str| Err(herd_images::slot::ReportError { at: at.to_owned(), why });
+        let pem = |text: &str, max: usize, label: &str| {
+            text.len() <= max && text.trim_start().starts_with(&format!("-----BEGIN {label}-----"))
+        };
+        if self.member_cert.is_some() != self.member_csr.is_some() {
+            return bad("member_csr", "a member certificate and its request come together");
+        }
+        for (at, cert) in [("machine_cert", Some(&self.machine_cert)), ("member_cert", self.member_cert.as_ref())] {
+            if cert.is_some_and(|c| !pem(c, CERT_MAX, "CERTIFICATE")) {
+                return bad(at, "a PEM certificate of at most 8 KiB");
+            }
+        }
+        for (at, csr) in [("machine_csr", Some(&self.machine_csr)), ("member_csr", self.member_csr.as_ref())] {
+            if csr.is_some_and(|c| !pem(c, CSR_MAX, "CERTIFICATE REQUEST")) {
+                return bad(at, "a PEM certificate request of at most 8 KiB");
+            }
+        }
+        Ok(())
+    }
+}
+
 /// The answer to a join: the machine's certificates and the site's CAs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JoinAnswer {
@@ -247,6 +292,11 @@ pub mod paths {
     /// Where node-init trades its join credential for certificates (POST a [`super::JoinRequest`]).
     pub fn join(mac: &str) -> String {
         format!("/join/{mac}")
+    }
+
+    /// Where node-init renews the machine's certificates (POST a [`super::RenewRequest`]).
+    pub fn renew(mac: &str) -> String {
+        format!("/renew/{mac}")
     }
 
     /// Where node-init reports its stages (POST a [`super::PhoneHome`]).
@@ -466,6 +516,27 @@ impl Client {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn a_renewal_carries_pem_certificates_and_requests_in_pairs() {
+        let cert = "-----BEGIN CERTIFICATE-----\nMII\n-----END CERTIFICATE-----\n".to_owned();
+        let csr = "-----BEGIN CERTIFICATE REQUEST-----\nMII\n-----END CERTIFICATE REQUEST-----\n".to_owned();
+        let ok =
+            RenewRequest { machine_cert: cert.clone(), machine_csr: csr.clone(), member_cert: None, member_csr: None };
+        assert!(ok.check().is_ok());
+        let at = |r: RenewRequest| r.check().unwrap_err().at;
+        assert_eq!(at(RenewRequest { machine_cert: csr.clone(), ..ok.clone() }), "machine_cert");
+        assert_eq!(at(RenewRequest { machine_csr: cert.clone(), ..ok.clone() }), "machine_csr");
+        assert_eq!(at(RenewRequest { member_cert: Some(cert.clone()), ..ok.clone() }), "member_csr");
+        let huge = format!("{cert}{}", "A".repeat(CERT_MAX));
+        assert_eq!(
+            at(RenewRequest { member_cert: Some(huge), member_csr: Some(csr.clone()), ..ok.clone() }),
+            "member_cert"
+        );
+        assert!(
+            serde_json::from_str::<RenewRequest>(r#"{"machine_cert":"","machine_csr":"","credential":""}"#).is_err()
+        );
+    }
 
     #[test]
     fn a_phone_home_is_checked_and_its_detail_kept_without_control_characters() {

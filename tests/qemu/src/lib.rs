@@ -28,7 +28,7 @@ pub use herd_lab::qemu::{
     CABLE_SPEED, DEBIAN_IPXE_DIR, Firmware, KERNEL, Link, OVMF_CODE, OVMF_VARS, VmSpec, add_tap, bridge_netns,
     cable_netdev, ip, pxe_qemu_args, qcow2,
 };
-use herd_provisioner::daemon::{ApiConfig, ApiReads, DaemonConfig};
+use herd_provisioner::daemon::{ApiConfig, ApiReads, DaemonConfig, SitePki};
 pub use herd_provisioner::dhcp::server::Mode;
 use herd_provisioner::dhcp::server::UnknownMacs;
 use herd_provisioner::join::JoinPolicy;
@@ -203,6 +203,8 @@ pub struct Lab {
     vms: Vec<Vm>,
     /// Full DHCP (default) or proxyDHCP.
     pub mode: Mode,
+    /// How long the machines' certificates are valid (default: the provisioner's, 30 days).
+    pub cert_validity: time::Duration,
     hosts: Vec<(String, Option<Daemon>)>,
     /// A read-only operator's credential for the operator API (made when the provisioner starts).
     reader: Option<PathBuf>,
@@ -227,6 +229,7 @@ impl Lab {
             provisioner: None,
             vms: Vec::new(),
             mode: Mode::Full,
+            cert_validity: herd_provisioner::join::MACHINE_VALIDITY,
             hosts: Vec::new(),
             reader: None,
             admin: None,
@@ -308,7 +311,7 @@ impl Lab {
             assets: self.dir.join("assets"),
             api: Some(ApiConfig { port: 8443, credentials: pki.server.clone(), tokens: None }),
             api_reads: ApiReads::Operators,
-            site_pki: Some((self.pki_dir(), JoinPolicy::Open)),
+            site_pki: Some(SitePki { dir: self.pki_dir(), join: JoinPolicy::Open, cert_validity: self.cert_validity }),
         };
         self.reader = Some(pki.reader);
         self.admin = Some(pki.admin);
