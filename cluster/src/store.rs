@@ -94,10 +94,11 @@ impl Stats {
     }
 }
 
-/// A connection to etcd.
+/// A connection to etcd. Clones share it, and [`Store::reconnect`] replaces it for all of them.
 #[derive(Clone)]
 pub struct Store {
-    client: Client,
+    client: Arc<std::sync::RwLock<Client>>,
+    endpoints: Arc<[String]>,
     stats: Arc<Stats>,
     timeout: Duration,
     retry_for: Duration,
@@ -154,6 +155,27 @@ pub const RETRY_FOR: Duration = Duration::from_secs(4);
 impl Store {
     /// Connects to `endpoints` (e.g. `http://127.0.0.1:2379`). Every request is bounded by `timeout`.
     pub async fn connect(endpoints: &[String], tls: &TlsFiles, timeout: Duration) -> Result<Store, StoreError> {
+        let client = Client::connect(endpoints, Some(Self::options(tls, timeout)?)).await?;
+        Ok(Store {
+            client: Arc::new(std::sync::RwLock::new(client)),
+            endpoints: endpoints.into(),
+            stats: Arc::default(),
+            timeout,
+            retry_for: RETRY_FOR,
+        })
+    }
+
+    /// A new connection to the same endpoints with the identity in `tls` (its certificate was renewed), used from
+    /// now on by this store and every clone of it. Requests and watches already under way finish on the old one.
+    /// etcd checks a client's certificate when a connection is made: without this, the next reconnection (a member
+    /// restarting, a network blip) would present the old certificate, which ends.
+    pub async fn reconnect(&self, tls: &TlsFiles) -> Result<(), StoreError> {
+        let client = Client::connect(&self.endpoints[..], Some(Self::options(tls, self.timeout)?)).await?;
+        *self.client.write().unwrap_or_else(std::sync::PoisonError::into_inner) = client;
+        Ok(())
+    }
+
+    fn options(tls: &TlsFiles, timeout: Duration) -> Result<ConnectOptions, StoreError> {
         let mut options = ConnectOptions::new()
             .with_connect_timeout(timeout)
             .with_timeout(timeout)
@@ -174,8 +196,7 @@ impl Store {
             }
             options = options.with_tls(t);
         }
-        let client = Client::connect(endpoints, Some(options)).await?;
-        Ok(Store { client, stats: Arc::default(), timeout, retry_for: RETRY_FOR })
+        Ok(options)
     }
 
     /// Runs `op` again (spaced 50 ms, 100 ms, ... up to 400 ms) while it fails with a [`retryable`] error, for at
@@ -223,7 +244,7 @@ impl Store {
 
     /// The raw client (for watches and leases).
     pub fn client(&self) -> Client {
-        self.client.clone()
+        self.client.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
     }
 
     /// Every key under `prefix` at one revision, in key order, read in pages. Returns the pairs and the revision.
@@ -233,7 +254,7 @@ impl Store {
 
     /// Every key under `prefix` at `revision` (0: the newest, whose revision is returned).
     pub async fn get_prefix_at(&self, prefix: &str, mut revision: i64) -> Result<(Vec<KeyValue>, i64), StoreError> {
-        let client = self.client.clone();
+        let client = self.client();
         let end = prefix_end(prefix.as_bytes());
         let mut from = prefix.as_bytes().to_vec();
         let mut out = Vec::new();
@@ -268,7 +289,7 @@ impl Store {
         let end = prefix_end(prefix.as_bytes());
         let resp = self
             .retry(|| {
-                let (mut c, end) = (self.client.clone(), end.clone());
+                let (mut c, end) = (self.client(), end.clone());
                 async move { c.get(prefix, Some(GetOptions::new().with_range(end).with_count_only())).await }
             })
             .await?;
@@ -280,7 +301,7 @@ impl Store {
         self.stats.request(1);
         let mut resp = self
             .retry(|| {
-                let mut c = self.client.clone();
+                let mut c = self.client();
                 async move { c.get(key, None).await }
             })
             .await?;
@@ -292,7 +313,7 @@ impl Store {
         self.stats.request(1);
         let options = lease.map(|l| PutOptions::new().with_lease(l));
         self.retry(|| {
-            let (mut c, value, options) = (self.client.clone(), value.clone(), options.clone());
+            let (mut c, value, options) = (self.client(), value.clone(), options.clone());
             async move { c.put(key, value, options).await }
         })
         .await?;
@@ -305,7 +326,7 @@ impl Store {
         let end = prefix_end(prefix.as_bytes());
         let resp = self
             .retry(|| {
-                let (mut c, end) = (self.client.clone(), end.clone());
+                let (mut c, end) = (self.client(), end.clone());
                 async move { c.delete(prefix, Some(etcd_client::DeleteOptions::new().with_range(end))).await }
             })
             .await?;
@@ -317,7 +338,7 @@ impl Store {
         self.stats.request(1);
         Ok(self
             .retry(|| {
-                let mut c = self.client.clone();
+                let mut c = self.client();
                 async move { c.delete(key, None).await }
             })
             .await?
@@ -342,7 +363,7 @@ impl Store {
                     self.stats.request(1);
                     let resp = self
                         .retry(|| {
-                            let (mut c, txn) = (self.client.clone(), txn.clone());
+                            let (mut c, txn) = (self.client(), txn.clone());
                             async move { c.txn(txn).await }
                         })
                         .await?;
@@ -361,7 +382,7 @@ impl Store {
         self.stats.request(1);
         Ok(self
             .retry(|| {
-                let (mut c, txn) = (self.client.clone(), txn.clone());
+                let (mut c, txn) = (self.client(), txn.clone());
                 async move { c.txn(txn).await }
             })
             .await?)
@@ -376,7 +397,7 @@ impl Store {
         };
         Ok(self
             .retry(|| {
-                let mut c = self.client.clone();
+                let mut c = self.client();
                 async move {
                     let mut stream: Option<WatchStream> = None;
                     for (prefix, start) in from {
@@ -397,7 +418,7 @@ impl Store {
         let secs = ttl.as_secs().max(1) as i64;
         let resp = self
             .retry(|| {
-                let mut c = self.client.clone();
+                let mut c = self.client();
                 async move { c.lease_grant(secs, None).await }
             })
             .await?;
@@ -407,7 +428,7 @@ impl Store {
     /// Revokes a lease (its keys go at once).
     pub async fn revoke(&self, lease: i64) -> Result<(), StoreError> {
         self.stats.request(1);
-        self.client.clone().lease_revoke(lease).await?;
+        self.client().lease_revoke(lease).await?;
         Ok(())
     }
 }
@@ -455,7 +476,7 @@ impl KeepAlive {
     async fn renew_inner(&mut self) -> Result<Duration, StoreError> {
         if self.stream.is_none() {
             self.store.stats.request(1);
-            self.stream = Some(self.store.client.clone().lease_keep_alive(self.lease).await?);
+            self.stream = Some(self.store.client().lease_keep_alive(self.lease).await?);
         }
         let Some((keeper, stream)) = self.stream.as_mut() else {
             return Err(StoreError::Fenced("no keep-alive stream".into()));

@@ -210,3 +210,25 @@ async fn a_cluster_runs_end_to_end_on_mutual_tls_with_least_privilege() {
     }
     shutdown.cancel();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconnection_with_a_new_certificate_serves_every_clone_of_the_store() {
+    let lab = Secure::start("trust-reconnect").await;
+    access::apply(&lab.store(&lab.etcd.tls()).await, &Secure::policy()).await.unwrap();
+    let rita = lab.credential(&lab.site, Holder::Operator("rita".into(), Role::ReadOnly));
+    let store = lab.store(&rita).await;
+    // A clone made before, as the agent and the engine hold theirs.
+    let clone = ClusterClient::new(store.clone());
+    match clone.submit("web.service", &sleeper(""), false).await {
+        Err(ClientError::Store(e)) => assert!(denied(Err::<(), _>(e)), "refused, but not for want of permission"),
+        other => panic!("a read-only operator submitted a unit: {other:?}"),
+    }
+    // A reconnection that cannot read its files changes nothing.
+    let missing = TlsFiles { cert: Some(lab.dir.join("no-such.crt").display().to_string()), ..rita.clone() };
+    assert!(matches!(store.reconnect(&missing).await, Err(StoreError::Tls { .. })));
+    clone.units().await.unwrap();
+    // The new identity (here another holder's, so that it shows) is what every clone presents from now on.
+    let olga = lab.credential(&lab.site, Holder::Operator("olga".into(), Role::Operator));
+    store.reconnect(&olga).await.unwrap();
+    clone.submit("web.service", &sleeper(""), false).await.unwrap();
+}
