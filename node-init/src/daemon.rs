@@ -86,6 +86,7 @@ pub fn run() -> anyhow::Result<()> {
     println!("{READY} {}", serde_json::to_string(&report)?);
     std::thread::spawn(report_boot_complete);
     let committed = report.clone();
+    let renewer = prov.clone();
     let healthy = move |detail: &str| {
         // The slot that got this far stays the one to boot.
         let slots = match commit_slot(&committed) {
@@ -110,7 +111,7 @@ pub fn run() -> anyhow::Result<()> {
             let node: NodeConfig =
                 anyhow::Context::with_context(serde_json::from_str(&text), || format!("reading {NODE_CONFIG_PATH}"))?;
             // Healthy means registered: the provisioner commits the slot only for a machine that joined.
-            crate::member::run(&node, &report, move |detail| healthy(&format!("{detail}, slot {slot}")))
+            crate::member::run(&node, &report, renewer, move |detail| healthy(&format!("{detail}, slot {slot}")))
         }
         Err(_) => {
             println!("herd-node-init: no {NODE_CONFIG_PATH}: not joining a cluster");

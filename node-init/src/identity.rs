@@ -120,23 +120,7 @@ pub fn join(
     };
     let answer = awaiting_approval(prov, &body, machine)?;
     let etcd_ca = pinned(config, Authority::Etcd).ok_or_else(|| bad("the config pins no etcd CA".into()))?;
-    if answer.etcd_ca != etcd_ca {
-        return Err(bad("the join answer's etcd CA is not the one the config pinned".into()));
-    }
-    let now = time::OffsetDateTime::now_utc();
-    let check = |pem: &str, holder: &Holder| -> Result<String, ProvisionError> {
-        let info = herd_pki::verify(&etcd_ca, Authority::Etcd, pem, now).map_err(|e| bad(format!("{holder}: {e}")))?;
-        if info.holder.as_ref() != Some(holder) {
-            return Err(bad(format!("a certificate for {}, not {holder}", info.common_name)));
-        }
-        Ok(info.fingerprint)
-    };
-    let machine_fp = check(&answer.machine_cert, &me)?;
-    let member_fp = match (&answer.member_cert, member) {
-        (Some(pem), true) => Some(check(pem, &member_holder)?),
-        (None, true) => return Err(bad("an etcd member got no member certificate".into())),
-        _ => None,
-    };
+    let joined = check_answer(&answer, &etcd_ca, machine, member)?;
     let write =
         |file: &str, pem: &str| herd_pki::write_public(&dir.join(file), pem.as_bytes()).map_err(|e| bad(e.to_string()));
     write("etcd-ca.crt", &answer.etcd_ca)?;
@@ -153,12 +137,151 @@ pub fn join(
                 .map_err(|e| bad(format!("chown {}: {e}", path.display())))?;
         }
     }
+    Ok(joined)
+}
+
+/// Checks what the provisioner answered: its etcd CA is `etcd_ca` (the one this machine pinned), and each
+/// certificate is valid, from that CA and names this machine (a member's, for an etcd member).
+fn check_answer(answer: &JoinAnswer, etcd_ca: &str, machine: &str, member: bool) -> Result<Joined, ProvisionError> {
+    if answer.etcd_ca != etcd_ca {
+        return Err(bad("the provisioner's etcd CA is not the one this machine pinned".into()));
+    }
+    let (me, member_holder) = (Holder::Machine(machine.to_owned()), Holder::Member(machine.to_owned()));
+    let now = time::OffsetDateTime::now_utc();
+    let check = |pem: &str, holder: &Holder| -> Result<String, ProvisionError> {
+        let info = herd_pki::verify(etcd_ca, Authority::Etcd, pem, now).map_err(|e| bad(format!("{holder}: {e}")))?;
+        if info.holder.as_ref() != Some(holder) {
+            return Err(bad(format!("a certificate for {}, not {holder}", info.common_name)));
+        }
+        Ok(info.fingerprint)
+    };
+    let machine_fp = check(&answer.machine_cert, &me)?;
+    let member_fp = match (&answer.member_cert, member) {
+        (Some(pem), true) => Some(check(pem, &member_holder)?),
+        (None, true) => return Err(bad("an etcd member got no member certificate".into())),
+        _ => None,
+    };
     Ok(Joined { machine: machine_fp, member: member_fp })
+}
+
+/// The certificates a running machine holds: `(file stem, holder)` in [`herd_config::node::TLS_DIR`].
+fn held(machine: &str, member: bool) -> Vec<(&'static str, Holder)> {
+    let mut out = vec![("machine", Holder::Machine(machine.to_owned()))];
+    if member {
+        out.push(("member", Holder::Member(machine.to_owned())));
+    }
+    out
+}
+
+/// When (Unix seconds) the first of the certificates in `dir` is due for renewal: once less than
+/// [`herd_pki::RENEW_AT`] of its validity is left. An unreadable certificate is due now.
+pub fn renewal_due(dir: &Path, machine: &str, member: bool) -> i64 {
+    held(machine, member)
+        .iter()
+        .map(|(stem, _)| {
+            let pem = std::fs::read_to_string(dir.join(format!("{stem}.crt"))).unwrap_or_default();
+            match herd_pki::parse(&pem) {
+                Ok(c) => c.not_after - ((c.not_after - c.not_before) as f64 * herd_pki::RENEW_AT) as i64,
+                Err(_) => 0,
+            }
+        })
+        .min()
+        .unwrap_or(0)
+}
+
+/// Renews the certificates in `dir` (`POST /renew/MAC`): requests signed by the keys kept there, with the
+/// certificates they renew; the answer checked against the etcd CA this machine pinned at its join and against
+/// its own keys, then each certificate swapped in atomically (etcd reads its certificate per connection).
+pub fn renew(prov: &Provisioner, dir: &Path, machine: &str, member: bool) -> Result<Joined, ProvisionError> {
+    let read = |file: &str| {
+        let path = dir.join(file);
+        std::fs::read_to_string(&path).map_err(|e| bad(format!("{}: {e}", path.display())))
+    };
+    let mut pairs = Vec::new();
+    for (stem, holder) in held(machine, member) {
+        let key_path = dir.join(format!("{stem}.key"));
+        herd_pki::check_private(&key_path).map_err(|e| bad(e.to_string()))?;
+        let csr = herd_pki::request_for(&read(&format!("{stem}.key"))?, &holder.common_name())
+            .map_err(|e| bad(e.to_string()))?;
+        pairs.push((read(&format!("{stem}.crt"))?, csr));
+    }
+    let mut pairs = pairs.into_iter();
+    let (machine_cert, machine_csr) = pairs.next().ok_or_else(|| bad("no machine certificate".into()))?;
+    let (member_cert, member_csr) = pairs.next().unzip();
+    let body = herd_api::RenewRequest { machine_cert, machine_csr, member_cert, member_csr };
+    let answer = prov.renew(&body)?;
+    let joined = check_answer(&answer, &read("etcd-ca.crt")?, machine, member)?;
+    // For the keys kept here: a certificate of another key would lock this machine out at its next connection.
+    let member_pair = body.member_csr.as_ref().zip(answer.member_cert.as_ref());
+    for (csr, cert) in std::iter::once((&body.machine_csr, &answer.machine_cert)).chain(member_pair) {
+        herd_pki::request_proves(csr, cert).map_err(|e| bad(format!("the renewed certificate: {e}")))?;
+    }
+    let write =
+        |file: &str, pem: &str| herd_pki::write_public(&dir.join(file), pem.as_bytes()).map_err(|e| bad(e.to_string()));
+    write("machine.crt", &answer.machine_cert)?;
+    if let Some(pem) = &answer.member_cert {
+        write("member.crt", pem)?;
+    }
+    Ok(joined)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A site, and a certificate for `holder` of a new key valid `secs` from now, as `(site dir, site, key, cert)`.
+    fn issued(holder: Holder, secs: i64) -> (tempfile::TempDir, herd_pki::Site, String, String) {
+        let dir = tempfile::tempdir().unwrap();
+        let now = time::OffsetDateTime::now_utc();
+        let site = herd_pki::Site::init(&dir.path().join("pki"), "lab", now).unwrap();
+        let key = herd_pki::new_key().unwrap();
+        let csr = herd_pki::request_for(&key, &holder.common_name()).unwrap();
+        let subject = herd_pki::Subject::new(holder, time::Duration::seconds(secs));
+        let cert = site.issue(Authority::Etcd, &subject, herd_pki::KeySource::Request(&csr), now).unwrap().cert_pem;
+        (dir, site, key, cert)
+    }
+
+    #[test]
+    fn renewal_is_due_once_a_third_of_the_first_certificates_validity_is_left() {
+        let (dir, site, _, machine) = issued(Holder::Machine("m1".into()), 3_000);
+        std::fs::write(dir.path().join("machine.crt"), &machine).unwrap();
+        let info = herd_pki::parse(&machine).unwrap();
+        let third = (info.not_after - info.not_before) / 3;
+        assert!((renewal_due(dir.path(), "m1", false) - (info.not_after - third)).abs() <= 1);
+        // A member's certificate that ends sooner sets the time; a missing one makes it due now.
+        assert_eq!(renewal_due(dir.path(), "m1", true), 0, "no member.crt yet");
+        let (_, key) = herd_pki::request("member:m1").unwrap();
+        let subject = herd_pki::Subject::new(Holder::Member("m1".into()), time::Duration::seconds(600));
+        let now = time::OffsetDateTime::now_utc();
+        let member = site.issue(Authority::Etcd, &subject, herd_pki::KeySource::Request(&key), now).unwrap();
+        std::fs::write(dir.path().join("member.crt"), &member.cert_pem).unwrap();
+        let soon = herd_pki::parse(&member.cert_pem).unwrap();
+        let due = renewal_due(dir.path(), "m1", true);
+        assert!((due - (soon.not_after - (soon.not_after - soon.not_before) / 3)).abs() <= 1, "{due}");
+    }
+
+    #[test]
+    fn an_answer_is_taken_only_from_the_pinned_ca_and_for_this_machine() {
+        let (_dir, site, _, cert) = issued(Holder::Machine("m1".into()), 3_000);
+        let answer = JoinAnswer {
+            etcd_ca: site.ca_pem(Authority::Etcd).to_owned(),
+            api_ca: site.ca_pem(Authority::Api).to_owned(),
+            machine_cert: cert,
+            member_cert: None,
+        };
+        let pinned = site.ca_pem(Authority::Etcd);
+        assert!(check_answer(&answer, pinned, "m1", false).is_ok());
+        let err = |r: Result<Joined, ProvisionError>| r.unwrap_err().to_string();
+        assert!(
+            err(check_answer(&answer, pinned, "m2", false)).contains("a certificate for machine:m1, not machine:m2")
+        );
+        assert!(err(check_answer(&answer, pinned, "m1", true)).contains("no member certificate"));
+        let (_other_dir, other, _, _) = issued(Holder::Machine("m1".into()), 3_000);
+        let foreign = other.ca_pem(Authority::Etcd);
+        assert!(err(check_answer(&answer, foreign, "m1", false)).contains("not the one this machine pinned"));
+        let forged = JoinAnswer { etcd_ca: foreign.to_owned(), ..answer };
+        assert!(err(check_answer(&forged, foreign, "m1", false)).contains("machine:m1"), "signed by another CA");
+    }
 
     #[test]
     fn the_credential_leaves_the_config_and_nothing_else_does() {

@@ -141,10 +141,70 @@ pub fn machine_record(node: &NodeConfig, report: &SystemReport, instance: String
     }
 }
 
-/// Joins the cluster and runs until the agent stops; `registered` is called once the machine is registered.
+/// The line printed when the machine's certificates were renewed.
+pub const RENEWED: &str = "herd-node-init: certificates renewed:";
+
+/// How long a failed renewal (the provisioner unreachable, a reconnection refused) waits before it is tried again.
+const RENEW_RETRY: Duration = Duration::from_secs(30);
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
+}
+
+/// Keeps the machine's certificates renewed for as long as it runs: at the renewal point of the first one due
+/// ([`crate::identity::renewal_due`]), from the provisioner it booted from; then the store (the agent's and the
+/// engine's) reconnects with the new certificate. A failure is tried again every [`RENEW_RETRY`]; `/metrics` on
+/// the provisioner shows a machine whose renewals keep failing as `renew-soon`, then `expired`.
+async fn keep_renewed(prov: crate::provision::Provisioner, node: NodeConfig, store: Store, stop: CancellationToken) {
+    let dir = std::path::PathBuf::from(herd_config::node::TLS_DIR);
+    let (machine, member, tls) = (node.machine.clone(), node.etcd_member, tls_files(&node));
+    // What a renewal gave, until the store has reconnected with it.
+    let mut renewed: Option<String> = None;
+    loop {
+        if renewed.is_none() {
+            let due = crate::identity::renewal_due(&dir, &machine, member);
+            let wait = Duration::from_secs((due - unix_now()).clamp(0, 3600) as u64);
+            if !wait.is_zero() {
+                tokio::select! {
+                    () = tokio::time::sleep(wait) => continue,
+                    () = stop.cancelled() => return,
+                }
+            }
+            let (p, d, m) = (prov.clone(), dir.clone(), machine.clone());
+            match tokio::task::spawn_blocking(move || crate::identity::renew(&p, &d, &m, member)).await {
+                Ok(Ok(joined)) => {
+                    let member = joined.member.map(|fp| format!(", member:{machine} {fp}")).unwrap_or_default();
+                    renewed = Some(format!("machine:{machine} {}{member}", joined.machine));
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %crate::error::chain(&e), "cannot renew the machine's certificates")
+                }
+                Err(e) => tracing::warn!(error = %e, "the renewal stopped"),
+            }
+        }
+        if let Some(what) = &renewed {
+            match store.reconnect(&tls).await {
+                Ok(()) => {
+                    println!("{RENEWED} {what}; etcd reconnected with them");
+                    renewed = None;
+                    continue;
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot reconnect to etcd with the renewed certificate"),
+            }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(RENEW_RETRY) => {}
+            () = stop.cancelled() => return,
+        }
+    }
+}
+
+/// Joins the cluster and runs until the agent stops; `registered` is called once the machine is registered. With
+/// etcd over TLS, `prov` (the provisioner this machine booted from) renews its certificates.
 pub fn run(
     node: &NodeConfig,
     report: &SystemReport,
+    prov: Option<crate::provision::Provisioner>,
     registered: impl FnOnce(&str) + Send + 'static,
 ) -> anyhow::Result<()> {
     let instance = instance_token()?;
@@ -176,6 +236,9 @@ pub fn run(
             }
             stop.cancel();
         });
+        if let Some(prov) = prov.filter(|_| node.etcd_tls()) {
+            tokio::spawn(keep_renewed(prov, node.clone(), store.clone(), shutdown.clone()));
+        }
         if node.etcd_member {
             let engine = Engine::new(store.clone(), EngineConfig::new(&node.machine));
             let token = shutdown.clone();

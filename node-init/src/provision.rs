@@ -241,6 +241,14 @@ impl Provisioner {
         Ok(JoinReply::Issued(r.body_mut().read_json().map_err(json)?))
     }
 
+    /// Renews the machine's certificates (`POST /renew/MAC`).
+    pub fn renew(&self, body: &herd_api::RenewRequest) -> Result<herd_api::JoinAnswer, ProvisionError> {
+        let url = format!("{}{}", self.url, herd_api::paths::renew(&self.mac));
+        let what = format!("renewal at {}", self.url);
+        let r = self.agent.post(&url).send_json(body).map_err(ProvisionError::http(what.clone()))?;
+        status(r)?.body_mut().read_json().map_err(ProvisionError::http(format!("{what} (as JSON)")))
+    }
+
     /// Reports a stage, best effort: a report that cannot be sent is logged.
     pub fn phone(&self, stage: &str, detail: &str) {
         if let Err(e) = self.try_phone(stage, detail) {
