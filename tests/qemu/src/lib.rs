@@ -205,6 +205,8 @@ pub struct Lab {
     pub mode: Mode,
     /// How long the machines' certificates are valid (default: the provisioner's, 30 days).
     pub cert_validity: time::Duration,
+    /// Whether machines may join (default: open).
+    pub join: JoinPolicy,
     hosts: Vec<(String, Option<Daemon>)>,
     /// A read-only operator's credential for the operator API (made when the provisioner starts).
     reader: Option<PathBuf>,
@@ -230,6 +232,7 @@ impl Lab {
             vms: Vec::new(),
             mode: Mode::Full,
             cert_validity: herd_provisioner::join::MACHINE_VALIDITY,
+            join: JoinPolicy::Open,
             hosts: Vec::new(),
             reader: None,
             admin: None,
@@ -311,7 +314,7 @@ impl Lab {
             assets: self.dir.join("assets"),
             api: Some(ApiConfig { port: 8443, credentials: pki.server.clone(), tokens: None }),
             api_reads: ApiReads::Operators,
-            site_pki: Some(SitePki { dir: self.pki_dir(), join: JoinPolicy::Open, cert_validity: self.cert_validity }),
+            site_pki: Some(SitePki { dir: self.pki_dir(), join: self.join, cert_validity: self.cert_validity }),
         };
         self.reader = Some(pki.reader);
         self.admin = Some(pki.admin);
@@ -451,6 +454,22 @@ impl Lab {
             bail!("GET {path} failed");
         }
         Ok(serde_json::from_slice(&out.stdout)?)
+    }
+
+    /// POSTs `body` (JSON) to the operator API as the lab's admin; returns the answer's body.
+    pub fn api_post(&self, path: &str, body: &serde_json::Value) -> anyhow::Result<String> {
+        let cred = self.credential(true)?;
+        let file = |f: &str| cred.join(f).display().to_string();
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.ns, "curl", "-sf", "--cacert", &file("api-ca.crt")])
+            .args(["--cert", &file("api.crt"), "--key", &file("api.key")])
+            .args(["-X", "POST", "-H", "content-type: application/json", "-d", &body.to_string()])
+            .arg(format!("https://{PROVISIONER_IP}:8443{path}"))
+            .output()?;
+        if !out.status.success() {
+            bail!("POST {path} failed: {}", String::from_utf8_lossy(&out.stdout));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 }
 

@@ -15,6 +15,7 @@ use herd_cluster::client::ClusterClient;
 use herd_cluster::record::Desired;
 use herd_cluster::store::{Store, TlsFiles};
 use herd_images::build::ImageManifest;
+use herd_provisioner::join::JoinPolicy;
 use herd_qemu::image::herd_os;
 use herd_qemu::switch::{SWITCH_LACP, SWITCH_LAG, SWITCH_READY};
 use herd_qemu::{Firmware, Lab, VmSpec, qcow2};
@@ -24,6 +25,12 @@ const READY: &str = herd_qemu::NODE_INIT_READY;
 const REGISTERED: &str = "herd-node-init: registered";
 /// node-init's line once the provisioner took its healthy report.
 const HEALTHY: &str = "herd-node-init: reported healthy";
+const RENEWED: &str = "herd-node-init: certificates renewed:";
+const AWAITING_APPROVAL: &str = "herd-initrd: waiting for an admin to approve this machine's keys:";
+/// How long the three-machine cluster's certificates are valid (30 days by default): its machines renew them
+/// (a third of it, plus the 5 minutes a certificate is backdated, before they end) and reconnect several times
+/// during the test, which runs on renewed certificates from the middle on.
+const SHORT_VALIDITY: time::Duration = time::Duration::minutes(5);
 const LIMIT: Duration = Duration::from_secs(600);
 const ENDPOINTS: [&str; 3] = ["https://10.99.0.11:2379", "https://10.99.0.12:2379", "https://10.99.0.13:2379"];
 
@@ -154,9 +161,15 @@ fn example_inventory() -> String {
 /// scratch file named for `tag`: remove it once the lab is dropped). Returns the lab, the image's manifest and the
 /// scratch file.
 fn serving(tag: &str, inventory: &str) -> (Lab, ImageManifest, PathBuf) {
+    serving_with(tag, inventory, |_| {})
+}
+
+/// [`serving`], with the lab adjusted by `adjust` before its provisioner starts.
+fn serving_with(tag: &str, inventory: &str, adjust: impl FnOnce(&mut Lab)) -> (Lab, ImageManifest, PathBuf) {
     let scratch = std::env::temp_dir().join(format!("herd-qemu-{tag}-{}.toml", std::process::id()));
     std::fs::write(&scratch, inventory).unwrap();
     let mut lab = Lab::new(&scratch).unwrap();
+    adjust(&mut lab);
     let image = lab.dir.join("image");
     let manifest = herd_os(&image, None).unwrap();
     lab.boot_assets_image(&image).unwrap();
@@ -264,7 +277,7 @@ async fn launch(c: &ClusterClient, name: &str, text: &str) {
 fn three_machines_install_from_the_provisioner_form_etcd_register_and_run_a_global_unit() {
     // Alone on the host: its three boots are the three-in-parallel figure (goal <= 60 s under TCG).
     let _host = host_alone();
-    let (mut lab, _, scratch) = serving("three", &example_inventory());
+    let (mut lab, _, scratch) = serving_with("three", &example_inventory(), |l| l.cert_validity = SHORT_VALIDITY);
     let machines = [
         ("node1", Firmware::SeabiosIpxe, ["52:54:00:99:01:01", "52:54:00:99:01:02"]),
         ("node2", Firmware::SeabiosIpxe, ["52:54:00:99:02:01", "52:54:00:99:02:02"]),
@@ -320,6 +333,13 @@ fn three_machines_install_from_the_provisioner_form_etcd_register_and_run_a_glob
 
     // etcd over mutual TLS, and from here on with every holder's least privilege.
     least_privilege(&lab);
+
+    // Each machine renews its certificates before they end (proving it holds their keys) and reconnects to etcd
+    // with them: within 100 s of its join here (a third of 5 + 5 minutes left).
+    for (i, (name, _, _)) in machines.iter().enumerate() {
+        let (_, line) = lab.vms()[i].wait_for_within(RENEWED, Duration::from_secs(180)).unwrap();
+        assert!(line.contains(&format!("machine:{name} ")) && line.contains(&format!("member:{name} ")), "{line}");
+    }
 
     // A global unit, run by each machine's systemd, shows what the config installed there.
     with_cluster(&lab, |c| async move { launch(&c, "check.service", CHECK_UNIT).await });
@@ -443,6 +463,23 @@ fn three_machines_install_from_the_provisioner_form_etcd_register_and_run_a_glob
     for (m, mib) in &peaks {
         assert!(*mib <= NODE_INIT_RSS_GOAL_MIB, "node-init on {m} peaked at {mib:.1} MiB");
     }
+
+    // Renewals all along, none refused; the machines left ran the rest of the test on renewed certificates (the
+    // ones of their first join ended before this point: at most 5 minutes after it).
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let site = herd_pki::Site::open(&lab.pki_dir()).unwrap();
+    let issued = site.status(time::OffsetDateTime::now_utc()).unwrap();
+    let mut renewals = Vec::new();
+    for name in ["node1", "node2", "node3"] {
+        let timeline = lab.api(&format!("/api/v1/machines/{name}/timeline")).unwrap();
+        let events: Vec<&str> = timeline.as_array().unwrap().iter().filter_map(|e| e["event"].as_str()).collect();
+        assert!(!events.contains(&"renew-refused"), "{name}: {events:?}");
+        let n = events.iter().filter(|e| **e == "renewed").count();
+        assert!(n >= 1, "{name} never renewed: {events:?}");
+        let first = issued.iter().filter(|l| l.cert.common_name == format!("machine:{name}")).map(|l| l.cert.not_after);
+        renewals.push(format!("{name} {n} (first certificate ended {} s ago)", now - first.min().unwrap()));
+    }
+    println!("figures: renewals with 5-minute certificates: {}", renewals.join(", "));
     drop(lab);
     std::fs::remove_file(&scratch).unwrap();
 }
@@ -513,10 +550,20 @@ fn a_machine_without_a_disk_runs_the_verified_image_from_ram() {
     let text = example_inventory();
     let diskless = text.replacen("internal = \"10.99.0.11\"\ndisk = \"/dev/vda\"", "internal = \"10.99.0.11\"", 1);
     assert_ne!(diskless, text);
-    let (mut lab, m, scratch) = serving("diskless", &diskless);
+    // On a site that approves joins: the machine shows its keys' fingerprint on the console and waits; the admin
+    // compares it and approves (`herdctl machine approve`), and the boot goes on.
+    let (mut lab, m, scratch) = serving_with("diskless", &diskless, |l| l.join = JoinPolicy::Approve);
     let spec = VmSpec::new("node1", Firmware::SeabiosIpxe, &["52:54:00:99:01:01"]).memory(1024);
     let i = lab.start_vm(spec).unwrap();
+    let (_, waiting) = lab.vms()[i].wait_for(AWAITING_APPROVAL, LIMIT).unwrap();
+    let fingerprint = waiting.split_whitespace().last().unwrap().to_owned();
+    let timeline = lab.api("/api/v1/machines/node1/timeline").unwrap().to_string();
+    assert!(timeline.contains("join-awaiting") && timeline.contains(&fingerprint), "{timeline}");
+    let body = serde_json::json!({ "fingerprint": fingerprint });
+    lab.api_post("/api/v1/machines/node1/approve", &body).unwrap();
     let (took, line) = lab.vms()[i].wait_for(READY, LIMIT).unwrap();
+    let timeline = lab.api("/api/v1/machines/node1/timeline").unwrap().to_string();
+    assert!(timeline.contains("join-approved") && timeline.contains("\"join\""), "{timeline}");
     let r = report(&line);
     assert!(r["boot"]["source"].as_str().unwrap().starts_with("device /dev/loop"), "{r}");
     assert_eq!(r["boot"]["state"], "tmpfs", "{r}");
