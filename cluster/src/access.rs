@@ -129,6 +129,22 @@ impl Policy {
         Ok(Policy { machines, operators })
     }
 
+    /// [`Policy::of_site`] for the machines named `(name, whether it is an etcd member)`, as an inventory lists
+    /// them; a name that cannot be an etcd user is refused with it.
+    pub fn of_machines<'a>(
+        machines: impl IntoIterator<Item = (&'a str, bool)>,
+        site: &herd_pki::Site,
+        now: time::OffsetDateTime,
+    ) -> Result<Policy, PolicyError> {
+        let machines = machines
+            .into_iter()
+            .map(|(name, member)| {
+                Ok((MachineKey::new(name).ok_or_else(|| PolicyError::Name(name.to_owned()))?, member))
+            })
+            .collect::<Result<Vec<_>, PolicyError>>()?;
+        Ok(Policy::of_site(machines, site, now)?)
+    }
+
     /// Every user with its roles, and every role with its grants.
     fn wanted(&self) -> (BTreeMap<String, BTreeSet<String>>, BTreeMap<String, BTreeSet<Grant>>) {
         let mut users = BTreeMap::new();
@@ -161,6 +177,17 @@ impl Policy {
     }
 }
 
+/// Why a policy cannot be made.
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    /// A machine name that cannot be an etcd user name.
+    #[error("machine {0:?} cannot be an etcd user name (a-z, 0-9, '-', '_', '.'; at most 64)")]
+    Name(String),
+    /// The site PKI could not be read.
+    #[error(transparent)]
+    Pki(#[from] herd_pki::PkiError),
+}
+
 /// What [`apply`] changed.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Applied {
@@ -188,6 +215,21 @@ fn herds(name: &str) -> bool {
 /// Makes etcd's users and roles what `policy` says and turns authentication on. New grants are added before old
 /// ones are taken back, so a holder never loses access it keeps.
 pub async fn apply(store: &Store, policy: &Policy) -> Result<Applied, StoreError> {
+    // Another applier (the provisioner keeps the policy applied; an admin runs `herdctl access apply`) may add a
+    // user or role between this one's listing and its adding: read again and go on.
+    match apply_listed(store, policy).await {
+        Err(e) if already_exists(&e) => apply_listed(store, policy).await,
+        other => other,
+    }
+}
+
+/// Whether etcd refused to add a user or role that exists.
+fn already_exists(e: &StoreError) -> bool {
+    matches!(e, StoreError::Etcd(etcd_client::Error::GRpcStatus(s))
+        if s.code() == tonic::Code::FailedPrecondition && s.message().contains("already exists"))
+}
+
+async fn apply_listed(store: &Store, policy: &Policy) -> Result<Applied, StoreError> {
     let mut auth = store.client().auth_client();
     let (users, roles) = policy.wanted();
     let mut applied = Applied::default();

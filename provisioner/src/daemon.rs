@@ -66,6 +66,19 @@ pub struct SitePki {
     pub join: crate::join::JoinPolicy,
     /// How long a machine's certificates are valid.
     pub cert_validity: time::Duration,
+    /// Whether the provisioner applies etcd's users and roles itself ([`crate::access`]).
+    pub etcd_access: EtcdAccess,
+}
+
+/// Who turns etcd's users and roles on.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum EtcdAccess {
+    /// The provisioner, as soon as the inventory's etcd members answer, and again every 5 minutes.
+    #[default]
+    Auto,
+    /// An admin, with `herdctl access apply` (until then any certificate of the site's etcd CA may do anything).
+    Manual,
 }
 
 /// The operator API's settings.
@@ -157,6 +170,9 @@ pub struct Settings {
     /// thirds of that have passed (30 days) [default: 2592000].
     #[arg(long, value_name = "SECONDS")]
     pub cert_validity_secs: Option<u64>,
+    /// Who turns etcd's users and roles on, with --site-pki [default: auto].
+    #[arg(long, value_enum)]
+    pub etcd_access: Option<EtcdAccess>,
 }
 
 impl Settings {
@@ -182,6 +198,7 @@ impl Settings {
             site_pki: None,
             join: Some(crate::join::JoinPolicy::Open),
             cert_validity_secs: Some(crate::join::MACHINE_VALIDITY.whole_seconds().unsigned_abs()),
+            etcd_access: Some(EtcdAccess::Auto),
         }
     }
 
@@ -238,6 +255,7 @@ impl Settings {
             site_pki: self.site_pki.or(under.site_pki),
             join: self.join.or(under.join),
             cert_validity_secs: self.cert_validity_secs.or(under.cert_validity_secs),
+            etcd_access: self.etcd_access.or(under.etcd_access),
         }
     }
 
@@ -284,6 +302,7 @@ impl Settings {
                         dir,
                         join: s.join.unwrap_or_default(),
                         cert_validity: time::Duration::seconds(secs as i64),
+                        etcd_access: s.etcd_access.unwrap_or_default(),
                     })
                 }
                 None => None,
@@ -467,6 +486,16 @@ pub async fn run(config: DaemonConfig, cancel: CancellationToken) -> anyhow::Res
         "provisioner serving DHCP, TFTP and HTTP"
     );
     let tracker = TaskTracker::new();
+    if let Some(pki) = config.site_pki.as_ref().filter(|p| p.etcd_access == EtcdAccess::Auto) {
+        let state = config.state_dir.join("etcd-access");
+        tracker.spawn(crate::access::keep_applied(
+            Arc::clone(&inv),
+            pki.dir.clone(),
+            state,
+            Arc::clone(&metrics),
+            cancel.clone(),
+        ));
+    }
     tracker.spawn(dhcp.run(cancel.clone()));
     tracker.spawn(tftp.run(cancel.clone()));
     tracker.spawn(crate::assets::run(

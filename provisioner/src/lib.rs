@@ -20,6 +20,7 @@ pub fn report(e: &dyn std::error::Error) -> String {
     out
 }
 
+pub mod access;
 pub mod assets;
 pub mod boot;
 pub mod daemon;

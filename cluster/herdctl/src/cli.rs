@@ -449,8 +449,11 @@ pub enum PkiCommand {
         #[arg(long, value_name = "FILE")]
         file: Option<PathBuf>,
     },
-    /// Both CAs and every certificate issued, with expiries (soonest first).
+    /// Both CAs and each holder's newest certificate, with expiries (soonest first).
     Status {
+        /// Also every certificate a newer one replaced (renewals, rejoins): the whole of `DIR/issued/`.
+        #[arg(long)]
+        all: bool,
         /// Print a table or JSON.
         #[arg(long, short = 'o', value_enum, default_value_t)]
         output: Output,

@@ -67,7 +67,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 pki_cmd::issue(&dir, kind, &name, role, &ips, &dns, days, out.as_deref())
             }
             PkiCommand::Token { name, role, file } => pki_cmd::token(&dir, &name, role, file.as_deref()),
-            PkiCommand::Status { output } => pki_cmd::status(&dir, output),
+            PkiCommand::Status { all, output } => pki_cmd::status(&dir, all, output),
         },
         Command::Access { command } => match command {
             AccessCommand::Apply { inventory, pki } => pki_cmd::apply(&cli.cluster, &inventory, &pki),

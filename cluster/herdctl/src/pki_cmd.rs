@@ -10,7 +10,6 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use herd_cluster::access::{self, Policy};
-use herd_cluster::schema::MachineKey;
 use herd_cluster::store::TlsFiles;
 use herd_pki::{Authority, Holder, Role, Site, Standing, Subject};
 use time::OffsetDateTime;
@@ -146,10 +145,16 @@ struct Line<'a> {
 }
 
 /// `herdctl pki status`.
-pub(crate) fn status(dir: &Path, output: Output) -> anyhow::Result<ExitCode> {
+pub(crate) fn status(dir: &Path, all: bool, output: Output) -> anyhow::Result<ExitCode> {
     let pki = Site::open(dir)?;
     let t = now();
-    let lines = pki.status(t)?;
+    let mut lines = pki.status(t)?;
+    if !all {
+        // A machine renews every 20 days: its older certificates are history, not what it holds.
+        let newest: std::collections::HashSet<(herd_pki::Authority, String)> =
+            herd_pki::newest_per_holder(&lines).into_iter().map(|l| (l.authority, l.cert.serial.clone())).collect();
+        lines.retain(|l| l.cert.is_ca || newest.contains(&(l.authority, l.cert.serial.clone())));
+    }
     let days_left = |not_after: i64| (not_after - t.unix_timestamp()).div_euclid(86_400);
     let json: Vec<Line<'_>> = lines
         .iter()
@@ -201,14 +206,9 @@ fn date(unix: i64) -> String {
 /// The policy: every inventory machine (etcd members run the engine) and every operator of the site PKI.
 pub(crate) fn policy(inventory: &Path, pki_dir: &Path) -> anyhow::Result<Policy> {
     let inv = herd_inventory::load(inventory).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let members: Vec<String> = inv.etcd_members().map(|m| m.name.get_ref().to_string()).collect();
-    let mut machines = Vec::new();
-    for m in &inv.machines {
-        let name = m.name.get_ref().to_string();
-        let key = MachineKey::new(&name).with_context(|| format!("machine {name:?} cannot be an etcd user name"))?;
-        machines.push((key, members.contains(&name)));
-    }
-    Ok(Policy::of_site(machines, &Site::open(pki_dir)?, now())?)
+    let members: Vec<&str> = inv.etcd_members().map(|m| m.name.get_ref().as_str()).collect();
+    let machines = inv.machines.iter().map(|m| m.name.get_ref().as_str()).map(|n| (n, members.contains(&n)));
+    Ok(Policy::of_machines(machines, &Site::open(pki_dir)?, now())?)
 }
 
 /// `herdctl access apply`.

@@ -83,6 +83,23 @@ fn init_issue_status_and_the_refusals_that_lose_nothing() {
     let header: Vec<&str> = text.lines().next().unwrap().split_whitespace().collect();
     assert_eq!(header, ["CA", "SUBJECT", "ROLE", "NOT", "AFTER", "DAYS", "STANDING", "SERIAL"], "{text}");
     assert!(text.contains("operator:olga     operator"), "{text}");
+    // Olga's credential issued again (as a renewal or a rejoin does): status lists her newest, --all both.
+    let again = dir.join("olga-again");
+    ok(&herdctl(
+        &["pki", "--dir", pki_s, "issue", "operator", "olga", "--role", "operator", "--days", "60", "--out"]
+            .into_iter()
+            .chain([again.to_str().unwrap()])
+            .collect::<Vec<_>>(),
+    ));
+    let olga = |args: &[&str]| -> Vec<i64> {
+        let out = ok(&herdctl(&[&["pki", "--dir", pki_s, "status", "-o", "json"][..], args].concat()));
+        let lines: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+        let of = |l: &&serde_json::Value| l["common_name"] == "operator:olga" && l["authority"] == "etcd";
+        lines.iter().filter(of).map(|l| l["days_left"].as_i64().unwrap()).collect()
+    };
+    let newest = olga(&[]);
+    assert!(newest.len() == 1 && (59..=60).contains(&newest[0]), "{newest:?}");
+    assert_eq!(olga(&["--all"]).len(), 2);
 
     // A bearer token: printed once, only its hash kept, in a file the provisioner reads.
     let token = ok(&herdctl(&["pki", "--dir", pki_s, "token", "ci", "--role", "operator"])).trim().to_owned();

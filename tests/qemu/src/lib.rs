@@ -28,7 +28,7 @@ pub use herd_lab::qemu::{
     CABLE_SPEED, DEBIAN_IPXE_DIR, Firmware, KERNEL, Link, OVMF_CODE, OVMF_VARS, VmSpec, add_tap, bridge_netns,
     cable_netdev, ip, pxe_qemu_args, qcow2,
 };
-use herd_provisioner::daemon::{ApiConfig, ApiReads, DaemonConfig, SitePki};
+use herd_provisioner::daemon::{ApiConfig, ApiReads, DaemonConfig, EtcdAccess, SitePki};
 pub use herd_provisioner::dhcp::server::Mode;
 use herd_provisioner::dhcp::server::UnknownMacs;
 use herd_provisioner::join::JoinPolicy;
@@ -207,6 +207,8 @@ pub struct Lab {
     pub cert_validity: time::Duration,
     /// Whether machines may join (default: open).
     pub join: JoinPolicy,
+    /// Who turns etcd's users and roles on (default: the provisioner).
+    pub etcd_access: EtcdAccess,
     hosts: Vec<(String, Option<Daemon>)>,
     /// A read-only operator's credential for the operator API (made when the provisioner starts).
     reader: Option<PathBuf>,
@@ -233,6 +235,7 @@ impl Lab {
             mode: Mode::Full,
             cert_validity: herd_provisioner::join::MACHINE_VALIDITY,
             join: JoinPolicy::Open,
+            etcd_access: EtcdAccess::Auto,
             hosts: Vec::new(),
             reader: None,
             admin: None,
@@ -314,7 +317,12 @@ impl Lab {
             assets: self.dir.join("assets"),
             api: Some(ApiConfig { port: 8443, credentials: pki.server.clone(), tokens: None }),
             api_reads: ApiReads::Operators,
-            site_pki: Some(SitePki { dir: self.pki_dir(), join: self.join, cert_validity: self.cert_validity }),
+            site_pki: Some(SitePki {
+                dir: self.pki_dir(),
+                join: self.join,
+                cert_validity: self.cert_validity,
+                etcd_access: self.etcd_access,
+            }),
         };
         self.reader = Some(pki.reader);
         self.admin = Some(pki.admin);
