@@ -51,14 +51,20 @@ fn credential(site: &Site, dir: &Path) -> anyhow::Result<TlsFiles> {
     Ok(TlsFiles { ca: file("etcd-ca.crt"), cert: file("etcd.crt"), key: file("etcd.key") })
 }
 
-/// Applies the policy once: Ok(what changed).
-async fn apply_once(inv: &Inventory, pki: &Path, state: &Path) -> anyhow::Result<access::Applied> {
+/// Applies the policy once to the etcd at `endpoints`, as the holder of the credential in `state` (issued there
+/// from the site PKI in `pki` if missing or due): Ok(what changed).
+pub async fn apply_once(
+    inv: &Inventory,
+    pki: &Path,
+    state: &Path,
+    endpoints: &[String],
+) -> anyhow::Result<access::Applied> {
     let site = Site::open(pki)?;
     let tls = credential(&site, state)?;
     let members: Vec<&str> = inv.etcd_members().map(|m| m.name.get_ref().as_str()).collect();
     let machines = inv.machines.iter().map(|m| m.name.get_ref().as_str()).map(|n| (n, members.contains(&n)));
     let policy = Policy::of_machines(machines, &site, time::OffsetDateTime::now_utc())?;
-    let store = Store::connect(&endpoints(inv), &tls, Duration::from_secs(3)).await?;
+    let store = Store::connect(endpoints, &tls, Duration::from_secs(3)).await?;
     Ok(access::apply(&store, &policy).await?)
 }
 
@@ -77,8 +83,9 @@ pub async fn keep_applied(
         return;
     }
     let mut applied_once = false;
+    let members = endpoints(&inv);
     loop {
-        match apply_once(&inv, &pki, &state).await {
+        match apply_once(&inv, &pki, &state, &members).await {
             Ok(applied) => {
                 metrics.inc("herd_etcd_access_applied_total", "");
                 if !applied_once || !applied.is_empty() {

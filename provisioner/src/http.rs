@@ -13,7 +13,7 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use herd_images::slot::SlotReport;
-use herd_inventory::{Inventory, Mac};
+use herd_inventory::{Inventory, Mac, Machine};
 use herd_pki::Holder;
 use serde::Deserialize;
 use tower::ServiceExt as _;
@@ -425,6 +425,58 @@ fn machines_error(e: &MachinesError) -> Response {
     text(status, format!("{e}\n"))
 }
 
+/// Refusals of a certificate route (`join`, `renew`): counted in `herd_http_ROUTE_refused_total{reason}`, a
+/// `ROUTE-refused` event on the machine's timeline (when the MAC names one), logged at most once a second.
+struct Refusals<'a> {
+    s: &'a HttpState,
+    peer: SocketAddr,
+    mac: &'a str,
+    route: &'static str,
+}
+
+impl Refusals<'_> {
+    fn refuse(&self, name: Option<&str>, reason: &'static str, status: StatusCode, why: String) -> Response {
+        let (s, peer, route) = (self.s, self.peer, self.route);
+        let counter = if route == "join" { "herd_http_join_refused_total" } else { "herd_http_renew_refused_total" };
+        s.metrics.inc(counter, &format!("reason=\"{reason}\""));
+        if let Some(name) = name {
+            s.by_address.machines.event(name, &format!("{route}-refused"), format!("from {peer}: {why}"));
+        }
+        if s.refusals.allow() {
+            tracing::warn!(%peer, mac = %self.mac, reason, route, "refused (further refusals within 1 s are only counted)");
+        }
+        text(status, format!("{why}\n"))
+    }
+
+    /// Counts the request, then finds who sent it: a MAC of the inventory, a provisioner holding the site PKI, and
+    /// the machine's own address (its lease's or its inventory address). Returns its name, its entry and the PKI.
+    fn requester(&self) -> Result<(String, &Machine, Arc<crate::join::Joining>), Box<Response>> {
+        let (s, route) = (self.s, self.route);
+        s.metrics.inc("herd_http_requests_total", &format!("route=\"{route}\""));
+        let Some(mac) = parse_mac(self.mac) else {
+            let why = format!("expected /{route}/MAC");
+            return Err(Box::new(self.refuse(None, "bad-mac", StatusCode::NOT_FOUND, why)));
+        };
+        let Some(name) = s.by_address.macs.get(&mac).cloned() else {
+            let why = format!("{mac} is not a machine of the inventory");
+            return Err(Box::new(self.refuse(None, "unknown-mac", StatusCode::FORBIDDEN, why)));
+        };
+        let Some(machine) = s.inv.machine(&name) else {
+            return Err(Box::new(text(StatusCode::NOT_FOUND, "unknown machine\n")));
+        };
+        let Some(joining) = s.joining.clone() else {
+            let why = "this provisioner issues no certificates".to_owned();
+            return Err(Box::new(self.refuse(Some(&name), "no-pki", StatusCode::NOT_FOUND, why)));
+        };
+        let from = source_v4(self.peer);
+        if from.is_none() || (from != s.by_address.leases.of(mac) && from != Some(machine.internal.get_ref().0)) {
+            let why = format!("not {name}'s address");
+            return Err(Box::new(self.refuse(Some(&name), "wrong-source", StatusCode::FORBIDDEN, why)));
+        }
+        Ok((name, machine, joining))
+    }
+}
+
 /// `POST /join/MAC`: the machine's certificate requests with its one-time credential ([`crate::join`]).
 async fn join(
     State(s): State<HttpState>,
@@ -432,35 +484,16 @@ async fn join(
     Path(mac_text): Path<String>,
     axum::Json(req): axum::Json<herd_api::JoinRequest>,
 ) -> Response {
-    s.metrics.inc("herd_http_requests_total", "route=\"join\"");
+    let refusals = Refusals { s: &s, peer, mac: &mac_text, route: "join" };
     let refuse = |name: Option<&str>, reason: &'static str, status: StatusCode, why: String| {
-        s.metrics.inc("herd_http_join_refused_total", &format!("reason=\"{reason}\""));
-        if let Some(name) = name {
-            s.by_address.machines.event(name, "join-refused", format!("from {peer}: {why}"));
-        }
-        if s.refusals.allow() {
-            tracing::warn!(%peer, mac = %mac_text, reason, "join refused (further refusals within 1 s are only counted)");
-        }
-        text(status, format!("{why}\n"))
+        refusals.refuse(name, reason, status, why)
     };
-    let Some(mac) = parse_mac(&mac_text) else {
-        return refuse(None, "bad-mac", StatusCode::NOT_FOUND, "expected /join/MAC".into());
-    };
-    let Some(name) = s.by_address.macs.get(&mac).cloned() else {
-        return refuse(None, "unknown-mac", StatusCode::FORBIDDEN, format!("{mac} is not a machine of the inventory"));
-    };
-    let Some(machine) = s.inv.machine(&name) else { return text(StatusCode::NOT_FOUND, "unknown machine\n") };
-    let Some(joining) = s.joining.clone() else {
-        return refuse(Some(&name), "no-pki", StatusCode::NOT_FOUND, "this provisioner issues no certificates".into());
+    let (name, machine, joining) = match refusals.requester() {
+        Ok(found) => found,
+        Err(refused) => return *refused,
     };
     if joining.policy == crate::join::JoinPolicy::Closed {
         return refuse(Some(&name), "closed", StatusCode::FORBIDDEN, "registration is closed".into());
-    }
-    let from = source_v4(peer);
-    let own = machine.internal.get_ref().0;
-    if from.is_none() || (from != s.by_address.leases.of(mac) && from != Some(own)) {
-        let why = format!("not {name}'s address");
-        return refuse(Some(&name), "wrong-source", StatusCode::FORBIDDEN, why);
     }
     if let Err(e) = req.check() {
         return refuse(Some(&name), "invalid-request", StatusCode::BAD_REQUEST, e.to_string());
@@ -526,31 +559,14 @@ async fn renew(
     Path(mac_text): Path<String>,
     axum::Json(req): axum::Json<herd_api::RenewRequest>,
 ) -> Response {
-    s.metrics.inc("herd_http_requests_total", "route=\"renew\"");
+    let refusals = Refusals { s: &s, peer, mac: &mac_text, route: "renew" };
     let refuse = |name: Option<&str>, reason: &'static str, status: StatusCode, why: String| {
-        s.metrics.inc("herd_http_renew_refused_total", &format!("reason=\"{reason}\""));
-        if let Some(name) = name {
-            s.by_address.machines.event(name, "renew-refused", format!("from {peer}: {why}"));
-        }
-        if s.refusals.allow() {
-            tracing::warn!(%peer, mac = %mac_text, reason, "renewal refused (further refusals within 1 s are only counted)");
-        }
-        text(status, format!("{why}\n"))
+        refusals.refuse(name, reason, status, why)
     };
-    let Some(mac) = parse_mac(&mac_text) else {
-        return refuse(None, "bad-mac", StatusCode::NOT_FOUND, "expected /renew/MAC".into());
+    let (name, machine, joining) = match refusals.requester() {
+        Ok(found) => found,
+        Err(refused) => return *refused,
     };
-    let Some(name) = s.by_address.macs.get(&mac).cloned() else {
-        return refuse(None, "unknown-mac", StatusCode::FORBIDDEN, format!("{mac} is not a machine of the inventory"));
-    };
-    let Some(machine) = s.inv.machine(&name) else { return text(StatusCode::NOT_FOUND, "unknown machine\n") };
-    let Some(joining) = s.joining.clone() else {
-        return refuse(Some(&name), "no-pki", StatusCode::NOT_FOUND, "this provisioner issues no certificates".into());
-    };
-    let from = source_v4(peer);
-    if from.is_none() || (from != s.by_address.leases.of(mac) && from != Some(machine.internal.get_ref().0)) {
-        return refuse(Some(&name), "wrong-source", StatusCode::FORBIDDEN, format!("not {name}'s address"));
-    }
     if let Err(e) = req.check() {
         return refuse(Some(&name), "invalid-request", StatusCode::BAD_REQUEST, e.to_string());
     }
