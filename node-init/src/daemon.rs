@@ -83,6 +83,11 @@ pub fn run() -> anyhow::Result<()> {
     }
     let cmd = crate::cmdline::Cmdline::parse(&std::fs::read_to_string("/proc/cmdline").unwrap_or_default());
     let prov = cmd.map(|c| crate::provision::Provisioner::from_cmdline(&c)).unwrap_or(Ok(None)).unwrap_or(None);
+    // The running system reports signed by the machine's key (the token on the command line, which every process
+    // here can read, was spent when this boot joined).
+    if let Some(p) = &prov {
+        p.sign_reports_with(std::path::PathBuf::from(herd_config::node::TLS_DIR));
+    }
     println!("{READY} {}", serde_json::to_string(&report)?);
     std::thread::spawn(report_boot_complete);
     let committed = report.clone();

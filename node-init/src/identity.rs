@@ -126,6 +126,8 @@ pub fn join(
     write("etcd-ca.crt", &answer.etcd_ca)?;
     write("api-ca.crt", &answer.api_ca)?;
     write("machine.crt", &answer.machine_cert)?;
+    // Joined: the provisioner spent this boot's token; what this boot reports from now on is signed.
+    prov.sign_reports_with(dir.clone());
     if let Some(pem) = &answer.member_cert {
         write("member.crt", pem)?;
         // etcd reads its key as its own user; the key stays 0600, readable by etcd alone.

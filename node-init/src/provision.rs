@@ -4,7 +4,9 @@
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use herd_config::node::{NODE_CONFIG_PATH, NodeConfig};
 use herd_images::build::ImageManifest;
@@ -156,6 +158,11 @@ pub struct Provisioner {
     /// How long the config may take to arrive (`herd.config_wait=`).
     pub config_wait: Duration,
     agent: ureq::Agent,
+    /// Where the machine's key and certificate are, once this boot has joined (or, in the running system, from an
+    /// earlier boot): reports are signed with them from then on ([`Provisioner::sign_reports_with`]).
+    signer: Arc<OnceLock<PathBuf>>,
+    /// The sequence of the last signed report sent.
+    seq: Arc<AtomicU64>,
 }
 
 /// The boot NIC once it has its lease.
@@ -200,7 +207,16 @@ impl Provisioner {
             mode,
             config_wait,
             agent,
+            signer: Arc::default(),
+            seq: Arc::default(),
         }))
+    }
+
+    /// From now on, reports are signed with the machine key and certificate in `dir` (`machine.key`,
+    /// `machine.crt`), whenever both are there; this boot's token is spent once it has joined. Set once: later
+    /// calls change nothing (every clone of this handle shares it).
+    pub fn sign_reports_with(&self, dir: PathBuf) {
+        let _ = self.signer.set(dir);
     }
 
     /// Reports a stage to the provisioner's timeline.
@@ -215,15 +231,55 @@ impl Provisioner {
         detail: &str,
         slots: Option<&slot::SlotReport>,
     ) -> Result<(), ProvisionError> {
+        let body = herd_api::PhoneHome { stage: stage.to_owned(), detail: detail.to_owned(), slots: slots.cloned() };
+        let keys = self.signer.get().map(|dir| (dir.join("machine.crt"), dir.join("machine.key")));
+        if let Some((cert, key)) = keys.filter(|(c, k)| c.exists() && k.exists()) {
+            match self.try_signed(&cert, &key, &body) {
+                // A provisioner without a site PKI takes the token (the certificates are from an earlier site).
+                Err(ProvisionError::Status { status: 404, .. }) => {}
+                other => return other,
+            }
+        }
         // The token is in the path: the error names the endpoint, not the URL.
         let url = format!("{}{}", self.url, herd_api::paths::phone_home(&self.mac, &self.token));
-        let body = herd_api::PhoneHome { stage: stage.to_owned(), detail: detail.to_owned(), slots: slots.cloned() };
         let r = self
             .agent
             .post(&url)
             .send_json(&body)
             .map_err(ProvisionError::http(format!("phone-home to {}", self.url)))?;
         status(r).map(drop)
+    }
+
+    /// Sends `phone` signed by the machine key at `key` with its certificate at `cert` (read for each report: a
+    /// renewal swaps them). Its sequence is above every one sent before; a provisioner that has seen a higher one
+    /// (this machine's clock went back) says which, and the report goes once more above it.
+    fn try_signed(&self, cert: &Path, key: &Path, phone: &herd_api::PhoneHome) -> Result<(), ProvisionError> {
+        let read = |p: &Path| {
+            std::fs::read_to_string(p).map_err(|e| ProvisionError::Identity(format!("{}: {e}", p.display())))
+        };
+        let (machine_cert, key) = (read(cert)?, read(key)?);
+        let url = format!("{}{}", self.url, herd_api::paths::report(&self.mac));
+        let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+        let mut seq = self.seq.fetch_max(now_ms, Ordering::SeqCst).max(now_ms) + 1;
+        for _ in 0..2 {
+            self.seq.fetch_max(seq, Ordering::SeqCst);
+            let report = herd_api::Report { mac: self.mac.clone(), seq, phone: phone.clone() };
+            let report = serde_json::to_string(&report).map_err(|e| ProvisionError::Identity(e.to_string()))?;
+            let signature = herd_pki::sign(&key, &herd_api::SignedReport::signed_bytes(&report))
+                .map_err(|e| ProvisionError::Identity(format!("{}: {e}", cert.display())))?;
+            let signature: String = signature.iter().map(|b| format!("{b:02x}")).collect();
+            let body = herd_api::SignedReport { machine_cert: machine_cert.clone(), report, signature };
+            let what = format!("signed report to {}", self.url);
+            let mut r = self.agent.post(&url).send_json(&body).map_err(ProvisionError::http(what.clone()))?;
+            if r.status() == ureq::http::StatusCode::CONFLICT {
+                let stale: herd_api::StaleReport =
+                    r.body_mut().read_json().map_err(ProvisionError::http(format!("{what} (as JSON)")))?;
+                seq = stale.last + 1;
+                continue;
+            }
+            return status(r).map(drop);
+        }
+        Err(ProvisionError::Status { status: 409, body: "the provisioner refused the report's sequence twice".into() })
     }
 
     /// Trades this boot's join credential for certificates (`POST /join/MAC`), or learns that its keys await an

