@@ -82,6 +82,18 @@ pub(crate) fn read_string(path: &Path) -> Result<String, FileError> {
     fs::read_to_string(path).map_err(io(path, "cannot read"))
 }
 
+/// Removes `paths` (all in `dir`), then makes the removals durable (fsync of `dir`).
+pub(crate) fn remove_all(dir: &Path, paths: &[PathBuf]) -> Result<(), FileError> {
+    for path in paths {
+        match fs::remove_file(path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io(path, "cannot remove")(e)),
+        }
+    }
+    File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir, "cannot sync the directory"))
+}
+
 /// The `.crt` files in `dir` (none if it does not exist), sorted.
 pub(crate) fn list(dir: &Path) -> Result<Vec<PathBuf>, FileError> {
     let entries = match fs::read_dir(dir) {

@@ -582,6 +582,38 @@ impl Site {
         verify(&self.ca(authority).cert_pem, authority, cert_pem, now)
     }
 
+    /// Removes from `issued/` the copies of certificates that ended at least `ended_for` before `now` and that a
+    /// newer certificate of the same holder replaced; each holder's newest stays, ended or not (it is what
+    /// `status` shows of it). An ended certificate authenticates nothing, and `status` (with the expiry gauges it
+    /// feeds) reads every copy: a machine renewing every 20 days leaves 18 a year. With `dry_run` nothing is
+    /// removed. Returns what was (or would be) removed, oldest first.
+    pub fn prune(&self, now: OffsetDateTime, ended_for: Duration, dry_run: bool) -> Result<Vec<StatusLine>, PkiError> {
+        let lines = self.status(now)?;
+        let newest: std::collections::HashSet<(Authority, &str)> =
+            newest_per_holder(&lines).into_iter().map(|l| (l.authority, l.cert.serial.as_str())).collect();
+        let cutoff = (now - ended_for).unix_timestamp();
+        let gone: Vec<StatusLine> = lines
+            .iter()
+            .filter(|l| !l.cert.is_ca && l.cert.not_after <= cutoff)
+            .filter(|l| !newest.contains(&(l.authority, l.cert.serial.as_str())))
+            .cloned()
+            .collect();
+        if !dry_run {
+            for authority in Authority::ALL {
+                let dir = self.dir.join("issued").join(authority.as_str());
+                let paths: Vec<PathBuf> = gone
+                    .iter()
+                    .filter(|l| l.authority == authority)
+                    .map(|l| dir.join(format!("{}.crt", l.cert.serial)))
+                    .collect();
+                if !paths.is_empty() {
+                    files::remove_all(&dir, &paths)?;
+                }
+            }
+        }
+        Ok(gone)
+    }
+
     /// Both CAs and every certificate issued, with where each stands at `now`, CAs first, then by expiry.
     pub fn status(&self, now: OffsetDateTime) -> Result<Vec<StatusLine>, PkiError> {
         let mut lines: Vec<StatusLine> = self

@@ -252,3 +252,30 @@ fn only_the_certificates_own_key_signs_a_message_it_accepts_and_only_that_messag
     assert!(signed_by("not a certificate", b"report 1", &signature).unwrap_err().starts_with("not a PEM certificate"));
     assert!(sign("not a key", b"x").unwrap_err().to_string().contains("not a private key"));
 }
+
+#[test]
+fn prune_removes_only_long_ended_certificates_a_newer_one_replaced() {
+    let (dir, site) = site();
+    let at = now();
+    let m = |name: &str, days: i64| Subject::new(Holder::Machine(name.to_owned()), Duration::days(days));
+    let mut serial = std::collections::HashMap::new();
+    for (key, subject) in [("m1-7", m("m1", 7)), ("m1-35", m("m1", 35)), ("m1-90", m("m1", 90)), ("m2-7", m("m2", 7))] {
+        serial.insert(key, site.issue(Authority::Etcd, &subject, KeySource::Generate, at).unwrap().info.serial);
+    }
+    // 60 days on: m1's 7-day certificate ended 53 days ago and its 35-day one 25 days ago; m2's ended 53 days ago
+    // but is m2's newest.
+    let later = at + Duration::days(60);
+    let serials = |lines: &[StatusLine]| lines.iter().map(|l| l.cert.serial.clone()).collect::<Vec<_>>();
+    let would = site.prune(later, Duration::days(30), true).unwrap();
+    assert_eq!(serials(&would), [serial["m1-7"].clone()]);
+    let file = dir.path().join("issued/etcd").join(format!("{}.crt", serial["m1-7"]));
+    assert!(file.exists(), "a dry run removes nothing");
+    let removed = site.prune(later, Duration::days(30), false).unwrap();
+    assert_eq!(serials(&removed), serials(&would));
+    assert!(!file.exists());
+    let left = serials(&site.status(later).unwrap());
+    for key in ["m1-35", "m1-90", "m2-7"] {
+        assert!(left.contains(&serial[key]), "{key} kept");
+    }
+    assert!(site.prune(later, Duration::days(30), false).unwrap().is_empty(), "nothing more to prune");
+}

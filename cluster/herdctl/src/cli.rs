@@ -458,6 +458,20 @@ pub enum PkiCommand {
         #[arg(long, short = 'o', value_enum, default_value_t)]
         output: Output,
     },
+    /// Remove from `DIR/issued/` the copies of certificates that ended long ago and that a newer certificate of
+    /// the same holder replaced (each holder's newest stays). Every renewal leaves a copy; `status` and the
+    /// provisioner's expiry gauges read them all. Safe to run from cron: an ended certificate authenticates nothing.
+    Prune {
+        /// Only certificates that ended at least this many days ago.
+        #[arg(long, default_value_t = 30)]
+        ended_days: u32,
+        /// List what would be removed; remove nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Print a table or JSON.
+        #[arg(long, short = 'o', value_enum, default_value_t)]
+        output: Output,
+    },
 }
 
 fn parse_role(s: &str) -> Result<herd_pki::Role, String> {

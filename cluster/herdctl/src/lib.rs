@@ -68,6 +68,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             PkiCommand::Token { name, role, file } => pki_cmd::token(&dir, &name, role, file.as_deref()),
             PkiCommand::Status { all, output } => pki_cmd::status(&dir, all, output),
+            PkiCommand::Prune { ended_days, dry_run, output } => pki_cmd::prune(&dir, ended_days, dry_run, output),
         },
         Command::Access { command } => match command {
             AccessCommand::Apply { inventory, pki } => pki_cmd::apply(&cli.cluster, &inventory, &pki),

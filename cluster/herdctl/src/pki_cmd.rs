@@ -1,4 +1,4 @@
-//! `herdctl pki init|issue|status` (the site PKI, herd-pki) and `herdctl access apply` (etcd's users and roles,
+//! `herdctl pki init|issue|token|status|prune` (the site PKI, herd-pki) and `herdctl access apply` (etcd's users and roles,
 //! `herd_cluster::access`).
 //!
 //! A credential is a directory: `etcd-ca.crt` `etcd.crt` `etcd.key` for etcd, `api-ca.crt` `api.crt` `api.key`
@@ -183,6 +183,42 @@ pub(crate) fn status(dir: &Path, all: bool, output: Output) -> anyhow::Result<Ex
         })
         .collect();
     print!("{}", table::render(&["CA", "SUBJECT", "ROLE", "NOT AFTER", "DAYS", "STANDING", "SERIAL"], &rows));
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `herdctl pki prune`.
+pub(crate) fn prune(dir: &Path, ended_days: u32, dry_run: bool, output: Output) -> anyhow::Result<ExitCode> {
+    let (pki, t) = (Site::open(dir)?, now());
+    let gone = pki.prune(t, time::Duration::days(i64::from(ended_days)), dry_run)?;
+    let days_left = |not_after: i64| (not_after - t.unix_timestamp()).div_euclid(86_400);
+    let json: Vec<Line<'_>> = gone
+        .iter()
+        .map(|l| Line {
+            authority: l.authority,
+            standing: l.standing,
+            cert: &l.cert,
+            days_left: days_left(l.cert.not_after),
+        })
+        .collect();
+    if output.json(&json)? {
+        return Ok(ExitCode::SUCCESS);
+    }
+    let rows: Vec<Vec<String>> = gone
+        .iter()
+        .map(|l| {
+            let serial = l.cert.serial.chars().take(16).collect();
+            vec![l.authority.to_string(), l.cert.common_name.clone(), date(l.cert.not_after), serial]
+        })
+        .collect();
+    if !rows.is_empty() {
+        print!("{}", table::render(&["CA", "SUBJECT", "NOT AFTER", "SERIAL"], &rows));
+    }
+    let verb = if dry_run { "would remove" } else { "removed" };
+    println!(
+        "{verb} {} certificate copies (ended {ended_days}+ days ago, each replaced by a newer one) from {}",
+        gone.len(),
+        dir.join("issued").display()
+    );
     Ok(ExitCode::SUCCESS)
 }
 

@@ -160,3 +160,36 @@ fn access_apply_gives_each_operator_its_role_in_a_mutual_tls_etcd() {
     assert!(err.contains("pass --credentials DIR"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn prune_removes_the_copies_of_long_ended_certificates_a_newer_one_replaced() {
+    let dir = scratch("prune");
+    let pki = dir.join("pki");
+    let pki_s = pki.to_str().unwrap();
+    ok(&herdctl(&["pki", "--dir", pki_s, "init", "--site", "lab"]));
+    // node1's certificate of four minutes ago, for one minute (the CAs are valid from five minutes before init),
+    // then the one a renewal gives it now.
+    let site = herd_pki::Site::open(&pki).unwrap();
+    let ago = time::OffsetDateTime::now_utc() - time::Duration::minutes(4);
+    let subject = herd_pki::Subject::new(herd_pki::Holder::Machine("node1".into()), time::Duration::minutes(1));
+    let ended = site.issue(herd_pki::Authority::Etcd, &subject, herd_pki::KeySource::Generate, ago).unwrap();
+    ok(&herdctl(&["pki", "--dir", pki_s, "issue", "machine", "node1", "--out", dir.join("node1").to_str().unwrap()]));
+    let copy = pki.join("issued/etcd").join(format!("{}.crt", ended.info.serial));
+    // Not yet 30 days ended: nothing to prune.
+    let text = ok(&herdctl(&["pki", "--dir", pki_s, "prune"]));
+    assert!(text.contains("removed 0 certificate copies"), "{text}");
+    let dry = ok(&herdctl(&["pki", "--dir", pki_s, "prune", "--ended-days", "0", "--dry-run", "-o", "json"]));
+    let lines: Vec<serde_json::Value> = serde_json::from_str(&dry).unwrap();
+    assert_eq!(lines.len(), 1, "{dry}");
+    assert_eq!(lines[0]["serial"], ended.info.serial.as_str());
+    assert!(lines[0]["days_left"].as_i64().unwrap() < 0, "{dry}");
+    assert!(copy.exists(), "a dry run removes nothing");
+    let text = ok(&herdctl(&["pki", "--dir", pki_s, "prune", "--ended-days", "0"]));
+    assert!(text.contains("machine:node1") && text.contains("removed 1 certificate copies"), "{text}");
+    assert!(!copy.exists());
+    let all = ok(&herdctl(&["pki", "--dir", pki_s, "status", "--all", "-o", "json"]));
+    let lines: Vec<serde_json::Value> = serde_json::from_str(&all).unwrap();
+    let node1: Vec<&serde_json::Value> = lines.iter().filter(|l| l["common_name"] == "machine:node1").collect();
+    assert_eq!(node1.len(), 1, "its newest stays: {all}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
