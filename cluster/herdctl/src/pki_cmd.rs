@@ -155,16 +155,7 @@ pub(crate) fn status(dir: &Path, all: bool, output: Output) -> anyhow::Result<Ex
             herd_pki::newest_per_holder(&lines).into_iter().map(|l| (l.authority, l.cert.serial.clone())).collect();
         lines.retain(|l| l.cert.is_ca || newest.contains(&(l.authority, l.cert.serial.clone())));
     }
-    let days_left = |not_after: i64| (not_after - t.unix_timestamp()).div_euclid(86_400);
-    let json: Vec<Line<'_>> = lines
-        .iter()
-        .map(|l| Line {
-            authority: l.authority,
-            standing: l.standing,
-            cert: &l.cert,
-            days_left: days_left(l.cert.not_after),
-        })
-        .collect();
+    let json = json_lines(&lines, t);
     if output.json(&json)? {
         return Ok(ExitCode::SUCCESS);
     }
@@ -186,12 +177,10 @@ pub(crate) fn status(dir: &Path, all: bool, output: Output) -> anyhow::Result<Ex
     Ok(ExitCode::SUCCESS)
 }
 
-/// `herdctl pki prune`.
-pub(crate) fn prune(dir: &Path, ended_days: u32, dry_run: bool, output: Output) -> anyhow::Result<ExitCode> {
-    let (pki, t) = (Site::open(dir)?, now());
-    let gone = pki.prune(t, time::Duration::days(i64::from(ended_days)), dry_run)?;
+/// The lines as `status` and `prune` print them in JSON, with the days left at `t` (negative: ended).
+fn json_lines(lines: &[herd_pki::StatusLine], t: OffsetDateTime) -> Vec<Line<'_>> {
     let days_left = |not_after: i64| (not_after - t.unix_timestamp()).div_euclid(86_400);
-    let json: Vec<Line<'_>> = gone
+    lines
         .iter()
         .map(|l| Line {
             authority: l.authority,
@@ -199,7 +188,14 @@ pub(crate) fn prune(dir: &Path, ended_days: u32, dry_run: bool, output: Output) 
             cert: &l.cert,
             days_left: days_left(l.cert.not_after),
         })
-        .collect();
+        .collect()
+}
+
+/// `herdctl pki prune`.
+pub(crate) fn prune(dir: &Path, ended_days: u32, dry_run: bool, output: Output) -> anyhow::Result<ExitCode> {
+    let (pki, t) = (Site::open(dir)?, now());
+    let gone = pki.prune(t, time::Duration::days(i64::from(ended_days)), dry_run)?;
+    let json = json_lines(&gone, t);
     if output.json(&json)? {
         return Ok(ExitCode::SUCCESS);
     }
