@@ -68,6 +68,8 @@ pub struct SitePki {
     pub cert_validity: time::Duration,
     /// Whether the provisioner applies etcd's users and roles itself ([`crate::access`]).
     pub etcd_access: EtcdAccess,
+    /// How long after its end a replaced certificate's copy stays in `issued/` ([`crate::join::keep_pruned`]).
+    pub prune_after: time::Duration,
 }
 
 /// Who turns etcd's users and roles on.
@@ -173,6 +175,10 @@ pub struct Settings {
     /// Who turns etcd's users and roles on, with --site-pki [default: auto].
     #[arg(long, value_enum)]
     pub etcd_access: Option<EtcdAccess>,
+    /// With a site PKI: once a day, remove from its issued/ the copies of certificates that ended this many
+    /// days ago and that a newer one of the same holder replaced (as `herdctl pki prune`) [default: 30].
+    #[arg(long, value_name = "DAYS")]
+    pub prune_certificates_days: Option<u32>,
 }
 
 impl Settings {
@@ -199,6 +205,7 @@ impl Settings {
             join: Some(crate::join::JoinPolicy::Open),
             cert_validity_secs: Some(crate::join::MACHINE_VALIDITY.whole_seconds().unsigned_abs()),
             etcd_access: Some(EtcdAccess::Auto),
+            prune_certificates_days: Some(30),
         }
     }
 
@@ -256,6 +263,7 @@ impl Settings {
             join: self.join.or(under.join),
             cert_validity_secs: self.cert_validity_secs.or(under.cert_validity_secs),
             etcd_access: self.etcd_access.or(under.etcd_access),
+            prune_certificates_days: self.prune_certificates_days.or(under.prune_certificates_days),
         }
     }
 
@@ -303,6 +311,9 @@ impl Settings {
                         join: s.join.unwrap_or_default(),
                         cert_validity: time::Duration::seconds(secs as i64),
                         etcd_access: s.etcd_access.unwrap_or_default(),
+                        prune_after: time::Duration::days(i64::from(
+                            s.prune_certificates_days.ok_or_else(|| defaulted("prune_certificates_days"))?,
+                        )),
                     })
                 }
                 None => None,
@@ -495,6 +506,10 @@ pub async fn run(config: DaemonConfig, cancel: CancellationToken) -> anyhow::Res
             Arc::clone(&metrics),
             cancel.clone(),
         ));
+    }
+    if let Some(pki) = &config.site_pki {
+        let (dir, after) = (pki.dir.clone(), pki.prune_after);
+        tracker.spawn(crate::join::keep_pruned(dir, after, Arc::clone(&metrics), cancel.clone()));
     }
     tracker.spawn(dhcp.run(cancel.clone()));
     tracker.spawn(tftp.run(cancel.clone()));

@@ -42,6 +42,42 @@ pub const MACHINE_VALIDITY: time::Duration = time::Duration::days(30);
 /// The shortest and the longest validity `--cert-validity-secs` accepts.
 pub const VALIDITY_RANGE: std::ops::RangeInclusive<u64> = 60..=365 * 86_400;
 
+/// How often [`keep_pruned`] prunes.
+const PRUNE_EVERY: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
+/// At start and once a day, removes from the PKI's `issued/` the copies of certificates that ended `after` ago
+/// and that a newer one of the same holder replaced (`herd_pki::Site::prune`): every renewal leaves one, and
+/// `/metrics` reads them all. Counted in `herd_pki_pruned_total`; a failure is logged and tried again the next day.
+pub async fn keep_pruned(
+    dir: std::path::PathBuf,
+    after: time::Duration,
+    metrics: std::sync::Arc<crate::metrics::Metrics>,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    metrics.describe("herd_pki_pruned_total", "Copies of long-ended, replaced certificates removed from issued/.");
+    loop {
+        let at = dir.clone();
+        let pruned = tokio::task::spawn_blocking(move || {
+            Site::open(&at).and_then(|site| site.prune(time::OffsetDateTime::now_utc(), after, false))
+        })
+        .await;
+        match pruned {
+            Ok(Ok(gone)) => {
+                metrics.add("herd_pki_pruned_total", "", gone.len() as u64);
+                if !gone.is_empty() {
+                    tracing::info!(removed = gone.len(), days = after.whole_days(), "pruned replaced certificates");
+                }
+            }
+            Ok(Err(e)) => tracing::warn!(dir = %dir.display(), error = %e, "cannot prune the site PKI's issued/"),
+            Err(e) => tracing::warn!(error = %e, "the prune task failed"),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(PRUNE_EVERY) => {}
+            () = stop.cancelled() => return,
+        }
+    }
+}
+
 /// The site PKI as the provisioner uses it.
 #[derive(Debug)]
 pub struct Joining {

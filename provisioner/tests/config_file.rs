@@ -85,6 +85,7 @@ fn the_help_states_the_defaults_the_daemon_uses() {
         ("--lease-secs", d.lease_secs.unwrap().to_string()),
         ("--assets", path(d.assets)),
         ("--cert-validity-secs", d.cert_validity_secs.unwrap().to_string()),
+        ("--prune-certificates-days", d.prune_certificates_days.unwrap().to_string()),
     ] {
         let at = help.find(&format!("{flag} <")).unwrap_or_else(|| panic!("no {flag} in {help}"));
         let text = &help[at..];

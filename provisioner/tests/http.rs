@@ -744,3 +744,25 @@ fn a_spoofed_request_in_proxy_mode_does_not_redirect_a_config() {
     assert_eq!(code, 200);
     assert!(config.contains("data:,node1%0A"), "{config}");
 }
+
+#[test]
+fn the_provisioner_prunes_the_copies_of_long_ended_certificates_a_newer_one_replaced() {
+    let mut lab = Lab::qemu3(&["--prune-certificates-days", "0"]);
+    // node1's certificate of four minutes ago, for one minute (the lab's CAs are valid from five minutes before
+    // they were made), then the one its renewal gave it.
+    let now = time::OffsetDateTime::now_utc();
+    let subject = |validity| herd_pki::Subject::new(herd_pki::Holder::Machine("node1".into()), validity);
+    let (etcd, generate) = (herd_pki::Authority::Etcd, herd_pki::KeySource::Generate);
+    let ended =
+        lab.pki.site.issue(etcd, &subject(time::Duration::minutes(1)), generate, now - time::Duration::minutes(4));
+    let newer = lab.pki.site.issue(etcd, &subject(time::Duration::days(30)), generate, now).unwrap();
+    let copy = |serial: &str| lab.dir.join("pki/issued/etcd").join(format!("{serial}.crt"));
+    let (ended, newer) = (copy(&ended.unwrap().info.serial), copy(&newer.info.serial));
+    assert!(ended.exists() && newer.exists());
+    lab.start();
+    common::poll(Duration::from_secs(10), "the ended copy to be pruned", || (!ended.exists()).then_some(()));
+    assert!(newer.exists(), "the holder's newest stays");
+    lab.client_address("10.99.0.97/24");
+    let (_, metrics) = curl(&lab, &["http://10.99.0.2/metrics"]);
+    assert!(metrics.contains("herd_pki_pruned_total 1"), "{metrics}");
+}

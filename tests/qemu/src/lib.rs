@@ -322,6 +322,7 @@ impl Lab {
                 join: self.join,
                 cert_validity: self.cert_validity,
                 etcd_access: self.etcd_access,
+                prune_after: time::Duration::days(30),
             }),
         };
         self.reader = Some(pki.reader);
