@@ -30,6 +30,9 @@ pub const RETRY: Duration = Duration::from_secs(5);
 /// How often the policy is applied again once it was.
 pub const EVERY: Duration = Duration::from_secs(300);
 
+/// How long one application may take before it is given up (and tried again at the next round).
+const ATTEMPT: Duration = Duration::from_secs(60);
+
 /// How long the provisioner's own credential is valid (issued again once a third of it is left).
 const CREDENTIAL_VALIDITY: time::Duration = time::Duration::days(7);
 
@@ -85,7 +88,13 @@ pub async fn keep_applied(
     let mut applied_once = false;
     let members = endpoints(&inv);
     loop {
-        match apply_once(&inv, &pki, &state, &members).await {
+        // A member that vanished mid-request must hold neither the next try nor the daemon's shutdown.
+        let once = tokio::time::timeout(ATTEMPT, apply_once(&inv, &pki, &state, &members));
+        let result = tokio::select! {
+            r = once => r.unwrap_or_else(|_| Err(anyhow::anyhow!("no answer within {} s", ATTEMPT.as_secs()))),
+            () = stop.cancelled() => return,
+        };
+        match result {
             Ok(applied) => {
                 metrics.inc("herd_etcd_access_applied_total", "");
                 if !applied_once || !applied.is_empty() {
