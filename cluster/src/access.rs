@@ -214,19 +214,29 @@ fn herds(name: &str) -> bool {
 
 /// Makes etcd's users and roles what `policy` says and turns authentication on. New grants are added before old
 /// ones are taken back, so a holder never loses access it keeps.
+///
+/// Another applier (the provisioner keeps the policy applied; an admin runs `herdctl access apply`; `herdctl demo`)
+/// may run at the same moment, in the same order: each add, delete and revoke that finds the other one did it first
+/// counts as done.
 pub async fn apply(store: &Store, policy: &Policy) -> Result<Applied, StoreError> {
-    // Another applier (the provisioner keeps the policy applied; an admin runs `herdctl access apply`) may add a
-    // user or role between this one's listing and its adding: read again and go on.
-    match apply_listed(store, policy).await {
-        Err(e) if already_exists(&e) => apply_listed(store, policy).await,
-        other => other,
-    }
+    apply_listed(store, policy).await
 }
 
-/// Whether etcd refused to add a user or role that exists.
-fn already_exists(e: &StoreError) -> bool {
+/// etcd's answer to a change another applier made first: a user or role that exists already, or that is gone
+/// already, or a permission or role not (or no longer) granted.
+fn done_already(e: &StoreError) -> bool {
+    const DONE: [&str; 3] = ["already exists", "not found", "not granted"];
     matches!(e, StoreError::Etcd(etcd_client::Error::GRpcStatus(s))
-        if s.code() == tonic::Code::FailedPrecondition && s.message().contains("already exists"))
+        if s.code() == tonic::Code::FailedPrecondition && DONE.iter().any(|d| s.message().contains(d)))
+}
+
+/// `r`, with a change another applier made first counted as done.
+fn tolerant<T>(r: Result<T, etcd_client::Error>) -> Result<(), StoreError> {
+    match r.map_err(StoreError::from) {
+        Err(e) if done_already(&e) => Ok(()),
+        Err(e) => Err(e),
+        Ok(_) => Ok(()),
+    }
 }
 
 async fn apply_listed(store: &Store, policy: &Policy) -> Result<Applied, StoreError> {
@@ -240,7 +250,7 @@ async fn apply_listed(store: &Store, policy: &Policy) -> Result<Applied, StoreEr
         }
     }
     if !existing_roles.contains(ROOT) {
-        auth.role_add(ROOT).await?;
+        tolerant(auth.role_add(ROOT).await)?;
     }
     let existing_users: BTreeSet<String> = auth.user_list().await?.users().iter().cloned().collect();
     for (name, granted) in &users {
@@ -249,11 +259,11 @@ async fn apply_listed(store: &Store, policy: &Policy) -> Result<Applied, StoreEr
         }
     }
     for name in existing_users.iter().filter(|u| herds(u) && !users.contains_key(*u)) {
-        auth.user_delete(name.as_str()).await?;
+        tolerant(auth.user_delete(name.as_str()).await)?;
         applied.removed.push(name.clone());
     }
     for name in existing_roles.iter().filter(|r| herds(r) && !roles.contains_key(*r)) {
-        auth.role_delete(name.as_str()).await?;
+        tolerant(auth.role_delete(name.as_str()).await)?;
         applied.removed.push(name.clone());
     }
     // etcd answers an enable of an enabled cluster with success.
@@ -287,8 +297,9 @@ async fn set_role(
     let have: BTreeSet<Grant> = if exists {
         auth.role_get(name).await?.permissions().iter().filter_map(grant_of).collect()
     } else {
-        auth.role_add(name).await?;
-        BTreeSet::new()
+        tolerant(auth.role_add(name).await)?;
+        // Another applier may have added it first, and granted some of it.
+        auth.role_get(name).await?.permissions().iter().filter_map(grant_of).collect()
     };
     if &have == grants {
         return Ok(!exists);
@@ -309,7 +320,7 @@ async fn set_role(
     for g in have.difference(grants) {
         let (key, end) = g.range();
         let options = (!end.is_empty()).then(|| etcd_client::RoleRevokePermissionOptions::new().with_range_end(end));
-        auth.role_revoke_permission(name, key, options).await?;
+        tolerant(auth.role_revoke_permission(name, key, options).await)?;
     }
     Ok(true)
 }
@@ -326,8 +337,8 @@ async fn set_user(
         auth.user_get(name).await?.roles().iter().cloned().collect()
     } else {
         let no_password = etcd_client::UserAddOptions::new().with_no_pwd();
-        auth.user_add(name, "", Some(no_password)).await?;
-        BTreeSet::new()
+        tolerant(auth.user_add(name, "", Some(no_password)).await)?;
+        auth.user_get(name).await?.roles().iter().cloned().collect()
     };
     if &have == roles {
         return Ok(!exists);
@@ -336,7 +347,7 @@ async fn set_user(
         auth.user_grant_role(name, r.as_str()).await?;
     }
     for r in have.difference(roles) {
-        auth.user_revoke_role(name, r.as_str()).await?;
+        tolerant(auth.user_revoke_role(name, r.as_str()).await)?;
     }
     Ok(true)
 }

@@ -168,6 +168,30 @@ async fn etcd_lets_in_only_site_certificates_and_each_holder_only_its_keys() {
     assert!(m2.put(&Key::Machine(k2).path(), b"{}".to_vec(), None).await.is_err(), "a removed machine still writes");
 }
 
+/// The provisioner's access keeper, an admin's `herdctl access apply` and `herdctl demo` may apply the policy at
+/// the same moment on a fresh etcd, walking the same users and roles in the same order (seen: a demo refused with
+/// "role name already exists"). Each must succeed, and together they leave exactly the policy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn appliers_racing_on_a_fresh_etcd_all_succeed_and_leave_exactly_the_policy() {
+    let lab = Secure::start("trust-race").await;
+    let mut policy = Secure::policy();
+    policy.machines = (1..=24).map(|i| (MachineKey::new(&format!("m{i}")).unwrap(), i <= 3)).collect();
+    let mut stores = Vec::new();
+    for _ in 0..4 {
+        stores.push(lab.store(&lab.etcd.tls()).await);
+    }
+    let runs = stores.iter().map(|s| access::apply(s, &policy));
+    for (i, applied) in futures::future::join_all(runs).await.into_iter().enumerate() {
+        applied.unwrap_or_else(|e| panic!("applier {i} failed: {e}"));
+    }
+    let admin = &stores[0];
+    assert!(access::apply(admin, &policy).await.unwrap().is_empty(), "the racing appliers left something to do");
+    let m24 = lab.store(&lab.credential(&lab.site, machine("m24"))).await;
+    let own = Key::Machine(MachineKey::new("m24").unwrap()).path();
+    m24.put(&own, b"{}".to_vec(), None).await.unwrap();
+    assert!(denied(m24.put(&Key::Machine(MachineKey::new("m1").unwrap()).path(), b"{}".to_vec(), None).await));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cluster_runs_end_to_end_on_mutual_tls_with_least_privilege() {
     let lab = Secure::start("trust-run").await;
