@@ -37,15 +37,43 @@ const INITRAMFS: usize = 40 << 20;
 struct Machine {
     mac: [u8; 6],
     ip: Ipv4Addr,
+    /// Its NIC on the client side (see `setup`).
+    nic: String,
+}
+
+/// The NIC of simulated machine `i`: a macvlan on the client veth with the machine's MAC.
+fn nic(i: usize) -> String {
+    format!("hbm{i}")
 }
 
 fn setup(machines: &[Machine]) -> Pair {
     let pair = Pair::create([NS_SERVER, NS_CLIENT, IF_SERVER, IF_CLIENT], "10.20.0.2/16", None);
-    // Every simulated machine's address exists on the client side; a machine uses its own only after its ACK.
-    let batch: String = machines.iter().map(|m| format!("addr add {}/16 dev {IF_CLIENT}\n", m.ip)).collect();
-    let path = std::env::temp_dir().join("herd-storm-addrs");
+    // Every simulated machine has a NIC of its own on the client side (the provisioner serves a config and a join
+    // only to a NIC of the machine: the kernel's neighbour entry for the source), with its address on it; a
+    // machine uses its address only after its ACK. Its DHCP goes out on the veth (broadcast, chaddr its MAC).
+    let batch: String = machines
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let mac = m.mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":");
+            let nic = nic(i);
+            format!(
+                "link add {nic} link {IF_CLIENT} address {mac} type macvlan mode bridge\n\
+                 addr add {}/16 dev {nic}\nlink set {nic} up\n",
+                m.ip
+            )
+        })
+        .collect();
+    let path = std::env::temp_dir().join("herd-storm-nics");
     std::fs::write(&path, batch).expect("write batch");
-    assert!(run("ip", &["-n", NS_CLIENT, "-batch", path.to_str().expect("utf-8")]), "adding client addresses");
+    // Each NIC answers ARP only for its own address, from its own address; replies arrive on whichever NIC.
+    for (key, value) in [("arp_ignore", "1"), ("arp_announce", "2"), ("rp_filter", "0")] {
+        for scope in ["all", "default"] {
+            let setting = format!("net.ipv4.conf.{scope}.{key}={value}");
+            assert!(run("ip", &["netns", "exec", NS_CLIENT, "sysctl", "-qw", &setting]), "sysctl {setting}");
+        }
+    }
+    assert!(run("ip", &["-n", NS_CLIENT, "-batch", path.to_str().expect("utf-8")]), "adding the machines' NICs");
     pair
 }
 
@@ -128,7 +156,7 @@ async fn boot(
     // The BOOTP file field is NUL-padded to 128 bytes.
     let file =
         ack.fname_str().and_then(Result::ok).unwrap_or("undionly.kpxe").trim_end_matches(char::from(0)).to_owned();
-    let got = tftp(m.ip, &file).await?;
+    let got = tftp(m, &file).await?;
     if got != NBP {
         return Err(format!("NBP {got} bytes"));
     }
@@ -136,8 +164,9 @@ async fn boot(
     Ok(retransmits)
 }
 
-async fn tftp(local: Ipv4Addr, file: &str) -> Result<usize, String> {
-    let socket = UdpSocket::bind((local, 0)).await.map_err(|e| e.to_string())?;
+async fn tftp(m: &Machine, file: &str) -> Result<usize, String> {
+    let socket = UdpSocket::bind((m.ip, 0)).await.map_err(|e| e.to_string())?;
+    socket.bind_device(Some(m.nic.as_bytes())).map_err(|e| e.to_string())?;
     let mut rrq = vec![0, 1];
     for part in [file, "octet", "blksize", "1468", "tsize", "0"] {
         rrq.extend_from_slice(part.as_bytes());
@@ -192,6 +221,7 @@ async fn tftp(local: Ipv4Addr, file: &str) -> Result<usize, String> {
 /// Opens a keep-alive connection from the machine's own address.
 async fn connect(m: &Machine, to: SocketAddr) -> Result<BufReader<tokio::net::TcpStream>, String> {
     let socket = TcpSocket::new_v4().map_err(|e| e.to_string())?;
+    socket.bind_device(Some(m.nic.as_bytes())).map_err(|e| e.to_string())?;
     socket.bind(SocketAddr::from((m.ip, 0))).map_err(|e| e.to_string())?;
     Ok(BufReader::new(socket.connect(to).await.map_err(|e| e.to_string())?))
 }
@@ -454,7 +484,8 @@ fn main() {
     let machines: Vec<Machine> = inv
         .machines
         .iter()
-        .map(|m| Machine { mac: m.boot_mac().expect("mac").octets(), ip: m.internal.get_ref().0 })
+        .enumerate()
+        .map(|(i, m)| Machine { mac: m.boot_mac().expect("mac").octets(), ip: m.internal.get_ref().0, nic: nic(i) })
         .collect();
     write_file(&dir.join("ipxe/undionly.kpxe"), NBP, 1);
     write_file(&dir.join("assets/vmlinuz"), KERNEL, 2);

@@ -151,6 +151,24 @@ fn parse_mac(s: &str) -> Option<Mac> {
     s.replace('-', ":").parse().ok()
 }
 
+/// The link-layer address this network namespace's neighbor table (`/proc/net/arp`) holds for `ip` on a directly
+/// attached network. The kernel learns it from the peer's own ARP before it answers the peer's connection, so it
+/// names the NIC the request came from. None without a complete entry (a peer behind a router or relay: nothing to
+/// compare).
+fn link_address(ip: Ipv4Addr) -> Option<Mac> {
+    let table = std::fs::read_to_string("/proc/net/arp").ok()?;
+    let ip = ip.to_string();
+    table.lines().skip(1).find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let flags = f.get(2).and_then(|x| u32::from_str_radix(x.trim_start_matches("0x"), 16).ok()).unwrap_or(0);
+        // ATF_COM: the entry is complete.
+        if f.first() != Some(&ip.as_str()) || flags & 0x2 == 0 {
+            return None;
+        }
+        f.get(3).and_then(|m| parse_mac(m))
+    })
+}
+
 fn text(status: StatusCode, body: impl Into<String>) -> Response {
     (status, [(header::CONTENT_TYPE, "text/plain; charset=utf-8")], body.into()).into_response()
 }
@@ -358,6 +376,17 @@ struct TokenQuery {
 }
 
 impl HttpState {
+    /// Whether a request from `peer` came from one of `name`'s own NICs, when the kernel knows which NIC it came
+    /// from (a peer on the boot network). A spoofed DHCPREQUEST (proxy mode, where the provisioner learns a
+    /// machine's address from what it overhears) can make another host's address the one "leased" to the
+    /// machine's MAC, but that host's packets still come from its own NIC. Err: the NIC they came from.
+    fn sent_by_nic_of(&self, peer: SocketAddr, name: &str) -> Result<(), Mac> {
+        match source_v4(peer).and_then(link_address) {
+            Some(nic) if self.by_address.macs.get(&nic).map(String::as_str) != Some(name) => Err(nic),
+            _ => Ok(()),
+        }
+    }
+
     fn refuse(&self, reason: &'static str, mac: &str, peer: SocketAddr) -> Response {
         self.metrics.inc("herd_http_config_refused_total", &format!("reason=\"{reason}\""));
         if self.refusals.allow() {
@@ -380,6 +409,11 @@ async fn config(
     if s.by_address.leases.of(mac).is_none() || s.by_address.leases.of(mac) != source_v4(peer) {
         s.by_address.machines.event(&name, "config-refused", format!("from {peer}: not the address leased to {mac}"));
         return s.refuse("wrong-source", &mac_text, peer);
+    }
+    if let Err(nic) = s.sent_by_nic_of(peer, &name) {
+        let why = format!("from {peer}: its packets come from {nic}, not a NIC of {name} (a spoofed DHCP request?)");
+        s.by_address.machines.event(&name, "config-refused", why);
+        return s.refuse("wrong-link-address", &mac_text, peer);
     }
     let token_ok = match &q.token {
         Some(t) => s.by_address.machines.check_token(&name, t).await,
@@ -501,6 +535,11 @@ async fn join(
     };
     if joining.policy == crate::join::JoinPolicy::Closed {
         return refuse(Some(&name), "closed", StatusCode::FORBIDDEN, "registration is closed".into());
+    }
+    // A machine joins from its boot NIC (node-init's initramfs, before the bond): from any other NIC is another host.
+    if let Err(nic) = s.sent_by_nic_of(peer, &name) {
+        let why = format!("sent from {nic}, not a NIC of {name}");
+        return refuse(Some(&name), "wrong-link-address", StatusCode::FORBIDDEN, why);
     }
     if let Err(e) = req.check() {
         return refuse(Some(&name), "invalid-request", StatusCode::BAD_REQUEST, e.to_string());

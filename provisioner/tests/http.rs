@@ -688,6 +688,63 @@ fn once_a_boot_has_joined_its_token_is_spent_and_only_reports_signed_by_the_mach
     assert_eq!(timeline.matches("report-refused").count(), 5, "{timeline}");
 }
 
+/// Sends, from the client namespace, a DHCPREQUEST as `mac` for `address` (what a proxy-mode provisioner learns a
+/// machine's address from).
+fn dhcp_request_as(lab: &Lab, mac: [u8; 6], address: std::net::Ipv4Addr) {
+    use dhcproto::Encodable;
+    let dev = lab.client_if.clone();
+    common::in_netns(&lab.client_ns, move || {
+        let sock = common::raw::socket("0.0.0.0:68".parse().unwrap(), &dev);
+        let mut request = common::raw::message(dhcproto::v4::MessageType::Request, mac, 0x5eed);
+        request.set_flags(dhcproto::v4::Flags::default().set_broadcast());
+        request.opts_mut().insert(dhcproto::v4::DhcpOption::RequestedIpAddress(address));
+        sock.send_to(&request.to_vec().unwrap(), "255.255.255.255:67").unwrap();
+    });
+}
+
+#[test]
+fn a_spoofed_request_in_proxy_mode_does_not_redirect_a_config() {
+    let mut lab = Lab::qemu3(&["--mode", "proxy"]);
+    lab.start();
+    let node1 = [0x52, 0x54, 0x00, 0x99, 0x01, 0x01];
+    // Another host of the boot network, on its own NIC, tells the proxy-mode provisioner that node1 holds its
+    // address, then asks for node1's script and config from there.
+    lab.set_client_mac("52:54:00:66:66:66");
+    lab.client_address("10.99.0.66/24");
+    dhcp_request_as(&lab, node1, "10.99.0.66".parse().unwrap());
+    let token = token_of(&curl(&lab, &[&format!("http://10.99.0.2/boot/{NODE1_DASHED}.ipxe")]).1);
+    let config_url = format!("http://10.99.0.2/config/{NODE1_DASHED}?token={token}");
+    let fetch = |from: &str| curl(&lab, &["--interface", from, &config_url]);
+    let metric = |series: &str| {
+        let (_, metrics) = curl(&lab, &["http://10.99.0.2/metrics"]);
+        metrics.contains(series)
+    };
+    // Until the provisioner has taken the spoofed request it refuses the address as not node1's (wrong-source);
+    // once it has, what stops the config is the NIC the request came from.
+    let link = "herd_http_config_refused_total{reason=\"wrong-link-address\"} 1";
+    let code = common::poll(Duration::from_secs(10), "the spoofed request to be taken", || {
+        let (code, _) = fetch("10.99.0.66");
+        (code == 200 || metric(link)).then_some(code)
+    });
+    assert_eq!(code, 403, "a config went to another host");
+    let (_, timeline) = lab.admin(&[], "/api/v1/machines/node1/timeline");
+    assert!(timeline.contains("its packets come from 52:54:00:66:66:66, not a NIC of node1"), "{timeline}");
+    // Its join, whatever it sends, goes nowhere either.
+    let join = serde_json::json!({"credential": "0".repeat(64), "machine_csr": herd_pki::request("node1").unwrap().1});
+    let (code, why) = post_json(&lab, &format!("/join/{NODE1_DASHED}"), &join, Some("10.99.0.66"));
+    assert_eq!((code, why.trim()), (403, "sent from 52:54:00:66:66:66, not a NIC of node1"));
+    // node1 itself, on its own NIC and the address its DHCP server gave it: its config.
+    lab.set_client_mac(NODE1);
+    lab.client_address("10.99.0.11/24");
+    dhcp_request_as(&lab, node1, "10.99.0.11".parse().unwrap());
+    let (code, config) = common::poll(Duration::from_secs(10), "node1's own config", || {
+        let (code, body) = fetch("10.99.0.11");
+        (code == 200).then_some((code, body))
+    });
+    assert_eq!(code, 200);
+    assert!(config.contains("data:,node1%0A"), "{config}");
+}
+
 #[test]
 fn the_provisioner_prunes_the_copies_of_long_ended_certificates_a_newer_one_replaced() {
     let mut lab = Lab::qemu3(&["--prune-certificates-days", "0"]);
