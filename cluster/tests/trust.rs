@@ -41,7 +41,9 @@ impl Secure {
     /// Writes a credential for `holder` from `site` (a machine's from a request: its key is made "on the machine").
     fn credential(&self, site: &Site, holder: Holder) -> TlsFiles {
         let now = time::OffsetDateTime::now_utc();
-        let subject = Subject::new(holder.clone(), time::Duration::hours(1));
+        // Its address, as a real holder's names its own (etcd also checks a peer's address against them).
+        let mut subject = Subject::new(holder.clone(), time::Duration::hours(1));
+        subject.ips = vec![std::net::Ipv4Addr::LOCALHOST.into()];
         let (key, cert) = match holder {
             Holder::Machine(_) => {
                 let (key, csr) = herd_pki::request("anything").unwrap();
@@ -166,6 +168,36 @@ async fn etcd_lets_in_only_site_certificates_and_each_holder_only_its_keys() {
     let applied = access::apply(&admin, &fewer).await.unwrap();
     assert!(applied.removed.contains(&"machine:m2".to_owned()), "{applied:?}");
     assert!(m2.put(&Key::Machine(k2).path(), b"{}".to_vec(), None).await.is_err(), "a removed machine still writes");
+}
+
+/// What `curl` (a real TLS client) gets from member 0's peer URL (`/members`, which every member serves its peers)
+/// with `tls`: the body, or None if the handshake or the request failed.
+fn peer_members(lab: &Secure, tls: &TlsFiles) -> Option<String> {
+    let file = |f: &Option<String>| f.clone().unwrap();
+    let out = std::process::Command::new("curl")
+        .args(["-sS", "--http1.1", "--max-time", "10", "--cacert", &file(&tls.ca), "--cert", &file(&tls.cert), "--key"])
+        .arg(file(&tls.key))
+        .arg(format!("{}/members", lab.etcd.peer_url(0)))
+        .output()
+        .expect("curl runs");
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A member's peer port speaks raft and lists the members: only another member's certificate gets in, not a
+/// machine's or an operator's from the same CA (etcd checks the peer tag every member certificate names).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_port_lets_in_members_and_no_other_certificate_of_the_ca() {
+    let lab = Secure::start("trust-peers").await;
+    let member = lab.credential(&lab.site, Holder::Member("etcd9".to_owned()));
+    let body = peer_members(&lab, &member).expect("a member's certificate is refused by its peers");
+    assert!(body.contains("etcd0") && body.contains("etcd2"), "not the member list: {body}");
+    for holder in [machine("m1"), Holder::Operator(LAB_ADMIN.to_owned(), Role::Admin)] {
+        let tls = lab.credential(&lab.site, holder.clone());
+        assert_eq!(peer_members(&lab, &tls), None, "{holder} reached a peer port");
+    }
+    // The cluster itself (its members are peers through the same check) still answers.
+    let admin = lab.store(&lab.etcd.tls()).await;
+    admin.put("/herd/v1/probe", b"1".to_vec(), None).await.unwrap();
 }
 
 /// The provisioner's access keeper, an admin's `herdctl access apply` and `herdctl demo` may apply the policy at

@@ -39,6 +39,12 @@ pub const CA_VALIDITY: Duration = Duration::days(3650);
 /// A leaf whose remaining validity is under this share of its whole validity is due for renewal.
 pub const RENEW_AT: f64 = 1.0 / 3.0;
 
+/// The DNS name every etcd member's certificate carries and no other certificate may: members let in a peer
+/// connection only from a certificate that names it (etcd's `--peer-cert-allowed-hostname`), so a machine's or an
+/// operator's certificate of the same CA cannot speak raft or read the member list on a peer port. A tag, never
+/// resolved (`.internal` is reserved for private use).
+pub const PEER_NAME: &str = "etcd-peer.herd.internal";
+
 /// One of the site's two certificate authorities.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -229,6 +235,9 @@ impl Subject {
         }
         if let Some(d) = self.dns.iter().find(|d| !is_dns_name(d)) {
             return bad(format!("{d:?} is not a DNS name (dot-separated labels of a-z, 0-9 and '-')"));
+        }
+        if !matches!(self.holder, Holder::Member(_)) && self.dns.iter().any(|d| d == PEER_NAME) {
+            return bad(format!("{PEER_NAME} is for etcd members' certificates alone: rename the host"));
         }
         if self.validity <= Duration::ZERO || self.validity > CA_VALIDITY {
             return bad(format!(
@@ -540,10 +549,15 @@ impl Site {
         dn.push(DnType::CommonName, subject.holder.common_name());
         dn.push(DnType::OrganizationName, subject.holder.organization());
         params.distinguished_name = dn;
+        // A member's certificate also names the peer tag (see PEER_NAME).
+        let peer = matches!(subject.holder, Holder::Member(_)).then(|| PEER_NAME.to_owned());
         params.subject_alt_names = subject
             .dns
             .iter()
-            .map(|d| d.clone().try_into().map(SanType::DnsName))
+            .filter(|d| d.as_str() != PEER_NAME)
+            .cloned()
+            .chain(peer)
+            .map(|d| d.try_into().map(SanType::DnsName))
             .chain(subject.ips.iter().map(|ip| Ok(SanType::IpAddress(*ip))))
             .collect::<Result<_, _>>()?;
         params.is_ca = IsCa::ExplicitNoCa;

@@ -129,6 +129,10 @@ fn names_unfit_for_a_certificate_are_refused_before_anything_is_issued() {
     let mut dns = Subject::new(Holder::Member("m1".to_owned()), Duration::days(1));
     dns.dns = vec!["m1.exa mple".to_owned()];
     bad.push(dns);
+    // The peer tag is the members' alone: a machine named so would pass etcd's peer check.
+    let mut peer = Subject::new(Holder::Machine("m1".to_owned()), Duration::days(1));
+    peer.dns = vec![PEER_NAME.to_owned()];
+    bad.push(peer);
     for subject in &bad {
         let err = site.issue(Authority::Etcd, subject, KeySource::Generate, now()).unwrap_err();
         assert!(matches!(err, PkiError::Subject { .. }), "{subject:?}: {err}");

@@ -136,6 +136,7 @@ impl LocalEtcd {
                     .args([format!("--{side}trusted-ca-file"), ca.display().to_string()])
                     .args([on]);
             }
+            spec = spec.args(["--peer-cert-allowed-hostname", herd_pki::PEER_NAME]);
         }
         let child = spec.log(&self.dir.join(format!("{}.log", m.name))).spawn()?;
         self.members[i].child = Some(child);
@@ -145,6 +146,11 @@ impl LocalEtcd {
     /// The TLS material the lab connects with (none without TLS): the CA and the [`LAB_ADMIN`] credential.
     pub fn tls(&self) -> TlsFiles {
         self.secure.clone().unwrap_or_default()
+    }
+
+    /// The peer URL of member `i`.
+    pub fn peer_url(&self, i: usize) -> String {
+        format!("{}://127.0.0.1:{}", self.scheme(), self.members[i].peer)
     }
 
     /// Client URLs of every member.

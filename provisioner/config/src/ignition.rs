@@ -467,6 +467,8 @@ fn etcd_environment(inv: &Inventory, machine: &Machine, members: &[&Machine], tl
                  ETCD_{side}KEY_FILE={dir}/member.key\n"
             ));
         }
+        // Peers only with a member's certificate, not any of the CA's (herd_pki::PEER_NAME).
+        text.push_str(&format!("ETCD_PEER_CERT_ALLOWED_HOSTNAME={}\n", herd_pki::PEER_NAME));
     }
     text
 }
@@ -549,6 +551,7 @@ mod tests {
             "ETCD_PEER_TRUSTED_CA_FILE=/var/lib/herd/tls/etcd-ca.crt",
             "ETCD_KEY_FILE=/var/lib/herd/tls/member.key",
             "ETCD_PEER_CERT_FILE=/var/lib/herd/tls/member.crt",
+            "ETCD_PEER_CERT_ALLOWED_HOSTNAME=etcd-peer.herd.internal",
         ] {
             assert!(etcd.lines().any(|l| l == line), "{line} missing from {etcd}");
         }
