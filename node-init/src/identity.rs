@@ -123,7 +123,8 @@ pub fn join(
     let joined = check_answer(&answer, &etcd_ca, machine, member)?;
     let write =
         |file: &str, pem: &str| herd_pki::write_public(&dir.join(file), pem.as_bytes()).map_err(|e| bad(e.to_string()));
-    write("etcd-ca.crt", &answer.etcd_ca)?;
+    // What this machine trusts is what its config pinned (every CA the site trusts, two during a rotation).
+    write("etcd-ca.crt", &etcd_ca)?;
     write("api-ca.crt", &answer.api_ca)?;
     write("machine.crt", &answer.machine_cert)?;
     // Joined: the provisioner spent this boot's token; what this boot reports from now on is signed.
@@ -142,16 +143,22 @@ pub fn join(
     Ok(joined)
 }
 
-/// Checks what the provisioner answered: its etcd CA is `etcd_ca` (the one this machine pinned), and each
-/// certificate is valid, from that CA and names this machine (a member's, for an etcd member).
-fn check_answer(answer: &JoinAnswer, etcd_ca: &str, machine: &str, member: bool) -> Result<Joined, ProvisionError> {
-    if answer.etcd_ca != etcd_ca {
-        return Err(bad("the provisioner's etcd CA is not the one this machine pinned".into()));
+/// The fingerprints of the CA certificates in `bundle`.
+fn fingerprints(bundle: &str) -> std::collections::BTreeSet<String> {
+    herd_pki::split_pems(bundle).iter().filter_map(|pem| herd_pki::parse(pem).ok()).map(|c| c.fingerprint).collect()
+}
+
+/// Checks what the provisioner answered: its etcd CAs include one of `trust` (the CAs this machine pinned or was
+/// told since), and each certificate is valid, from one of `trust` and names this machine (a member's, for an etcd
+/// member).
+fn check_answer(answer: &JoinAnswer, trust: &str, machine: &str, member: bool) -> Result<Joined, ProvisionError> {
+    if fingerprints(&answer.etcd_ca).is_disjoint(&fingerprints(trust)) {
+        return Err(bad("the provisioner's etcd CA is not one this machine trusts (pinned)".into()));
     }
     let (me, member_holder) = (Holder::Machine(machine.to_owned()), Holder::Member(machine.to_owned()));
     let now = time::OffsetDateTime::now_utc();
     let check = |pem: &str, holder: &Holder| -> Result<String, ProvisionError> {
-        let info = herd_pki::verify(etcd_ca, Authority::Etcd, pem, now).map_err(|e| bad(format!("{holder}: {e}")))?;
+        let info = herd_pki::verify_any(trust, Authority::Etcd, pem, now).map_err(|e| bad(format!("{holder}: {e}")))?;
         if info.holder.as_ref() != Some(holder) {
             return Err(bad(format!("a certificate for {}, not {holder}", info.common_name)));
         }
@@ -264,7 +271,7 @@ mod tests {
 
     #[test]
     fn an_answer_is_taken_only_from_the_pinned_ca_and_for_this_machine() {
-        let (_dir, site, _, cert) = issued(Holder::Machine("m1".into()), 3_000);
+        let (dir, site, _, cert) = issued(Holder::Machine("m1".into()), 3_000);
         let answer = JoinAnswer {
             etcd_ca: site.ca_pem(Authority::Etcd).to_owned(),
             api_ca: site.ca_pem(Authority::Api).to_owned(),
@@ -280,9 +287,26 @@ mod tests {
         assert!(err(check_answer(&answer, pinned, "m1", true)).contains("no member certificate"));
         let (_other_dir, other, _, _) = issued(Holder::Machine("m1".into()), 3_000);
         let foreign = other.ca_pem(Authority::Etcd);
-        assert!(err(check_answer(&answer, foreign, "m1", false)).contains("not the one this machine pinned"));
-        let forged = JoinAnswer { etcd_ca: foreign.to_owned(), ..answer };
+        assert!(err(check_answer(&answer, foreign, "m1", false)).contains("not one this machine trusts"));
+        let forged = JoinAnswer { etcd_ca: foreign.to_owned(), ..answer.clone() };
         assert!(err(check_answer(&forged, foreign, "m1", false)).contains("machine:m1"), "signed by another CA");
+        // During a rotation the machine trusts two CAs: an answer naming either, with certificates of either, is
+        // taken; a certificate from outside them is not.
+        let mut rotating = herd_pki::Site::open(&dir.path().join("pki")).unwrap();
+        rotating.begin_rotation(Authority::Etcd, time::OffsetDateTime::now_utc()).unwrap();
+        rotating.switch_rotation(Authority::Etcd).unwrap();
+        let both = rotating.trust_pem(Authority::Etcd);
+        let (_, csr) = herd_pki::request("machine:m1").unwrap();
+        let subject = herd_pki::Subject::new(Holder::Machine("m1".into()), time::Duration::hours(1));
+        let now = time::OffsetDateTime::now_utc();
+        let renewed = rotating.issue(Authority::Etcd, &subject, herd_pki::KeySource::Request(&csr), now).unwrap();
+        let from_new = JoinAnswer { etcd_ca: both.clone(), machine_cert: renewed.cert_pem.clone(), ..answer.clone() };
+        assert!(check_answer(&from_new, &both, "m1", false).is_ok());
+        assert!(check_answer(&answer, &both, "m1", false).is_ok(), "the first CA's certificate");
+        assert!(
+            err(check_answer(&from_new, pinned, "m1", false)).contains("machine:m1"),
+            "trusted before the rotation"
+        );
     }
 
     #[test]

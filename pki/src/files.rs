@@ -94,6 +94,12 @@ pub(crate) fn remove_all(dir: &Path, paths: &[PathBuf]) -> Result<(), FileError>
     File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir, "cannot sync the directory"))
 }
 
+/// Renames `from` to `to` (both in `dir`) and makes it durable.
+pub(crate) fn rename(dir: &Path, from: &Path, to: &Path) -> Result<(), FileError> {
+    fs::rename(from, to).map_err(io(to, "cannot rename into place"))?;
+    File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir, "cannot sync the directory"))
+}
+
 /// The `.crt` files in `dir` (none if it does not exist), sorted.
 pub(crate) fn list(dir: &Path) -> Result<Vec<PathBuf>, FileError> {
     let entries = match fs::read_dir(dir) {

@@ -27,8 +27,10 @@ use sha2::{Digest, Sha256};
 use time::{Duration, OffsetDateTime};
 
 mod files;
+mod rotate;
 
 pub use files::{FileError, check_private, write_private, write_public};
+pub use rotate::{Rotation, split_pems, verify_any};
 
 /// How far back a certificate's validity starts, for clocks that run a little behind the issuer's.
 pub const BACKDATE: Duration = Duration::minutes(5);
@@ -396,6 +398,14 @@ pub enum PkiError {
         /// Why.
         why: String,
     },
+    /// A rotation step that does not follow from where the rotation stands.
+    #[error("rotating the {authority} CA: {why}")]
+    Rotation {
+        /// Which CA.
+        authority: Authority,
+        /// Why, and what to do.
+        why: String,
+    },
     /// The OS gave no randomness.
     #[error("no randomness from the OS: {0}")]
     Random(String),
@@ -426,6 +436,49 @@ struct Ca {
     info: CertInfo,
 }
 
+impl Ca {
+    /// Reads a CA: its key readable by its owner only and matching its certificate, which must be a CA's.
+    fn load(authority: Authority, cert_path: &Path, key_path: &Path) -> Result<Ca, PkiError> {
+        check_private(key_path)?;
+        let cert_pem = files::read_string(cert_path)?;
+        let info =
+            parse(&cert_pem).map_err(|why| PkiError::Malformed { path: cert_path.to_owned(), why: why.to_string() })?;
+        let key = KeyPair::from_pem(&files::read_string(key_path)?)
+            .map_err(|e| PkiError::Malformed { path: key_path.to_owned(), why: format!("not a private key: {e}") })?;
+        if public_key(&cert_pem).as_deref() != Some(key.public_key_raw()) {
+            return Err(PkiError::KeyMismatch { key: key_path.to_owned(), cert: cert_path.to_owned() });
+        }
+        if !info.is_ca {
+            return Err(PkiError::Malformed { path: cert_path.to_owned(), why: "not a CA certificate".to_owned() });
+        }
+        Ok(Ca { authority, cert_pem, key, info })
+    }
+}
+
+/// A new CA for site `name`: its key and its self-signed certificate (PEM). The first of an authority is
+/// `herd NAME AUTHORITY CA`; a rotation's next ones carry their generation (`... CA 2`).
+fn make_ca(
+    name: &str,
+    authority: Authority,
+    generation: u32,
+    now: OffsetDateTime,
+) -> Result<(KeyPair, String), PkiError> {
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    let suffix = if generation > 1 { format!(" {generation}") } else { String::new() };
+    dn.push(DnType::CommonName, format!("herd {name} {authority} CA{suffix}"));
+    dn.push(DnType::OrganizationName, format!("herd:{name}"));
+    params.distinguished_name = dn;
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    params.not_before = now - BACKDATE;
+    params.not_after = now + CA_VALIDITY;
+    params.serial_number = Some(serial()?);
+    let cert = params.self_signed(&key)?;
+    Ok((key, cert.pem()))
+}
+
 impl fmt::Debug for Ca {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Ca").field("authority", &self.authority).field("info", &self.info).finish_non_exhaustive()
@@ -436,7 +489,12 @@ impl fmt::Debug for Ca {
 #[derive(Debug)]
 pub struct Site {
     dir: PathBuf,
+    /// The CA each authority issues from, in `Authority::ALL` order.
     cas: Vec<Ca>,
+    /// A rotation's next CA, trusted beside the current one until it takes over (see `rotate`).
+    next: Vec<Ca>,
+    /// A rotation's previous CA (certificate only), trusted beside the current one until the rotation ends.
+    previous: Vec<(Authority, String, CertInfo)>,
 }
 
 fn cert_file(a: Authority) -> String {
@@ -462,21 +520,10 @@ impl Site {
         }
         files::make_dir(dir)?;
         for authority in Authority::ALL {
-            let key = KeyPair::generate()?;
-            let mut params = CertificateParams::default();
-            let mut dn = DistinguishedName::new();
-            dn.push(DnType::CommonName, format!("herd {name} {authority} CA"));
-            dn.push(DnType::OrganizationName, format!("herd:{name}"));
-            params.distinguished_name = dn;
-            params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-            params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-            params.not_before = now - BACKDATE;
-            params.not_after = now + CA_VALIDITY;
-            params.serial_number = Some(serial()?);
-            let cert = params.self_signed(&key)?;
+            let (key, cert_pem) = make_ca(name, authority, 1, now)?;
             // The key first: a certificate without its key would make the next init refuse and leave no CA.
             write_private(&dir.join(key_file(authority)), key.serialize_pem().as_bytes())?;
-            write_public(&dir.join(cert_file(authority)), cert.pem().as_bytes())?;
+            write_public(&dir.join(cert_file(authority)), cert_pem.as_bytes())?;
         }
         Site::open(dir)
     }
@@ -493,21 +540,11 @@ impl Site {
                     return Err(PkiError::Missing { dir: dir.to_owned(), missing });
                 }
             }
-            check_private(&key_path)?;
-            let cert_pem = files::read_string(&cert_path)?;
-            let info = parse(&cert_pem)
-                .map_err(|why| PkiError::Malformed { path: cert_path.clone(), why: why.to_string() })?;
-            let key = KeyPair::from_pem(&files::read_string(&key_path)?)
-                .map_err(|e| PkiError::Malformed { path: key_path.clone(), why: format!("not a private key: {e}") })?;
-            if public_key(&cert_pem).as_deref() != Some(key.public_key_raw()) {
-                return Err(PkiError::KeyMismatch { key: key_path, cert: cert_path });
-            }
-            if !info.is_ca {
-                return Err(PkiError::Malformed { path: cert_path, why: "not a CA certificate".to_owned() });
-            }
-            cas.push(Ca { authority, cert_pem, key, info });
+            rotate::recover(dir, authority)?;
+            cas.push(Ca::load(authority, &cert_path, &key_path)?);
         }
-        Ok(Site { dir: dir.to_owned(), cas })
+        let (next, previous) = rotate::load(dir, &cas)?;
+        Ok(Site { dir: dir.to_owned(), cas, next, previous })
     }
 
     fn ca(&self, authority: Authority) -> &Ca {
@@ -591,9 +628,10 @@ impl Site {
         Ok(Issued { cert_pem, key_pem, info })
     }
 
-    /// Checks that `cert_pem` was issued by `authority` and is valid at `now`.
+    /// Checks that `cert_pem` was issued by a CA of `authority` the site trusts (see [`Site::trust_pem`]) and is valid
+    /// at `now`.
     pub fn verify(&self, authority: Authority, cert_pem: &str, now: OffsetDateTime) -> Result<CertInfo, VerifyError> {
-        verify(&self.ca(authority).cert_pem, authority, cert_pem, now)
+        verify_any(&self.trust_pem(authority), authority, cert_pem, now)
     }
 
     /// Removes from `issued/` the copies of certificates that ended at least `ended_for` before `now` and that a
@@ -628,20 +666,27 @@ impl Site {
         Ok(gone)
     }
 
-    /// Both CAs and every certificate issued, with where each stands at `now`, CAs first, then by expiry.
+    /// Both CAs (and a rotation's next or previous ones) and every certificate issued, with where each stands at
+    /// `now`, CAs first, then by expiry.
     pub fn status(&self, now: OffsetDateTime) -> Result<Vec<StatusLine>, PkiError> {
         let mut lines: Vec<StatusLine> = self
             .cas
             .iter()
-            .map(|ca| StatusLine { authority: ca.authority, standing: ca.info.standing(now), cert: ca.info.clone() })
+            .map(|ca| StatusLine {
+                authority: ca.authority,
+                standing: ca.info.standing(now),
+                cert: ca.info.clone(),
+                rotation: None,
+            })
             .collect();
+        lines.extend(self.rotating_cas(now));
         let mut leaves = Vec::new();
         for authority in Authority::ALL {
             let dir = self.dir.join("issued").join(authority.as_str());
             for path in files::list(&dir)? {
                 let pem = files::read_string(&path)?;
                 let cert = parse(&pem).map_err(|e| PkiError::Malformed { path: path.clone(), why: e.to_string() })?;
-                leaves.push(StatusLine { authority, standing: cert.standing(now), cert });
+                leaves.push(StatusLine { authority, standing: cert.standing(now), cert, rotation: None });
             }
         }
         leaves.sort_by(|a, b| (a.cert.not_after, &a.cert.common_name).cmp(&(b.cert.not_after, &b.cert.common_name)));
@@ -661,7 +706,8 @@ pub fn authorities_of(holder: &Holder) -> &'static [Authority] {
 }
 
 /// Issues `subject`'s certificates (from [`authorities_of`] its holder) with new keys and writes them, with their
-/// CAs, into the credential directory `out`: `AUTHORITY-ca.crt`, `AUTHORITY.crt`, `AUTHORITY.key` (0600).
+/// CAs, into the credential directory `out`: `AUTHORITY-ca.crt` (every CA of it the site trusts, see
+/// [`Site::trust_pem`]), `AUTHORITY.crt`, `AUTHORITY.key` (0600).
 /// Everything is issued before anything is written, so a refusal leaves `out` as it was.
 pub fn write_credential(site: &Site, subject: &Subject, out: &Path, now: OffsetDateTime) -> Result<(), PkiError> {
     let issued = authorities_of(&subject.holder)
@@ -670,7 +716,7 @@ pub fn write_credential(site: &Site, subject: &Subject, out: &Path, now: OffsetD
         .collect::<Result<Vec<_>, PkiError>>()?;
     files::make_dir(out)?;
     for (a, cert) in issued {
-        write_public(&out.join(format!("{a}-ca.crt")), site.ca_pem(a).as_bytes())?;
+        write_public(&out.join(format!("{a}-ca.crt")), site.trust_pem(a).as_bytes())?;
         write_private(&out.join(format!("{a}.key")), cert.key_pem.unwrap_or_default().as_bytes())?;
         write_public(&out.join(format!("{a}.crt")), cert.cert_pem.as_bytes())?;
     }
@@ -687,6 +733,9 @@ pub struct StatusLine {
     /// The certificate.
     #[serde(flatten)]
     pub cert: CertInfo,
+    /// For a CA a rotation trusts beside the one that issues: `next` (it will issue) or `previous` (it issued).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rotation: Option<&'static str>,
 }
 
 /// Every holder's newest certificate (the one that ends last) per CA, CAs left out: a certificate a renewal or a

@@ -283,3 +283,121 @@ fn prune_removes_only_long_ended_certificates_a_newer_one_replaced() {
     }
     assert!(site.prune(later, Duration::days(30), false).unwrap().is_empty(), "nothing more to prune");
 }
+
+fn machine(name: &str) -> Subject {
+    Subject::new(Holder::Machine(name.to_owned()), Duration::days(30))
+}
+
+fn issue(site: &Site, subject: &Subject) -> String {
+    site.issue(Authority::Etcd, subject, KeySource::Generate, now()).unwrap().cert_pem
+}
+
+#[test]
+fn a_rotation_trusts_the_next_ca_then_issues_from_it_then_drops_the_old_one() {
+    let (dir, mut site) = site();
+    let (first, api) = (site.ca_pem(Authority::Etcd).to_owned(), site.ca_pem(Authority::Api).to_owned());
+    let old_leaf = issue(&site, &machine("m1"));
+    assert_eq!(site.rotation(Authority::Etcd), Rotation::Steady);
+    assert_eq!(split_pems(&site.trust_pem(Authority::Etcd)), std::slice::from_ref(&first));
+
+    // Accepting: the next CA is trusted, the first one still issues.
+    let next = site.begin_rotation(Authority::Etcd, now()).unwrap();
+    assert_eq!(next.common_name, "herd lab etcd CA 2");
+    assert_eq!(site.rotation(Authority::Etcd), Rotation::Accepting);
+    let trust = split_pems(&site.trust_pem(Authority::Etcd));
+    assert_eq!(trust.len(), 2);
+    assert_eq!(trust[0], first, "the CA that issues comes first");
+    let accepting_leaf = issue(&site, &machine("m2"));
+    assert!(verify(&first, Authority::Etcd, &accepting_leaf, now()).is_ok(), "issued by the first CA still");
+    let again = site.begin_rotation(Authority::Etcd, now()).unwrap_err();
+    assert!(matches!(again, PkiError::Rotation { .. }), "{again}");
+    assert_eq!(Site::open(dir.path()).unwrap().rotation(Authority::Etcd), Rotation::Accepting, "not durable");
+    let roles: Vec<_> = site.status(now()).unwrap().into_iter().filter_map(|l| l.rotation).collect();
+    assert_eq!(roles, ["next"]);
+
+    // Switched: the new CA issues; what the first one issued still verifies.
+    let issuing = site.switch_rotation(Authority::Etcd).unwrap();
+    assert_eq!(issuing.fingerprint, next.fingerprint);
+    assert_eq!(site.rotation(Authority::Etcd), Rotation::Switched);
+    let new_leaf = issue(&site, &machine("m1"));
+    assert!(verify(&first, Authority::Etcd, &new_leaf, now()).is_err(), "still issued by the first CA");
+    assert!(verify(site.ca_pem(Authority::Etcd), Authority::Etcd, &new_leaf, now()).is_ok());
+    for leaf in [&old_leaf, &accepting_leaf, &new_leaf] {
+        site.verify(Authority::Etcd, leaf, now()).unwrap();
+    }
+    assert_eq!(split_pems(&site.trust_pem(Authority::Etcd))[1], first, "the previous CA is trusted last");
+    assert!(!dir.path().join("etcd-ca.next.key").exists(), "the next key stays behind");
+    let reopened = Site::open(dir.path()).unwrap();
+    assert_eq!(
+        (reopened.rotation(Authority::Etcd), reopened.ca_info(Authority::Etcd).common_name.as_str()),
+        (Rotation::Switched, "herd lab etcd CA 2")
+    );
+
+    // Steady again: the first CA is trusted no more, and kept in retired/.
+    let dropped = site.end_rotation(Authority::Etcd).unwrap();
+    assert_eq!(dropped.common_name, "herd lab etcd CA");
+    assert_eq!(site.rotation(Authority::Etcd), Rotation::Steady);
+    assert_eq!(split_pems(&site.trust_pem(Authority::Etcd)).len(), 1);
+    assert!(matches!(site.verify(Authority::Etcd, &old_leaf, now()), Err(VerifyError::Foreign(_))));
+    site.verify(Authority::Etcd, &new_leaf, now()).unwrap();
+    assert!(dir.path().join(format!("retired/etcd-ca-{}.crt", dropped.serial)).exists());
+    for step in [site.switch_rotation(Authority::Etcd), site.end_rotation(Authority::Etcd)] {
+        assert!(matches!(step, Err(PkiError::Rotation { .. })), "a step out of order was taken");
+    }
+    // The other authority never moved; a second rotation counts on.
+    assert_eq!(site.ca_pem(Authority::Api), api);
+    assert_eq!(site.begin_rotation(Authority::Etcd, now()).unwrap().common_name, "herd lab etcd CA 3");
+}
+
+#[test]
+fn a_rotation_step_cut_by_a_power_cut_is_finished_or_begun_again_when_the_site_opens() {
+    // A switch cut between moving the next key into place and moving its certificate: finished by open.
+    let (dir, mut site) = site();
+    let next = site.begin_rotation(Authority::Etcd, now()).unwrap();
+    let d = dir.path();
+    std::fs::copy(d.join("etcd-ca.crt"), d.join("etcd-ca.previous.crt")).unwrap();
+    std::fs::rename(d.join("etcd-ca.next.key"), d.join("etcd-ca.key")).unwrap();
+    let site = Site::open(d).unwrap();
+    assert_eq!(site.rotation(Authority::Etcd), Rotation::Switched);
+    assert_eq!(site.ca_info(Authority::Etcd).fingerprint, next.fingerprint);
+    site.verify(Authority::Etcd, &issue(&site, &machine("m1")), now()).unwrap();
+
+    // A switch cut after writing the previous copy only: still accepting, and the switch goes through.
+    let (dir, mut site) = self::site();
+    site.begin_rotation(Authority::Etcd, now()).unwrap();
+    let d = dir.path();
+    std::fs::copy(d.join("etcd-ca.crt"), d.join("etcd-ca.previous.crt")).unwrap();
+    let mut site = Site::open(d).unwrap();
+    assert_eq!(site.rotation(Authority::Etcd), Rotation::Accepting);
+    site.switch_rotation(Authority::Etcd).unwrap();
+    assert_eq!(site.rotation(Authority::Etcd), Rotation::Switched);
+
+    // A beginning cut after the key: nothing under way, and it begins again.
+    let (dir, mut site) = self::site();
+    site.begin_rotation(Authority::Etcd, now()).unwrap();
+    std::fs::remove_file(dir.path().join("etcd-ca.next.crt")).unwrap();
+    let mut site = Site::open(dir.path()).unwrap();
+    assert_eq!(site.rotation(Authority::Etcd), Rotation::Steady);
+    site.begin_rotation(Authority::Etcd, now()).unwrap();
+    // A next certificate without its key is refused with what to do.
+    std::fs::remove_file(dir.path().join("etcd-ca.next.key")).unwrap();
+    let err = Site::open(dir.path()).unwrap_err().to_string();
+    assert!(err.contains("without its key"), "{err}");
+}
+
+#[test]
+fn a_bundle_verifies_what_any_of_its_cas_issued_and_nothing_else() {
+    let ((_a, one), (_b, two), (_c, other)) = (site(), site(), site());
+    let bundle = format!("{}{}", one.ca_pem(Authority::Etcd), two.ca_pem(Authority::Etcd));
+    assert_eq!(split_pems(&bundle).len(), 2);
+    assert_eq!(split_pems("garbage -----BEGIN CERTIFICATE----- no end"), Vec::<String>::new());
+    for site in [&one, &two] {
+        verify_any(&bundle, Authority::Etcd, &issue(site, &machine("m1")), now()).unwrap();
+    }
+    let foreign = verify_any(&bundle, Authority::Etcd, &issue(&other, &machine("m1")), now());
+    assert!(matches!(foreign, Err(VerifyError::Foreign(Authority::Etcd))), "{foreign:?}");
+    assert!(matches!(
+        verify_any("", Authority::Etcd, &issue(&one, &machine("m1")), now()),
+        Err(VerifyError::Foreign(_))
+    ));
+}

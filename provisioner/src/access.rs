@@ -41,14 +41,19 @@ fn endpoints(inv: &Inventory) -> Vec<String> {
     inv.etcd_members().map(|m| format!("https://{}:2379", m.internal.get_ref().0)).collect()
 }
 
-/// The provisioner's admin credential in `dir` (issued from `site` when missing or due for renewal).
+/// The provisioner's admin credential in `dir`: issued from `site` when missing, due for renewal or (a rotation
+/// switched) from a CA that no longer issues; its CA file follows every CA the site trusts.
 fn credential(site: &Site, dir: &Path) -> anyhow::Result<TlsFiles> {
     let now = time::OffsetDateTime::now_utc();
-    let cert = dir.join("etcd.crt");
-    let current = std::fs::read_to_string(&cert).ok().and_then(|pem| site.verify(Authority::Etcd, &pem, now).ok());
+    let (cert, ca) = (dir.join("etcd.crt"), dir.join("etcd-ca.crt"));
+    let issuing = site.ca_pem(Authority::Etcd);
+    let current =
+        std::fs::read_to_string(&cert).ok().and_then(|pem| herd_pki::verify(issuing, Authority::Etcd, &pem, now).ok());
     if current.is_none_or(|c| c.standing(now) != herd_pki::Standing::Valid) {
         let subject = Subject::new(Holder::Operator(OPERATOR.to_owned(), Role::Admin), CREDENTIAL_VALIDITY);
         herd_pki::write_credential(site, &subject, dir, now)?;
+    } else if std::fs::read_to_string(&ca).ok().as_deref() != Some(site.trust_pem(Authority::Etcd).as_str()) {
+        herd_pki::write_public(&ca, site.trust_pem(Authority::Etcd).as_bytes())?;
     }
     let file = |f: &str| Some(dir.join(f).display().to_string());
     Ok(TlsFiles { ca: file("etcd-ca.crt"), cert: file("etcd.crt"), key: file("etcd.key") })

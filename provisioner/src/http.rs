@@ -428,7 +428,7 @@ async fn config(
         Ok(mut cfg) => {
             if let Some(joining) = &s.joining {
                 for (file, pem) in joining.ca_files() {
-                    ignition::add_file(&mut cfg, &format!("{}/{file}", herd_api::CA_DIR), pem, 0o644);
+                    ignition::add_file(&mut cfg, &format!("{}/{file}", herd_api::CA_DIR), &pem, 0o644);
                 }
                 if joining.policy != crate::join::JoinPolicy::Closed {
                     match s.by_address.machines.issue_join(&name).await {

@@ -81,7 +81,8 @@ pub async fn keep_pruned(
 /// The site PKI as the provisioner uses it.
 #[derive(Debug)]
 pub struct Joining {
-    site: Site,
+    /// Changed only by a rotation step (`herd_pki::Site::begin_rotation` and the next ones).
+    site: std::sync::RwLock<Site>,
     /// Whether machines may join.
     pub policy: JoinPolicy,
     /// How long the certificates issued are valid.
@@ -96,7 +97,21 @@ const EXPIRIES_FOR: std::time::Duration = std::time::Duration::from_secs(30);
 impl Joining {
     /// Opens the site PKI in `dir` (its keys must be the owner's alone); certificates are issued for `validity`.
     pub fn open(dir: &Path, policy: JoinPolicy, validity: time::Duration) -> Result<Joining, PkiError> {
-        Ok(Joining { site: Site::open(dir)?, policy, validity, expiries: std::sync::Mutex::new(None) })
+        let site = std::sync::RwLock::new(Site::open(dir)?);
+        Ok(Joining { site, policy, validity, expiries: std::sync::Mutex::new(None) })
+    }
+
+    /// The site PKI, to read.
+    pub fn site(&self) -> std::sync::RwLockReadGuard<'_, Site> {
+        self.site.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The site PKI, to take a rotation step (`f`); the expiry gauges are read again after it.
+    pub fn rotate<T>(&self, f: impl FnOnce(&mut Site) -> Result<T, PkiError>) -> Result<T, PkiError> {
+        let mut site = self.site.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let out = f(&mut site);
+        *self.expiries.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+        out
     }
 
     /// The expiry gauges (Prometheus text) of the site PKI at `now`: when each CA ends, and per CA the soonest end
@@ -109,7 +124,7 @@ impl Joining {
         {
             return text.clone();
         }
-        let text = match self.site.status(now) {
+        let text = match self.site().status(now) {
             Ok(lines) => expiry_text(&lines),
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read the site PKI's issued certificates");
@@ -120,16 +135,18 @@ impl Joining {
         text
     }
 
-    /// The CA certificates a config carries: `(file name, PEM)`.
-    pub fn ca_files(&self) -> [(String, &str); 2] {
-        Authority::ALL.map(|a| (format!("{a}-ca.crt"), self.site.ca_pem(a)))
+    /// The CA certificates a config carries: `(file name, PEM)`, every CA the site trusts (during a rotation, two
+    /// of one authority in its file).
+    pub fn ca_files(&self) -> Vec<(String, String)> {
+        let site = self.site();
+        Authority::ALL.iter().map(|a| (format!("{a}-ca.crt"), site.trust_pem(*a))).collect()
     }
 
     /// Checks a certificate a machine presents to renew it: the site's etcd CA signed it, it has not ended, and it
     /// names `holder`. Returns what it says.
     pub fn current(&self, cert_pem: &str, holder: &Holder) -> Result<herd_pki::CertInfo, String> {
         let now = time::OffsetDateTime::now_utc();
-        let info = self.site.verify(Authority::Etcd, cert_pem, now).map_err(|e| e.to_string())?;
+        let info = self.site().verify(Authority::Etcd, cert_pem, now).map_err(|e| e.to_string())?;
         if info.holder.as_ref() != Some(holder) {
             return Err(format!("a certificate for {}, not {holder}", info.common_name));
         }
@@ -153,20 +170,21 @@ impl Joining {
         let mut subject = Subject::new(Holder::Machine(name.clone()), self.validity);
         subject.dns = names.clone();
         subject.ips = vec![address];
-        let machine_cert = self.site.issue(Authority::Etcd, &subject, KeySource::Request(machine_csr), now)?;
+        let site = self.site();
+        let machine_cert = site.issue(Authority::Etcd, &subject, KeySource::Request(machine_csr), now)?;
         let member_cert = match (member_csr, member) {
             (Some(csr), true) => {
                 // The member serves its own machine on the loopback too (node-init, the agent, the engine).
                 let mut subject = Subject::new(Holder::Member(name), self.validity);
                 subject.dns = names.into_iter().chain(["localhost".to_owned()]).collect();
                 subject.ips = vec![address, IpAddr::V4(std::net::Ipv4Addr::LOCALHOST)];
-                Some(self.site.issue(Authority::Etcd, &subject, KeySource::Request(csr), now)?.cert_pem)
+                Some(site.issue(Authority::Etcd, &subject, KeySource::Request(csr), now)?.cert_pem)
             }
             _ => None,
         };
         Ok(JoinAnswer {
-            etcd_ca: self.site.ca_pem(Authority::Etcd).to_owned(),
-            api_ca: self.site.ca_pem(Authority::Api).to_owned(),
+            etcd_ca: site.trust_pem(Authority::Etcd),
+            api_ca: site.trust_pem(Authority::Api),
             machine_cert: machine_cert.cert_pem,
             member_cert,
         })
@@ -182,7 +200,7 @@ fn expiry_text(lines: &[herd_pki::StatusLine]) -> String {
         "# HELP herd_pki_ca_expiry_timestamp_seconds When the CA ends (Unix seconds): rotate it before.\n\
          # TYPE herd_pki_ca_expiry_timestamp_seconds gauge\n",
     );
-    for line in lines.iter().filter(|l| l.cert.is_ca) {
+    for line in lines.iter().filter(|l| l.cert.is_ca && l.rotation.is_none()) {
         let (authority, at) = (line.authority, line.cert.not_after);
         let _ = writeln!(out, "herd_pki_ca_expiry_timestamp_seconds{{authority=\"{authority}\"}} {at}");
     }

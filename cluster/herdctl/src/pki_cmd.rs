@@ -142,6 +142,9 @@ struct Line<'a> {
     #[serde(flatten)]
     cert: &'a herd_pki::CertInfo,
     days_left: i64,
+    /// A rotation's `next` or `previous` CA.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rotation: Option<&'static str>,
 }
 
 /// `herdctl pki status`.
@@ -165,7 +168,7 @@ pub(crate) fn status(dir: &Path, all: bool, output: Output) -> anyhow::Result<Ex
             vec![
                 l.authority.to_string(),
                 l.cert.common_name.clone(),
-                role(l.cert),
+                l.rotation.map_or_else(|| role(l.cert), |r| format!("ca ({r})")),
                 date(l.cert.not_after),
                 l.days_left.to_string(),
                 l.standing.as_str().to_owned(),
@@ -187,6 +190,7 @@ fn json_lines(lines: &[herd_pki::StatusLine], t: OffsetDateTime) -> Vec<Line<'_>
             standing: l.standing,
             cert: &l.cert,
             days_left: days_left(l.cert.not_after),
+            rotation: l.rotation,
         })
         .collect()
 }
