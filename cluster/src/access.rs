@@ -79,6 +79,8 @@ pub fn machine_role(machine: &MachineKey) -> (String, Vec<Grant>) {
         Grant::on_prefix(Access::ReadWrite, schema::machine_states_prefix(machine)),
         Grant::on_prefix(Access::Read, schema::schedule_prefix(machine)),
         Grant::on_prefix(Access::Read, schema::prefix("prewarm")),
+        Grant::on_key(Access::Read, schema::Key::Trust.path()),
+        Grant::on_key(Access::ReadWrite, schema::Key::TrustAck(machine.clone()).path()),
     ];
     (format!("herd-machine:{machine}"), grants)
 }
@@ -93,7 +95,12 @@ pub fn shared_roles() -> Vec<(String, Vec<Grant>)> {
         w
     };
     vec![
-        (ENGINE.to_owned(), with_reads(write(&["schedule", "unplaced", "engine", "events"]))),
+        (ENGINE.to_owned(), {
+            // The etcd members' machines run the engine, and take turns restarting their etcd.
+            let mut grants = with_reads(write(&["schedule", "unplaced", "engine", "events"]));
+            grants.push(Grant::on_key(Access::Write, schema::Key::RestartTurn.path()));
+            grants
+        }),
         (OPERATOR.to_owned(), with_reads(write(&["units", "cordon", "prewarm"]))),
         (READ_ONLY.to_owned(), vec![read_all()]),
     ]

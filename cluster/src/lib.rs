@@ -18,4 +18,5 @@ pub mod record;
 pub mod schema;
 pub mod store;
 pub mod systemd;
+pub mod trust;
 pub mod unit;

@@ -60,6 +60,14 @@ pub enum Key {
     /// `events/MACHINE/MS`: what the engine saw happen to a machine (registered, suspect, dead, back), at MS ms
     /// since the Unix epoch (zero-padded, so keys sort by time). The leader keeps the last [`EVENTS_KEPT`].
     Event(MachineKey, u64),
+    /// `pki/trust`: the etcd CAs the site trusts and the one that issues (written by the provisioner, an admin;
+    /// see [`crate::trust`]).
+    Trust,
+    /// `pki/acks/MACHINE`: what the machine trusts now and which CAs issued its certificates.
+    TrustAck(MachineKey),
+    /// `pki/restart`: the etcd member restarting its etcd now (one at a time, so the cluster keeps its quorum),
+    /// attached to that member's lease.
+    RestartTurn,
 }
 
 /// How many events the engine keeps per machine.
@@ -79,6 +87,9 @@ impl Key {
             Key::Cordon(m) => format!("{ROOT}cordon/{m}"),
             Key::Unplaced(u) => format!("{ROOT}unplaced/{u}"),
             Key::Event(m, ms) => format!("{ROOT}events/{m}/{ms:020}"),
+            Key::Trust => format!("{ROOT}pki/trust"),
+            Key::TrustAck(m) => format!("{ROOT}pki/acks/{m}"),
+            Key::RestartTurn => format!("{ROOT}pki/restart"),
         }
     }
 
@@ -98,6 +109,9 @@ impl Key {
             ["cordon", m] => Key::Cordon(MachineKey::new(m)?),
             ["unplaced", u] => Key::Unplaced(unit(u)?),
             ["events", m, ms] if ms.len() == 20 => Key::Event(MachineKey::new(m)?, ms.parse().ok()?),
+            ["pki", "trust"] => Key::Trust,
+            ["pki", "acks", m] => Key::TrustAck(MachineKey::new(m)?),
+            ["pki", "restart"] => Key::RestartTurn,
             _ => return None,
         })
     }
@@ -163,6 +177,9 @@ mod tests {
             Key::Cordon(m("r01-m02")),
             Key::Unplaced(u("db@2.service")),
             Key::Event(m("r01-m02"), 1_795_000_000_123),
+            Key::Trust,
+            Key::TrustAck(m("r01-m02")),
+            Key::RestartTurn,
         ] {
             assert_eq!(Key::parse(&key.path()), Some(key.clone()), "{}", key.path());
         }

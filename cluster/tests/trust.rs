@@ -170,6 +170,67 @@ async fn etcd_lets_in_only_site_certificates_and_each_holder_only_its_keys() {
     assert!(m2.put(&Key::Machine(k2).path(), b"{}".to_vec(), None).await.is_err(), "a removed machine still writes");
 }
 
+/// The record of what the site trusts: only an admin publishes it, every machine reads it and acknowledges for
+/// itself alone, and only the etcd members' machines take turns restarting their etcd, one at a time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_admins_publish_what_the_site_trusts_and_each_machine_answers_for_itself() {
+    use herd_cluster::trust::{self, TrustAck, TrustRecord};
+    let lab = Secure::start("trust-record").await;
+    let admin = lab.store(&lab.etcd.tls()).await;
+    access::apply(&admin, &Secure::policy()).await.unwrap();
+    let trusted = lab.site.trust_pem(Authority::Etcd);
+    let record = TrustRecord {
+        trusted: trusted.clone(),
+        issuing: lab.site.ca_info(Authority::Etcd).fingerprint.clone(),
+        rotation: "steady".to_owned(),
+    };
+    assert!(trust::publish(&admin, &record).await.unwrap());
+    assert!(!trust::publish(&admin, &record).await.unwrap(), "published again unchanged");
+
+    // m2 (no etcd member) reads it and acknowledges for itself; nothing more.
+    let (k1, k2) = (MachineKey::new("m1").unwrap(), MachineKey::new("m2").unwrap());
+    let m2 = lab.store(&lab.credential(&lab.site, machine("m2"))).await;
+    let read = trust::read(&m2).await.unwrap().unwrap();
+    assert_eq!(read, record);
+    read.check(&trusted).unwrap();
+    let ack = TrustAck { trusted: record.fingerprints(), issued_by: vec![record.issuing.clone()] };
+    trust::acknowledge(&m2, &k2, &ack).await.unwrap();
+    assert!(denied(trust::acknowledge(&m2, &k1, &ack).await), "m2 acknowledged for m1");
+    assert!(denied(trust::publish(&m2, &TrustRecord { rotation: "x".into(), ..record.clone() }).await));
+    let (lease, _) = m2.grant(Duration::from_secs(30)).await.unwrap();
+    assert!(denied(trust::take_restart_turn(&m2, &k2, lease).await), "a machine that is no member took a turn");
+    assert_eq!(trust::acks(&admin).await.unwrap().get("m2"), Some(&ack));
+
+    // m1 (an etcd member's machine) takes the turn; nobody else gets it until m1 gives it back.
+    let m1 = lab.store(&lab.credential(&lab.site, machine("m1"))).await;
+    let (l1, _) = m1.grant(Duration::from_secs(30)).await.unwrap();
+    assert!(trust::take_restart_turn(&m1, &k1, l1).await.unwrap());
+    let (la, _) = admin.grant(Duration::from_secs(30)).await.unwrap();
+    let other = MachineKey::new("m3").unwrap();
+    assert!(!trust::take_restart_turn(&admin, &other, la).await.unwrap(), "two turns at once");
+    trust::end_restart_turn(&admin, &other).await.unwrap();
+    assert!(!trust::take_restart_turn(&admin, &other, la).await.unwrap(), "ended by one that did not hold it");
+    trust::end_restart_turn(&m1, &k1).await.unwrap();
+    assert!(trust::take_restart_turn(&admin, &other, la).await.unwrap());
+
+    // What a machine is about to trust must keep one CA it trusts now, list the one that issues, and hold CAs.
+    let other_site = Site::init(&lab.dir.join("other-site"), "other", time::OffsetDateTime::now_utc()).unwrap();
+    let foreign = other_site.trust_pem(Authority::Etcd);
+    let foreign_record = TrustRecord {
+        trusted: foreign.clone(),
+        issuing: other_site.ca_info(Authority::Etcd).fingerprint.clone(),
+        ..record.clone()
+    };
+    assert!(foreign_record.check(&trusted).unwrap_err().contains("none of the CAs"));
+    let leaf = lab.credential(&lab.site, machine("m2")).cert.unwrap();
+    let not_ca = TrustRecord { trusted: std::fs::read_to_string(leaf).unwrap(), ..record.clone() };
+    assert!(not_ca.check(&trusted).unwrap_err().contains("not a CA"));
+    let wrong_issuer = TrustRecord { issuing: foreign_record.issuing.clone(), ..record.clone() };
+    assert!(wrong_issuer.check(&trusted).unwrap_err().contains("issues"));
+    let empty = TrustRecord { trusted: String::new(), ..record.clone() };
+    assert!(empty.check(&trusted).is_err());
+}
+
 /// What `curl` (a real TLS client) gets from member 0's peer URL (`/members`, which every member serves its peers)
 /// with `tls`: the body, or None if the handshake or the request failed.
 fn peer_members(lab: &Secure, tls: &TlsFiles) -> Option<String> {
