@@ -174,7 +174,7 @@ fn check_answer(answer: &JoinAnswer, trust: &str, machine: &str, member: bool) -
 }
 
 /// The certificates a running machine holds: `(file stem, holder)` in [`herd_config::node::TLS_DIR`].
-fn held(machine: &str, member: bool) -> Vec<(&'static str, Holder)> {
+pub(crate) fn held(machine: &str, member: bool) -> Vec<(&'static str, Holder)> {
     let mut out = vec![("machine", Holder::Machine(machine.to_owned()))];
     if member {
         out.push(("member", Holder::Member(machine.to_owned())));

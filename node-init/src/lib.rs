@@ -16,3 +16,4 @@ pub mod member;
 pub mod net;
 pub mod provision;
 pub mod report;
+pub mod trust;

@@ -31,7 +31,7 @@ pub const REGISTERED: &str = "herd-node-init: registered";
 /// Waits until the local etcd member knows a leader (so it is part of a quorum), asking it over `tls`. One
 /// connection serves every question: a TLS handshake costs real CPU under emulation, and the member is busy
 /// electing.
-async fn wait_for_quorum(endpoint: &str, tls: &TlsFiles) -> anyhow::Result<Duration> {
+pub(crate) async fn wait_for_quorum(endpoint: &str, tls: &TlsFiles) -> anyhow::Result<Duration> {
     let started = Instant::now();
     let mut said = Instant::now();
     let endpoints = [endpoint.to_owned()];
@@ -59,12 +59,12 @@ async fn wait_for_quorum(endpoint: &str, tls: &TlsFiles) -> anyhow::Result<Durat
 }
 
 /// The local member's client URL.
-fn local_member(node: &NodeConfig) -> String {
+pub(crate) fn local_member(node: &NodeConfig) -> String {
     format!("{}://127.0.0.1:2379", if node.etcd_tls() { "https" } else { "http" })
 }
 
 /// The machine's etcd client identity: with TLS, its certificate from the join and the pinned etcd CA.
-fn tls_files(node: &NodeConfig) -> TlsFiles {
+pub(crate) fn tls_files(node: &NodeConfig) -> TlsFiles {
     if !node.etcd_tls() {
         return TlsFiles::default();
     }
@@ -237,6 +237,7 @@ pub fn run(
             stop.cancel();
         });
         if let Some(prov) = prov.filter(|_| node.etcd_tls()) {
+            tokio::spawn(crate::trust::keep_trusted(prov.clone(), node.clone(), store.clone(), shutdown.clone()));
             tokio::spawn(keep_renewed(prov, node.clone(), store.clone(), shutdown.clone()));
         }
         if node.etcd_member {
