@@ -37,13 +37,17 @@ const ATTEMPT: Duration = Duration::from_secs(60);
 const CREDENTIAL_VALIDITY: time::Duration = time::Duration::days(7);
 
 /// The etcd client URLs of the inventory's members.
-fn endpoints(inv: &Inventory) -> Vec<String> {
+pub(crate) fn endpoints(inv: &Inventory) -> Vec<String> {
     inv.etcd_members().map(|m| format!("https://{}:2379", m.internal.get_ref().0)).collect()
 }
 
 /// The provisioner's admin credential in `dir`: issued from `site` when missing, due for renewal or (a rotation
 /// switched) from a CA that no longer issues; its CA file follows every CA the site trusts.
-fn credential(site: &Site, dir: &Path) -> anyhow::Result<TlsFiles> {
+/// Both keepers that use it (access, rotation) take it in turns: two issuing at once could leave one's key beside
+/// the other's certificate.
+pub(crate) fn credential(site: &Site, dir: &Path) -> anyhow::Result<TlsFiles> {
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let now = time::OffsetDateTime::now_utc();
     let (cert, ca) = (dir.join("etcd.crt"), dir.join("etcd-ca.crt"));
     let issuing = site.ca_pem(Authority::Etcd);

@@ -437,10 +437,12 @@ pub async fn run(config: DaemonConfig, cancel: CancellationToken) -> anyhow::Res
         Arc::clone(&metrics),
     );
     let http_state = match &config.site_pki {
-        Some(pki) => http_state.with_joining(
-            crate::join::Joining::open(&pki.dir, pki.join, pki.cert_validity)
-                .with_context(|| format!("cannot use the site PKI in {}", pki.dir.display()))?,
-        ),
+        Some(pki) => {
+            let mut joining = crate::join::Joining::open(&pki.dir, pki.join, pki.cert_validity)
+                .with_context(|| format!("cannot use the site PKI in {}", pki.dir.display()))?;
+            joining.rotation_keeper = pki.etcd_access == EtcdAccess::Auto;
+            http_state.with_joining(joining)
+        }
         None => http_state,
     };
     let operator = match &config.api {
@@ -463,6 +465,7 @@ pub async fn run(config: DaemonConfig, cancel: CancellationToken) -> anyhow::Res
         }
     };
     let reads_open = config.api_reads == ApiReads::Open;
+    let joining = http_state.joining();
     let app = crate::http::router(http_state, reads_open).into_make_service_with_connect_info::<std::net::SocketAddr>();
     let http_cancel = cancel.clone();
     let assets_listener = tokio::net::TcpListener::bind((server_ip, config.assets_port))
@@ -502,10 +505,19 @@ pub async fn run(config: DaemonConfig, cancel: CancellationToken) -> anyhow::Res
         tracker.spawn(crate::access::keep_applied(
             Arc::clone(&inv),
             pki.dir.clone(),
-            state,
+            state.clone(),
             Arc::clone(&metrics),
             cancel.clone(),
         ));
+        if let Some(joining) = joining {
+            tracker.spawn(crate::rotation::keep_rotating(
+                joining,
+                Arc::clone(&inv),
+                state,
+                Arc::clone(&metrics),
+                cancel.clone(),
+            ));
+        }
     }
     if let Some(pki) = &config.site_pki {
         let (dir, after) = (pki.dir.clone(), pki.prune_after);

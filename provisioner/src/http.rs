@@ -91,6 +91,11 @@ impl HttpState {
         HttpState { inv, by_address, assets, ipxe, base, assets_base, metrics, refusals, files, joining: None }
     }
 
+    /// The site PKI it issues from, if any.
+    pub fn joining(&self) -> Option<Arc<crate::join::Joining>> {
+        self.joining.clone()
+    }
+
     /// Issues machine certificates from `joining` (configs then carry the CAs and a join credential).
     pub fn with_joining(mut self, joining: crate::join::Joining) -> Self {
         self.joining = Some(Arc::new(joining));
@@ -115,6 +120,7 @@ pub fn router(state: HttpState, reads_open: bool) -> Router {
         api_reads()
             .route("/api/v1/machines/{name}/reprovision", post(operator_only))
             .route("/api/v1/machines/{name}/approve", post(operator_only))
+            .route(herd_api::paths::PKI_ROTATE, post(operator_only))
     } else {
         Router::new().route("/api/v1/{*rest}", axum::routing::any(operator_only))
     };
@@ -126,6 +132,7 @@ pub fn operator_router(state: HttpState, door: crate::operator::Door) -> Router 
     api_reads()
         .route("/api/v1/machines/{name}/reprovision", post(reprovision))
         .route("/api/v1/machines/{name}/approve", post(approve))
+        .route(herd_api::paths::PKI_ROTATE, post(rotate))
         .fallback(|| async { text(StatusCode::NOT_FOUND, "no such operator API route\n") })
         .layer(axum::middleware::from_fn_with_state(door, crate::operator::require))
         .with_state(state)
@@ -136,6 +143,7 @@ fn api_reads() -> Router<HttpState> {
         .route("/api/v1/machines", get(list_machines))
         .route("/api/v1/machines/{name}", get(show_machine))
         .route("/api/v1/machines/{name}/timeline", get(timeline))
+        .route(herd_api::paths::PKI_ROTATION, get(rotation))
 }
 
 async fn operator_only(State(s): State<HttpState>) -> Response {
@@ -888,6 +896,55 @@ async fn approve(
             ),
         ),
         Err(e) => machines_error(&e),
+    }
+}
+
+/// `POST /api/v1/pki/rotate`: an admin begins rotating the site's etcd CA (the rotation keeper takes it on).
+async fn rotate(
+    State(s): State<HttpState>,
+    axum::Extension(caller): axum::Extension<crate::operator::Caller>,
+) -> Response {
+    if caller.role != herd_pki::Role::Admin {
+        s.metrics.inc("herd_api_refused_total", "reason=\"role\"");
+        tracing::warn!(caller = %caller.name, role = %caller.role, "pki rotate refused (role)");
+        return text(
+            StatusCode::FORBIDDEN,
+            format!("{} has role {}: rotating the site's CA needs admin\n", caller.name, caller.role),
+        );
+    }
+    let Some(joining) = s.joining.as_ref().filter(|j| j.rotation_keeper) else {
+        return text(
+            StatusCode::CONFLICT,
+            "this provisioner does not rotate the site's CA: it needs --site-pki and --etcd-access auto\n".to_owned(),
+        );
+    };
+    let now = time::OffsetDateTime::now_utc();
+    match joining.rotate(|site| site.begin_rotation(herd_pki::Authority::Etcd, now)) {
+        Ok(next) => {
+            tracing::info!(by = %caller.name, ca = %next.common_name, "etcd CA rotation begun: machines learn the next CA");
+            let mut seen = joining.rotation_status();
+            seen.machines.iter_mut().for_each(|m| m.trusts = false);
+            let fresh = crate::rotation::status(
+                &joining.site(),
+                seen.machines,
+                Some("every registered machine to trust the next CA".to_owned()),
+            );
+            joining.set_rotation_status(fresh.clone());
+            (StatusCode::ACCEPTED, axum::Json(fresh)).into_response()
+        }
+        Err(e @ herd_pki::PkiError::Rotation { .. }) => text(StatusCode::CONFLICT, format!("{e}\n")),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot begin the etcd CA rotation");
+            text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n"))
+        }
+    }
+}
+
+/// `GET /api/v1/pki/rotation`: where the rotation of the site's etcd CA stands.
+async fn rotation(State(s): State<HttpState>) -> Response {
+    match &s.joining {
+        Some(joining) => axum::Json(joining.rotation_status()).into_response(),
+        None => text(StatusCode::NOT_FOUND, "this provisioner holds no site PKI (--site-pki)\n".to_owned()),
     }
 }
 

@@ -89,6 +89,10 @@ pub struct Joining {
     pub validity: time::Duration,
     /// The expiry gauges of `/metrics`, and when they were read from the PKI's `issued/` directory.
     expiries: std::sync::Mutex<Option<(std::time::Instant, String)>>,
+    /// Where the etcd CA's rotation stands machine by machine, as the rotation keeper last saw it.
+    rotation: std::sync::Mutex<Option<herd_api::RotationStatus>>,
+    /// Whether a rotation keeper runs (`--etcd-access auto`): without one a rotation could begin but not go on.
+    pub rotation_keeper: bool,
 }
 
 /// How long `/metrics` serves the expiry gauges it read before reading `issued/` again.
@@ -98,12 +102,34 @@ impl Joining {
     /// Opens the site PKI in `dir` (its keys must be the owner's alone); certificates are issued for `validity`.
     pub fn open(dir: &Path, policy: JoinPolicy, validity: time::Duration) -> Result<Joining, PkiError> {
         let site = std::sync::RwLock::new(Site::open(dir)?);
-        Ok(Joining { site, policy, validity, expiries: std::sync::Mutex::new(None) })
+        let (expiries, rotation) = (std::sync::Mutex::new(None), std::sync::Mutex::new(None));
+        Ok(Joining { site, policy, validity, expiries, rotation, rotation_keeper: false })
     }
 
     /// The site PKI, to read.
     pub fn site(&self) -> std::sync::RwLockReadGuard<'_, Site> {
         self.site.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// What the site trusts, as machines are to learn it from etcd (`herd_cluster::trust`).
+    pub fn trust_record(&self) -> herd_cluster::trust::TrustRecord {
+        let site = self.site();
+        herd_cluster::trust::TrustRecord {
+            trusted: site.trust_pem(Authority::Etcd),
+            issuing: site.ca_info(Authority::Etcd).fingerprint.clone(),
+            rotation: site.rotation(Authority::Etcd).as_str().to_owned(),
+        }
+    }
+
+    /// Where the etcd CA's rotation stands: as the rotation keeper last saw it, or (before it has) the site alone.
+    pub fn rotation_status(&self) -> herd_api::RotationStatus {
+        let seen = self.rotation.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+        seen.unwrap_or_else(|| crate::rotation::status(&self.site(), Vec::new(), None))
+    }
+
+    /// Keeps what the rotation keeper saw.
+    pub fn set_rotation_status(&self, status: herd_api::RotationStatus) {
+        *self.rotation.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(status);
     }
 
     /// The site PKI, to take a rotation step (`f`); the expiry gauges are read again after it.

@@ -34,5 +34,6 @@ pub mod machines;
 pub mod metrics;
 pub mod operator;
 pub mod ra;
+pub mod rotation;
 pub mod store;
 pub mod tftp;

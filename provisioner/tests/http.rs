@@ -334,6 +334,28 @@ fn the_operator_api_lets_in_operators_by_role_and_nobody_else() {
         assert!(metrics.contains(&line), "{line} in {metrics}");
     }
     assert!(!lab.log().contains(common::TOKEN) && !lab.log().contains("not-the-token"), "a token reached the log");
+
+    // Rotating the site's etcd CA: admins only, once at a time; anyone with a credential reads where it stands.
+    let rotate = herd_api::paths::PKI_ROTATE;
+    assert_eq!(curl(&lab, &["-X", "POST", &format!("http://10.99.0.2{rotate}")]).0, 403, "from the boot port");
+    let (code, why) = lab.api(Some(&reader), &["-X", "POST"], rotate);
+    assert_eq!((code, why.contains("read-only")), (403, true), "{why}");
+    let (code, why) = lab.api(None, &["-X", "POST", "-H", &bearer(common::TOKEN)], rotate);
+    assert_eq!((code, why.contains("needs admin")), (403, true), "an operator (not admin) token: {why}");
+    let (code, steady) = lab.api(Some(&reader), &[], herd_api::paths::PKI_ROTATION);
+    let steady: herd_api::RotationStatus = serde_json::from_str(&steady).unwrap_or_else(|e| panic!("{e}: {steady}"));
+    assert_eq!((code, steady.rotation.as_str()), (200, "steady"));
+    let (code, begun) = lab.admin(&["-X", "POST"], rotate);
+    assert_eq!(code, 202, "{begun}");
+    let begun: herd_api::RotationStatus = serde_json::from_str(&begun).unwrap();
+    assert_eq!(begun.rotation, "accepting");
+    assert_eq!(begun.trusted.len(), 2, "{begun:?}");
+    let (code, why) = lab.admin(&["-X", "POST"], rotate);
+    assert_eq!((code, why.contains("under way")), (409, true), "{why}");
+    // The configs served from now on pin both CAs.
+    let config = fetch_config(&lab);
+    let pinned = config_file(&config, &format!("{}/etcd-ca.crt", herd_api::CA_DIR)).unwrap();
+    assert_eq!(herd_pki::split_pems(&pinned).len(), 2);
 }
 
 #[test]

@@ -66,29 +66,25 @@ impl LocalEtcd {
         let tls = dir.join("tls");
         std::fs::create_dir_all(&tls)?;
         let ca = tls.join("ca.crt");
-        herd_pki::write_public(&ca, site.ca_pem(Authority::Etcd).as_bytes()).map_err(std::io::Error::other)?;
-        let issue = |holder: Holder, stem: &str| -> std::io::Result<()> {
-            let mut subject = Subject::new(holder, time::Duration::days(1));
-            subject.dns = vec!["localhost".to_owned()];
-            subject.ips = vec![std::net::Ipv4Addr::LOCALHOST.into()];
-            let now = time::OffsetDateTime::now_utc();
-            let issued =
-                site.issue(Authority::Etcd, &subject, KeySource::Generate, now).map_err(std::io::Error::other)?;
-            herd_pki::write_public(&tls.join(format!("{stem}.crt")), issued.cert_pem.as_bytes())
-                .map_err(std::io::Error::other)?;
-            let key = issued.key_pem.unwrap_or_default();
-            herd_pki::write_private(&tls.join(format!("{stem}.key")), key.as_bytes()).map_err(std::io::Error::other)
-        };
-        for i in 0..n {
-            issue(Holder::Member(format!("etcd{i}")), &format!("etcd{i}"))?;
-        }
-        issue(Holder::Operator(LAB_ADMIN.to_owned(), Role::Admin), LAB_ADMIN)?;
+        issue_files(&tls, n, site)?;
         let files = TlsFiles {
             ca: Some(ca.display().to_string()),
             cert: Some(tls.join(format!("{LAB_ADMIN}.crt")).display().to_string()),
             key: Some(tls.join(format!("{LAB_ADMIN}.key")).display().to_string()),
         };
         LocalEtcd::launch(dir, n, Some(files))
+    }
+
+    /// Follows a rotation of `site`'s etcd CA as herd's members do: the trusted-CA file lists every CA `site` trusts,
+    /// the members' and the lab admin's certificates come again from the one that issues, and each member restarts
+    /// in turn (etcd reads its trusted CAs at start), the next once the cluster answers through every member again.
+    pub async fn follow_rotation(&mut self, site: &Site) -> std::io::Result<()> {
+        issue_files(&self.dir.join("tls"), self.members.len(), site)?;
+        for i in 0..self.members.len() {
+            self.restart(i)?;
+            self.ready(Duration::from_secs(60)).await?;
+        }
+        Ok(())
     }
 
     fn launch(dir: &Path, n: usize, secure: Option<TlsFiles>) -> std::io::Result<LocalEtcd> {
@@ -224,6 +220,28 @@ impl LocalEtcd {
             self.kill(i);
         }
     }
+}
+
+/// Writes into `tls` every etcd CA `site` trusts (`ca.crt`) and, from the one that issues, a certificate and key
+/// for each of `n` members (`etcdI`, for 127.0.0.1) and for the lab admin.
+fn issue_files(tls: &Path, n: usize, site: &Site) -> std::io::Result<()> {
+    herd_pki::write_public(&tls.join("ca.crt"), site.trust_pem(Authority::Etcd).as_bytes())
+        .map_err(std::io::Error::other)?;
+    let issue = |holder: Holder, stem: &str| -> std::io::Result<()> {
+        let mut subject = Subject::new(holder, time::Duration::days(1));
+        subject.dns = vec!["localhost".to_owned()];
+        subject.ips = vec![std::net::Ipv4Addr::LOCALHOST.into()];
+        let now = time::OffsetDateTime::now_utc();
+        let issued = site.issue(Authority::Etcd, &subject, KeySource::Generate, now).map_err(std::io::Error::other)?;
+        herd_pki::write_public(&tls.join(format!("{stem}.crt")), issued.cert_pem.as_bytes())
+            .map_err(std::io::Error::other)?;
+        let key = issued.key_pem.unwrap_or_default();
+        herd_pki::write_private(&tls.join(format!("{stem}.key")), key.as_bytes()).map_err(std::io::Error::other)
+    };
+    for i in 0..n {
+        issue(Holder::Member(format!("etcd{i}")), &format!("etcd{i}"))?;
+    }
+    issue(Holder::Operator(LAB_ADMIN.to_owned(), Role::Admin), LAB_ADMIN)
 }
 
 impl Drop for LocalEtcd {

@@ -223,6 +223,33 @@ pub struct Approval {
     pub fingerprint: String,
 }
 
+/// `GET /api/v1/pki/rotation` (and the answer to `POST /api/v1/pki/rotate`): where the rotation of the site's etcd
+/// CA stands, machine by machine.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RotationStatus {
+    /// `steady`, `accepting` or `switched` (`herd_pki::Rotation`).
+    pub rotation: String,
+    /// The CA that issues (its common name).
+    pub issuing: String,
+    /// Every CA the site trusts (common names).
+    pub trusted: Vec<String>,
+    /// Every machine registered in etcd, and where it stands.
+    pub machines: Vec<MachineTrust>,
+    /// What the rotation waits for now, in words (none once every machine is where the site is).
+    pub waiting: Option<String>,
+}
+
+/// One machine in a [`RotationStatus`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MachineTrust {
+    /// The machine.
+    pub name: String,
+    /// Its trusted-CA file lists exactly the CAs the site trusts (an etcd member's etcd restarted with them).
+    pub trusts: bool,
+    /// Every certificate it holds is from the CA that issues.
+    pub renewed: bool,
+}
+
 /// `POST /phone-home/MAC?token=T`: what node-init reports at each stage of a boot.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PhoneHome {
@@ -344,6 +371,12 @@ pub mod paths {
     pub fn reprovision(name: &str) -> String {
         format!("{MACHINES}/{name}/reprovision")
     }
+
+    /// Begins rotating the site's etcd CA (POST, admins only).
+    pub const PKI_ROTATE: &str = "/api/v1/pki/rotate";
+
+    /// Where the rotation of the site's etcd CA stands (GET a [`super::RotationStatus`]).
+    pub const PKI_ROTATION: &str = "/api/v1/pki/rotation";
 
     /// Approves a machine's awaiting join (POST a [`super::Approval`]).
     pub fn approve(name: &str) -> String {
@@ -573,6 +606,17 @@ impl Client {
     pub fn reprovision(&self, name: &str) -> Result<StateChange, ApiError> {
         let url = format!("{}{}", self.base, paths::reprovision(name));
         Self::answer(url.clone(), self.authorized(self.agent.post(&url)).send_empty())
+    }
+
+    /// Begins rotating the site's etcd CA (an admin's credential).
+    pub fn rotate(&self) -> Result<RotationStatus, ApiError> {
+        let url = format!("{}{}", self.base, paths::PKI_ROTATE);
+        Self::answer(url.clone(), self.authorized(self.agent.post(&url)).send_empty())
+    }
+
+    /// Where the rotation of the site's etcd CA stands.
+    pub fn rotation(&self) -> Result<RotationStatus, ApiError> {
+        self.get(paths::PKI_ROTATION)
     }
 
     /// Approves the keys with `fingerprint` of `name`'s awaiting join (an admin's credential).
