@@ -458,6 +458,29 @@ pub enum PkiCommand {
         #[arg(long, short = 'o', value_enum, default_value_t)]
         output: Output,
     },
+    /// Rotate the site's etcd CA on the running cluster, without losing the quorum: the provisioner (an admin's
+    /// credential) makes a new CA, every registered machine learns to trust it (each etcd member restarts in its
+    /// turn), the new CA issues and every machine renews from it, then the old CA is dropped (members restart once
+    /// more). Follows it to the end (a progress line says what it waits for); `--status` only shows where it
+    /// stands. Operator credentials issued before it are refused once it ends: issue them again
+    /// (`herdctl pki issue operator NAME`).
+    Rotate {
+        /// Base URL of the provisioner's operator API (HTTPS; with --credentials DIR or HERD_API_TOKEN).
+        #[arg(long, env = "HERD_PROVISIONER", default_value = "https://127.0.0.1:8443")]
+        provisioner: String,
+        /// Only show where the rotation stands; begin nothing.
+        #[arg(long)]
+        status: bool,
+        /// Begin it and return at once (`--status` follows it later).
+        #[arg(long, conflicts_with = "status")]
+        no_wait: bool,
+        /// How long to follow it before giving up (the rotation goes on in the provisioner).
+        #[arg(long, default_value_t = 30)]
+        timeout_mins: u64,
+        /// Print a table or JSON.
+        #[arg(long, short = 'o', value_enum, default_value_t)]
+        output: Output,
+    },
     /// Remove from `DIR/issued/` the copies of certificates that ended long ago and that a newer certificate of
     /// the same holder replaced (each holder's newest stays). Every renewal leaves a copy; `status` and the
     /// provisioner's expiry gauges read them all. Safe to run from cron: an ended certificate authenticates nothing.

@@ -68,6 +68,17 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             PkiCommand::Token { name, role, file } => pki_cmd::token(&dir, &name, role, file.as_deref()),
             PkiCommand::Status { all, output } => pki_cmd::status(&dir, all, output),
+            PkiCommand::Rotate { provisioner, status, no_wait, timeout_mins, output } => {
+                let api = machine_cmd::Api::new(&provisioner, &cli.cluster)?;
+                let follow = !status && !no_wait;
+                pki_cmd::rotate(
+                    api.client(),
+                    !status,
+                    follow,
+                    std::time::Duration::from_secs(timeout_mins * 60),
+                    output,
+                )
+            }
             PkiCommand::Prune { ended_days, dry_run, output } => pki_cmd::prune(&dir, ended_days, dry_run, output),
         },
         Command::Access { command } => match command {

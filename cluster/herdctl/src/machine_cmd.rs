@@ -23,7 +23,7 @@ fn when(at_ms: u64) -> String {
 }
 
 /// What to do when the provisioner cannot be reached or refuses.
-fn advice(e: herd_api::ApiError) -> anyhow::Error {
+pub(crate) fn advice(e: herd_api::ApiError) -> anyhow::Error {
     let hint = match &e {
         herd_api::ApiError::Unreachable { .. } => {
             "pass --provisioner https://ADDRESS:8443 (or set HERD_PROVISIONER), and --credentials DIR from `herdctl \

@@ -180,6 +180,60 @@ pub(crate) fn status(dir: &Path, all: bool, output: Output) -> anyhow::Result<Ex
     Ok(ExitCode::SUCCESS)
 }
 
+/// `herdctl pki rotate`: begins the etcd CA's rotation (`begin`) and, with `follow`, polls where it stands until
+/// every registered machine is on the new CA alone, for at most `limit`.
+pub(crate) fn rotate(
+    client: &herd_api::Client,
+    begin: bool,
+    follow: bool,
+    limit: std::time::Duration,
+    output: Output,
+) -> anyhow::Result<ExitCode> {
+    let mut status = if begin {
+        client.rotate().map_err(crate::machine_cmd::advice)?
+    } else {
+        client.rotation().map_err(crate::machine_cmd::advice)?
+    };
+    if follow {
+        let bar = indicatif::ProgressBar::new_spinner();
+        bar.enable_steady_tick(std::time::Duration::from_millis(200));
+        let started = std::time::Instant::now();
+        while status.rotation != "steady" || status.waiting.is_some() {
+            let waiting = status.waiting.as_deref().unwrap_or("the provisioner's next round");
+            bar.set_message(format!("{}: waiting for {waiting}", status.rotation));
+            if started.elapsed() > limit {
+                bar.finish_and_clear();
+                anyhow::bail!(
+                    "the rotation is still {} after {} minutes, waiting for {waiting}; it goes on in the provisioner                      (`herdctl pki rotate --status`): look at those machines' node-init logs",
+                    status.rotation,
+                    limit.as_secs() / 60
+                );
+            }
+            std::thread::sleep(std::time::Duration::from_secs(2));
+            status = client.rotation().map_err(crate::machine_cmd::advice)?;
+        }
+        bar.finish_and_clear();
+    }
+    if output.json(&status)? {
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("etcd CA: {}; issuing: {}; trusted: {}", status.rotation, status.issuing, status.trusted.join(", "));
+    if let Some(waiting) = &status.waiting {
+        println!("waiting for {waiting}");
+    }
+    let yes = |b: bool| if b { "yes" } else { "no" }.to_owned();
+    let rows: Vec<Vec<String>> =
+        status.machines.iter().map(|m| vec![m.name.clone(), yes(m.trusts), yes(m.renewed)]).collect();
+    print!("{}", table::render(&["MACHINE", "TRUSTS THE SITE'S CAS", "CERTIFICATES FROM THE ISSUING CA"], &rows));
+    if follow {
+        println!(
+            "done: operator credentials issued before the rotation are refused now; issue them again with `herdctl \
+             pki issue operator NAME`"
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 /// The lines as `status` and `prune` print them in JSON, with the days left at `t` (negative: ended).
 fn json_lines(lines: &[herd_pki::StatusLine], t: OffsetDateTime) -> Vec<Line<'_>> {
     let days_left = |not_after: i64| (not_after - t.unix_timestamp()).div_euclid(86_400);
