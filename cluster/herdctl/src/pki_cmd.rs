@@ -204,7 +204,8 @@ pub(crate) fn rotate(
             if started.elapsed() > limit {
                 bar.finish_and_clear();
                 anyhow::bail!(
-                    "the rotation is still {} after {} minutes, waiting for {waiting}; it goes on in the provisioner                      (`herdctl pki rotate --status`): look at those machines' node-init logs",
+                    "the rotation is still {} after {} minutes, waiting for {waiting}; it goes on in the provisioner \
+                     (`herdctl pki rotate --status`): look at those machines' node-init logs",
                     status.rotation,
                     limit.as_secs() / 60
                 );
